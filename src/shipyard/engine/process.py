@@ -1,0 +1,170 @@
+"""One vLLM OpenAI server as a child process: start, wait until healthy, stop; its log goes to a file."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+from shipyard.engine.spec import EngineSpec
+
+_PR_SET_PDEATHSIG = 1
+_ERROR_MARKERS = ("Error", "error:", "Traceback", "RuntimeError", "ValueError", "Exception", "CUDA out of memory")
+
+
+class EngineStartError(RuntimeError):
+    """The engine exited or stayed unhealthy while starting; the message carries the log's last error."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def last_error(log_file: Path, max_lines: int = 400) -> str:
+    """The last line of a log that looks like an error (or its last line), for a one-line failure report."""
+    try:
+        lines = log_file.read_text(errors="replace").splitlines()[-max_lines:]
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        if any(marker in line for marker in _ERROR_MARKERS) and "Traceback" not in line:
+            return line.strip()
+    return lines[-1].strip() if lines else ""
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    # If shipyard is killed outright, the kernel sends the engine SIGTERM: no orphan holding the GPU.
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class EngineProcess:
+    """A ``vllm`` OpenAI server for one :class:`EngineSpec`.
+
+    >>> with EngineProcess(spec, log_file=Path("engine.log")) as engine:   # doctest: +SKIP
+    ...     engine.wait_ready(timeout=300)
+    ...     print(engine.url)          # http://127.0.0.1:38211
+    """
+
+    def __init__(
+        self,
+        spec: EngineSpec,
+        log_file: Path,
+        *,
+        port: int | None = None,
+        command: Sequence[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.log_file = log_file
+        self.port = port or free_port(spec.host)
+        self.command = list(command) if command else [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+        self.env = env
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.spec.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def argv(self) -> list[str]:
+        return [*self.command, *self.spec.vllm_args(self.port)]
+
+    def start(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            raise RuntimeError(f"engine already running (pid {self._proc.pid})")
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", **(self.env or {})}
+        with open(self.log_file, "ab") as log:
+            log.write(f"$ {' '.join(self.argv())}\n".encode())
+            log.flush()
+            self._proc = subprocess.Popen(
+                self.argv(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,  # own process group: stop() reaches vLLM's engine-core children too
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def health(self, timeout: float = 2.0) -> bool:
+        if not self.alive():
+            return False
+        try:
+            return httpx.get(f"{self.url}/health", timeout=timeout).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def wait_ready(self, timeout: float = 600.0, poll_s: float = 0.5) -> None:
+        """Block until ``/health`` answers 200; raise :class:`EngineStartError` as soon as the process dies."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                code = self._proc.returncode if self._proc else None
+                raise EngineStartError(
+                    f"vLLM exited with code {code} while starting: {last_error(self.log_file)} "
+                    f"(full log: {self.log_file})"
+                )
+            if self.health(timeout=min(2.0, poll_s * 4)):
+                return
+            time.sleep(poll_s)
+        raise EngineStartError(
+            f"vLLM not healthy after {timeout:.0f}s: {last_error(self.log_file)} (full log: {self.log_file})"
+        )
+
+    def stop(self, grace_s: float = 15.0) -> int | None:
+        """SIGTERM the whole process group, then SIGKILL what is left after ``grace_s``. Returns the exit code."""
+        proc = self._proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            self._signal_group(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                self._signal_group(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        # Children of the group (engine core, workers) may outlive the leader briefly.
+        self._signal_group(proc.pid, signal.SIGKILL)
+        return proc.returncode
+
+    def kill(self) -> None:
+        """Hard-kill the server process only (as a crash would), leaving its group to fend for itself."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(timeout=10)
+
+    @staticmethod
+    def _signal_group(pgid: int, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+
+    def __enter__(self) -> EngineProcess:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -1,0 +1,95 @@
+"""What to run: a model plus a tuning profile, turned into ``vllm serve`` arguments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from enum import Enum
+from typing import Any
+
+
+class Profile(str, Enum):
+    """Named sets of vLLM flags.
+
+    ``default`` leaves vLLM's own defaults alone. ``cpu`` is what the CPU backend needs on a small machine:
+    eager mode (engine start ~40 s instead of ~130 s with torch.compile, same decode speed on SmolLM2 here:
+    107 vs 105 tok/s over 32 requests) and at most half of the memory vLLM-CPU sizes its KV cache from.
+    """
+
+    DEFAULT = "default"
+    CPU = "cpu"
+
+
+PROFILE_OVERRIDES: dict[Profile, dict[str, Any]] = {
+    Profile.DEFAULT: {},
+    Profile.CPU: {"enforce_eager": True, "gpu_memory_utilization": 0.3},
+}
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything needed to start one vLLM OpenAI server.
+
+    ``None`` means "vLLM's default"; only set fields become flags.
+
+    >>> spec = EngineSpec.from_profile("cpu", model="/models/smollm2", served_model_name="smollm2")
+    >>> spec.vllm_args(port=8001)[:4]
+    ['--model', '/models/smollm2', '--host', '127.0.0.1']
+    """
+
+    model: str
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    dtype: str | None = None
+    max_model_len: int | None = None
+    quantization: str | None = None
+    enable_prefix_caching: bool | None = None
+    enable_chunked_prefill: bool | None = None
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int | None = None
+    gpu_memory_utilization: float | None = None
+    kv_cache_dtype: str | None = None
+    tensor_parallel_size: int | None = None
+    data_parallel_size: int | None = None
+    enforce_eager: bool | None = None
+    enable_lora: bool | None = None
+    max_lora_rank: int | None = None
+    load_format: str | None = None
+    seed: int | None = None
+    extra_args: tuple[str, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def from_profile(cls, profile: Profile | str, **values: Any) -> EngineSpec:
+        """A spec whose unset fields take the profile's values; explicit (non-None) values win."""
+        try:
+            chosen = Profile(profile)
+        except ValueError:
+            names = ", ".join(p.value for p in Profile)
+            raise ValueError(f"unknown tuning profile {profile!r}; choose one of: {names}") from None
+        merged = {**PROFILE_OVERRIDES[chosen], **{k: v for k, v in values.items() if v is not None}}
+        if "extra_args" in merged:
+            merged["extra_args"] = tuple(merged["extra_args"])
+        return cls(**merged)
+
+    def with_overrides(self, **values: Any) -> EngineSpec:
+        return replace(self, **{k: v for k, v in values.items() if v is not None})
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or self.model
+
+    def vllm_args(self, port: int) -> list[str]:
+        """Arguments for ``python -m vllm.entrypoints.openai.api_server`` (same flags as ``vllm serve``)."""
+        args = ["--model", self.model, "--host", self.host, "--port", str(port)]
+        for spec_field in fields(self):
+            if spec_field.name in {"model", "host", "extra_args"}:
+                continue
+            value = getattr(self, spec_field.name)
+            if value is None:
+                continue
+            flag = "--" + spec_field.name.replace("_", "-")
+            if isinstance(value, bool):
+                args.append(flag if value else "--no-" + flag[2:])
+            else:
+                args.extend([flag, str(value)])
+        args.extend(self.extra_args)
+        return args

@@ -1,0 +1,130 @@
+"""The gateway's app factory: OpenAI-compatible API in front of a pool of vLLM replicas."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import Response
+
+from shipyard import __version__
+from shipyard.gateway.auth import KeyChecker
+from shipyard.gateway.errors import OpenAIError, install_error_handlers
+from shipyard.gateway.metrics import GatewayMetrics
+from shipyard.gateway.proxy import Proxy
+from shipyard.router import HealthMonitor, Replica, ReplicaPool
+from shipyard.settings import Settings
+
+
+def upstream_client(settings: Settings) -> httpx.AsyncClient:
+    """The pooled client the gateway talks to replicas with (no connection cap: vLLM queues for us)."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(
+            connect=settings.upstream_connect_timeout_s,
+            read=settings.upstream_read_timeout_s,
+            write=settings.upstream_read_timeout_s,
+            pool=settings.upstream_connect_timeout_s,
+        ),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
+    )
+
+
+def create_app(
+    settings: Settings,
+    upstreams: Sequence[Replica],
+    *,
+    client: httpx.AsyncClient | None = None,
+) -> FastAPI:
+    """Build the gateway.
+
+    >>> app = create_app(load_settings(api_keys="sk-1"), [Replica("http://127.0.0.1:8001")])  # doctest: +SKIP
+    >>> uvicorn.run(app, port=8080)                                                          # doctest: +SKIP
+
+    ``client`` is the HTTP client used to reach the replicas (inject ``httpx.MockTransport`` or an
+    ``ASGITransport`` in tests); by default one is created and closed with the app.
+    """
+    keys = KeyChecker(settings.key_values())
+    pool = ReplicaPool(upstreams)
+    metrics = GatewayMetrics()
+    own_client = client is None
+    http = client or upstream_client(settings)
+    proxy = Proxy(
+        pool, http, metrics,
+        max_body_bytes=settings.max_body_bytes,
+        max_tokens_limit=settings.max_tokens_limit,
+        retry_after_s=settings.retry_after_s,
+    )
+    monitor = HealthMonitor(pool, http, interval_s=settings.health_interval_s)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await monitor.check_all()
+        monitor.start()
+        try:
+            yield
+        finally:
+            await monitor.stop()
+            if own_client:
+                await http.aclose()
+
+    app = FastAPI(title="shipyard gateway", version=__version__, lifespan=lifespan)
+    app.state.pool = pool
+    app.state.metrics = metrics
+    app.state.monitor = monitor
+    install_error_handlers(app)
+
+    def authorize(request: Request) -> None:
+        keys.check(request.headers.get("authorization"))
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        replicas = [
+            {"name": r.name, "deployment": r.deployment, "version": r.version, "ready": r.ready,
+             "in_flight": r.in_flight, "models": sorted(r.models), "error": r.last_error or None}
+            for r in pool.replicas
+        ]
+        is_ready = bool(pool.ready())
+        body: dict[str, Any] = {"status": "ready" if is_ready else "unavailable", "replicas": replicas}
+        headers = None if is_ready else {"Retry-After": str(settings.retry_after_s)}
+        return JSONResponse(body, status_code=200 if is_ready else 503, headers=headers)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        metrics.replicas_ready.set(len(pool.ready()))
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict[str, Any]:
+        authorize(request)
+        models = pool.models()
+        if not models and not pool.ready():
+            raise proxy.unavailable("no replica is ready yet; retry shortly")
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "shipyard", "max_model_len": max_len}
+            for name, max_len in sorted(models.items())
+        ]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        authorize(request)
+        return await proxy.handle(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        authorize(request)
+        return await proxy.handle(request, "completions")
+
+    return app
+
+
+__all__ = ["OpenAIError", "create_app", "upstream_client"]

@@ -1,0 +1,192 @@
+"""The OpenAI passthrough: validate, pick a replica, forward, account. One instance per gateway."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import httpx
+from fastapi import Request
+from starlette.responses import Response
+
+from shipyard.gateway.errors import OpenAIError
+from shipyard.gateway.metrics import GatewayMetrics
+from shipyard.gateway.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    parse_json_object,
+    reject_removed_fields,
+    validate,
+)
+from shipyard.gateway.sse import StreamScan
+from shipyard.gateway.stream import UpstreamStream
+from shipyard.router import NoReplicaError, Replica, ReplicaPool, UnknownModelError
+
+_JSON = "application/json"
+
+
+class Proxy:
+    def __init__(
+        self,
+        pool: ReplicaPool,
+        client: httpx.AsyncClient,
+        metrics: GatewayMetrics,
+        *,
+        max_body_bytes: int,
+        max_tokens_limit: int | None,
+        retry_after_s: int,
+        upstream_headers: dict[str, str] | None = None,
+    ) -> None:
+        self.pool = pool
+        self.client = client
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+        self.max_tokens_limit = max_tokens_limit
+        self.retry_after_s = retry_after_s
+        self.upstream_headers = {"content-type": _JSON, **(upstream_headers or {})}
+
+    async def read_body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise self._too_large()
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise self._too_large()
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _too_large(self) -> OpenAIError:
+        return OpenAIError(
+            413, f"request body is larger than the {self.max_body_bytes} byte limit", code="request_too_large"
+        )
+
+    def unavailable(self, why: str) -> OpenAIError:
+        return OpenAIError(503, why, code="no_replica_ready", headers={"Retry-After": str(self.retry_after_s)})
+
+    def check_model(self, model: str, output_limit: int | None) -> None:
+        models = self.pool.models()
+        if model not in models:
+            if not self.pool.knows_any_model() or any(model in r.models for r in self.pool.replicas):
+                raise self.unavailable(f"no replica serving '{model}' is ready; retry shortly")
+            available = ", ".join(sorted(models)) or "none"
+            raise OpenAIError(
+                404, f"model '{model}' is not served here; available: {available}", param="model",
+                code="model_not_found",
+            )
+        limit = self.max_tokens_limit or models[model]
+        if limit is not None and output_limit is not None and output_limit > limit:
+            raise OpenAIError(
+                400, f"max_tokens={output_limit} is more than this model allows ({limit}); ask for fewer",
+                param="max_tokens", code="max_tokens_too_large",
+            )
+
+    async def handle(self, request: Request, route: str) -> Response:
+        started = time.perf_counter()
+        self.metrics.in_flight.labels(route).inc()
+        model_label = "-"
+        status = 500
+        streaming = False
+        try:
+            schema = ChatCompletionRequest if route == "chat" else CompletionRequest
+            body = await self.read_body(request)
+            data = parse_json_object(body)
+            reject_removed_fields(data)
+            parsed = validate(schema, data)
+            self.check_model(parsed.model, parsed.output_limit())
+            model_label = parsed.model
+            drop_usage = False
+            if parsed.stream and not (parsed.stream_options or {}).get("include_usage"):
+                data["stream_options"] = {**(parsed.stream_options or {}), "include_usage": True}
+                body, drop_usage = json.dumps(data).encode(), True
+            path = "/v1/chat/completions" if route == "chat" else "/v1/completions"
+            replica, upstream = await self._send(parsed.model, path, body)
+            headers = {"x-shipyard-deployment": replica.deployment, "x-shipyard-version": replica.version}
+            if parsed.stream and upstream.status_code == 200:
+                streaming = True
+                status = 200
+                return self._stream(route, model_label, replica, upstream, drop_usage, headers, started)
+            try:
+                content = await upstream.aread()
+            except httpx.HTTPError as exc:
+                self._upstream_failed(replica, "read", exc)
+                raise OpenAIError(502, f"upstream failed while answering: {exc}", code="upstream_error") from None
+            finally:
+                await upstream.aclose()
+                replica.in_flight -= 1
+            status = upstream.status_code
+            if status == 200:
+                self._count_usage(model_label, content)
+            return Response(content, status_code=status, media_type=_JSON, headers=headers)
+        except OpenAIError as exc:
+            status = exc.status
+            raise
+        finally:
+            if not streaming:
+                self._finish(route, model_label, status, started)
+
+    async def _send(self, model: str, path: str, body: bytes) -> tuple[Replica, httpx.Response]:
+        """Send to the least busy ready replica; a replica that refuses the connection is skipped."""
+        tried: set[str] = set()
+        while True:
+            try:
+                replica = self.pool.choose(model, exclude=frozenset(tried))
+            except (NoReplicaError, UnknownModelError):
+                raise self.unavailable(f"no replica serving '{model}' is ready; retry shortly") from None
+            request = self.client.build_request("POST", replica.url + path, content=body,
+                                                headers=self.upstream_headers)
+            replica.in_flight += 1
+            try:
+                return replica, await self.client.send(request, stream=True)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                replica.in_flight -= 1
+                # Nothing reached the engine: safe to try another replica.
+                self._upstream_failed(replica, "connect", exc)
+                self.pool.mark_unready(replica, f"connect failed: {exc}")
+                tried.add(replica.name)
+            except httpx.HTTPError as exc:
+                replica.in_flight -= 1
+                self._upstream_failed(replica, "request", exc)
+                raise OpenAIError(502, f"upstream failed: {type(exc).__name__}: {exc}",
+                                  code="upstream_error") from None
+
+    def _stream(
+        self, route: str, model: str, replica: Replica, upstream: httpx.Response, drop_usage: bool,
+        headers: dict[str, str], started: float,
+    ) -> UpstreamStream:
+        def on_close(stream: UpstreamStream) -> None:
+            replica.in_flight -= 1
+            if stream.first_chunk_at is not None:
+                self.metrics.ttft.labels(route, model).observe(stream.first_chunk_at - started)
+            if stream.scan.completion_tokens is not None:
+                self.metrics.output_tokens.labels(model).inc(stream.scan.completion_tokens)
+                self.metrics.prompt_tokens.labels(model).inc(stream.scan.prompt_tokens or 0)
+            status = 200
+            if stream.error is not None:
+                status = 502
+                self.metrics.upstream_errors.labels(replica.name, "stream").inc()
+            elif stream.client_gone:
+                status = 499
+            self._finish(route, model, status, started)
+
+        headers = {**headers, "cache-control": "no-cache", "x-accel-buffering": "no"}
+        return UpstreamStream(upstream, StreamScan(drop_usage=drop_usage), headers, on_close)
+
+    def _finish(self, route: str, model: str, status: int, started: float) -> None:
+        self.metrics.in_flight.labels(route).dec()
+        self.metrics.requests.labels(route, model, str(status)).inc()
+        self.metrics.latency.labels(route, model).observe(time.perf_counter() - started)
+
+    def _count_usage(self, model: str, content: bytes) -> None:
+        try:
+            usage: dict[str, Any] = json.loads(content).get("usage") or {}
+        except (ValueError, AttributeError):
+            return
+        self.metrics.output_tokens.labels(model).inc(int(usage.get("completion_tokens") or 0))
+        self.metrics.prompt_tokens.labels(model).inc(int(usage.get("prompt_tokens") or 0))
+
+    def _upstream_failed(self, replica: Replica, kind: str, exc: Exception) -> None:
+        self.metrics.upstream_errors.labels(replica.name, kind).inc()

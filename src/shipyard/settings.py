@@ -1,0 +1,150 @@
+"""shipyard's one settings object: ``shipyard.yaml`` (if present) under ``SHIPYARD_*`` environment variables.
+
+Built once in ``main()`` or an app factory and passed down; never a module global.
+
+>>> settings = load_settings()                      # ./shipyard.yaml if it exists, plus SHIPYARD_* env
+>>> settings = load_settings(Path("prod.yaml"), port=9000)   # explicit file; keyword overrides win
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+DEFAULT_CONFIG_FILE = Path("shipyard.yaml")
+CONFIG_ENV = "SHIPYARD_CONFIG"
+
+
+class SettingsError(ValueError):
+    """The configuration file or environment is invalid; the message names what and where."""
+
+
+def _default_data_dir() -> Path:
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "shipyard"
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class EngineSettings(BaseSettings):
+    """How the local vLLM engine is started (see ``shipyard.engine.EngineSpec``)."""
+
+    model_config = SettingsConfigDict(extra="forbid")
+
+    profile: str = "default"
+    dtype: str = "auto"
+    max_model_len: int | None = Field(default=None, ge=16)
+    quantization: str | None = None
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    enforce_eager: bool | None = None
+    tensor_parallel_size: int | None = Field(default=None, ge=1)
+    extra_args: list[str] = Field(default_factory=list)
+    startup_timeout_s: float = Field(default=600, gt=0)
+    vllm_command: list[str] = Field(default_factory=list)
+    """Command that starts vLLM's CLI; empty means ``<this python> -m vllm.entrypoints.cli.main``."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SHIPYARD_", env_nested_delimiter="__", extra="forbid", yaml_file=None
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    data_dir: Path = Field(default_factory=_default_data_dir)
+
+    model: str | None = None
+    """Path of an HF model folder to serve; None means the embedded default model."""
+    served_model_name: str | None = None
+
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    upstreams: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """OpenAI-compatible servers to route to instead of (or besides) a local engine."""
+
+    max_body_bytes: int = Field(default=1_000_000, gt=0)
+    max_tokens_limit: int | None = Field(default=None, ge=1)
+    """Upper bound for ``max_tokens``; None means the served model's context length."""
+    upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
+    upstream_read_timeout_s: float = Field(default=300.0, gt=0)
+    """Longest silence tolerated from an upstream while it answers (a stream's gap between tokens)."""
+    health_interval_s: float = Field(default=1.0, gt=0)
+    retry_after_s: int = Field(default=5, ge=1)
+
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+
+    @field_validator("api_keys", "upstreams", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("upstreams")
+    @classmethod
+    def _upstreams_are_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"upstream {url!r} must start with http:// or https://")
+        return [url.rstrip("/") for url in value]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        yaml_file = settings_cls.model_config.get("yaml_file")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if yaml_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+        return tuple(sources)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def api_key_file(self) -> Path:
+        return self.data_dir / "api_key"
+
+    def key_values(self) -> list[str]:
+        return [key.get_secret_value() for key in self.api_keys]
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Read settings from ``config_file`` (or ``$SHIPYARD_CONFIG``, or ``./shipyard.yaml`` if it exists).
+
+    Priority: keyword overrides > ``SHIPYARD_*`` env > YAML file > defaults.
+    """
+    explicit = config_file or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
+    if explicit is not None and not explicit.is_file():
+        raise SettingsError(f"config file {explicit} does not exist")
+    path = explicit or (DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None)
+
+    class _FromFile(Settings):
+        model_config = SettingsConfigDict(yaml_file=path)
+
+    try:
+        loaded = _FromFile(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        where = f" (from {path} or SHIPYARD_* env)" if path else " (from SHIPYARD_* env)"
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
+        )
+        raise SettingsError(f"invalid settings{where}: {problems}") from None
+    return loaded
