@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from shipyard.testing import FakeOpenAI
+from tests.stack import Stack, start_stack
+
 
 @pytest.fixture(autouse=True)
 def clean_environ(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
@@ -21,3 +24,13 @@ def clean_environ(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def fake() -> FakeOpenAI:
+    return FakeOpenAI("fake-model", token_rate=2000.0, default_tokens=8, max_model_len=1024)
+
+
+@pytest.fixture
+def stack(fake: FakeOpenAI) -> Iterator[Stack]:
+    yield from start_stack(fake)

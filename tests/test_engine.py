@@ -13,12 +13,35 @@ from tests.helpers import wait_for
 
 
 def test_only_set_fields_become_flags() -> None:
-    spec = EngineSpec(model="/m", served_model_name="m", max_model_len=2048, enable_prefix_caching=False,
-                      enforce_eager=True, kv_cache_dtype="fp8", tensor_parallel_size=2, extra_args=("--seed", "1"))
+    spec = EngineSpec(
+        model="/m",
+        served_model_name="m",
+        max_model_len=2048,
+        enable_prefix_caching=False,
+        enforce_eager=True,
+        kv_cache_dtype="fp8",
+        tensor_parallel_size=2,
+        extra_args=("--seed", "1"),
+    )
     assert spec.vllm_args(8001) == [
-        "--model", "/m", "--host", "127.0.0.1", "--port", "8001", "--served-model-name", "m",
-        "--max-model-len", "2048", "--no-enable-prefix-caching", "--kv-cache-dtype", "fp8",
-        "--tensor-parallel-size", "2", "--enforce-eager", "--seed", "1",
+        "--model",
+        "/m",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8001",
+        "--served-model-name",
+        "m",
+        "--max-model-len",
+        "2048",
+        "--no-enable-prefix-caching",
+        "--kv-cache-dtype",
+        "fp8",
+        "--tensor-parallel-size",
+        "2",
+        "--enforce-eager",
+        "--seed",
+        "1",
     ]
 
 
@@ -27,7 +50,13 @@ def test_profile_fills_unset_fields_and_explicit_values_win() -> None:
     assert cpu.enforce_eager is True and cpu.gpu_memory_utilization == 0.3
     assert EngineSpec.from_profile(Profile.CPU, model="/m", gpu_memory_utilization=0.5).gpu_memory_utilization == 0.5
     assert EngineSpec.from_profile("default", model="/m").vllm_args(1) == [
-        "--model", "/m", "--host", "127.0.0.1", "--port", "1"]
+        "--model",
+        "/m",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "1",
+    ]
 
 
 def test_unknown_profile_names_the_choices() -> None:
@@ -51,8 +80,11 @@ def test_process_starts_serves_and_stops(tmp_path: Path) -> None:
 
 
 def test_process_that_dies_reports_its_last_error_quickly(tmp_path: Path) -> None:
-    crash = [sys.executable, "-c",
-             "import sys; print('INFO loading'); print('ValueError: no space for the KV cache'); sys.exit(3)"]
+    crash = [
+        sys.executable,
+        "-c",
+        "import sys; print('INFO loading'); print('ValueError: no space for the KV cache'); sys.exit(3)",
+    ]
     engine = EngineProcess(EngineSpec(model="/m"), tmp_path / "engine.log", command=crash)
     engine.start()
     with pytest.raises(EngineStartError, match="code 3.*no space for the KV cache"):
@@ -73,9 +105,12 @@ def test_process_that_never_gets_healthy_times_out(tmp_path: Path) -> None:
 
 
 def test_stop_escalates_to_sigkill(tmp_path: Path) -> None:
-    stubborn = [sys.executable, "-c",
-                "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ar' + 'med', flush=True);"
-                "time.sleep(60)"]
+    stubborn = [
+        sys.executable,
+        "-c",
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ar' + 'med', flush=True);"
+        "time.sleep(60)",
+    ]
     engine = EngineProcess(EngineSpec(model="/m"), tmp_path / "engine.log", command=stubborn)
     engine.start()
     assert wait_for(lambda: "armed" in (tmp_path / "engine.log").read_text(), timeout=10)

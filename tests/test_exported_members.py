@@ -7,12 +7,32 @@ import importlib
 import pytest
 
 PUBLIC = {
-    "shipyard.engine": ["PROFILE_OVERRIDES", "EngineProcess", "EngineSpec", "EngineStartError", "Profile",
-                        "free_port", "last_error"],
-    "shipyard.router": ["HealthMonitor", "NoReplicaError", "Replica", "ReplicaPool", "UnknownModelError",
-                        "pick_least_in_flight", "probe"],
-    "shipyard.gateway": ["GatewayMetrics", "KeyChecker", "OpenAIError", "create_app", "error_body",
-                         "upstream_client"],
+    "shipyard.engine": [
+        "PROFILE_OVERRIDES",
+        "EngineProcess",
+        "EngineSpec",
+        "EngineStartError",
+        "Profile",
+        "free_port",
+        "last_error",
+    ],
+    "shipyard.router": [
+        "HealthMonitor",
+        "NoReplicaError",
+        "Replica",
+        "ReplicaPool",
+        "UnknownModelError",
+        "pick_least_in_flight",
+        "probe",
+    ],
+    "shipyard.gateway": [
+        "GatewayMetrics",
+        "KeyChecker",
+        "OpenAIError",
+        "create_app",
+        "error_body",
+        "upstream_client",
+    ],
     "shipyard.testing": ["FakeOpenAI", "Fault"],
     "shipyard.cli": ["app", "main"],
 }

@@ -11,8 +11,8 @@ import openai
 import pytest
 
 from shipyard.testing import FakeOpenAI, Fault
-from tests.gateway_fixtures import API_KEY, Stack, fake, stack, start_stack  # noqa: F401
 from tests.helpers import wait_for
+from tests.stack import Stack, start_stack
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -32,24 +32,33 @@ def test_chat_completion_non_streaming(stack: Stack) -> None:
 
 
 def test_chat_completion_streaming_hides_injected_usage(stack: Stack) -> None:
-    chunks = list(stack.client().chat.completions.create(
-        model="fake-model", messages=MESSAGES, max_tokens=4, stream=True))
+    chunks = list(
+        stack.client().chat.completions.create(model="fake-model", messages=MESSAGES, max_tokens=4, stream=True)
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "tok0 tok1 tok2 tok3 "
     assert all(c.choices for c in chunks), "the usage chunk the gateway asked for must not reach the client"
     assert stack.fake.requests[-1]["stream_options"] == {"include_usage": True}
 
 
 def test_streaming_keeps_usage_when_client_asks(stack: Stack) -> None:
-    chunks = list(stack.client().chat.completions.create(
-        model="fake-model", messages=MESSAGES, max_tokens=3, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        stack.client().chat.completions.create(
+            model="fake-model",
+            messages=MESSAGES,
+            max_tokens=3,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
 
 
 def test_completions_streaming_and_not(stack: Stack) -> None:
     client = stack.client()
     assert client.completions.create(model="fake-model", prompt="x", max_tokens=2).choices[0].text == "tok0 tok1"
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model="fake-model", prompt="x", max_tokens=2, stream=True))
+    streamed = "".join(
+        c.choices[0].text for c in client.completions.create(model="fake-model", prompt="x", max_tokens=2, stream=True)
+    )
     assert streamed == "tok0 tok1 "
 
 
@@ -66,12 +75,18 @@ def test_response_names_deployment_and_version(stack: Stack) -> None:
 
 @pytest.mark.parametrize(
     ("headers", "code"),
-    [({}, "missing_api_key"), ({"Authorization": "Bearer nope"}, "invalid_api_key"),
-     ({"Authorization": "Basic abc"}, "invalid_api_key")],
+    [
+        ({}, "missing_api_key"),
+        ({"Authorization": "Bearer nope"}, "invalid_api_key"),
+        ({"Authorization": "Basic abc"}, "invalid_api_key"),
+    ],
 )
 def test_auth_rejections(stack: Stack, headers: dict[str, str], code: str) -> None:
-    r = httpx.post(f"{stack.url}/v1/chat/completions", json={"model": "fake-model", "messages": MESSAGES},
-                   headers=headers)
+    r = httpx.post(
+        f"{stack.url}/v1/chat/completions",
+        json={"model": "fake-model", "messages": MESSAGES},
+        headers=headers,
+    )
     assert r.status_code == 401
     assert error_of(r)["code"] == code and error_of(r)["type"] == "authentication_error"
     assert not stack.fake.requests
@@ -94,23 +109,46 @@ def test_health_ready_metrics_need_no_key(stack: Stack) -> None:
         (b"[1, 2]", 400, None, "JSON object"),
         (b"", 400, None, "empty request body"),
         (json.dumps({"model": "fake-model"}).encode(), 422, "messages", "Field required"),
-        (json.dumps({"model": "fake-model", "messages": [{"role": "robot", "content": "x"}]}).encode(),
-         422, "messages.0.role", "Input should be"),
-        (json.dumps({"model": "fake-model", "messages": MESSAGES, "stream": "yes"}).encode(),
-         422, "stream", "boolean"),
-        (json.dumps({"model": "fake-model", "messages": MESSAGES, "temperature": 3}).encode(),
-         422, "temperature", "less than or equal to 2"),
+        (
+            json.dumps({"model": "fake-model", "messages": [{"role": "robot", "content": "x"}]}).encode(),
+            422,
+            "messages.0.role",
+            "Input should be",
+        ),
+        (
+            json.dumps({"model": "fake-model", "messages": MESSAGES, "stream": "yes"}).encode(),
+            422,
+            "stream",
+            "boolean",
+        ),
+        (
+            json.dumps({"model": "fake-model", "messages": MESSAGES, "temperature": 3}).encode(),
+            422,
+            "temperature",
+            "less than or equal to 2",
+        ),
         (json.dumps({"model": "nope", "messages": MESSAGES}).encode(), 404, "model", "available: fake-model"),
-        (json.dumps({"model": "fake-model", "messages": MESSAGES, "max_tokens": 5000}).encode(),
-         400, "max_tokens", "(1024)"),
-        (json.dumps({"model": "fake-model", "messages": MESSAGES, "guided_json": {}}).encode(),
-         400, "guided_json", "structured_outputs"),
-        (json.dumps({"model": "fake-model", "messages": MESSAGES, "guided_choice": ["a"]}).encode(),
-         400, "guided_choice", '"choice"'),
+        (
+            json.dumps({"model": "fake-model", "messages": MESSAGES, "max_tokens": 5000}).encode(),
+            400,
+            "max_tokens",
+            "(1024)",
+        ),
+        (
+            json.dumps({"model": "fake-model", "messages": MESSAGES, "guided_json": {}}).encode(),
+            400,
+            "guided_json",
+            "structured_outputs",
+        ),
+        (
+            json.dumps({"model": "fake-model", "messages": MESSAGES, "guided_choice": ["a"]}).encode(),
+            400,
+            "guided_choice",
+            '"choice"',
+        ),
     ],
 )
-def test_bad_input_gets_openai_error(stack: Stack, body: bytes, status: int, param: str | None,
-                                     fragment: str) -> None:
+def test_bad_input_gets_openai_error(stack: Stack, body: bytes, status: int, param: str | None, fragment: str) -> None:
     with stack.http() as http:
         r = http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
@@ -158,7 +196,8 @@ def test_mid_stream_death_ends_with_error_event(stack: Stack) -> None:
     started = time.monotonic()
     with pytest.raises(openai.APIError, match="upstream"):
         for chunk in stack.client().chat.completions.create(
-                model="fake-model", messages=MESSAGES, max_tokens=10, stream=True):
+            model="fake-model", messages=MESSAGES, max_tokens=10, stream=True
+        ):
             received.append(chunk.choices[0].delta.content or "")
     assert "".join(received) == "tok0 tok1 tok2 "
     assert time.monotonic() - started < 2
@@ -168,16 +207,21 @@ def test_silent_upstream_hits_read_timeout_with_error_event(fake: FakeOpenAI) ->
     fake.fault = Fault.HANG_MID_STREAM
     for slow in start_stack(fake, upstream_read_timeout_s=0.5):
         with pytest.raises(openai.APIError, match="read timeout"):
-            list(slow.client().chat.completions.create(
-                model="fake-model", messages=MESSAGES, max_tokens=10, stream=True))
+            list(
+                slow.client().chat.completions.create(model="fake-model", messages=MESSAGES, max_tokens=10, stream=True)
+            )
 
 
 def test_client_disconnect_aborts_upstream_stream(stack: Stack) -> None:
     stack.fake.token_rate = 20.0
-    with stack.http() as http, http.stream(
-        "POST", "/v1/chat/completions",
-        json={"model": "fake-model", "messages": MESSAGES, "max_tokens": 200, "stream": True},
-    ) as r:
+    with (
+        stack.http() as http,
+        http.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={"model": "fake-model", "messages": MESSAGES, "max_tokens": 200, "stream": True},
+        ) as r,
+    ):
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
     assert wait_for(lambda: stack.fake.cancelled_streams == 1, timeout=3)
@@ -207,7 +251,8 @@ def test_concurrent_streams_all_complete(stack: Stack) -> None:
 
     def one() -> None:
         chunks = stack.client().chat.completions.create(
-            model="fake-model", messages=MESSAGES, max_tokens=20, stream=True)
+            model="fake-model", messages=MESSAGES, max_tokens=20, stream=True
+        )
         results.append("".join(c.choices[0].delta.content or "" for c in chunks))
 
     threads = [threading.Thread(target=one) for _ in range(16)]

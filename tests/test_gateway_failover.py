@@ -17,8 +17,8 @@ from shipyard.gateway import create_app
 from shipyard.router import Replica
 from shipyard.settings import load_settings
 from shipyard.testing import FakeOpenAI
-from tests.gateway_fixtures import API_KEY
 from tests.helpers import ServerThread, wait_for
+from tests.stack import API_KEY
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -43,8 +43,17 @@ def test_refused_replica_is_skipped_and_marked_unready() -> None:
 def test_killed_upstream_gives_every_stream_an_error_within_2s() -> None:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shipyard.testing.fake_openai", "--port", str(port), "--model", "m",
-         "--token-rate", "20"],
+        [
+            sys.executable,
+            "-m",
+            "shipyard.testing.fake_openai",
+            "--port",
+            str(port),
+            "--model",
+            "m",
+            "--token-rate",
+            "20",
+        ],
         start_new_session=True,
     )
     try:

@@ -5,10 +5,16 @@ import pytest
 from shipyard.router import NoReplicaError, Replica, ReplicaPool, UnknownModelError, pick_least_in_flight
 
 
-def replica(name: str, *, ready: bool = True, in_flight: int = 0, models: dict[str, int | None] | None = None
-            ) -> Replica:
-    return Replica(f"http://{name}/", name=name, ready=ready, in_flight=in_flight,
-                   models={"m": 4096} if models is None else models)
+def replica(
+    name: str, *, ready: bool = True, in_flight: int = 0, models: dict[str, int | None] | None = None
+) -> Replica:
+    return Replica(
+        f"http://{name}/",
+        name=name,
+        ready=ready,
+        in_flight=in_flight,
+        models={"m": 4096} if models is None else models,
+    )
 
 
 def test_least_in_flight_skips_unready_and_breaks_ties_by_order() -> None:
@@ -32,8 +38,13 @@ def test_pool_choose_by_model_and_exclusion() -> None:
 
 
 def test_pool_models_take_smallest_context_among_ready() -> None:
-    pool = ReplicaPool([replica("a", models={"m": 4096}), replica("b", models={"m": 2048}),
-                        replica("c", ready=False, models={"m": 512, "x": 1})])
+    pool = ReplicaPool(
+        [
+            replica("a", models={"m": 4096}),
+            replica("b", models={"m": 2048}),
+            replica("c", ready=False, models={"m": 512, "x": 1}),
+        ]
+    )
     assert pool.models() == {"m": 2048}
 
 

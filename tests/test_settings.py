@@ -43,8 +43,12 @@ def test_explicit_config_file_and_env_pointer(tmp_path: Path, monkeypatch: pytes
 
 @pytest.mark.parametrize(
     ("text", "fragment"),
-    [("port: 99999\n", "port"), ("prot: 1\n", "prot"), ("upstreams: [ftp://x]\n", "upstreams"),
-     ("engine:\n  gpu_memory_utilization: 2\n", "engine.gpu_memory_utilization")],
+    [
+        ("port: 99999\n", "port"),
+        ("prot: 1\n", "prot"),
+        ("upstreams: [ftp://x]\n", "upstreams"),
+        ("engine:\n  gpu_memory_utilization: 2\n", "engine.gpu_memory_utilization"),
+    ],
 )
 def test_invalid_settings_name_the_field(tmp_path: Path, text: str, fragment: str) -> None:
     config = tmp_path / "bad.yaml"

@@ -16,7 +16,7 @@ def test_whole_events_pass_through_unchanged() -> None:
 def test_partial_events_wait_for_their_end() -> None:
     scan = StreamScan()
     stream = CHUNK + USAGE + DONE
-    out = b"".join(scan.feed(stream[i:i + 7]) for i in range(0, len(stream), 7)) + scan.flush()
+    out = b"".join(scan.feed(stream[i : i + 7]) for i in range(0, len(stream), 7)) + scan.flush()
     assert out == stream
     assert scan.completion_tokens == 2 and scan.prompt_tokens == 3 and scan.done
 

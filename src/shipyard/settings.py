@@ -59,9 +59,7 @@ class EngineSettings(BaseSettings):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="SHIPYARD_", env_nested_delimiter="__", extra="forbid", yaml_file=None
-    )
+    model_config = SettingsConfigDict(env_prefix="SHIPYARD_", env_nested_delimiter="__", extra="forbid", yaml_file=None)
 
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)

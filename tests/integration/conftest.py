@@ -27,8 +27,7 @@ def default_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def engine(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineProcess]:
-    spec = EngineSpec.from_profile("cpu", model=str(default_model_dir), served_model_name=MODEL,
-                                   max_model_len=2048)
+    spec = EngineSpec.from_profile("cpu", model=str(default_model_dir), served_model_name=MODEL, max_model_len=2048)
     log = tmp_path_factory.mktemp("engine") / "engine.log"
     with EngineProcess(spec, log) as process:
         process.wait_ready(timeout=600)

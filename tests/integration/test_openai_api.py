@@ -45,8 +45,9 @@ def test_greedy_answer_streamed_and_not_agree(client: openai.OpenAI) -> None:
     text = reply.choices[0].message.content or ""
     assert "Paris" in text
     assert reply.usage is not None and 0 < reply.usage.completion_tokens <= 16
-    chunks = list(client.chat.completions.create(
-        model=MODEL, messages=QUESTION, temperature=0, max_tokens=16, stream=True))
+    chunks = list(
+        client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=16, stream=True)
+    )
     assert all(c.choices for c in chunks)
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
 
@@ -54,15 +55,22 @@ def test_greedy_answer_streamed_and_not_agree(client: openai.OpenAI) -> None:
 def test_text_completions(client: openai.OpenAI) -> None:
     out = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0)
     assert "Paris" in out.choices[0].text
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0, stream=True))
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0, stream=True
+        )
+    )
     assert streamed == out.choices[0].text
 
 
 def test_structured_outputs_pass_through(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Is the sky blue? Answer yes or no."}],
-        max_tokens=4, extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+        model=MODEL,
+        messages=[{"role": "user", "content": "Is the sky blue? Answer yes or no."}],
+        max_tokens=4,
+        extra_body={"structured_outputs": {"choice": ["yes", "no"]}},
+    )
     assert reply.choices[0].message.content in {"yes", "no"}
 
 
@@ -82,7 +90,8 @@ def test_bad_inputs(client: openai.OpenAI) -> None:
     # A prompt longer than the context: the engine's own 400 comes back unchanged.
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "word " * 3000}], max_tokens=8)
+            model=MODEL, messages=[{"role": "user", "content": "word " * 3000}], max_tokens=8
+        )
     with pytest.raises(openai.UnprocessableEntityError, match=r"messages\.0\.role"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "robot", "content": "x"}])  # type: ignore[list-item]
 

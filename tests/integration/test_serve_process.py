@@ -25,30 +25,56 @@ KEY = "sk-serve-test"
 
 def test_serve_survives_engine_death_and_stops_cleanly(default_model_dir: Path, tmp_path: Path) -> None:
     port = free_port()
-    env = {**os.environ, "SHIPYARD_API_KEYS": KEY, "SHIPYARD_DATA_DIR": str(tmp_path),
-           "SHIPYARD_HEALTH_INTERVAL_S": "0.5", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "SHIPYARD_API_KEYS": KEY,
+        "SHIPYARD_DATA_DIR": str(tmp_path),
+        "SHIPYARD_HEALTH_INTERVAL_S": "0.5",
+        "PYTHONUNBUFFERED": "1",
+    }
     model = shared_models_dir() / MODEL
     serve = subprocess.Popen(
-        [sys.executable, "-m", "shipyard.cli", "serve", "--model", str(model),
-         "--served-model-name", MODEL, "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "shipyard.cli",
+            "serve",
+            "--model",
+            str(model),
+            "--served-model-name",
+            MODEL,
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
         assert wait_for(lambda: _status(f"{url}/ready") == 200, timeout=400), _drain(serve)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
-        assert client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
-                                              max_tokens=4).choices
+        assert client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+        ).choices
 
-        engine = next(p for p in psutil.Process(serve.pid).children()
-                      if "vllm.entrypoints.openai.api_server" in " ".join(p.cmdline()))
+        engine = next(
+            p
+            for p in psutil.Process(serve.pid).children()
+            if "vllm.entrypoints.openai.api_server" in " ".join(p.cmdline())
+        )
         outcomes: list[tuple[str, float]] = []
         streaming = threading.Barrier(5)
 
         def stream() -> None:
             chunks = client.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": "Tell me a long story."}],
-                max_tokens=1500, stream=True, extra_body={"ignore_eos": True})
+                model=MODEL,
+                messages=[{"role": "user", "content": "Tell me a long story."}],
+                max_tokens=1500,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
             try:
                 next(iter(chunks))
                 streaming.wait(timeout=60)

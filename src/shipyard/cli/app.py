@@ -21,7 +21,8 @@ models_app = typer.Typer(help="Model folders: the embedded default and (later) t
 app.add_typer(models_app, name="models")
 
 ConfigOption = Annotated[
-    Path | None, typer.Option("--config", "-c", help="YAML settings file (default: ./shipyard.yaml if present).")
+    Path | None,
+    typer.Option("--config", "-c", help="YAML settings file (default: ./shipyard.yaml if present)."),
 ]
 
 

@@ -81,9 +81,9 @@ def banner(url: str, model: str, new_key: str | None, settings: Settings) -> str
         "try it:",
         f"  curl {url}/v1/chat/completions -H 'Authorization: Bearer {key_ref}' \\",
         "    -H 'Content-Type: application/json' \\",
-        f"    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'",
+        f'    -d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}\'',
         "",
-        "  python -c \"from openai import OpenAI; "
+        '  python -c "from openai import OpenAI; '
         f"c = OpenAI(base_url='{url}/v1', api_key='{key_ref}'); "
         f"print(c.chat.completions.create(model='{model}', "
         "messages=[{'role': 'user', 'content': 'Hello!'}]).choices[0].message.content)\"",
@@ -108,16 +108,19 @@ def serve_stack(settings: Settings, profile: str, upstreams: list[str], engine: 
             try:
                 spec = EngineSpec.from_profile(
                     auto_profile() if profile == AUTO_PROFILE else profile,
-                    model=folder, served_model_name=served, dtype=None if e.dtype == "auto" else e.dtype,
-                    max_model_len=e.max_model_len, quantization=e.quantization,
-                    gpu_memory_utilization=e.gpu_memory_utilization, enforce_eager=e.enforce_eager,
-                    tensor_parallel_size=e.tensor_parallel_size, extra_args=e.extra_args,
+                    model=folder,
+                    served_model_name=served,
+                    dtype=None if e.dtype == "auto" else e.dtype,
+                    max_model_len=e.max_model_len,
+                    quantization=e.quantization,
+                    gpu_memory_utilization=e.gpu_memory_utilization,
+                    enforce_eager=e.enforce_eager,
+                    tensor_parallel_size=e.tensor_parallel_size,
+                    extra_args=e.extra_args,
                 )
             except ValueError as exc:
                 raise fail(str(exc)) from None
-            process = EngineProcess(
-                spec, settings.data_dir / "logs" / "engine.log", command=e.vllm_command or None
-            )
+            process = EngineProcess(spec, settings.data_dir / "logs" / "engine.log", command=e.vllm_command or None)
             typer.echo(f"starting vLLM for {folder} (log: {process.log_file}) ...", err=True)
             process.start()
             try:
@@ -144,7 +147,8 @@ HostOption = Annotated[str | None, typer.Option(help="Gateway address (default 1
 PortOption = Annotated[int | None, typer.Option(help="Gateway port (default 8080).")]
 ProfileOption = Annotated[str, typer.Option(help="Tuning profile: auto, default or cpu.")]
 UpstreamOption = Annotated[
-    list[str] | None, typer.Option("--upstream", help="Extra OpenAI-compatible server to route to (repeatable).")
+    list[str] | None,
+    typer.Option("--upstream", help="Extra OpenAI-compatible server to route to (repeatable)."),
 ]
 
 
@@ -156,8 +160,9 @@ def serve(
     served_model_name: Annotated[str | None, typer.Option(help="Name clients use (default: folder name).")] = None,
     profile: ProfileOption = AUTO_PROFILE,
     upstream: UpstreamOption = None,
-    engine: Annotated[bool, typer.Option(help="Start a local vLLM engine (--no-engine: route to --upstream only).")]
-    = True,
+    engine: Annotated[
+        bool, typer.Option(help="Start a local vLLM engine (--no-engine: route to --upstream only).")
+    ] = True,
     config: ConfigOption = None,
 ) -> None:
     """Start a vLLM engine for a model folder and the gateway in front of it."""

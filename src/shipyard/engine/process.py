@@ -19,7 +19,15 @@ import httpx
 from shipyard.engine.spec import EngineSpec
 
 _PR_SET_PDEATHSIG = 1
-_ERROR_MARKERS = ("Error", "error:", "Traceback", "RuntimeError", "ValueError", "Exception", "CUDA out of memory")
+_ERROR_MARKERS = (
+    "Error",
+    "error:",
+    "Traceback",
+    "RuntimeError",
+    "ValueError",
+    "Exception",
+    "CUDA out of memory",
+)
 
 
 class EngineStartError(RuntimeError):

@@ -54,7 +54,9 @@ def create_app(
     own_client = client is None
     http = client or upstream_client(settings)
     proxy = Proxy(
-        pool, http, metrics,
+        pool,
+        http,
+        metrics,
         max_body_bytes=settings.max_body_bytes,
         max_tokens_limit=settings.max_tokens_limit,
         retry_after_s=settings.retry_after_s,
@@ -88,8 +90,15 @@ def create_app(
     @app.get("/ready")
     async def ready() -> JSONResponse:
         replicas = [
-            {"name": r.name, "deployment": r.deployment, "version": r.version, "ready": r.ready,
-             "in_flight": r.in_flight, "models": sorted(r.models), "error": r.last_error or None}
+            {
+                "name": r.name,
+                "deployment": r.deployment,
+                "version": r.version,
+                "ready": r.ready,
+                "in_flight": r.in_flight,
+                "models": sorted(r.models),
+                "error": r.last_error or None,
+            }
             for r in pool.replicas
         ]
         is_ready = bool(pool.ready())

@@ -31,7 +31,9 @@ class KeyChecker:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise OpenAIError(
-                401, "malformed Authorization header: expected 'Bearer <key>'", code="invalid_api_key",
+                401,
+                "malformed Authorization header: expected 'Bearer <key>'",
+                code="invalid_api_key",
                 headers={"WWW-Authenticate": "Bearer"},
             )
         candidate = token.strip().encode()
@@ -40,9 +42,7 @@ class KeyChecker:
         for key in self._keys:
             matched |= hmac.compare_digest(candidate, key)
         if not matched:
-            raise OpenAIError(
-                401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
-            )
+            raise OpenAIError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
 def ensure_api_key(key_file: Path) -> tuple[str, bool]:

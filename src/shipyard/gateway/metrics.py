@@ -13,31 +13,51 @@ class GatewayMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "shipyard_requests", "Requests answered, by route, model and HTTP status",
-            ["route", "model", "status"], registry=r,
+            "shipyard_requests",
+            "Requests answered, by route, model and HTTP status",
+            ["route", "model", "status"],
+            registry=r,
         )
         self.latency = Histogram(
-            "shipyard_request_latency_seconds", "End-to-end request latency (until the last byte)",
-            ["route", "model"], buckets=_LATENCY_BUCKETS, registry=r,
+            "shipyard_request_latency_seconds",
+            "End-to-end request latency (until the last byte)",
+            ["route", "model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.ttft = Histogram(
-            "shipyard_time_to_first_token_seconds", "Time from request to the first streamed chunk",
-            ["route", "model"], buckets=_TTFT_BUCKETS, registry=r,
+            "shipyard_time_to_first_token_seconds",
+            "Time from request to the first streamed chunk",
+            ["route", "model"],
+            buckets=_TTFT_BUCKETS,
+            registry=r,
         )
         self.output_tokens = Counter(
-            "shipyard_output_tokens", "Completion tokens generated (from the upstream's usage)",
-            ["model"], registry=r,
+            "shipyard_output_tokens",
+            "Completion tokens generated (from the upstream's usage)",
+            ["model"],
+            registry=r,
         )
         self.prompt_tokens = Counter(
-            "shipyard_prompt_tokens", "Prompt tokens processed (from the upstream's usage)", ["model"], registry=r,
+            "shipyard_prompt_tokens",
+            "Prompt tokens processed (from the upstream's usage)",
+            ["model"],
+            registry=r,
         )
         self.in_flight = Gauge(
-            "shipyard_requests_in_flight", "Requests being answered right now", ["route"], registry=r,
+            "shipyard_requests_in_flight",
+            "Requests being answered right now",
+            ["route"],
+            registry=r,
         )
         self.upstream_errors = Counter(
-            "shipyard_upstream_errors", "Failures talking to an upstream, by replica and kind",
-            ["replica", "kind"], registry=r,
+            "shipyard_upstream_errors",
+            "Failures talking to an upstream, by replica and kind",
+            ["replica", "kind"],
+            registry=r,
         )
         self.replicas_ready = Gauge(
-            "shipyard_replicas_ready", "Replicas ready to take traffic", registry=r,
+            "shipyard_replicas_ready",
+            "Replicas ready to take traffic",
+            registry=r,
         )

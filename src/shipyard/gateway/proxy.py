@@ -74,14 +74,18 @@ class Proxy:
                 raise self.unavailable(f"no replica serving '{model}' is ready; retry shortly")
             available = ", ".join(sorted(models)) or "none"
             raise OpenAIError(
-                404, f"model '{model}' is not served here; available: {available}", param="model",
+                404,
+                f"model '{model}' is not served here; available: {available}",
+                param="model",
                 code="model_not_found",
             )
         limit = self.max_tokens_limit or models[model]
         if limit is not None and output_limit is not None and output_limit > limit:
             raise OpenAIError(
-                400, f"max_tokens={output_limit} is more than this model allows ({limit}); ask for fewer",
-                param="max_tokens", code="max_tokens_too_large",
+                400,
+                f"max_tokens={output_limit} is more than this model allows ({limit}); ask for fewer",
+                param="max_tokens",
+                code="max_tokens_too_large",
             )
 
     async def handle(self, request: Request, route: str) -> Response:
@@ -136,8 +140,7 @@ class Proxy:
                 replica = self.pool.choose(model, exclude=frozenset(tried))
             except (NoReplicaError, UnknownModelError):
                 raise self.unavailable(f"no replica serving '{model}' is ready; retry shortly") from None
-            request = self.client.build_request("POST", replica.url + path, content=body,
-                                                headers=self.upstream_headers)
+            request = self.client.build_request("POST", replica.url + path, content=body, headers=self.upstream_headers)
             replica.in_flight += 1
             try:
                 return replica, await self.client.send(request, stream=True)
@@ -150,12 +153,17 @@ class Proxy:
             except httpx.HTTPError as exc:
                 replica.in_flight -= 1
                 self._upstream_failed(replica, "request", exc)
-                raise OpenAIError(502, f"upstream failed: {type(exc).__name__}: {exc}",
-                                  code="upstream_error") from None
+                raise OpenAIError(502, f"upstream failed: {type(exc).__name__}: {exc}", code="upstream_error") from None
 
     def _stream(
-        self, route: str, model: str, replica: Replica, upstream: httpx.Response, drop_usage: bool,
-        headers: dict[str, str], started: float,
+        self,
+        route: str,
+        model: str,
+        replica: Replica,
+        upstream: httpx.Response,
+        drop_usage: bool,
+        headers: dict[str, str],
+        started: float,
     ) -> UpstreamStream:
         def on_close(stream: UpstreamStream) -> None:
             replica.in_flight -= 1

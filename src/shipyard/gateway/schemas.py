@@ -41,6 +41,10 @@ class _Sampling(_Passthrough):
     n: int | None = Field(default=None, ge=1, le=16)
     stream_options: dict[str, Any] | None = None
 
+    def output_limit(self) -> int | None:
+        """The most tokens this request may generate, as the client asked."""
+        return self.max_tokens
+
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -52,9 +56,6 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-
-    def output_limit(self) -> int | None:
-        return self.max_tokens
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:

@@ -19,7 +19,13 @@ def fast_http() -> Literal["httptools", "h11"]:
 
 def uvicorn_config(app: FastAPI, host: str, port: int, log_level: str = "info") -> uvicorn.Config:
     return uvicorn.Config(
-        app, host=host, port=port, loop=fast_loop(), http=fast_http(), access_log=False, log_level=log_level,
+        app,
+        host=host,
+        port=port,
+        loop=fast_loop(),
+        http=fast_http(),
+        access_log=False,
+        log_level=log_level,
         timeout_graceful_shutdown=10,
     )
 

@@ -79,7 +79,12 @@ class UpstreamStream(Response):
         except httpx.HTTPError as exc:
             self.error = f"upstream failed mid-stream: {type(exc).__name__}: {exc}".rstrip(": ")
         if self.error is not None:
-            await send({"type": "http.response.body", "body": sse_error_event(502, self.error, "upstream_error"),
-                        "more_body": True})
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": sse_error_event(502, self.error, "upstream_error"),
+                    "more_body": True,
+                }
+            )
         self._complete = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})

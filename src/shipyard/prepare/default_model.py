@@ -80,8 +80,15 @@ def pull_default(models_dir: Path, *, force: bool = False, verify: bool = True) 
         convert_gguf(gguf_path, staging)
         sample = verify_generation(staging) if verify else ""
         (staging / _MARKER).write_text(
-            json.dumps({"source": str(gguf_path), "package": DEFAULT_MODEL_PACKAGE, "sample": sample,
-                        "converted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2)
+            json.dumps(
+                {
+                    "source": str(gguf_path),
+                    "package": DEFAULT_MODEL_PACKAGE,
+                    "sample": sample,
+                    "converted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                },
+                indent=2,
+            )
         )
         if target.exists():
             shutil.rmtree(target)
@@ -128,11 +135,14 @@ def verify_generation(model_dir: Path, prompt: str = "What is the capital of Fra
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        [{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=16, do_sample=False)
-    text: str = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    text: str = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     if len(text) < 2 or len(set(text.split())) < 2:
         raise DefaultModelError(f"verification generation looks broken: {text!r}")
     return text

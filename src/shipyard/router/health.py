@@ -19,9 +19,7 @@ async def probe(client: httpx.AsyncClient, replica: Replica, timeout: float = 2.
             return
         listing = await client.get(f"{replica.url}/v1/models", timeout=timeout)
         listing.raise_for_status()
-        replica.models = {
-            str(card["id"]): card.get("max_model_len") for card in listing.json().get("data", [])
-        }
+        replica.models = {str(card["id"]): card.get("max_model_len") for card in listing.json().get("data", [])}
         replica.ready, replica.last_error = bool(replica.models), "" if replica.models else "serves no model"
     except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
         replica.ready, replica.last_error = False, f"{type(exc).__name__}: {exc}"

@@ -64,7 +64,12 @@ class FakeOpenAI:
             status = 503 if self.fault is Fault.UNHEALTHY else 200
             await _respond(send, status, b"")
         elif path == "/v1/models":
-            card = {"id": self.model, "object": "model", "owned_by": "fake", "max_model_len": self.max_model_len}
+            card = {
+                "id": self.model,
+                "object": "model",
+                "owned_by": "fake",
+                "max_model_len": self.max_model_len,
+            }
             await _respond(send, 200, json.dumps({"object": "list", "data": [card]}).encode())
         elif method == "POST" and path in ("/v1/chat/completions", "/v1/completions"):
             body = await _read_body(receive)
@@ -86,17 +91,30 @@ class FakeOpenAI:
             text = " ".join(f"tok{i}" for i in range(n_tokens))
             choice: dict[str, Any] = (
                 {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
-                if chat else {"index": 0, "text": text, "finish_reason": "length"}
+                if chat
+                else {"index": 0, "text": text, "finish_reason": "length"}
             )
-            payload = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": 0,
-                       "model": self.model, "choices": [choice], "usage": usage}
+            payload = {
+                "id": rid,
+                "object": "chat.completion" if chat else "text_completion",
+                "created": 0,
+                "model": self.model,
+                "choices": [choice],
+                "usage": usage,
+            }
             await _respond(send, 200, json.dumps(payload).encode())
             return
         await self._stream(rid, chat, n_tokens, usage, request, receive, send)
 
     async def _stream(
-        self, rid: str, chat: bool, n_tokens: int, usage: dict[str, int], request: dict[str, Any],
-        receive: Receive, send: Send,
+        self,
+        rid: str,
+        chat: bool,
+        n_tokens: int,
+        usage: dict[str, int],
+        request: dict[str, Any],
+        receive: Receive,
+        send: Send,
     ) -> None:
         obj = "chat.completion.chunk" if chat else "text_completion"
         head = f'data: {{"id":"{rid}","object":"{obj}","created":0,"model":"{self.model}","choices":['.encode()
@@ -127,10 +145,18 @@ class FakeOpenAI:
                     return
                 finish = '"length"' if i == n_tokens - 1 else "null"
                 piece = f'{{"content":"tok{i} "}}' if chat else None
-                choice = (f'{{"index":0,"delta":{piece},"finish_reason":{finish}}}' if chat
-                          else f'{{"index":0,"text":"tok{i} ","finish_reason":{finish}}}')
-                await send({"type": "http.response.body", "body": head + choice.encode() + b"]}\n\n",
-                            "more_body": True})
+                choice = (
+                    f'{{"index":0,"delta":{piece},"finish_reason":{finish}}}'
+                    if chat
+                    else f'{{"index":0,"text":"tok{i} ","finish_reason":{finish}}}'
+                )
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": head + choice.encode() + b"]}\n\n",
+                        "more_body": True,
+                    }
+                )
             if (request.get("stream_options") or {}).get("include_usage"):
                 tail = head + b'],"usage":' + json.dumps(usage).encode() + b"}\n\n"
                 await send({"type": "http.response.body", "body": tail, "more_body": True})
@@ -170,8 +196,15 @@ def main() -> None:  # pragma: no cover - exercised by benchmarks and the crash 
     args, _ = parser.parse_known_args()  # accepts (and ignores) the rest of vLLM's flags, like an engine would
     name = args.served_model_name or args.model.rstrip("/").rsplit("/", 1)[-1]
     fake = FakeOpenAI(name, token_rate=args.token_rate, ttft_s=args.ttft, default_tokens=args.tokens)
-    uvicorn.run(fake, host=args.host, port=args.port, loop=fast_loop(), http=fast_http(),
-                access_log=False, log_level="warning")
+    uvicorn.run(
+        fake,
+        host=args.host,
+        port=args.port,
+        loop=fast_loop(),
+        http=fast_http(),
+        access_log=False,
+        log_level="warning",
+    )
 
 
 if __name__ == "__main__":

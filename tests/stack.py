@@ -1,4 +1,4 @@
-"""Fixtures shared by the gateway tests: a fake upstream and a gateway in front of it, both on loopback."""
+"""A fake upstream and a gateway in front of it, both on loopback, for the gateway tests."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import httpx
 import openai
-import pytest
 
 from shipyard.gateway import create_app
 from shipyard.router import Replica
@@ -44,13 +43,3 @@ def start_stack(fake: FakeOpenAI, **settings_overrides: object) -> Iterator[Stac
             stack = Stack(fake, upstream, gateway, settings)
             assert wait_for(lambda: httpx.get(f"{gateway.url}/ready").status_code == 200)
             yield stack
-
-
-@pytest.fixture
-def fake() -> FakeOpenAI:
-    return FakeOpenAI("fake-model", token_rate=2000.0, default_tokens=8, max_model_len=1024)
-
-
-@pytest.fixture
-def stack(fake: FakeOpenAI) -> Iterator[Stack]:
-    yield from start_stack(fake)
