@@ -1,0 +1,128 @@
+"""Closed-loop streaming load against an OpenAI-compatible endpoint: N clients, each sending the next request
+as soon as its last stream ends. Per request: time to first token, end-to-end time, tokens, errors.
+
+Uses aiohttp (as vLLM's own ``vllm bench serve`` does) so the load generator costs little CPU per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import aiohttp
+
+from shipyard.bench.stats import summarize
+
+
+@dataclass
+class RequestRecord:
+    started: float
+    ttft_s: float | None = None
+    e2e_s: float | None = None
+    output_tokens: int = 0
+    status: int = 0
+    error: str | None = None
+    token_times: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.status == 200
+
+
+@dataclass
+class LoadResult:
+    concurrency: int
+    window_s: float
+    records: list[RequestRecord]
+
+    def summary(self) -> dict[str, Any]:
+        measured = [r for r in self.records if r.started >= 0]
+        ok = [r for r in measured if r.ok]
+        tokens_in_window = sum(1 for r in self.records for t in r.token_times if 0 <= t <= self.window_s)
+        return {
+            "concurrency": self.concurrency,
+            "window_s": self.window_s,
+            "requests": len(measured),
+            "errors": len(measured) - len(ok),
+            "ttft_ms": {k: v * 1000 for k, v in summarize([r.ttft_s for r in ok if r.ttft_s is not None]).items()},
+            "e2e_ms": {k: v * 1000 for k, v in summarize([r.e2e_s for r in ok if r.e2e_s is not None]).items()},
+            "output_tok_per_s": tokens_in_window / self.window_s,
+            "error_samples": sorted({r.error or f"HTTP {r.status}" for r in measured if not r.ok})[:5],
+        }
+
+
+async def _one_stream(
+    session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str], origin: float
+) -> RequestRecord:
+    start = time.perf_counter()
+    record = RequestRecord(started=start - origin)
+    try:
+        async with session.post(url, data=body, headers=headers) as response:
+            record.status = response.status
+            if response.status != 200:
+                record.error = f"HTTP {response.status}: {(await response.text())[:200]}"
+                return record
+            async for line in response.content:
+                if not line.startswith(b"data: "):
+                    continue
+                if line.startswith(b"data: [DONE]"):
+                    break
+                now = time.perf_counter()
+                if b'"error"' in line and b'"choices"' not in line:
+                    record.error = json.loads(line[6:]).get("error", {}).get("message", "stream error")
+                    break
+                if b'"content":""' in line or b'"choices":[]' in line:
+                    continue  # role-only or usage-only chunk: no token
+                if record.ttft_s is None:
+                    record.ttft_s = now - start
+                record.output_tokens += 1
+                record.token_times.append(now - origin)
+            record.e2e_s = time.perf_counter() - start
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        record.error = f"{type(exc).__name__}: {exc}"
+    return record
+
+
+async def run_closed_loop(
+    base_url: str,
+    *,
+    api_key: str,
+    model: str,
+    concurrency: int,
+    max_tokens: int,
+    duration_s: float,
+    warmup_s: float = 2.0,
+    prompt: str = "Tell me a story.",
+) -> LoadResult:
+    """Keep ``concurrency`` streams busy for ``warmup_s + duration_s``; measure the last ``duration_s``.
+
+    Requests started during warm-up are excluded (their ``started`` is negative); requests still running when
+    the window closes are awaited, and their tokens after the window do not count towards throughput.
+    """
+    url = base_url.rstrip("/") + "/v1/chat/completions"
+    body = json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+         "stream": True, "ignore_eos": True}
+    ).encode()
+    headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=120)
+    records: list[RequestRecord] = []
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        origin = time.perf_counter() + warmup_s
+        deadline = origin + duration_s
+
+        async def client() -> None:
+            while time.perf_counter() < deadline:
+                records.append(await _one_stream(session, url, body, headers, origin))
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+    return LoadResult(concurrency, duration_s, [r for r in records if r.started < duration_s])
+
+
+def result_json(result: LoadResult) -> dict[str, Any]:
+    return {"summary": result.summary(),
+            "requests": [{k: v for k, v in asdict(r).items() if k != "token_times"} for r in result.records]}
