@@ -47,8 +47,11 @@ def wait_ok(url: str, timeout: float = 60) -> None:
 
 def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, *args], env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, start_new_session=True,
+        [sys.executable, *args],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
 
 
@@ -66,8 +69,20 @@ def main() -> None:
 
     up_port, gw_port = free_port(), free_port()
     upstream_url, gateway_url = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{gw_port}"
-    fake = start(["-m", "shipyard.testing.fake_openai", "--port", str(up_port), "--model", "fake",
-                  "--token-rate", str(args.token_rate), "--ttft", str(args.ttft)])
+    fake = start(
+        [
+            "-m",
+            "shipyard.testing.fake_openai",
+            "--port",
+            str(up_port),
+            "--model",
+            "fake",
+            "--token-rate",
+            str(args.token_rate),
+            "--ttft",
+            str(args.ttft),
+        ]
+    )
     gateway = start(
         ["-m", "shipyard.cli", "serve", "--no-engine", "--upstream", upstream_url, "--port", str(gw_port)],
         env={"SHIPYARD_API_KEYS": KEY, "SHIPYARD_DATA_DIR": str(args.out / ".data")},
@@ -80,25 +95,38 @@ def main() -> None:
         for repeat in range(args.repeats):
             for target, url in (("direct", upstream_url), ("gateway", gateway_url)):
                 gw_proc.cpu_percent()
-                result = asyncio.run(run_closed_loop(
-                    url, api_key=KEY, model="fake", concurrency=args.concurrency, max_tokens=args.tokens,
-                    duration_s=args.duration, warmup_s=args.warmup))
-                leg = {"target": target, "repeat": repeat, "gateway_cpu_percent": gw_proc.cpu_percent(),
-                       **result_json(result)}
+                result = asyncio.run(
+                    run_closed_loop(
+                        url,
+                        api_key=KEY,
+                        model="fake",
+                        concurrency=args.concurrency,
+                        max_tokens=args.tokens,
+                        duration_s=args.duration,
+                        warmup_s=args.warmup,
+                    )
+                )
+                leg = {
+                    "target": target,
+                    "repeat": repeat,
+                    "gateway_cpu_percent": gw_proc.cpu_percent(),
+                    **result_json(result),
+                }
                 legs.append(leg)
                 s = leg["summary"]
-                print(f"{target:8s} #{repeat}: {s['requests']} req, {s['errors']} err, "
-                      f"TTFT p50 {s['ttft_ms']['p50']:.2f} ms p99 {s['ttft_ms']['p99']:.2f} ms, "
-                      f"{s['output_tok_per_s']:.0f} tok/s, gateway CPU {leg['gateway_cpu_percent']:.0f}%",
-                      flush=True)
+                print(
+                    f"{target:8s} #{repeat}: {s['requests']} req, {s['errors']} err, "
+                    f"TTFT p50 {s['ttft_ms']['p50']:.2f} ms p99 {s['ttft_ms']['p99']:.2f} ms, "
+                    f"{s['output_tok_per_s']:.0f} tok/s, gateway CPU {leg['gateway_cpu_percent']:.0f}%",
+                    flush=True,
+                )
     finally:
         for proc in (gateway, fake):
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=20)
 
     def mean_of(target: str, key: str, stat: str | None = None) -> float:
-        values = [leg["summary"][key][stat] if stat else leg["summary"][key] for leg in legs
-                  if leg["target"] == target]
+        values = [leg["summary"][key][stat] if stat else leg["summary"][key] for leg in legs if leg["target"] == target]
         return sum(values) / len(values)
 
     headline = {
@@ -113,8 +141,12 @@ def main() -> None:
         "experiment": "gateway_overhead",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        },
         "load": vars(args) | {"out": str(args.out)},
         "headline": headline,
         "legs": legs,

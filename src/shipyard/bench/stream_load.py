@@ -104,8 +104,13 @@ async def run_closed_loop(
     """
     url = base_url.rstrip("/") + "/v1/chat/completions"
     body = json.dumps(
-        {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-         "stream": True, "ignore_eos": True}
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens,
+            "stream": True,
+            "ignore_eos": True,
+        }
     ).encode()
     headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
@@ -124,5 +129,7 @@ async def run_closed_loop(
 
 
 def result_json(result: LoadResult) -> dict[str, Any]:
-    return {"summary": result.summary(),
-            "requests": [{k: v for k, v in asdict(r).items() if k != "token_times"} for r in result.records]}
+    return {
+        "summary": result.summary(),
+        "requests": [{k: v for k, v in asdict(r).items() if k != "token_times"} for r in result.records],
+    }
