@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import socket
 from pathlib import Path
 from typing import Annotated
@@ -95,6 +96,7 @@ def banner(url: str, model: str, new_key: str | None, settings: Settings) -> str
 
 
 def serve_stack(settings: Settings, profile: str, upstreams: list[str], engine: bool) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not port_is_free(settings.host, settings.port):
         raise fail(f"port {settings.port} on {settings.host} is already in use; pick another with --port")
     settings, new_key = with_api_key(settings)

@@ -4,14 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 import httpx
 
 from shipyard.router.replica import Replica, ReplicaPool
 
+log = logging.getLogger("shipyard.router")
+
 
 async def probe(client: httpx.AsyncClient, replica: Replica, timeout: float = 2.0) -> None:
-    """Update one replica's readiness and model list in place."""
+    """Update one replica's readiness and model list in place; log when readiness changes."""
+    was_ready = replica.ready
+    await _probe(client, replica, timeout)
+    if replica.ready != was_ready:
+        if replica.ready:
+            log.info("replica %s is ready (%s)", replica.name, ", ".join(sorted(replica.models)))
+        else:
+            log.warning("replica %s is not ready: %s", replica.name, replica.last_error)
+
+
+async def _probe(client: httpx.AsyncClient, replica: Replica, timeout: float) -> None:
     try:
         health = await client.get(f"{replica.url}/health", timeout=timeout)
         if health.status_code != 200:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,7 +43,6 @@ class ReplicaPool:
 
     def __init__(self, replicas: Sequence[Replica]) -> None:
         self._replicas = list(replicas)
-        self._ids = itertools.count()
 
     @property
     def replicas(self) -> list[Replica]:
@@ -79,6 +78,8 @@ class ReplicaPool:
             replica.in_flight -= 1
 
     def mark_unready(self, replica: Replica, reason: str) -> None:
+        if replica.ready:
+            logging.getLogger("shipyard.router").warning("replica %s is not ready: %s", replica.name, reason)
         replica.ready = False
         replica.last_error = reason
 
