@@ -559,6 +559,9 @@ def build_reply(rng: random.Random, templates: dict[str, dict[str, str]]) -> lis
         for scenario in COMPLAINTS:
             opening, question, follow_up, issue, demands, sentiment, apology, steps = scenario
             values = {slot: rng.choice(options) for slot, options in SLOTS.items()}
+            # The customer says "my son"; support writes "your son"; the summary says "their son".
+            yours = {**values, "person": values["person"].replace("my ", "your ")}
+            theirs = {**values, "person": values["person"].replace("my ", "their ")}
 
             def fill_with(text: str, values: dict[str, str] = values) -> str:
                 return text.format(**values)
@@ -571,8 +574,10 @@ def build_reply(rng: random.Random, templates: dict[str, dict[str, str]]) -> lis
                     {"role": "user", "content": fill_with(follow_up)},
                 ],
                 "template": name,
-                "summary": {"issue": fill_with(issue), "demands": demands, "sentiment": sentiment},
-                "reference": render_reply(templates[name], fill_with(apology), [fill_with(s) for s in steps]),
+                "summary": {"issue": fill_with(issue, theirs), "demands": demands, "sentiment": sentiment},
+                "reference": render_reply(
+                    templates[name], fill_with(apology, yours), [fill_with(s, yours) for s in steps]
+                ),
             })
     rng.shuffle(rows)
     return rows

@@ -82,6 +82,11 @@ class Settings(BaseSettings):
     health_interval_s: float = Field(default=1.0, gt=0)
     retry_after_s: int = Field(default=5, ge=1)
 
+    intent_labels_file: Path | None = None
+    """Labels YAML for /v1/intent (``label: description``); None means the packaged support-desk set."""
+    reply_templates_file: Path | None = None
+    """Templates YAML for /v1/reply; None means the packaged templates."""
+
     engine: EngineSettings = Field(default_factory=EngineSettings)
 
     @field_validator("api_keys", "upstreams", mode="before")

@@ -19,6 +19,8 @@ from shipyard.gateway.server import run_gateway
 from shipyard.prepare.default_model import DEFAULT_MODEL_NAME, DefaultModelError, pull_default
 from shipyard.router import Replica
 from shipyard.settings import Settings
+from shipyard.tasks import load_labels, load_templates
+from shipyard.tasks.config import TaskConfigError
 
 AUTO_PROFILE = "auto"
 
@@ -99,6 +101,11 @@ def serve_stack(settings: Settings, profile: str, upstreams: list[str], engine: 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not port_is_free(settings.host, settings.port):
         raise fail(f"port {settings.port} on {settings.host} is already in use; pick another with --port")
+    try:  # task files are checked before minutes are spent starting an engine
+        load_labels(settings.intent_labels_file)
+        load_templates(settings.reply_templates_file)
+    except TaskConfigError as exc:
+        raise fail(str(exc)) from None
     settings, new_key = with_api_key(settings)
     replicas = [Replica(url, name=f"upstream-{i}") for i, url in enumerate([*settings.upstreams, *upstreams])]
     process: EngineProcess | None = None

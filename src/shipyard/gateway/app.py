@@ -17,8 +17,10 @@ from shipyard.gateway.auth import KeyChecker
 from shipyard.gateway.errors import OpenAIError, install_error_handlers
 from shipyard.gateway.metrics import GatewayMetrics
 from shipyard.gateway.proxy import Proxy
+from shipyard.gateway.tasks import install_task_routes
 from shipyard.router import HealthMonitor, Replica, ReplicaPool
 from shipyard.settings import Settings
+from shipyard.tasks import load_labels, load_templates
 
 
 def upstream_client(settings: Settings) -> httpx.AsyncClient:
@@ -49,6 +51,8 @@ def create_app(
     ``ASGITransport`` in tests); by default one is created and closed with the app.
     """
     keys = KeyChecker(settings.key_values())
+    labels = load_labels(settings.intent_labels_file)
+    templates = load_templates(settings.reply_templates_file)
     pool = ReplicaPool(upstreams)
     metrics = GatewayMetrics()
     own_client = client is None
@@ -133,6 +137,7 @@ def create_app(
         authorize(request)
         return await proxy.handle(request, "completions")
 
+    install_task_routes(app, proxy, authorize, labels, templates)
     return app
 
 

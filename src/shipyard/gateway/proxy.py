@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -24,6 +27,12 @@ from shipyard.gateway.stream import UpstreamStream
 from shipyard.router import NoReplicaError, Replica, ReplicaPool, UnknownModelError
 
 _JSON = "application/json"
+
+
+@dataclass
+class Outcome:
+    model: str = "-"
+    status: int = 500
 
 
 class Proxy:
@@ -113,14 +122,7 @@ class Proxy:
                 streaming = True
                 status = 200
                 return self._stream(route, model_label, replica, upstream, drop_usage, headers, started)
-            try:
-                content = await upstream.aread()
-            except httpx.HTTPError as exc:
-                self._upstream_failed(replica, "read", exc)
-                raise OpenAIError(502, f"upstream failed while answering: {exc}", code="upstream_error") from None
-            finally:
-                await upstream.aclose()
-                replica.in_flight -= 1
+            content = await self._read_all(replica, upstream)
             status = upstream.status_code
             if status == 200:
                 self._count_usage(model_label, content)
@@ -131,6 +133,65 @@ class Proxy:
         finally:
             if not streaming:
                 self._finish(route, model_label, status, started)
+
+    async def _read_all(self, replica: Replica, upstream: httpx.Response) -> bytes:
+        try:
+            return await upstream.aread()
+        except httpx.HTTPError as exc:
+            self._upstream_failed(replica, "read", exc)
+            raise OpenAIError(502, f"upstream failed while answering: {exc}", code="upstream_error") from None
+        finally:
+            await upstream.aclose()
+            replica.in_flight -= 1
+
+    def resolve_model(self, model: str | None) -> str:
+        """The model a task request runs on: the one it names, or the only one served."""
+        if model is None:
+            served = sorted(self.pool.models())
+            if not served:
+                raise self.unavailable("no replica is ready yet; retry shortly")
+            if len(served) > 1:
+                raise OpenAIError(
+                    400,
+                    f"several models are served ({', '.join(served)}); name one in 'model'",
+                    param="model",
+                    code="model_required",
+                )
+            model = served[0]
+        self.check_model(model, None)
+        return model
+
+    async def call_json(self, model: str, body: dict[str, Any]) -> tuple[Replica, dict[str, Any]]:
+        """One non-streaming chat completion for a task endpoint; upstream errors become OpenAI errors."""
+        replica, upstream = await self._send(model, "/v1/chat/completions", json.dumps(body).encode())
+        content = await self._read_all(replica, upstream)
+        try:
+            answer = json.loads(content)
+        except ValueError:
+            answer = None
+        if upstream.status_code != 200 or not isinstance(answer, dict):
+            detail = answer.get("error", {}).get("message") if isinstance(answer, dict) else None
+            status = upstream.status_code if 400 <= upstream.status_code < 500 else 502
+            raise OpenAIError(
+                status, f"engine answered {upstream.status_code}: {detail or content[:200]!r}", code="upstream_error"
+            )
+        self._count_usage(model, content)
+        return replica, answer
+
+    @asynccontextmanager
+    async def accounted(self, route: str) -> AsyncIterator[Outcome]:
+        """Counts one task request in the metrics, whatever way it ends."""
+        outcome = Outcome()
+        started = time.perf_counter()
+        self.metrics.in_flight.labels(route).inc()
+        try:
+            yield outcome
+            outcome.status = 200
+        except OpenAIError as exc:
+            outcome.status = exc.status
+            raise
+        finally:
+            self._finish(route, outcome.model, outcome.status, started)
 
     async def _send(self, model: str, path: str, body: bytes) -> tuple[Replica, httpx.Response]:
         """Send to the least busy ready replica; a replica that refuses the connection is skipped."""

@@ -81,7 +81,7 @@ def reject_removed_fields(data: dict[str, Any]) -> None:
             )
 
 
-M = TypeVar("M", bound="_Sampling")
+M = TypeVar("M", bound=BaseModel)
 
 
 def validate(schema: type[M], data: dict[str, Any]) -> M:

@@ -1,0 +1,80 @@
+"""PNG plots for evaluation reports (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def confusion_png(confusion: Mapping[str, Mapping[str, int]], labels: Sequence[str], path: Path) -> None:
+    columns = list(labels) + (["<error>"] if any("<error>" in row for row in confusion.values()) else [])
+    grid = [[confusion.get(g, {}).get(p, 0) for p in columns] for g in labels]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * len(columns), 1.0 + 0.45 * len(labels)))
+    image = ax.imshow(grid, cmap="Blues")
+    ax.set_xticks(range(len(columns)), columns, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            if value:
+                ax.text(
+                    j,
+                    i,
+                    str(value),
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if value > max(max(r) for r in grid) / 2 else "black",
+                )
+    fig.colorbar(image, ax=ax, fraction=0.03)
+    ax.set_title("confusion matrix")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def histogram_png(values: Sequence[float], threshold: float, path: Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(values, bins=20, range=(min([0.0, *values]), 1.0), color="#4878d0", edgecolor="white")
+    ax.axvline(threshold, color="#d65f5f", linestyle="--", label=f"pass ≥ {threshold}")
+    ax.set_xlabel("cosine similarity to the reference reply")
+    ax.set_ylabel("replies")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def latency_cdf_png(series: Mapping[str, Sequence[float]], path: Path, title: str = "latency CDF") -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, values in series.items():
+        ordered = sorted(values)
+        if ordered:
+            ax.plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], label=name)
+    ax.set_xlabel("end-to-end latency (ms)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def bars_png(names: Sequence[str], metrics: Mapping[str, Sequence[float]], path: Path, title: str) -> None:
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.5), squeeze=False)
+    for ax, (metric, values) in zip(axes[0], metrics.items(), strict=True):
+        ax.bar(range(len(names)), values, color="#4878d0")
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
+        ax.set_title(metric, fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,109 @@
+"""Task endpoints on the gateway: /v1/intent, /predict and /v1/reply, each a validated engine call."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+
+from shipyard.gateway.errors import OpenAIError
+from shipyard.gateway.proxy import Proxy
+from shipyard.gateway.schemas import parse_json_object, validate
+from shipyard.tasks.intent import (
+    IntentAnswerError,
+    IntentRequest,
+    IntentResponse,
+    LabelSet,
+    intent_body,
+    label_probabilities,
+    parse_intent,
+    score_bodies,
+)
+from shipyard.tasks.reply import (
+    DEFAULT_TEMPLATE,
+    DraftError,
+    ReplyRequest,
+    ReplyResponse,
+    ReplyTemplate,
+    parse_draft,
+    render_reply,
+    reply_body,
+)
+
+REPLY_ATTEMPTS = 2
+
+
+def install_task_routes(
+    app: FastAPI, proxy: Proxy, authorize: Any, labels: LabelSet, templates: dict[str, ReplyTemplate]
+) -> None:
+    async def classify(request: Request, route: str) -> IntentResponse:
+        authorize(request)
+        async with proxy.accounted(route) as outcome:
+            started = time.perf_counter()
+            data = parse_json_object(await proxy.read_body(request))
+            parsed = validate(IntentRequest, data)
+            label_set = LabelSet.from_names(parsed.labels) if parsed.labels else labels
+            model = outcome.model = proxy.resolve_model(parsed.model)
+            calls = [proxy.call_json(model, intent_body(model, label_set, parsed.text))]
+            if parsed.scores:
+                calls += [proxy.call_json(model, body) for body in score_bodies(model, label_set, parsed.text)]
+            answers = await asyncio.gather(*calls)
+            try:
+                intent = parse_intent(label_set, answers[0][1])
+            except (IntentAnswerError, KeyError, IndexError, TypeError) as exc:
+                raise OpenAIError(502, f"invalid answer from the engine: {exc}", code="invalid_engine_answer") from None
+            scores = label_probabilities(label_set.labels, [a for _, a in answers[1:]]) if parsed.scores else None
+            return IntentResponse(
+                intent=intent, scores=scores, model=model, latency_ms=round((time.perf_counter() - started) * 1000, 2)
+            )
+
+    @app.post("/v1/intent", response_model=IntentResponse)
+    async def intent(request: Request) -> IntentResponse:
+        """Classify a text into one of the configured (or given) labels; the answer is always one of them."""
+        return await classify(request, "intent")
+
+    @app.post("/predict")
+    async def predict(request: Request) -> dict[str, str]:
+        """Drop-in for the common FastAPI+vLLM intent service: ``{"text"}`` -> ``{"intent"}``."""
+        return {"intent": (await classify(request, "predict")).intent}
+
+    @app.post("/v1/reply", response_model=ReplyResponse)
+    async def reply(request: Request) -> ReplyResponse:
+        """Summarise a complaint conversation and write a templated reply, validated against a JSON schema."""
+        authorize(request)
+        async with proxy.accounted("reply") as outcome:
+            started = time.perf_counter()
+            data = parse_json_object(await proxy.read_body(request))
+            parsed = validate(ReplyRequest, data)
+            name = parsed.template or DEFAULT_TEMPLATE
+            if name not in templates:
+                raise OpenAIError(
+                    400,
+                    f"unknown template '{name}'; available: {', '.join(sorted(templates))}",
+                    param="template",
+                    code="unknown_template",
+                )
+            template = templates[name]
+            model = outcome.model = proxy.resolve_model(parsed.model)
+            problems: list[str] = []
+            for _ in range(REPLY_ATTEMPTS):
+                _, answer = await proxy.call_json(model, reply_body(model, template, parsed.messages))
+                try:
+                    draft = parse_draft(answer)
+                except (DraftError, KeyError, IndexError, TypeError) as exc:
+                    problems.append(str(exc))
+                    continue
+                return ReplyResponse(
+                    summary=draft.summary,
+                    reply=render_reply(template, draft),
+                    template=name,
+                    model=model,
+                    latency_ms=round((time.perf_counter() - started) * 1000, 2),
+                )
+            raise OpenAIError(
+                502,
+                f"the model's answer failed validation {REPLY_ATTEMPTS} times: {'; '.join(problems)}",
+                code="invalid_engine_answer",
+            )

@@ -1,0 +1,170 @@
+"""Intent classification as a constrained-choice chat request.
+
+The prompt puts the fixed instructions and the label descriptions first and the customer's text last, so
+vLLM's prefix cache reuses everything but the text. vLLM's structured outputs (``choice``) guarantee the answer
+is one of the labels.
+
+Label probabilities are opt-in (``"scores": true``). The first answer token's logprobs cannot give them: under
+the ``choice`` constraint the model spells labels in short pieces ("l", "ost", ...), so labels share first
+tokens. Instead each label is scored as the assistant's reply (``continue_final_message`` + ``prompt_logprobs``,
+one request per label, all sharing the cached prompt prefix) and the sequence likelihoods are normalised.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from shipyard.tasks.config import TaskConfigError, packaged, read_yaml_mapping
+
+MAX_LABELS = 64
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """Labels in order, each with an optional one-line description."""
+
+    descriptions: Mapping[str, str]
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.descriptions)
+
+    @classmethod
+    def from_names(cls, names: Sequence[str]) -> LabelSet:
+        return cls({name: "" for name in names})
+
+
+def load_labels(path: Path | None = None) -> LabelSet:
+    """Read a labels YAML (``label: one-line description``); None means the packaged support-desk set."""
+    source = path or packaged("intent_labels.yaml")
+    data = read_yaml_mapping(source)
+    descriptions: dict[str, str] = {}
+    for label, description in data.items():
+        if not isinstance(label, str) or not label.strip() or "\n" in label:
+            raise TaskConfigError(f"{source}: label {label!r} must be a non-empty one-line string")
+        if description is not None and not isinstance(description, str):
+            raise TaskConfigError(f"{source}: description of {label!r} must be a string")
+        descriptions[label.strip()] = (description or "").strip()
+    if len(descriptions) < 2:
+        raise TaskConfigError(f"{source}: an intent set needs at least 2 labels")
+    return LabelSet(descriptions)
+
+
+class IntentRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    text: str = Field(min_length=1, max_length=4000)
+    labels: list[str] | None = Field(default=None, min_length=2, max_length=MAX_LABELS)
+    model: str | None = None
+    scores: bool = False
+    """Also return a probability per label (one extra, prefix-cached request per label)."""
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct_labels(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        cleaned = [label.strip() for label in value]
+        if any(not label or len(label) > 100 or "\n" in label for label in cleaned):
+            raise ValueError("each label must be a non-empty single line of at most 100 characters")
+        if len(set(cleaned)) != len(cleaned):
+            raise ValueError("labels must be distinct")
+        return cleaned
+
+    @field_validator("text")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("text must not be blank")
+        return value
+
+
+class IntentResponse(BaseModel):
+    intent: str
+    scores: dict[str, float] | None
+    model: str
+    latency_ms: float
+
+
+SYSTEM_PROMPT = (
+    "You classify messages sent to the customer-support desk of a bank and online shop. "
+    "Answer with exactly one label from the list below: the one that best matches what the customer wants."
+)
+
+
+def system_prompt(labels: LabelSet) -> str:
+    lines = [SYSTEM_PROMPT, "", "Labels:"]
+    for label, description in labels.descriptions.items():
+        lines.append(f"- {label}: {description}" if description else f"- {label}")
+    return "\n".join(lines)
+
+
+def intent_body(model: str, labels: LabelSet, text: str) -> dict[str, Any]:
+    """The chat-completions body for one classification (greedy, few tokens, constrained to the labels)."""
+    return {
+        "model": model,
+        "messages": [
+            {"role": "system", "content": system_prompt(labels)},
+            {"role": "user", "content": text},
+        ],
+        "temperature": 0,
+        "max_tokens": 32,
+        "structured_outputs": {"choice": labels.labels},
+    }
+
+
+def score_bodies(model: str, labels: LabelSet, text: str) -> list[dict[str, Any]]:
+    """One request per label that returns the log-likelihood of the label as the assistant's answer."""
+    body = intent_body(model, labels, text)
+    return [
+        {
+            "model": model,
+            "messages": [*body["messages"], {"role": "assistant", "content": label}],
+            "continue_final_message": True,
+            "add_generation_prompt": False,
+            "max_tokens": 1,
+            "prompt_logprobs": 0,
+            "return_token_ids": True,
+        }
+        for label in labels.labels
+    ]
+
+
+class IntentAnswerError(ValueError):
+    """The engine's answer is not one of the labels (it should never be: structured outputs constrain it)."""
+
+
+def parse_intent(labels: LabelSet, completion: Mapping[str, Any]) -> str:
+    answer = str(completion["choices"][0]["message"].get("content") or "").strip()
+    if answer not in labels.descriptions:
+        raise IntentAnswerError(f"engine answered {answer[:80]!r}, which is not one of the labels")
+    return answer
+
+
+def label_probabilities(labels: Sequence[str], scored: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Normalised label likelihoods from the per-label ``prompt_logprobs`` answers (same order as ``labels``).
+
+    The labels' token sequences share the prompt; everything after their common prefix is the label itself.
+    """
+    token_lists = [list(answer["prompt_token_ids"]) for answer in scored]
+    common = 0
+    while all(len(tokens) > common for tokens in token_lists) and len({t[common] for t in token_lists}) == 1:
+        common += 1
+    loglik: list[float] = []
+    for answer, tokens in zip(scored, token_lists, strict=True):
+        entries = answer["prompt_logprobs"]
+        total = 0.0
+        for position in range(common, len(tokens)):
+            entry = entries[position] or {}
+            total += float(entry[str(tokens[position])]["logprob"])
+        loglik.append(total)
+    peak = max(loglik)
+    weights = [math.exp(value - peak) for value in loglik]
+    norm = sum(weights)
+    return {label: round(weight / norm, 4) for label, weight in zip(labels, weights, strict=True)}
