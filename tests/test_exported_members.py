@@ -34,6 +34,12 @@ PUBLIC = {
         "upstream_client",
     ],
     "shipyard.testing": ["FakeOpenAI", "Fault"],
+    "shipyard.bench": ["LoadResult", "RequestRecord", "percentile", "run_closed_loop", "summarize"],
+    "shipyard.tasks": ["IntentRequest", "IntentResponse", "LabelSet", "ReplyDraft", "ReplyRequest", "ReplyResponse",
+                       "ReplyTemplate", "load_labels", "load_templates"],
+    "shipyard.evaluate": ["PASS_THRESHOLD", "DatasetError", "EvalRun", "classification_report", "cosine",
+                          "evaluate_intent", "evaluate_reply", "load_intent_dataset", "load_reply_dataset",
+                          "reply_report"],
     "shipyard.cli": ["app", "main"],
 }
 

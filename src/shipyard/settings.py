@@ -54,6 +54,8 @@ class EngineSettings(BaseSettings):
     tensor_parallel_size: int | None = Field(default=None, ge=1)
     extra_args: list[str] = Field(default_factory=list)
     startup_timeout_s: float = Field(default=600, gt=0)
+    port: int | None = Field(default=None, ge=1, le=65535)
+    """Port of the engine's own server (loopback); None picks a free one. Its /metrics is vLLM's."""
     vllm_command: list[str] = Field(default_factory=list)
     """Command that starts vLLM's CLI; empty means ``<this python> -m vllm.entrypoints.cli.main``."""
 

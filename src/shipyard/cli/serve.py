@@ -136,7 +136,7 @@ def serve_stack(settings: Settings, profile: str, upstreams: list[str], engine: 
                 process.wait_ready(timeout=e.startup_timeout_s)
             except EngineStartError as exc:
                 raise fail(str(exc)) from None
-            typer.echo(f"vLLM ready at {process.url}", err=True)
+            typer.echo(f"vLLM ready at {process.url} (its own metrics: {process.url}/metrics)", err=True)
             replicas.insert(0, Replica(process.url, name="engine-0", deployment="default", version=served))
         if not replicas:
             raise fail("nothing to serve: give a model, or --upstream URL with --no-engine")
@@ -155,6 +155,7 @@ ModelOption = Annotated[
 HostOption = Annotated[str | None, typer.Option(help="Gateway address (default 127.0.0.1).")]
 PortOption = Annotated[int | None, typer.Option(help="Gateway port (default 8080).")]
 ProfileOption = Annotated[str, typer.Option(help="Tuning profile: auto, default or cpu.")]
+EnginePortOption = Annotated[int | None, typer.Option(help="Port of the engine's own server (default: a free one).")]
 UpstreamOption = Annotated[
     list[str] | None,
     typer.Option("--upstream", help="Extra OpenAI-compatible server to route to (repeatable)."),
@@ -168,6 +169,7 @@ def serve(
     port: PortOption = None,
     served_model_name: Annotated[str | None, typer.Option(help="Name clients use (default: folder name).")] = None,
     profile: ProfileOption = AUTO_PROFILE,
+    engine_port: EnginePortOption = None,
     upstream: UpstreamOption = None,
     engine: Annotated[
         bool, typer.Option(help="Start a local vLLM engine (--no-engine: route to --upstream only).")
@@ -176,6 +178,8 @@ def serve(
 ) -> None:
     """Start a vLLM engine for a model folder and the gateway in front of it."""
     settings = settings_from(config, host=host, port=port, model=model, served_model_name=served_model_name)
+    if engine_port is not None:
+        settings.engine.port = engine_port
     serve_stack(settings, profile, upstream or [], engine)
 
 
@@ -184,8 +188,11 @@ def up(
     host: HostOption = None,
     port: PortOption = None,
     profile: ProfileOption = AUTO_PROFILE,
+    engine_port: EnginePortOption = None,
     config: ConfigOption = None,
 ) -> None:
     """Pull the embedded default model and serve it (what scripts/up runs)."""
     settings = settings_from(config, host=host, port=port)
+    if engine_port is not None:
+        settings.engine.port = engine_port
     serve_stack(settings, profile, [], engine=True)

@@ -62,7 +62,8 @@ def latency_cdf_png(series: Mapping[str, Sequence[float]], path: Path, title: st
     ax.set_ylabel("fraction of requests")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if any(series.values()):
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import time
+from collections import deque
 from enum import Enum
 from typing import Any
 
@@ -50,6 +51,8 @@ class FakeOpenAI:
         self.fault = fault
         self.die_after = die_after
         self.requests: list[dict[str, Any]] = []
+        self.script: deque[str] = deque()
+        """Contents for the next non-streaming chat answers, in order (then the default answer)."""
         self.open_streams = 0
         self.cancelled_streams = 0
 
@@ -88,9 +91,9 @@ class FakeOpenAI:
         rid = f"fake-{len(self.requests)}"
         if not request.get("stream"):
             await asyncio.sleep(self.ttft_s + max(n_tokens - 1, 0) / self.token_rate)
-            text = " ".join(f"tok{i}" for i in range(n_tokens))
+            text, finish = self._answer(request, n_tokens)
             choice: dict[str, Any] = (
-                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
+                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
                 if chat
                 else {"index": 0, "text": text, "finish_reason": "length"}
             )
@@ -102,9 +105,28 @@ class FakeOpenAI:
                 "choices": [choice],
                 "usage": usage,
             }
+            if request.get("prompt_logprobs") is not None:
+                payload.update(self._prompt_logprobs(request))
             await _respond(send, 200, json.dumps(payload).encode())
             return
         await self._stream(rid, chat, n_tokens, usage, request, receive, send)
+
+    def _answer(self, request: dict[str, Any], n_tokens: int) -> tuple[str, str]:
+        """(content, finish_reason): a scripted answer, the first allowed choice, or n_tokens tokens."""
+        if self.script:
+            return self.script.popleft(), "stop"
+        choices = (request.get("structured_outputs") or {}).get("choice")
+        if choices:
+            return str(choices[0]), "stop"
+        return " ".join(f"tok{i}" for i in range(n_tokens)), "length"
+
+    @staticmethod
+    def _prompt_logprobs(request: dict[str, Any]) -> dict[str, Any]:
+        """A shared 3-token prompt, then one token for the final assistant message with logprob -len(text)."""
+        final = str(request["messages"][-1]["content"])
+        token = 1000 + sum(map(ord, final))
+        entries = [None, {"2": {"logprob": -0.1}}, {"3": {"logprob": -0.1}}, {str(token): {"logprob": -len(final)}}]
+        return {"prompt_token_ids": [1, 2, 3, token], "prompt_logprobs": entries}
 
     async def _stream(
         self,

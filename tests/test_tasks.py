@@ -1,0 +1,172 @@
+"""Task endpoints against the fake upstream: validation, guaranteed labels, scores, reply schema and retry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from shipyard.tasks import ReplyDraft, load_labels, load_templates
+from shipyard.tasks.config import TaskConfigError
+from shipyard.tasks.intent import LabelSet, intent_body, label_probabilities
+from shipyard.tasks.reply import DraftError, parse_draft, render_reply
+from tests.stack import Stack
+
+GOOD_DRAFT = {
+    "summary": {"issue": "The order is late.", "demands": ["deliver it"], "sentiment": "negative"},
+    "apology": "We are sorry that your order is late.",
+    "resolution_steps": ["We will contact the carrier today.", "We will refund the shipping fee."],
+}
+CONVERSATION = [{"role": "user", "content": "My order is late!"}]
+
+
+def post(stack: Stack, path: str, body: object) -> httpx.Response:
+    with stack.http() as http:
+        return http.post(path, json=body)
+
+
+def test_intent_uses_configured_labels_and_a_cache_friendly_prompt(stack: Stack) -> None:
+    r = post(stack, "/v1/intent", {"text": "I lost my card"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    labels = load_labels()
+    assert body["intent"] == labels.labels[0] and body["scores"] is None and body["model"] == "fake-model"
+    sent = stack.fake.requests[-1]
+    assert sent["structured_outputs"] == {"choice": labels.labels}
+    assert sent["temperature"] == 0
+    # Fixed instructions + label descriptions first, the customer's text last: the prefix is shared.
+    assert sent["messages"][-1] == {"role": "user", "content": "I lost my card"}
+    assert all(label in sent["messages"][0]["content"] for label in labels.labels)
+    other = intent_body("m", labels, "something else")
+    assert other["messages"][0] == sent["messages"][0]
+
+
+def test_intent_answer_outside_the_labels_is_a_502_never_returned(stack: Stack) -> None:
+    stack.fake.script.append("definitely_not_a_label")
+    r = post(stack, "/v1/intent", {"text": "hi", "labels": ["yes", "no"]})
+    assert r.status_code == 502 and "not one of the labels" in r.json()["error"]["message"]
+
+
+def test_zero_shot_labels_and_scores(stack: Stack) -> None:
+    r = post(stack, "/v1/intent", {"text": "I love it", "labels": ["positive", "bad", "ok"], "scores": True})
+    assert r.status_code == 200, r.text
+    scores = r.json()["scores"]
+    assert set(scores) == {"positive", "bad", "ok"} and sum(scores.values()) == pytest.approx(1, abs=1e-3)
+    assert scores["ok"] > scores["bad"] > scores["positive"]  # the fake scores shorter labels higher
+    assert len(stack.fake.requests) == 4  # the answer plus one scoring request per label
+
+
+def test_predict_is_the_drop_in_shape(stack: Stack) -> None:
+    r = post(stack, "/predict", {"text": "where is my parcel"})
+    assert r.status_code == 200 and set(r.json()) == {"intent"}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [
+        ("/v1/intent", {}, 422, "text"),
+        ("/v1/intent", {"text": "   "}, 422, "text"),
+        ("/v1/intent", {"text": "x", "labels": ["only"]}, 422, "labels"),
+        ("/v1/intent", {"text": "x", "labels": ["a", "a"]}, 422, "labels"),
+        ("/v1/intent", {"text": "x", "surprise": 1}, 422, "surprise"),
+        ("/v1/intent", {"text": "x", "model": "other"}, 404, "model"),
+        ("/predict", {"text": 5}, 422, "text"),
+        ("/v1/reply", {"messages": []}, 422, "messages"),
+        ("/v1/reply", {"messages": [{"role": "assistant", "content": "hello"}]}, 422, "messages"),
+        ("/v1/reply", {"messages": CONVERSATION, "template": "nope"}, 400, "template"),
+    ],
+)
+def test_invalid_task_bodies(stack: Stack, path: str, body: object, status: int, param: str) -> None:
+    r = post(stack, path, body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"] == param
+    assert not stack.fake.requests
+
+
+def test_task_endpoints_need_a_key(stack: Stack) -> None:
+    for path in ("/v1/intent", "/predict", "/v1/reply"):
+        assert httpx.post(f"{stack.url}{path}", json={"text": "x"}).status_code == 401
+
+
+def test_reply_renders_the_template_from_a_validated_draft(stack: Stack) -> None:
+    stack.fake.script.append(json.dumps(GOOD_DRAFT))
+    r = post(stack, "/v1/reply", {"messages": CONVERSATION, "template": "formal"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    template = load_templates()["formal"]
+    assert body["reply"].startswith(template.greeting) and body["reply"].endswith(template.closing)
+    assert "1. We will contact the carrier today.\n2. We will refund the shipping fee." in body["reply"]
+    assert body["summary"] == GOOD_DRAFT["summary"] and body["template"] == "formal"
+    sent = stack.fake.requests[-1]
+    assert sent["response_format"]["type"] == "json_schema"
+    assert sent["response_format"]["json_schema"]["strict"] is True
+
+
+def test_reply_retries_once_then_succeeds(stack: Stack) -> None:
+    stack.fake.script.extend(["{not json", json.dumps(GOOD_DRAFT)])
+    r = post(stack, "/v1/reply", {"messages": CONVERSATION})
+    assert r.status_code == 200 and len(stack.fake.requests) == 2
+
+
+def test_reply_fails_with_502_and_the_reason_after_two_invalid_answers(stack: Stack) -> None:
+    bad = {**GOOD_DRAFT, "resolution_steps": []}
+    stack.fake.script.extend([json.dumps(bad), json.dumps({**GOOD_DRAFT, "summary": {"issue": "x"}})])
+    r = post(stack, "/v1/reply", {"messages": CONVERSATION})
+    assert r.status_code == 502
+    message = r.json()["error"]["message"]
+    assert "failed validation 2 times" in message and "resolution_steps" in message and "summary" in message
+    metrics = httpx.get(f"{stack.url}/metrics").text
+    assert 'shipyard_requests_total{model="fake-model",route="reply",status="502"} 1.0' in metrics
+
+
+def test_parse_draft_reasons() -> None:
+    def completion(content: str, finish: str = "stop") -> dict[str, object]:
+        return {"choices": [{"message": {"content": content}, "finish_reason": finish}]}
+
+    assert isinstance(parse_draft(completion(json.dumps(GOOD_DRAFT))), ReplyDraft)
+    with pytest.raises(DraftError, match="cut off"):
+        parse_draft(completion('{"summary": {', "length"))
+    with pytest.raises(DraftError, match="not JSON"):
+        parse_draft(completion("hello"))
+    wrong = {**GOOD_DRAFT, "summary": {**GOOD_DRAFT["summary"], "sentiment": "furious"}}
+    with pytest.raises(DraftError, match="summary.sentiment"):
+        parse_draft(completion(json.dumps(wrong)))
+    draft = ReplyDraft.model_validate(GOOD_DRAFT)
+    assert render_reply(load_templates()["standard"], draft).count("\n\n") == 3
+
+
+def test_label_probabilities_from_prompt_logprobs() -> None:
+    def answer(label_token: int, logprob: float) -> dict[str, object]:
+        return {
+            "prompt_token_ids": [5, 6, label_token, 9],
+            "prompt_logprobs": [
+                None,
+                {"6": {"logprob": -1}},
+                {str(label_token): {"logprob": logprob}},
+                {"9": {"logprob": -0.5}},
+            ],
+        }
+
+    probs = label_probabilities(["x", "y"], [answer(7, -1.0), answer(8, -2.0)])
+    # log-likelihoods after the common prefix: x = -1.5, y = -2.5 -> softmax
+    assert probs["x"] == pytest.approx(1 / (1 + 2.718281828**-1), abs=1e-4)
+    assert probs["x"] + probs["y"] == pytest.approx(1, abs=1e-4)
+
+
+def test_label_and_template_files_are_validated(tmp_path: Path) -> None:
+    bad = tmp_path / "labels.yaml"
+    bad.write_text("only_one: description\n")
+    with pytest.raises(TaskConfigError, match="at least 2 labels"):
+        load_labels(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(TaskConfigError, match="mapping"):
+        load_labels(bad)
+    templates = tmp_path / "t.yaml"
+    templates.write_text("short:\n  greeting: hi\n")
+    with pytest.raises(TaskConfigError, match="template 'short' field apology"):
+        load_templates(templates)
+    with pytest.raises(TaskConfigError, match="cannot read"):
+        load_templates(tmp_path / "missing.yaml")
+    assert LabelSet.from_names(["a", "b"]).labels == ["a", "b"]
