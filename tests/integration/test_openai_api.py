@@ -12,6 +12,7 @@ from shipyard.engine import EngineProcess
 from shipyard.gateway import create_app
 from shipyard.router import Replica
 from shipyard.settings import load_settings
+from shipyard.tasks import load_labels, load_templates
 from tests.helpers import ServerThread, wait_for
 from tests.integration.conftest import MODEL
 
@@ -101,3 +102,48 @@ def test_metrics_show_the_requests(client: openai.OpenAI, gateway: str) -> None:
     text = httpx.get(f"{gateway}/metrics").text
     assert f'shipyard_requests_total{{model="{MODEL}",route="chat",status="200"}}' in text
     assert f'shipyard_output_tokens_total{{model="{MODEL}"}}' in text
+
+
+def test_intent_through_sdk_and_plain_http_always_in_the_label_set(client: openai.OpenAI, gateway: str) -> None:
+    labels = ["billing", "shipping", "technical_support", "other"]
+    texts = ["my invoice is wrong", "where is my parcel", "the app crashes", "hello", "¿dónde está mi pedido?"]
+    for text in texts:
+        answer = client.post("/intent", cast_to=object, body={"text": text, "labels": labels})
+        assert isinstance(answer, dict) and answer["intent"] in labels and answer["model"] == MODEL
+    plain = httpx.post(
+        f"{gateway}/v1/intent",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={"text": "I lost my debit card"},
+        timeout=60,
+    )
+    assert plain.status_code == 200 and plain.json()["intent"] in load_labels().labels
+    predicted = httpx.post(
+        f"{gateway}/predict", headers={"Authorization": f"Bearer {KEY}"}, json={"text": "cancel my order"}, timeout=60
+    )
+    assert predicted.status_code == 200 and predicted.json()["intent"] in load_labels().labels
+
+
+def test_intent_scores_are_a_distribution(client: openai.OpenAI) -> None:
+    answer = client.post(
+        "/intent",
+        cast_to=object,
+        body={"text": "I love this phone!", "labels": ["positive", "negative"], "scores": True},
+    )
+    assert isinstance(answer, dict)
+    assert set(answer["scores"]) == {"positive", "negative"}
+    assert abs(sum(answer["scores"].values()) - 1) < 1e-3
+
+
+def test_reply_is_schema_valid_and_templated(client: openai.OpenAI) -> None:
+    conversation = [
+        {"role": "user", "content": "My order #48213 with the running shoes is a week late. I paid for express."},
+        {"role": "assistant", "content": "I'm sorry to hear that. Could you confirm the delivery address?"},
+        {"role": "user", "content": "Same address as always. I want the express shipping fee back."},
+    ]
+    answer = client.post("/reply", cast_to=object, body={"messages": conversation})
+    assert isinstance(answer, dict)
+    template = load_templates()["standard"]
+    assert answer["reply"].startswith(template.greeting) and answer["reply"].endswith(template.closing)
+    assert answer["summary"]["sentiment"] in {"negative", "neutral", "positive"}
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.post("/reply", cast_to=object, body={"messages": []})
