@@ -513,9 +513,8 @@ TRAIN = {
     ],
 }
 
-KEYBOARD_NEIGHBOURS = dict(
-    zip("qwertyuiopasdfghjklzxcvbnm", "wertyuiopösdfghjklkxcvbnmn".replace("ö", "o"), strict=True)
-)
+# Each letter's right-hand neighbour on its QWERTY row (the row's last key: its left-hand one).
+KEYBOARD_NEIGHBOURS = dict(zip("qwertyuiopasdfghjklzxcvbnm", "wertyuiopo" "sdfghjklk" "xcvbnmn", strict=True))
 
 
 def typo(text: str, rng: random.Random) -> str:
