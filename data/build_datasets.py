@@ -580,7 +580,8 @@ def build_intent(rng: random.Random) -> tuple[list[dict[str, object]], list[dict
 # sentiment, apology, resolution steps). Slots are filled per conversation.
 COMPLAINTS = [
     (
-        "My order {order} with the {item} was supposed to arrive {days} ago and it still isn't here. This is ridiculous.",
+        "My order {order} with the {item} was supposed to arrive {days} ago and it still isn't here. "
+        "This is ridiculous.",
         "I'm sorry to hear that. Could you confirm the delivery address on the order?",
         "It's the same address as always. I paid for express shipping and I want that money back.",
         "Order {order} ({item}) is {days} late despite paid express shipping.",
