@@ -514,7 +514,7 @@ TRAIN = {
 }
 
 # Each letter's right-hand neighbour on its QWERTY row (the row's last key: its left-hand one).
-KEYBOARD_NEIGHBOURS = dict(zip("qwertyuiopasdfghjklzxcvbnm", "wertyuiopo" "sdfghjklk" "xcvbnmn", strict=True))
+KEYBOARD_NEIGHBOURS = dict(zip("qwertyuiopasdfghjklzxcvbnm", "wertyuioposdfghjklkxcvbnmn", strict=True))
 
 
 def typo(text: str, rng: random.Random) -> str:
