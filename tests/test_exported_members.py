@@ -22,8 +22,10 @@ PUBLIC = {
         "Replica",
         "ReplicaPool",
         "UnknownModelError",
+        "pick_deployment",
         "pick_least_in_flight",
         "probe",
+        "session_draw",
     ],
     "shipyard.gateway": [
         "GatewayMetrics",

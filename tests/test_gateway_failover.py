@@ -35,7 +35,7 @@ def test_refused_replica_is_skipped_and_marked_unready() -> None:
             client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=API_KEY, max_retries=0)
             for _ in range(3):
                 assert client.chat.completions.create(model="m", messages=MESSAGES).choices
-            assert not dead.ready and "connect failed" in dead.last_error
+            assert not dead.ready and "ConnectError" in dead.last_error
             metrics = httpx.get(f"{gw.url}/metrics").text
             assert 'shipyard_upstream_errors_total{kind="connect",replica="dead"} 1.0' in metrics
 

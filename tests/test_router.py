@@ -48,13 +48,6 @@ def test_pool_models_take_smallest_context_among_ready() -> None:
     assert pool.models() == {"m": 2048}
 
 
-def test_track_counts_in_flight() -> None:
-    pool = ReplicaPool([replica("a")])
-    r = pool.replicas[0]
-    with pool.track(r):
-        assert r.in_flight == 1
-    assert r.in_flight == 0
-
 
 def test_replica_url_normalised_and_named() -> None:
     assert Replica("http://h:1/").url == "http://h:1"

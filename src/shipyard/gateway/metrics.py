@@ -56,6 +56,12 @@ class GatewayMetrics:
             ["replica", "kind"],
             registry=r,
         )
+        self.retries = Counter(
+            "shipyard_retries",
+            "Requests moved to another replica before any output (by reason)",
+            ["reason"],
+            registry=r,
+        )
         self.replicas_ready = Gauge(
             "shipyard_replicas_ready",
             "Replicas ready to take traffic",

@@ -6,7 +6,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -33,6 +33,21 @@ _JSON = "application/json"
 class Outcome:
     model: str = "-"
     status: int = 500
+
+
+@dataclass
+class Attempt:
+    """One client request as sent upstream, and the replicas already tried for it."""
+
+    model: str
+    path: str
+    body: bytes
+    session: str | None = None
+    tried: set[str] = field(default_factory=set)
+
+
+def served_by(replica: Replica) -> dict[str, str]:
+    return {"x-shipyard-deployment": replica.deployment, "x-shipyard-version": replica.version}
 
 
 class Proxy:
@@ -112,21 +127,29 @@ class Proxy:
             self.check_model(parsed.model, parsed.output_limit())
             model_label = parsed.model
             drop_usage = False
+            upstream_model = self.pool.upstream_model(parsed.model)
+            if upstream_model != parsed.model:
+                data["model"] = upstream_model
             if parsed.stream and not (parsed.stream_options or {}).get("include_usage"):
                 data["stream_options"] = {**(parsed.stream_options or {}), "include_usage": True}
-                body, drop_usage = json.dumps(data).encode(), True
+                drop_usage = True
+            if drop_usage or upstream_model != parsed.model:
+                body = json.dumps(data).encode()
             path = "/v1/chat/completions" if route == "chat" else "/v1/completions"
-            replica, upstream = await self._send(parsed.model, path, body)
-            headers = {"x-shipyard-deployment": replica.deployment, "x-shipyard-version": replica.version}
+            session = request.headers.get("x-session-id") or (
+                data.get("user") if isinstance(data.get("user"), str) else None
+            )
+            attempt = Attempt(parsed.model, path, body, session)
+            replica, upstream = await self._send(attempt)
             if parsed.stream and upstream.status_code == 200:
                 streaming = True
                 status = 200
-                return self._stream(route, model_label, replica, upstream, drop_usage, headers, started)
+                return self._stream(route, model_label, attempt, replica, upstream, drop_usage, started)
             content = await self._read_all(replica, upstream)
             status = upstream.status_code
             if status == 200:
                 self._count_usage(model_label, content)
-            return Response(content, status_code=status, media_type=_JSON, headers=headers)
+            return Response(content, status_code=status, media_type=_JSON, headers=served_by(replica))
         except OpenAIError as exc:
             status = exc.status
             raise
@@ -163,7 +186,8 @@ class Proxy:
 
     async def call_json(self, model: str, body: dict[str, Any]) -> tuple[Replica, dict[str, Any]]:
         """One non-streaming chat completion for a task endpoint; upstream errors become OpenAI errors."""
-        replica, upstream = await self._send(model, "/v1/chat/completions", json.dumps(body).encode())
+        body = {**body, "model": self.pool.upstream_model(model)}
+        replica, upstream = await self._send(Attempt(model, "/v1/chat/completions", json.dumps(body).encode()))
         content = await self._read_all(replica, upstream)
         try:
             answer = json.loads(content)
@@ -193,41 +217,61 @@ class Proxy:
         finally:
             self._finish(route, outcome.model, outcome.status, started)
 
-    async def _send(self, model: str, path: str, body: bytes) -> tuple[Replica, httpx.Response]:
-        """Send to the least busy ready replica; a replica that refuses the connection is skipped."""
-        tried: set[str] = set()
+    async def _send(self, attempt: Attempt) -> tuple[Replica, httpx.Response]:
+        """Send to a replica chosen by the pool; move on to another when one is down.
+
+        Safe to resend: the connection was refused (nothing reached the engine), or the engine closed it
+        without answering (it died; vLLM aborts what it had not answered). Anything else is a 502.
+        """
         while True:
             try:
-                replica = self.pool.choose(model, exclude=frozenset(tried))
+                replica = self.pool.choose(attempt.model, exclude=frozenset(attempt.tried), session=attempt.session)
             except (NoReplicaError, UnknownModelError):
-                raise self.unavailable(f"no replica serving '{model}' is ready; retry shortly") from None
-            request = self.client.build_request("POST", replica.url + path, content=body, headers=self.upstream_headers)
+                raise self.unavailable(f"no replica serving '{attempt.model}' is ready; retry shortly") from None
+            request = self.client.build_request(
+                "POST", replica.url + attempt.path, content=attempt.body, headers=self.upstream_headers
+            )
             replica.in_flight += 1
             try:
                 return replica, await self.client.send(request, stream=True)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError) as exc:
                 replica.in_flight -= 1
-                # Nothing reached the engine: safe to try another replica.
-                self._upstream_failed(replica, "connect", exc)
-                self.pool.mark_unready(replica, f"connect failed: {exc}")
-                tried.add(replica.name)
+                kind = "connect" if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)) else "died"
+                self._upstream_failed(replica, kind, exc)
+                self.pool.mark_unready(replica, f"{kind}: {type(exc).__name__}: {exc}")
+                attempt.tried.add(replica.name)
+                self.metrics.retries.labels(kind).inc()
             except httpx.HTTPError as exc:
                 replica.in_flight -= 1
                 self._upstream_failed(replica, "request", exc)
                 raise OpenAIError(502, f"upstream failed: {type(exc).__name__}: {exc}", code="upstream_error") from None
 
+    async def _resend(self, attempt: Attempt, failed: Replica, why: str) -> tuple[Replica, httpx.Response] | None:
+        """Another replica for a stream whose replica failed before it produced a single byte."""
+        self.pool.mark_unready(failed, why)
+        attempt.tried.add(failed.name)
+        self.metrics.retries.labels("stream_not_started").inc()
+        try:
+            replica, upstream = await self._send(attempt)
+        except OpenAIError:
+            return None
+        if upstream.status_code != 200:
+            await self._read_all(replica, upstream)
+            return None
+        return replica, upstream
+
     def _stream(
         self,
         route: str,
         model: str,
+        attempt: Attempt,
         replica: Replica,
         upstream: httpx.Response,
         drop_usage: bool,
-        headers: dict[str, str],
         started: float,
     ) -> UpstreamStream:
         def on_close(stream: UpstreamStream) -> None:
-            replica.in_flight -= 1
+            stream.replica.in_flight -= 1
             if stream.first_chunk_at is not None:
                 self.metrics.ttft.labels(route, model).observe(stream.first_chunk_at - started)
             if stream.scan.completion_tokens is not None:
@@ -236,13 +280,16 @@ class Proxy:
             status = 200
             if stream.error is not None:
                 status = 502
-                self.metrics.upstream_errors.labels(replica.name, "stream").inc()
+                self.metrics.upstream_errors.labels(stream.replica.name, "stream").inc()
             elif stream.client_gone:
                 status = 499
             self._finish(route, model, status, started)
 
-        headers = {**headers, "cache-control": "no-cache", "x-accel-buffering": "no"}
-        return UpstreamStream(upstream, StreamScan(drop_usage=drop_usage), headers, on_close)
+        async def resend(failed: Replica, why: str) -> tuple[Replica, httpx.Response] | None:
+            return await self._resend(attempt, failed, why)
+
+        headers = {**served_by(replica), "cache-control": "no-cache", "x-accel-buffering": "no"}
+        return UpstreamStream(replica, upstream, StreamScan(drop_usage=drop_usage), headers, on_close, resend)
 
     def _finish(self, route: str, model: str, status: int, started: float) -> None:
         self.metrics.in_flight.labels(route).dec()

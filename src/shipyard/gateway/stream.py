@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import anyio
 import httpx
@@ -12,30 +12,40 @@ from starlette.types import Receive, Scope, Send
 
 from shipyard.gateway.errors import sse_error_event
 from shipyard.gateway.sse import StreamScan
+from shipyard.router import Replica
+
+Resend = Callable[[Replica, str], Awaitable[tuple[Replica, httpx.Response] | None]]
 
 
 class UpstreamStream(Response):
     """Forwards an upstream SSE response; ends it with an error event if the upstream fails mid-stream.
 
-    A client disconnect cancels the pump and closes the upstream connection, which makes vLLM abort the
-    request. ``on_close`` runs exactly once, whatever happened.
+    If the replica fails before the stream produced its first byte, ``resend`` moves it to another replica
+    (nothing was shown to the client yet); once tokens have streamed, a failure ends the stream with an
+    error event instead of a silent retry. A client disconnect cancels the pump and closes the upstream
+    connection, which makes vLLM abort the request. ``on_close`` runs exactly once, whatever happened.
     """
 
     def __init__(
         self,
+        replica: Replica,
         upstream: httpx.Response,
         scan: StreamScan,
         headers: dict[str, str],
         on_close: Callable[[UpstreamStream], None],
+        resend: Resend | None = None,
     ) -> None:
         # Like StreamingResponse: no body, so no content-length header.
         self.status_code = 200
         self.media_type = "text/event-stream"
         self.background = None
         self.init_headers(headers)
+        self.replica = replica
         self.upstream = upstream
         self.scan = scan
         self.on_close = on_close
+        self.resend = resend
+        self.resends = 0
         self.first_chunk_at: float | None = None
         self.error: str | None = None
         self.client_gone = False
@@ -61,6 +71,32 @@ class UpstreamStream(Response):
 
     async def _pump(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        while True:
+            failure = await self._relay(send)
+            if failure is None or self.first_chunk_at is not None or self.resend is None:
+                self.error = failure
+                break
+            await self.upstream.aclose()
+            moved = await self.resend(self.replica, failure)
+            if moved is None:
+                self.error = failure
+                break
+            self.replica.in_flight -= 1
+            self.replica, self.upstream = moved
+            self.resends += 1
+        if self.error is not None:
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": sse_error_event(502, self.error, "upstream_error"),
+                    "more_body": True,
+                }
+            )
+        self._complete = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _relay(self, send: Send) -> str | None:
+        """Forward one upstream response; the reason it failed, or None if it finished properly."""
         scan = self.scan
         try:
             async for chunk in self.upstream.aiter_raw():
@@ -72,19 +108,8 @@ class UpstreamStream(Response):
             rest = scan.flush()
             if rest.strip():
                 await send({"type": "http.response.body", "body": rest, "more_body": True})
-            if not scan.done:
-                self.error = "upstream closed the stream before it finished"
+            return None if scan.done else "upstream closed the stream before it finished"
         except httpx.ReadTimeout:
-            self.error = "upstream sent nothing for too long (read timeout)"
+            return "upstream sent nothing for too long (read timeout)"
         except httpx.HTTPError as exc:
-            self.error = f"upstream failed mid-stream: {type(exc).__name__}: {exc}".rstrip(": ")
-        if self.error is not None:
-            await send(
-                {
-                    "type": "http.response.body",
-                    "body": sse_error_event(502, self.error, "upstream_error"),
-                    "more_body": True,
-                }
-            )
-        self._complete = True
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return f"upstream failed mid-stream: {type(exc).__name__}: {exc}".rstrip(": ")

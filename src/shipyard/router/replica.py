@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+import random
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from shipyard.router.policy import pick_least_in_flight
+from shipyard.router.policy import pick_deployment, pick_least_in_flight, session_draw
+
+log = logging.getLogger("shipyard.router")
 
 
 @dataclass
@@ -39,47 +41,97 @@ class UnknownModelError(LookupError):
 
 
 class ReplicaPool:
-    """The replicas behind one gateway: who is ready, who serves which model, who is busiest."""
+    """The replicas behind one gateway, the traffic weight of each deployment, and model aliases.
 
-    def __init__(self, replicas: Sequence[Replica]) -> None:
+    Weights: deployment name -> share of new requests (any scale; normalised over ready deployments). A
+    deployment missing from ``weights`` gets weight 1 while no weights are set at all.
+    Aliases: the model name clients use -> the name sent upstream (how a LoRA version is switched in place).
+    """
+
+    def __init__(self, replicas: Sequence[Replica], draw: Callable[[], float] = random.random) -> None:
         self._replicas = list(replicas)
+        self._weights: dict[str, float] = {}
+        self._aliases: dict[str, str] = {}
+        self._draw = draw
 
     @property
     def replicas(self) -> list[Replica]:
         return list(self._replicas)
 
+    @property
+    def weights(self) -> dict[str, float]:
+        return dict(self._weights) or {r.deployment: 1.0 for r in self._replicas}
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        return dict(self._aliases)
+
+    def deployments(self) -> dict[str, list[Replica]]:
+        found: dict[str, list[Replica]] = {}
+        for replica in self._replicas:
+            found.setdefault(replica.deployment, []).append(replica)
+        return found
+
+    def add(self, replica: Replica) -> None:
+        if any(r.name == replica.name for r in self._replicas):
+            raise ValueError(f"a replica named {replica.name!r} is already in the pool")
+        self._replicas = [*self._replicas, replica]
+
+    def remove(self, replica: Replica) -> None:
+        self._replicas = [r for r in self._replicas if r is not replica]
+
+    def set_weights(self, weights: Mapping[str, float]) -> None:
+        """Replace all weights at once (one assignment: no request ever sees a half-applied split)."""
+        if any(w < 0 for w in weights.values()):
+            raise ValueError("weights must not be negative")
+        self._weights = dict(weights)
+
+    def set_alias(self, model: str, upstream_model: str | None) -> None:
+        aliases = dict(self._aliases)
+        if upstream_model is None or upstream_model == model:
+            aliases.pop(model, None)
+        else:
+            aliases[model] = upstream_model
+        self._aliases = aliases
+
+    def upstream_model(self, model: str) -> str:
+        return self._aliases.get(model, model)
+
     def ready(self) -> list[Replica]:
         return [r for r in self._replicas if r.ready]
 
     def models(self) -> dict[str, int | None]:
-        """Every model a ready replica serves, with the smallest context length among them."""
+        """Every model a ready replica serves (and every alias to one), with the smallest context length."""
         found: dict[str, int | None] = {}
         for replica in self.ready():
             for model, max_len in replica.models.items():
                 known = found.get(model)
                 found[model] = max_len if known is None else min(known, max_len or known)
+        for alias, target in self._aliases.items():
+            if target in found:
+                found[alias] = found[target]
         return found
 
-    def choose(self, model: str, exclude: frozenset[str] = frozenset()) -> Replica:
-        candidates = [r for r in self._replicas if model in r.models and r.name not in exclude]
-        if not candidates and not any(model in r.models for r in self._replicas):
+    def choose(self, model: str, exclude: frozenset[str] = frozenset(), session: str | None = None) -> Replica:
+        """Pick the replica for one request: deployment by weight (sticky per session), then least busy."""
+        upstream = self.upstream_model(model)
+        serving = [r for r in self._replicas if upstream in r.models]
+        if not serving:
             raise UnknownModelError(model)
-        chosen = pick_least_in_flight(candidates)
+        candidates = [r for r in serving if r.ready and r.name not in exclude]
+        by_deployment: dict[str, list[Replica]] = {}
+        for replica in candidates:
+            by_deployment.setdefault(replica.deployment, []).append(replica)
+        draw = session_draw(session) if session else self._draw()
+        deployment = pick_deployment(self.weights, list(by_deployment), draw)
+        chosen = pick_least_in_flight(by_deployment[deployment]) if deployment else None
         if chosen is None:
             raise NoReplicaError(model)
         return chosen
 
-    @contextmanager
-    def track(self, replica: Replica) -> Iterator[Replica]:
-        replica.in_flight += 1
-        try:
-            yield replica
-        finally:
-            replica.in_flight -= 1
-
     def mark_unready(self, replica: Replica, reason: str) -> None:
         if replica.ready:
-            logging.getLogger("shipyard.router").warning("replica %s is not ready: %s", replica.name, reason)
+            log.warning("replica %s is not ready: %s", replica.name, reason)
         replica.ready = False
         replica.last_error = reason
 
