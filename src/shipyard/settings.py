@@ -55,6 +55,7 @@ class EngineSettings(BaseSettings):
     tensor_parallel_size: int | None = Field(default=None, ge=1)
     extra_args: list[str] = Field(default_factory=list)
     startup_timeout_s: float = Field(default=600, gt=0)
+    max_lora_rank: int | None = Field(default=None, ge=1)
     port: int | None = Field(default=None, ge=1, le=65535)
     """Port of the engine's own server (loopback); None picks a free one. Its /metrics is vLLM's."""
     vllm_command: list[str] = Field(default_factory=list)
@@ -71,8 +72,12 @@ class Settings(BaseSettings):
     model: str | None = None
     """Path of an HF model folder to serve; None means the embedded default model."""
     served_model_name: str | None = None
+    version_label: str | None = None
+    """Version name of the model served at start (default: its folder name); rollouts name theirs."""
 
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    admin_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    """Keys for /admin (rollouts); must differ from api_keys. Empty: ``serve`` generates one."""
     upstreams: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """OpenAI-compatible servers to route to instead of (or besides) a local engine."""
 
@@ -90,9 +95,17 @@ class Settings(BaseSettings):
     reply_templates_file: Path | None = None
     """Templates YAML for /v1/reply; None means the packaged templates."""
 
+    drain_timeout_s: float = Field(default=120.0, gt=0)
+    """How long a rollout waits for the old version's in-flight requests before stopping it."""
+    warmup_requests: int = Field(default=3, ge=1)
+    gate_dataset: Path | None = Path("data/intent/test.jsonl")
+    """Intent JSONL the rollout quality gate (``--gate intent:min_acc=...``) draws its examples from."""
+    restart_backoff_s: float = Field(default=1.0, gt=0)
+    """First wait before restarting a crashed engine; doubles per failed attempt, up to 30 s."""
+
     engine: EngineSettings = Field(default_factory=EngineSettings)
 
-    @field_validator("api_keys", "upstreams", mode="before")
+    @field_validator("api_keys", "admin_keys", "upstreams", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         return _split_csv(value)
@@ -128,8 +141,15 @@ class Settings(BaseSettings):
     def api_key_file(self) -> Path:
         return self.data_dir / "api_key"
 
+    @property
+    def admin_key_file(self) -> Path:
+        return self.data_dir / "admin_key"
+
     def key_values(self) -> list[str]:
         return [key.get_secret_value() for key in self.api_keys]
+
+    def admin_key_values(self) -> list[str]:
+        return [key.get_secret_value() for key in self.admin_keys]
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

@@ -13,6 +13,7 @@ from pydantic import SecretStr
 
 from shipyard.cli.app import ConfigOption, app, fail, settings_from
 from shipyard.engine import EngineProcess, EngineSpec, EngineStartError, Profile
+from shipyard.engine.launcher import EngineHandle, EngineLauncher
 from shipyard.gateway import create_app
 from shipyard.gateway.auth import ensure_api_key
 from shipyard.gateway.server import run_gateway
@@ -54,6 +55,14 @@ def with_api_key(settings: Settings) -> tuple[Settings, str | None]:
         return settings, None
     key, created = ensure_api_key(settings.api_key_file)
     return settings.model_copy(update={"api_keys": [SecretStr(key)]}), key if created else None
+
+
+def with_admin_key(settings: Settings) -> tuple[Settings, str | None]:
+    """Like :func:`with_api_key`, for the admin API (rollouts)."""
+    if settings.admin_keys:
+        return settings, None
+    key, created = ensure_api_key(settings.admin_key_file, prefix="sk-shipyard-admin-")
+    return settings.model_copy(update={"admin_keys": [SecretStr(key)]}), key if created else None
 
 
 def resolve_model(settings: Settings) -> tuple[str, str]:
@@ -101,7 +110,9 @@ def banner(url: str, model: str, new_key: str | None, settings: Settings) -> str
     return "\n".join(lines)
 
 
-def serve_stack(settings: Settings, profile: str | None, upstreams: list[str], engine: bool) -> None:
+def serve_stack(
+    settings: Settings, profile: str | None, upstreams: list[str], engine: bool, enable_lora: bool = False
+) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health probe is noise
     if not port_is_free(settings.host, settings.port):
@@ -112,8 +123,13 @@ def serve_stack(settings: Settings, profile: str | None, upstreams: list[str], e
     except TaskConfigError as exc:
         raise fail(str(exc)) from None
     settings, new_key = with_api_key(settings)
-    replicas = [Replica(url, name=f"upstream-{i}") for i, url in enumerate([*settings.upstreams, *upstreams])]
+    settings, new_admin_key = with_admin_key(settings)
+    replicas = [
+        Replica(url, name=f"upstream-{i}", deployment="blue") for i, url in enumerate([*settings.upstreams, *upstreams])
+    ]
     process: EngineProcess | None = None
+    launcher: EngineLauncher | None = None
+    gateway = None
     served = ", ".join(r.url for r in replicas)
     try:
         if engine:
@@ -130,12 +146,22 @@ def serve_stack(settings: Settings, profile: str | None, upstreams: list[str], e
                     gpu_memory_utilization=e.gpu_memory_utilization,
                     enforce_eager=e.enforce_eager,
                     tensor_parallel_size=e.tensor_parallel_size,
+                    enable_lora=True if enable_lora else None,
+                    max_lora_rank=e.max_lora_rank if enable_lora else None,
                     extra_args=e.extra_args,
                 )
             except ValueError as exc:
                 raise fail(str(exc)) from None
+            env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if enable_lora else None
+            launcher = EngineLauncher(
+                spec,
+                settings.data_dir / "logs",
+                command=e.vllm_command or None,
+                env=env,
+                ready_timeout_s=e.startup_timeout_s,
+            )
             process = EngineProcess(
-                spec, settings.data_dir / "logs" / "engine.log", port=e.port, command=e.vllm_command or None
+                spec, settings.data_dir / "logs" / "engine.log", port=e.port, command=e.vllm_command or None, env=env
             )
             typer.echo(f"starting vLLM for {folder} (log: {process.log_file}) ...", err=True)
             process.start()
@@ -144,16 +170,27 @@ def serve_stack(settings: Settings, profile: str | None, upstreams: list[str], e
             except EngineStartError as exc:
                 raise fail(str(exc)) from None
             typer.echo(f"vLLM ready at {process.url} (its own metrics: {process.url}/metrics)", err=True)
-            replicas.insert(0, Replica(process.url, name="engine-0", deployment="default", version=served))
+            version = settings.version_label or Path(folder).name
+            replicas.insert(0, Replica(process.url, name=f"blue-{version}", deployment="blue", version=version))
         if not replicas:
             raise fail("nothing to serve: give a model, or --upstream URL with --no-engine")
-        gateway = create_app(settings, replicas)
+        managed = {replicas[0].name: launcher.handle(process)} if launcher and process else None
+        gateway = create_app(settings, replicas, launcher=launcher, managed=managed)
         typer.echo(banner(f"http://{settings.host}:{settings.port}", served, new_key, settings))
+        if new_admin_key:
+            typer.echo(f"admin key for rollouts (shown once, stored in {settings.admin_key_file}): {new_admin_key}\n")
         run_gateway(gateway, settings.host, settings.port)
     finally:
-        if process is not None:
+        engines = [process] if process is not None else []
+        if gateway is not None:  # rollouts may have replaced or added engines
+            handles = gateway.state.orchestrator.handles.values()
+            engines = [
+                *{id(p): p for p in [*engines, *(h.process for h in handles if isinstance(h, EngineHandle))]}.values()
+            ]
+        if engines:
             typer.echo("stopping vLLM ...", err=True)
-            process.stop()
+        for engine_process in engines:
+            engine_process.stop()
 
 
 ModelOption = Annotated[
@@ -163,6 +200,9 @@ HostOption = Annotated[str | None, typer.Option(help="Gateway address (default 1
 PortOption = Annotated[int | None, typer.Option(help="Gateway port (default 8080).")]
 ProfileOption = Annotated[
     str | None, typer.Option(help="Tuning profile: auto, default or cpu (default: engine.profile, i.e. auto).")
+]
+EnableLoraOption = Annotated[
+    bool, typer.Option(help="Let rollouts hot-load LoRA adapters into the engine (vLLM runtime LoRA).")
 ]
 EnginePortOption = Annotated[int | None, typer.Option(help="Port of the engine's own server (default: a free one).")]
 UpstreamOption = Annotated[
@@ -183,13 +223,14 @@ def serve(
     engine: Annotated[
         bool, typer.Option(help="Start a local vLLM engine (--no-engine: route to --upstream only).")
     ] = True,
+    enable_lora: EnableLoraOption = False,
     config: ConfigOption = None,
 ) -> None:
     """Start a vLLM engine for a model folder and the gateway in front of it."""
     settings = settings_from(config, host=host, port=port, model=model, served_model_name=served_model_name)
     if engine_port is not None:
         settings.engine.port = engine_port
-    serve_stack(settings, profile, upstream or [], engine)
+    serve_stack(settings, profile, upstream or [], engine, enable_lora)
 
 
 @app.command()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -13,12 +13,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
 from shipyard import __version__
+from shipyard.gateway.admin import install_admin_routes
 from shipyard.gateway.auth import KeyChecker
 from shipyard.gateway.errors import OpenAIError, install_error_handlers
 from shipyard.gateway.metrics import GatewayMetrics
 from shipyard.gateway.proxy import Proxy
 from shipyard.gateway.tasks import install_task_routes
 from shipyard.router import HealthMonitor, Replica, ReplicaPool
+from shipyard.router.audit import AuditLog
+from shipyard.router.launcher import Launcher, ReplicaHandle, UrlLauncher
+from shipyard.router.orchestrator import Orchestrator, OrchestratorConfig
 from shipyard.settings import Settings
 from shipyard.tasks import load_labels, load_templates
 
@@ -41,6 +45,8 @@ def create_app(
     upstreams: Sequence[Replica],
     *,
     client: httpx.AsyncClient | None = None,
+    launcher: Launcher | None = None,
+    managed: Mapping[str, ReplicaHandle] | None = None,
 ) -> FastAPI:
     """Build the gateway.
 
@@ -48,9 +54,13 @@ def create_app(
     >>> uvicorn.run(app, port=8080)                                                          # doctest: +SKIP
 
     ``client`` is the HTTP client used to reach the replicas (inject ``httpx.MockTransport`` or an
-    ``ASGITransport`` in tests); by default one is created and closed with the app.
+    ``ASGITransport`` in tests); by default one is created and closed with the app. ``launcher`` starts
+    replicas for rollouts (default: only URLs of running servers are accepted); ``managed`` maps replica
+    names to the processes behind them, which are restarted when they die.
     """
     keys = KeyChecker(settings.key_values())
+    if set(settings.admin_key_values()) & set(settings.key_values()):
+        raise ValueError("admin keys must differ from API keys")
     labels = load_labels(settings.intent_labels_file)
     templates = load_templates(settings.reply_templates_file)
     pool = ReplicaPool(upstreams)
@@ -66,14 +76,36 @@ def create_app(
         retry_after_s=settings.retry_after_s,
     )
     monitor = HealthMonitor(pool, http, interval_s=settings.health_interval_s)
+    orchestrator = Orchestrator(
+        pool,
+        http,
+        launcher or UrlLauncher(),
+        labels=labels,
+        templates=templates,
+        audit=AuditLog(settings.data_dir / "audit.jsonl"),
+        config=OrchestratorConfig(
+            drain_timeout_s=settings.drain_timeout_s,
+            ready_timeout_s=settings.engine.startup_timeout_s,
+            warmup_requests=settings.warmup_requests,
+            gate_dataset=settings.gate_dataset,
+            restart_backoff_s=settings.restart_backoff_s,
+        ),
+    )
+    for name, handle in (managed or {}).items():
+        replica = next((r for r in upstreams if r.name == name), None)
+        if replica is None:
+            raise ValueError(f"managed replica {name!r} is not among the upstreams")
+        orchestrator.manage(replica, handle)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await monitor.check_all()
         monitor.start()
+        orchestrator.start()
         try:
             yield
         finally:
+            await orchestrator.stop()
             await monitor.stop()
             if own_client:
                 await http.aclose()
@@ -82,6 +114,7 @@ def create_app(
     app.state.pool = pool
     app.state.metrics = metrics
     app.state.monitor = monitor
+    app.state.orchestrator = orchestrator
     install_error_handlers(app)
 
     def authorize(request: Request) -> None:
@@ -138,6 +171,8 @@ def create_app(
         return await proxy.handle(request, "completions")
 
     install_task_routes(app, proxy, authorize, labels, templates)
+    if settings.admin_keys:
+        install_admin_routes(app, proxy, KeyChecker(settings.admin_key_values()), orchestrator)
     return app
 
 

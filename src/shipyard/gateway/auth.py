@@ -45,14 +45,14 @@ class KeyChecker:
             raise OpenAIError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
-def ensure_api_key(key_file: Path) -> tuple[str, bool]:
+def ensure_api_key(key_file: Path, prefix: str = "sk-shipyard-") -> tuple[str, bool]:
     """The key stored in ``key_file``, or a new one written there (mode 0600). Returns (key, created)."""
     if key_file.is_file():
         key = key_file.read_text().strip()
         if key:
             return key, False
     key_file.parent.mkdir(parents=True, exist_ok=True)
-    key = "sk-shipyard-" + secrets.token_urlsafe(24)
+    key = prefix + secrets.token_urlsafe(24)
     fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(key + "\n")

@@ -42,6 +42,7 @@ class Attempt:
     model: str
     path: str
     body: bytes
+    upstream_model: str
     session: str | None = None
     tried: set[str] = field(default_factory=set)
 
@@ -139,13 +140,13 @@ class Proxy:
             session = request.headers.get("x-session-id") or (
                 data.get("user") if isinstance(data.get("user"), str) else None
             )
-            attempt = Attempt(parsed.model, path, body, session)
+            attempt = Attempt(parsed.model, path, body, upstream_model, session)
             replica, upstream = await self._send(attempt)
             if parsed.stream and upstream.status_code == 200:
                 streaming = True
                 status = 200
                 return self._stream(route, model_label, attempt, replica, upstream, drop_usage, started)
-            content = await self._read_all(replica, upstream)
+            content = await self._read_all(replica, upstream, attempt)
             status = upstream.status_code
             if status == 200:
                 self._count_usage(model_label, content)
@@ -157,7 +158,7 @@ class Proxy:
             if not streaming:
                 self._finish(route, model_label, status, started)
 
-    async def _read_all(self, replica: Replica, upstream: httpx.Response) -> bytes:
+    async def _read_all(self, replica: Replica, upstream: httpx.Response, attempt: Attempt) -> bytes:
         try:
             return await upstream.aread()
         except httpx.HTTPError as exc:
@@ -165,7 +166,7 @@ class Proxy:
             raise OpenAIError(502, f"upstream failed while answering: {exc}", code="upstream_error") from None
         finally:
             await upstream.aclose()
-            replica.in_flight -= 1
+            self.pool.release(replica, attempt.upstream_model)
 
     def resolve_model(self, model: str | None) -> str:
         """The model a task request runs on: the one it names, or the only one served."""
@@ -186,9 +187,12 @@ class Proxy:
 
     async def call_json(self, model: str, body: dict[str, Any]) -> tuple[Replica, dict[str, Any]]:
         """One non-streaming chat completion for a task endpoint; upstream errors become OpenAI errors."""
-        body = {**body, "model": self.pool.upstream_model(model)}
-        replica, upstream = await self._send(Attempt(model, "/v1/chat/completions", json.dumps(body).encode()))
-        content = await self._read_all(replica, upstream)
+        upstream_model = self.pool.upstream_model(model)
+        attempt = Attempt(
+            model, "/v1/chat/completions", json.dumps({**body, "model": upstream_model}).encode(), upstream_model
+        )
+        replica, upstream = await self._send(attempt)
+        content = await self._read_all(replica, upstream, attempt)
         try:
             answer = json.loads(content)
         except ValueError:
@@ -231,23 +235,24 @@ class Proxy:
             request = self.client.build_request(
                 "POST", replica.url + attempt.path, content=attempt.body, headers=self.upstream_headers
             )
-            replica.in_flight += 1
+            self.pool.acquire(replica, attempt.upstream_model)
             try:
                 return replica, await self.client.send(request, stream=True)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError) as exc:
-                replica.in_flight -= 1
+                self.pool.release(replica, attempt.upstream_model)
                 kind = "connect" if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)) else "died"
                 self._upstream_failed(replica, kind, exc)
                 self.pool.mark_unready(replica, f"{kind}: {type(exc).__name__}: {exc}")
                 attempt.tried.add(replica.name)
                 self.metrics.retries.labels(kind).inc()
             except httpx.HTTPError as exc:
-                replica.in_flight -= 1
+                self.pool.release(replica, attempt.upstream_model)
                 self._upstream_failed(replica, "request", exc)
                 raise OpenAIError(502, f"upstream failed: {type(exc).__name__}: {exc}", code="upstream_error") from None
 
     async def _resend(self, attempt: Attempt, failed: Replica, why: str) -> tuple[Replica, httpx.Response] | None:
         """Another replica for a stream whose replica failed before it produced a single byte."""
+        self.pool.release(failed, attempt.upstream_model)
         self.pool.mark_unready(failed, why)
         attempt.tried.add(failed.name)
         self.metrics.retries.labels("stream_not_started").inc()
@@ -256,7 +261,7 @@ class Proxy:
         except OpenAIError:
             return None
         if upstream.status_code != 200:
-            await self._read_all(replica, upstream)
+            await self._read_all(replica, upstream, attempt)
             return None
         return replica, upstream
 
@@ -271,7 +276,7 @@ class Proxy:
         started: float,
     ) -> UpstreamStream:
         def on_close(stream: UpstreamStream) -> None:
-            stream.replica.in_flight -= 1
+            self.pool.release(stream.replica, attempt.upstream_model)
             if stream.first_chunk_at is not None:
                 self.metrics.ttft.labels(route, model).observe(stream.first_chunk_at - started)
             if stream.scan.completion_tokens is not None:

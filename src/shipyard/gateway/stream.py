@@ -81,7 +81,6 @@ class UpstreamStream(Response):
             if moved is None:
                 self.error = failure
                 break
-            self.replica.in_flight -= 1
             self.replica, self.upstream = moved
             self.resends += 1
         if self.error is not None:

@@ -53,6 +53,7 @@ class ReplicaPool:
         self._weights: dict[str, float] = {}
         self._aliases: dict[str, str] = {}
         self._draw = draw
+        self._model_in_flight: dict[str, int] = {}
 
     @property
     def replicas(self) -> list[Replica]:
@@ -128,6 +129,18 @@ class ReplicaPool:
         if chosen is None:
             raise NoReplicaError(model)
         return chosen
+
+    def acquire(self, replica: Replica, upstream_model: str) -> None:
+        """Count a request sent to ``replica`` for ``upstream_model`` (until ``release``)."""
+        replica.in_flight += 1
+        self._model_in_flight[upstream_model] = self._model_in_flight.get(upstream_model, 0) + 1
+
+    def release(self, replica: Replica, upstream_model: str) -> None:
+        replica.in_flight -= 1
+        self._model_in_flight[upstream_model] = self._model_in_flight.get(upstream_model, 1) - 1
+
+    def in_flight_for(self, upstream_model: str) -> int:
+        return self._model_in_flight.get(upstream_model, 0)
 
     def mark_unready(self, replica: Replica, reason: str) -> None:
         if replica.ready:

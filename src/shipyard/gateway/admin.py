@@ -1,0 +1,92 @@
+"""The admin API: rollouts and deployments, behind admin keys that are distinct from user keys."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from shipyard.gateway.auth import KeyChecker
+from shipyard.gateway.errors import OpenAIError
+from shipyard.gateway.proxy import Proxy
+from shipyard.gateway.schemas import parse_json_object, validate
+from shipyard.router.orchestrator import Orchestrator, RolloutRejected
+
+
+class RolloutRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    target: str = Field(min_length=1, description="model folder, http(s) URL of a running server, or LoRA folder")
+    version: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    canary_percent: float | None = None
+    gate: str | None = None
+    lora: bool = False
+
+
+def who(authorization: str | None) -> str:
+    """An admin's identity for the audit log: a short fingerprint of the key, never the key."""
+    token = (authorization or "").partition(" ")[2].strip()
+    return "admin:" + hashlib.sha256(token.encode()).hexdigest()[:8]
+
+
+def install_admin_routes(app: FastAPI, proxy: Proxy, keys: KeyChecker, orchestrator: Orchestrator) -> None:
+    def authorize(request: Request) -> str:
+        keys.check(request.headers.get("authorization"))
+        return who(request.headers.get("authorization"))
+
+    def rejected(exc: RolloutRejected) -> OpenAIError:
+        return OpenAIError(exc.status, str(exc), code="rollout_rejected")
+
+    @app.get("/admin/deployments")
+    async def deployments(request: Request) -> dict[str, Any]:
+        authorize(request)
+        return orchestrator.describe()
+
+    @app.post("/admin/rollouts", status_code=202)
+    async def start_rollout(request: Request) -> JSONResponse:
+        admin = authorize(request)
+        parsed = validate(RolloutRequest, parse_json_object(await proxy.read_body(request)))
+        try:
+            rollout = orchestrator.request(
+                parsed.target,
+                version=parsed.version,
+                canary_percent=parsed.canary_percent,
+                gate=parsed.gate,
+                lora=parsed.lora,
+                who=admin,
+            )
+        except RolloutRejected as exc:
+            orchestrator.audit.record(admin, "rollout_rejected", target=parsed.target, reason=str(exc))
+            raise rejected(exc) from None
+        return JSONResponse(rollout.to_dict(), status_code=202)
+
+    @app.get("/admin/rollouts")
+    async def list_rollouts(request: Request) -> dict[str, Any]:
+        authorize(request)
+        return {"rollouts": [r.to_dict() for r in orchestrator.history]}
+
+    @app.get("/admin/rollouts/current")
+    async def current_rollout(request: Request) -> dict[str, Any]:
+        authorize(request)
+        if orchestrator.current is None:
+            raise OpenAIError(404, "no rollout has been requested on this gateway", code="no_rollout")
+        return orchestrator.current.to_dict()
+
+    @app.post("/admin/rollouts/current/promote")
+    async def promote(request: Request) -> dict[str, Any]:
+        admin = authorize(request)
+        try:
+            return orchestrator.promote(admin).to_dict()
+        except RolloutRejected as exc:
+            raise rejected(exc) from None
+
+    @app.post("/admin/rollouts/current/rollback")
+    async def rollback(request: Request) -> dict[str, Any]:
+        admin = authorize(request)
+        try:
+            return orchestrator.rollback(admin).to_dict()
+        except RolloutRejected as exc:
+            raise rejected(exc) from None

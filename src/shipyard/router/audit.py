@@ -1,0 +1,31 @@
+"""Who changed what, when: one JSON line per admin action and rollout phase."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("shipyard.audit")
+
+
+class AuditLog:
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.entries: list[dict[str, Any]] = []
+
+    def record(self, who: str, action: str, **details: Any) -> None:
+        entry = {
+            "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+            "who": who,
+            "action": action,
+            **details,
+        }
+        self.entries.append(entry)
+        log.info("%s by %s: %s", action, who, json.dumps(details, default=str))
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(entry, default=str) + "\n")
