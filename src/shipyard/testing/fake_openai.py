@@ -55,6 +55,8 @@ class FakeOpenAI:
         """Contents for the next non-streaming chat answers, in order (then the default answer)."""
         self.open_streams = 0
         self.cancelled_streams = 0
+        self.adapters: dict[str, str] = {}
+        """LoRA adapters loaded at run time (name -> path), served like vLLM serves them."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -82,6 +84,9 @@ class FakeOpenAI:
 
     async def _complete(self, path: str, request: dict[str, Any], receive: Receive, send: Send) -> None:
         self.requests.append(request)
+        if request.get("model", self.model) not in (self.model, *self.adapters):
+            await _respond(send, 404, b'{"error": {"message": "model not found", "type": "NotFoundError"}}')
+            return
         if self.fault is Fault.SERVER_ERROR:
             await _respond(send, 500, b'{"error": {"message": "injected failure", "type": "server_error"}}')
             return
@@ -101,7 +106,7 @@ class FakeOpenAI:
                 "id": rid,
                 "object": "chat.completion" if chat else "text_completion",
                 "created": 0,
-                "model": self.model,
+                "model": request.get("model", self.model),
                 "choices": [choice],
                 "usage": usage,
             }

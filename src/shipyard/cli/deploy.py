@@ -1,0 +1,139 @@
+"""``shipyard deploy`` and ``shipyard rollout status|promote|rollback``: clients of the gateway's admin API."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated, Any
+
+import httpx
+import typer
+
+from shipyard.cli.app import ConfigOption, app, fail, settings_from
+
+rollout_app = typer.Typer(help="The current rollout on a gateway: status, promote, rollback.", no_args_is_help=True)
+app.add_typer(rollout_app, name="rollout")
+
+GatewayOption = Annotated[str, typer.Option("--gateway", help="Gateway URL.")]
+AdminKeyOption = Annotated[
+    str | None,
+    typer.Option("--admin-key", envvar="SHIPYARD_ADMIN_KEY", help="Admin key (default: data_dir/admin_key)."),
+]
+FINAL = {"done", "failed", "rolled_back"}
+
+
+def _admin_key(admin_key: str | None, config: Any) -> str:
+    if admin_key:
+        return admin_key
+    key_file = settings_from(config).admin_key_file
+    if key_file.is_file():
+        return key_file.read_text().strip()
+    raise fail(f"no admin key: pass --admin-key, set SHIPYARD_ADMIN_KEY, or run on the gateway host ({key_file})")
+
+
+def _call(method: str, gateway: str, path: str, key: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    try:
+        response = httpx.request(
+            method, gateway.rstrip("/") + path, json=body, timeout=30, headers={"Authorization": f"Bearer {key}"}
+        )
+    except httpx.HTTPError as exc:
+        raise fail(f"cannot reach the gateway at {gateway}: {exc}") from None
+    try:
+        payload: dict[str, Any] = response.json()
+    except ValueError:
+        raise fail(f"gateway answered {response.status_code} with a non-JSON body") from None
+    if response.status_code >= 400:
+        raise fail(f"{payload.get('error', {}).get('message', response.text)} (HTTP {response.status_code})")
+    return payload
+
+
+def _line(rollout: dict[str, Any]) -> str:
+    spans = ", ".join(f"{phase} {seconds:.2f}s" for phase, seconds in rollout["durations_s"].items())
+    facts = " ".join(f"{k}={v}" for k, v in rollout["facts"].items())
+    return f"rollout {rollout['id']} [{rollout['phase']}] {rollout['version']}: {spans}" + (
+        f" | {facts}" if facts else ""
+    )
+
+
+@app.command()
+def deploy(
+    target: Annotated[
+        str, typer.Argument(help="Model folder, http(s) URL of a running server, or LoRA adapter folder.")
+    ],
+    gateway: GatewayOption = "http://127.0.0.1:8080",
+    admin_key: AdminKeyOption = None,
+    version: Annotated[str | None, typer.Option(help="Version name (default: the folder's name).")] = None,
+    canary: Annotated[float | None, typer.Option(help="Send this percent of traffic to the new version first.")] = None,
+    gate: Annotated[str | None, typer.Option(help="Quality gate, e.g. intent:min_acc=0.8[,n=32].")] = None,
+    lora: Annotated[bool, typer.Option(help="TARGET is a LoRA adapter for the served base: hot-load it.")] = False,
+    wait: Annotated[bool, typer.Option(help="Follow the rollout until it is done, failed or in canary.")] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to follow it.")] = 900,
+    config: ConfigOption = None,
+) -> None:
+    """Roll a new version out with no downtime (blue-green, canary, or LoRA hot-load)."""
+    key = _admin_key(admin_key, config)
+    body = {"target": target, "version": version, "canary_percent": canary, "gate": gate, "lora": lora}
+    rollout = _call("POST", gateway, "/admin/rollouts", key, body)
+    typer.echo(
+        f"rollout {rollout['id']} accepted: {target} as version {rollout['version']} "
+        f"-> deployment {rollout['new_deployment']}"
+    )
+    if not wait:
+        return
+    deadline, seen = time.monotonic() + timeout, ""
+    while time.monotonic() < deadline:
+        rollout = _call("GET", gateway, "/admin/rollouts/current", key)
+        if rollout["phase"] != seen:
+            seen = rollout["phase"]
+            typer.echo(_line(rollout))
+        if seen in FINAL or seen == "canary":
+            break
+        time.sleep(0.5)
+    if rollout["phase"] == "failed":
+        raise fail(f"rollout failed, the previous version keeps serving: {rollout['error']}")
+    if rollout["phase"] == "canary":
+        typer.echo(f"canary at {rollout['canary_percent']}%: `shipyard rollout promote` or `shipyard rollout rollback`")
+    elif rollout["phase"] not in FINAL:
+        raise fail(f"rollout still {rollout['phase']} after {timeout:.0f}s; follow it with `shipyard rollout status`")
+
+
+@rollout_app.command("status")
+def status(
+    gateway: GatewayOption = "http://127.0.0.1:8080",
+    admin_key: AdminKeyOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Deployments, their weights and replicas, and the current rollout."""
+    described = _call("GET", gateway, "/admin/deployments", _admin_key(admin_key, config))
+    if as_json:
+        typer.echo(json.dumps(described, indent=2))
+        return
+    for name, deployment in described["deployments"].items():
+        typer.echo(f"{name}: weight {deployment['weight']:.2f}")
+        for r in deployment["replicas"]:
+            state = "ready" if r["ready"] else f"NOT READY ({r['error']})"
+            typer.echo(
+                f"  {r['name']} {r['url']} version={r['version']} {state} in_flight={r['in_flight']} "
+                f"restarts={r['restarts']}"
+            )
+    for alias, target in described["aliases"].items():
+        typer.echo(f"alias {alias} -> {target}")
+    if described["rollout"]:
+        typer.echo(_line(described["rollout"]))
+
+
+@rollout_app.command("promote")
+def promote(
+    gateway: GatewayOption = "http://127.0.0.1:8080", admin_key: AdminKeyOption = None, config: ConfigOption = None
+) -> None:
+    """Send all traffic to the canary and retire the old version."""
+    typer.echo(_line(_call("POST", gateway, "/admin/rollouts/current/promote", _admin_key(admin_key, config))))
+
+
+@rollout_app.command("rollback")
+def rollback(
+    gateway: GatewayOption = "http://127.0.0.1:8080", admin_key: AdminKeyOption = None, config: ConfigOption = None
+) -> None:
+    """Return all traffic to the previous version in one step (while it is still running)."""
+    typer.echo(_line(_call("POST", gateway, "/admin/rollouts/current/rollback", _admin_key(admin_key, config))))
