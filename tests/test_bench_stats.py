@@ -34,8 +34,10 @@ def test_summarize() -> None:
 
 def test_failed_requests_stay_in_the_denominator_and_warmup_is_excluded() -> None:
     records = [
-        RequestRecord(started=-1.0, ttft_s=0.5, e2e_s=1, status=200, token_times=[-0.5, 0.5]),  # warm-up
-        RequestRecord(started=0.1, ttft_s=0.01, e2e_s=1, output_tokens=2, status=200, token_times=[0.2, 0.3]),
+        RequestRecord(started=-1.0, ttft_s=0.5, e2e_s=1, status=200, done=True, token_times=[-0.5, 0.5]),  # warm-up
+        RequestRecord(
+            started=0.1, ttft_s=0.01, e2e_s=1, output_tokens=2, status=200, done=True, token_times=[0.2, 0.3]
+        ),
         RequestRecord(started=0.2, status=503, error="HTTP 503: busy"),
         RequestRecord(started=0.3, ttft_s=0.02, status=200, error="upstream failed mid-stream", token_times=[1.5]),
     ]

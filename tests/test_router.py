@@ -48,7 +48,6 @@ def test_pool_models_take_smallest_context_among_ready() -> None:
     assert pool.models() == {"m": 2048}
 
 
-
 def test_replica_url_normalised_and_named() -> None:
     assert Replica("http://h:1/").url == "http://h:1"
     assert Replica("http://h:1/").name == "http://h:1"

@@ -25,11 +25,15 @@ class RequestRecord:
     output_tokens: int = 0
     status: int = 0
     error: str | None = None
+    done: bool = False
+    """The stream ended with ``data: [DONE]`` (a stream that ends without it, or an error, was cut short)."""
+    deployment: str | None = None
+    version: str | None = None
     token_times: list[float] = field(default_factory=list, repr=False)
 
     @property
     def ok(self) -> bool:
-        return self.error is None and self.status == 200
+        return self.error is None and self.status == 200 and self.done
 
 
 @dataclass
@@ -62,6 +66,8 @@ async def _one_stream(
     try:
         async with session.post(url, data=body, headers=headers) as response:
             record.status = response.status
+            record.deployment = response.headers.get("x-shipyard-deployment")
+            record.version = response.headers.get("x-shipyard-version")
             if response.status != 200:
                 record.error = f"HTTP {response.status}: {(await response.text())[:200]}"
                 return record
@@ -69,6 +75,7 @@ async def _one_stream(
                 if not line.startswith(b"data: "):
                     continue
                 if line.startswith(b"data: [DONE]"):
+                    record.done = True
                     break
                 now = time.perf_counter()
                 if b'"error"' in line and b'"choices"' not in line:
@@ -81,6 +88,8 @@ async def _one_stream(
                 record.output_tokens += 1
                 record.token_times.append(now - origin)
             record.e2e_s = time.perf_counter() - start
+            if record.error is None and not record.done:
+                record.error = "stream ended without [DONE] (truncated)"
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         record.error = f"{type(exc).__name__}: {exc}"
     return record

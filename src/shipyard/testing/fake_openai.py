@@ -69,13 +69,19 @@ class FakeOpenAI:
             status = 503 if self.fault is Fault.UNHEALTHY else 200
             await _respond(send, status, b"")
         elif path == "/v1/models":
-            card = {
-                "id": self.model,
-                "object": "model",
-                "owned_by": "fake",
-                "max_model_len": self.max_model_len,
-            }
-            await _respond(send, 200, json.dumps({"object": "list", "data": [card]}).encode())
+            cards = [
+                {"id": name, "object": "model", "owned_by": "fake", "max_model_len": self.max_model_len}
+                for name in [self.model, *self.adapters]
+            ]
+            await _respond(send, 200, json.dumps({"object": "list", "data": cards}).encode())
+        elif method == "POST" and path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+            request = json.loads(await _read_body(receive))
+            if path.endswith("/load_lora_adapter"):
+                self.adapters[request["lora_name"]] = request["lora_path"]
+            elif self.adapters.pop(request["lora_name"], None) is None:
+                await _respond(send, 404, b'{"error": {"message": "adapter not found", "type": "not_found_error"}}')
+                return
+            await _respond(send, 200, b'"ok"')
         elif method == "POST" and path in ("/v1/chat/completions", "/v1/completions"):
             body = await _read_body(receive)
             await self._complete(path, json.loads(body), receive, send)

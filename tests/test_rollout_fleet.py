@@ -1,0 +1,235 @@
+"""Rollouts and crash recovery end to end, with fake engines as real processes behind a real gateway."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from shipyard.bench.rollout_load import StreamingClients
+from shipyard.engine import EngineProcess, EngineSpec
+from shipyard.engine.launcher import EngineLauncher
+from shipyard.gateway import create_app
+from shipyard.router import Replica
+from shipyard.settings import load_settings
+from tests.helpers import ServerThread, wait_for
+
+KEY, ADMIN = "sk-user", "sk-admin"
+FAKE = [sys.executable, "-m", "shipyard.testing.fake_openai", "--token-rate", "200", "--ttft", "0.05"]
+
+
+@dataclass
+class Fleet:
+    url: str
+    launcher: EngineLauncher
+    app_state: object
+    tmp: Path
+
+    def admin(self, method: str, path: str, body: object = None, key: str = ADMIN) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.request(method, self.url + path, json=body, headers=headers, timeout=30)
+
+    def chat(self, session: str | None = None, **extra: object) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {KEY}", **({"x-session-id": session} if session else {})}
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **extra}
+        return httpx.post(self.url + "/v1/chat/completions", json=body, headers=headers, timeout=30)
+
+    def model_folder(self, name: str) -> str:
+        folder = self.tmp / name
+        folder.mkdir(exist_ok=True)
+        (folder / "config.json").write_text("{}")
+        return str(folder)
+
+    def wait_phase(self, *phases: str, timeout: float = 60) -> dict[str, object]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            current = self.admin("GET", "/admin/rollouts/current").json()
+            if current["phase"] in phases:
+                return current  # type: ignore[no-any-return]
+            time.sleep(0.05)
+        raise AssertionError(f"rollout still {current['phase']}: {current}")
+
+    def processes(self) -> list[EngineProcess]:
+        handles = self.app_state.orchestrator.handles.values()  # type: ignore[attr-defined]
+        return [h.process for h in handles]
+
+
+def start_fleet(tmp: Path, blue_replicas: int = 1, **overrides: object) -> Iterator[Fleet]:
+    spec = EngineSpec(model=str(tmp / "v1"), served_model_name="m")
+    (tmp / "v1").mkdir()
+    (tmp / "v1" / "config.json").write_text("{}")
+    launcher = EngineLauncher(spec, tmp / "logs", command=FAKE, ready_timeout_s=30)
+    processes = [EngineProcess(spec, tmp / "logs" / f"blue-{i}.log", command=FAKE) for i in range(blue_replicas)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.wait_ready(30)
+    replicas = [Replica(p.url, name=f"blue-v1-{i}", deployment="blue", version="v1") for i, p in enumerate(processes)]
+    values: dict[str, object] = {
+        "api_keys": KEY,
+        "admin_keys": ADMIN,
+        "health_interval_s": 0.2,
+        "drain_timeout_s": 10,
+        "restart_backoff_s": 0.2,
+        "data_dir": tmp / "data",
+        "gate_dataset": Path(__file__).resolve().parents[1] / "data/intent/test.jsonl",
+    }
+    settings = load_settings(**{**values, **overrides})
+    managed = {r.name: launcher.handle(p) for r, p in zip(replicas, processes, strict=True)}
+    app = create_app(settings, replicas, launcher=launcher, managed=managed)
+    try:
+        with ServerThread(app) as server:
+            assert wait_for(lambda: httpx.get(f"{server.url}/ready").status_code == 200)
+            yield Fleet(server.url, launcher, app.state, tmp)
+    finally:
+        for handle in list(app.state.orchestrator.handles.values()):
+            handle.process.stop(grace_s=2)
+        for process in processes:
+            process.stop(grace_s=2)
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    yield from start_fleet(tmp_path)
+
+
+def test_blue_green_under_streaming_load_loses_nothing(fleet: Fleet) -> None:
+    blue = fleet.processes()[0]
+    with StreamingClients(fleet.url, KEY, "m", clients=16, max_tokens=20) as load:
+        time.sleep(1.0)
+        accepted = fleet.admin("POST", "/admin/rollouts", {"target": fleet.model_folder("v2"), "version": "v2"})
+        assert accepted.status_code == 202, accepted.text
+        done = fleet.wait_phase("done", "failed")
+        time.sleep(1.0)
+    summary = load.summary()
+    assert done["phase"] == "done", done
+    assert summary["failed"] == 0 and summary["truncated"] == 0, summary
+    assert summary["served_by_version"].keys() == {"v1", "v2"}
+    assert done["facts"]["switch_s"] <= 1.0  # type: ignore[index]
+    durations = done["durations_s"]
+    assert set(durations) >= {"starting", "warming", "switching", "draining", "done"}  # type: ignore[arg-type]
+    assert not blue.alive()
+    described = fleet.admin("GET", "/admin/deployments").json()
+    assert list(described["deployments"]) == ["green"] and fleet.chat().headers["x-shipyard-version"] == "v2"
+    audit = (fleet.tmp / "data" / "audit.jsonl").read_text()
+    assert '"action": "rollout_requested"' in audit and '"who": "admin:' in audit and '"phase": "done"' in audit
+
+
+def test_canary_share_stickiness_and_rollback(fleet: Fleet) -> None:
+    r = fleet.admin(
+        "POST", "/admin/rollouts", {"target": fleet.model_folder("v2"), "version": "v2", "canary_percent": 10}
+    )
+    assert r.status_code == 202, r.text
+    fleet.wait_phase("canary")
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        versions = Counter(pool.map(lambda _: fleet.chat().headers["x-shipyard-version"], range(1000)))
+    assert 70 <= versions["v2"] <= 130, versions  # 10 ± 3 %
+    for session in ("alice", "bob", "carol"):
+        assert len({fleet.chat(session=session).headers["x-shipyard-version"] for _ in range(20)}) == 1
+    assert fleet.admin("POST", "/admin/rollouts/current/rollback").json()["phase"] == "rolled_back"
+    assert {fleet.chat().headers["x-shipyard-version"] for _ in range(50)} == {"v1"}
+    assert wait_for(lambda: len(fleet.processes()) == 1, timeout=15)
+
+
+def test_failed_gate_leaves_the_old_version_serving(fleet: Fleet) -> None:
+    r = fleet.admin(
+        "POST",
+        "/admin/rollouts",
+        {"target": fleet.model_folder("v2"), "version": "v2", "gate": "intent:min_acc=0.9,n=8"},
+    )
+    assert r.status_code == 202
+    failed = fleet.wait_phase("failed", "done")
+    assert failed["phase"] == "failed" and "quality gate failed" in str(failed["error"])
+    assert failed["facts"]["gate_n"] == 8  # type: ignore[index]
+    assert wait_for(lambda: len(fleet.processes()) == 1, timeout=15)
+    assert fleet.chat().headers["x-shipyard-version"] == "v1"
+
+
+def test_bad_admin_input_changes_nothing(fleet: Fleet) -> None:
+    before = fleet.admin("GET", "/admin/deployments").json()
+    target = fleet.model_folder("v2")
+    cases = [
+        ({"target": target}, KEY, 401, "invalid API key"),
+        ({"target": target}, "", 401, "missing API key"),
+        ({"target": str(fleet.tmp / "nope")}, ADMIN, 400, "does not exist"),
+        ({"target": target, "gate": "intent:min_acc=2"}, ADMIN, 400, "min_acc"),
+        ({"target": target, "gate": "reply:min_acc=0.5"}, ADMIN, 400, "not supported"),
+        ({"target": target, "canary_percent": 150}, ADMIN, 400, "between 0 and 100"),
+        ({"target": target, "version": "v1"}, ADMIN, 409, "already served"),
+        ({"target": target, "lora": True}, ADMIN, 400, "not a LoRA adapter folder"),
+        ({"target": target, "surprise": 1}, ADMIN, 422, "surprise"),
+    ]
+    for body, key, status, fragment in cases:
+        r = fleet.admin("POST", "/admin/rollouts", body, key=key)
+        assert r.status_code == status and fragment in r.json()["error"]["message"], (body, r.text)
+    assert fleet.admin("POST", "/admin/rollouts/current/promote").status_code == 409
+    assert fleet.admin("POST", "/admin/rollouts/current/rollback").status_code == 409
+    assert fleet.admin("GET", "/admin/rollouts/current").status_code == 404
+    assert fleet.admin("GET", "/admin/deployments").json() == before
+
+    assert fleet.admin("POST", "/admin/rollouts", {"target": target, "canary_percent": 5}).status_code == 202
+    second = fleet.admin("POST", "/admin/rollouts", {"target": fleet.model_folder("v3")})
+    assert second.status_code == 409 and "still" in second.json()["error"]["message"]
+
+
+def test_gate_that_cannot_run(tmp_path: Path) -> None:
+    for fleet in start_fleet(tmp_path, gate_dataset=tmp_path / "missing.jsonl"):
+        r = fleet.admin("POST", "/admin/rollouts", {"target": fleet.model_folder("v2"), "gate": "intent:min_acc=0.5"})
+        assert r.status_code == 400 and "cannot run" in r.json()["error"]["message"]
+
+
+def test_lora_hot_load_switches_the_alias_in_place(fleet: Fleet) -> None:
+    adapter = fleet.tmp / "adapter-v2"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with StreamingClients(fleet.url, KEY, "m", clients=8, max_tokens=10) as load:
+        time.sleep(0.5)
+        started = time.monotonic()
+        assert (
+            fleet.admin("POST", "/admin/rollouts", {"target": str(adapter), "version": "v2", "lora": True}).status_code
+            == 202
+        )
+        done = fleet.wait_phase("done", "failed")
+        serving_after = time.monotonic() - started
+        time.sleep(0.5)
+    assert done["phase"] == "done", done["error"]
+    assert serving_after < 2.0
+    assert load.summary()["failed"] == 0
+    assert fleet.admin("GET", "/admin/deployments").json()["aliases"] == {"m": "m@v2"}
+    response = fleet.chat()
+    assert response.status_code == 200 and response.json()["model"] == "m@v2"
+
+
+def test_crashed_replica_requests_move_and_it_restarts(tmp_path: Path) -> None:
+    for fleet in start_fleet(tmp_path, blue_replicas=2):
+        victim = fleet.processes()[0]
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(fleet.chat) for _ in range(8)]
+            time.sleep(0.02)  # accepted, waiting for their first token (ttft 50 ms)
+            os.kill(victim.pid or 0, signal.SIGKILL)
+            results = [f.result() for f in futures]
+            more = list(pool.map(lambda _: fleet.chat(), range(40)))
+        assert all(r.status_code == 200 for r in results + more), [
+            r.text for r in results + more if r.status_code != 200
+        ]
+        metrics = httpx.get(f"{fleet.url}/metrics").text
+        assert "shipyard_retries_total" in metrics
+        assert wait_for(lambda: victim.alive() and httpx.get(victim.url + "/health").status_code == 200, timeout=20)
+        described = fleet.admin("GET", "/admin/deployments").json()
+        restarted = [r for r in described["deployments"]["blue"]["replicas"] if r["restarts"] >= 1]
+        assert len(restarted) == 1
+        assert wait_for(
+            lambda: all(
+                r["ready"] for r in fleet.admin("GET", "/admin/deployments").json()["deployments"]["blue"]["replicas"]
+            ),
+            timeout=10,
+        )
