@@ -102,6 +102,16 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
     yield from start_fleet(tmp_path)
 
 
+@pytest.fixture
+def fleet_of_two(tmp_path: Path) -> Iterator[Fleet]:
+    yield from start_fleet(tmp_path, blue_replicas=2)
+
+
+@pytest.fixture
+def fleet_without_gate_data(tmp_path: Path) -> Iterator[Fleet]:
+    yield from start_fleet(tmp_path, gate_dataset=tmp_path / "missing.jsonl")
+
+
 def test_blue_green_under_streaming_load_loses_nothing(fleet: Fleet) -> None:
     blue = fleet.processes()[0]
     with StreamingClients(fleet.url, KEY, "m", clients=16, max_tokens=20) as load:
@@ -181,10 +191,10 @@ def test_bad_admin_input_changes_nothing(fleet: Fleet) -> None:
     assert second.status_code == 409 and "still" in second.json()["error"]["message"]
 
 
-def test_gate_that_cannot_run(tmp_path: Path) -> None:
-    for fleet in start_fleet(tmp_path, gate_dataset=tmp_path / "missing.jsonl"):
-        r = fleet.admin("POST", "/admin/rollouts", {"target": fleet.model_folder("v2"), "gate": "intent:min_acc=0.5"})
-        assert r.status_code == 400 and "cannot run" in r.json()["error"]["message"]
+def test_gate_that_cannot_run(fleet_without_gate_data: Fleet) -> None:
+    fleet = fleet_without_gate_data
+    r = fleet.admin("POST", "/admin/rollouts", {"target": fleet.model_folder("v2"), "gate": "intent:min_acc=0.5"})
+    assert r.status_code == 400 and "cannot run" in r.json()["error"]["message"]
 
 
 def test_lora_hot_load_switches_the_alias_in_place(fleet: Fleet) -> None:
@@ -209,27 +219,21 @@ def test_lora_hot_load_switches_the_alias_in_place(fleet: Fleet) -> None:
     assert response.status_code == 200 and response.json()["model"] == "m@v2"
 
 
-def test_crashed_replica_requests_move_and_it_restarts(tmp_path: Path) -> None:
-    for fleet in start_fleet(tmp_path, blue_replicas=2):
-        victim = fleet.processes()[0]
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            futures = [pool.submit(fleet.chat) for _ in range(8)]
-            time.sleep(0.02)  # accepted, waiting for their first token (ttft 50 ms)
-            os.kill(victim.pid or 0, signal.SIGKILL)
-            results = [f.result() for f in futures]
-            more = list(pool.map(lambda _: fleet.chat(), range(40)))
-        assert all(r.status_code == 200 for r in results + more), [
-            r.text for r in results + more if r.status_code != 200
-        ]
-        metrics = httpx.get(f"{fleet.url}/metrics").text
-        assert "shipyard_retries_total" in metrics
-        assert wait_for(lambda: victim.alive() and httpx.get(victim.url + "/health").status_code == 200, timeout=20)
-        described = fleet.admin("GET", "/admin/deployments").json()
-        restarted = [r for r in described["deployments"]["blue"]["replicas"] if r["restarts"] >= 1]
-        assert len(restarted) == 1
-        assert wait_for(
-            lambda: all(
-                r["ready"] for r in fleet.admin("GET", "/admin/deployments").json()["deployments"]["blue"]["replicas"]
-            ),
-            timeout=10,
-        )
+def test_crashed_replica_requests_move_and_it_restarts(fleet_of_two: Fleet) -> None:
+    fleet = fleet_of_two
+    victim = fleet.processes()[0]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(fleet.chat) for _ in range(8)]
+        time.sleep(0.02)  # accepted, waiting for their first token (ttft 50 ms)
+        os.kill(victim.pid or 0, signal.SIGKILL)
+        results = [f.result() for f in futures]
+        results += list(pool.map(lambda _: fleet.chat(), range(40)))
+    assert all(r.status_code == 200 for r in results), [r.text for r in results if r.status_code != 200]
+    assert "shipyard_retries_total" in httpx.get(f"{fleet.url}/metrics").text
+
+    def replicas() -> list[dict[str, object]]:
+        return fleet.admin("GET", "/admin/deployments").json()["deployments"]["blue"]["replicas"]  # type: ignore[no-any-return]
+
+    assert wait_for(lambda: victim.alive() and httpx.get(victim.url + "/health").status_code == 200, timeout=20)
+    assert [r["restarts"] for r in replicas()].count(1) == 1
+    assert wait_for(lambda: all(r["ready"] for r in replicas()), timeout=10)
