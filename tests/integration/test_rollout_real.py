@@ -1,0 +1,48 @@
+"""Zero-downtime updates with two real vLLM-CPU engines of the default model (benchmarks/rollout_cpu.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import shared_models_dir
+
+pytestmark = pytest.mark.integration
+
+
+def test_rollouts_under_load_with_real_engines(default_model_dir: Path, tmp_path: Path, repo_root: Path) -> None:
+    script = repo_root / "benchmarks" / "rollout_cpu.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--out", str(tmp_path), "--models-dir", str(shared_models_dir())],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "rollout.json").read_text())
+
+    blue_green = report["blue_green"]
+    assert blue_green["rollout"]["phase"] == "done", blue_green["rollout"]
+    assert blue_green["load"]["failed"] == 0 and blue_green["load"]["truncated"] == 0, blue_green["load"]
+    assert set(blue_green["load"]["served_by_version"]) == {"v1", "v2"}
+    assert blue_green["rollout"]["facts"]["switch_s"] <= 1.0
+
+    canary = report["canary"]
+    assert canary["errors"] == 0 and 0.07 <= canary["canary_share"] <= 0.13, canary
+    assert all(len(versions) == 1 for versions in canary["sticky_sessions"].values())
+
+    kill = report["kill"]
+    assert kill["non_streaming_errors"] == 0, kill  # accepted-but-not-started requests moved, none lost
+    assert kill["restarted_after_s"] is not None
+    stream_errors = kill["streams"]["errors"]
+    assert kill["streams"]["truncated"] == 0 and all("upstream" in e for e in stream_errors), kill["streams"]
+    assert report["canary_rollback"]["phase"] == "rolled_back"
+
+    lora = report["lora"]
+    assert lora["rollout"]["phase"] == "done" and lora["load"]["failed"] == 0, lora
+    assert lora["aliases"] == {"smollm2-135m-instruct": "smollm2-135m-instruct@lora1"}
+    assert report["engines_left_after_ctrl_c"] == 0
