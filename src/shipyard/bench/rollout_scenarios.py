@@ -44,9 +44,14 @@ class Admin:
             time.sleep(0.1)
         raise TimeoutError(f"rollout still {rollout['phase']} after {timeout}s")
 
-    def chat(self, session: str | None = None) -> httpx.Response:
+    def chat(self, session: str | None = None, max_tokens: int = 1) -> httpx.Response:
         headers = {**self.user, **({"x-session-id": session} if session else {})}
-        body = {"model": self.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": max_tokens,
+            "ignore_eos": True,
+        }
         return httpx.post(self.gateway + "/v1/chat/completions", json=body, headers=headers, timeout=120)
 
 
@@ -84,8 +89,10 @@ def kill_replica(admin: Admin, pid: int, replica_name: str, clients: int = 16, t
     retries_before = _retries(admin)
     with StreamingClients(admin.gateway, admin.api_key, admin.model, clients=clients, max_tokens=24) as load:
         time.sleep(3)
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            pending = [pool.submit(admin.chat) for _ in range(16)]
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            # Non-streaming requests still generating when the engine dies: nothing reached their clients yet.
+            pending = [pool.submit(admin.chat, None, 64) for _ in range(16)]
+            time.sleep(0.5)
             killed_at = time.monotonic()
             os.kill(pid, signal.SIGKILL)
             answers = [f.result() for f in pending]

@@ -13,7 +13,7 @@ from pydantic import SecretStr
 
 from shipyard.cli.app import ConfigOption, app, fail, settings_from
 from shipyard.engine import EngineProcess, EngineSpec, EngineStartError, Profile
-from shipyard.engine.launcher import EngineHandle, EngineLauncher
+from shipyard.engine.launcher import EngineHandle, EngineLauncher, cpu_halves
 from shipyard.gateway import create_app
 from shipyard.gateway.auth import ensure_api_key
 from shipyard.gateway.server import run_gateway
@@ -152,16 +152,23 @@ def serve_stack(
                 )
             except ValueError as exc:
                 raise fail(str(exc)) from None
-            env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if enable_lora else None
+            env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if enable_lora else {}
+            halves = cpu_halves() if resolve_profile(profile or e.profile) == Profile.CPU.value else None
             launcher = EngineLauncher(
                 spec,
                 settings.data_dir / "logs",
                 command=e.vllm_command or None,
                 env=env,
                 ready_timeout_s=e.startup_timeout_s,
+                cpu_binds=[halves[1], halves[0]] if halves else None,
             )
+            first_env = {**env, "VLLM_CPU_OMP_THREADS_BIND": halves[0]} if halves else env
             process = EngineProcess(
-                spec, settings.data_dir / "logs" / "engine.log", port=e.port, command=e.vllm_command or None, env=env
+                spec,
+                settings.data_dir / "logs" / "engine.log",
+                port=e.port,
+                command=e.vllm_command or None,
+                env=first_env or None,
             )
             typer.echo(f"starting vLLM for {folder} (log: {process.log_file}) ...", err=True)
             process.start()

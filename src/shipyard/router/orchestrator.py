@@ -249,7 +249,7 @@ class Orchestrator:
             self._enter(rollout, Phase.STARTING)
             replicas, model = await (self._load_adapter(rollout) if plan.lora else self._start_new(rollout))
             self._enter(rollout, Phase.WARMING)
-            await self._warm_up(replicas, model)
+            await self._warm_up(replicas, model, light=plan.lora)
             if plan.gate is not None:
                 self._enter(rollout, Phase.GATING)
                 await self._gate(rollout, replicas[0], model)
@@ -342,8 +342,24 @@ class Orchestrator:
         self.adapters[new_model] = path
         return replicas, new_model
 
-    async def _warm_up(self, replicas: list[Replica], model: str) -> None:
-        """Real requests, including structured outputs, so first users do not pay for grammar compilation."""
+    async def _warm_up(self, replicas: list[Replica], model: str, light: bool = False) -> None:
+        """Real requests, including structured outputs, so first users do not pay for grammar compilation.
+
+        ``light``: one 1-token request per replica, to prove the new model answers. Enough for a LoRA adapter,
+        which runs in an engine whose kernels and grammars are already warm.
+        """
+        if light:
+            for replica in replicas:
+                response = await self.client.post(
+                    f"{replica.url}/v1/chat/completions",
+                    timeout=120,
+                    json={"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1},
+                )
+                if response.status_code != 200:
+                    raise RuntimeError(
+                        f"{model} does not answer on {replica.name}: HTTP {response.status_code} {response.text[:200]}"
+                    )
+            return
         template = next(iter(self.templates.values()))
         conversation = [Message(role="user", content="My parcel is late and I want a refund.")]
         bodies = [
