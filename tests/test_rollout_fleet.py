@@ -237,3 +237,26 @@ def test_crashed_replica_requests_move_and_it_restarts(fleet_of_two: Fleet) -> N
     assert wait_for(lambda: victim.alive() and httpx.get(victim.url + "/health").status_code == 200, timeout=20)
     assert [r["restarts"] for r in replicas()].count(1) == 1
     assert wait_for(lambda: all(r["ready"] for r in replicas()), timeout=10)
+
+
+def test_deploy_and_rollout_cli(fleet: Fleet) -> None:
+    from typer.testing import CliRunner
+
+    from shipyard.cli import app
+
+    runner = CliRunner()
+    gateway = ["--gateway", fleet.url, "--admin-key", ADMIN]
+    result = runner.invoke(app, ["deploy", fleet.model_folder("v2"), "--version", "v2", *gateway])
+    assert result.exit_code == 0, result.output
+    assert "accepted" in result.stdout and "[done]" in result.stdout and "switch_s=" in result.stdout
+    status = runner.invoke(app, ["rollout", "status", *gateway])
+    assert status.exit_code == 0 and "green: weight 1.00" in status.stdout and "version=v2" in status.stdout
+    for args, fragment in [
+        (["rollout", "promote", *gateway], "no canary to promote"),
+        (["deploy", fleet.model_folder("v3"), "--gateway", fleet.url, "--admin-key", KEY], "invalid API key"),
+        (["deploy", "/nonexistent", *gateway], "does not exist"),
+        (["rollout", "status", "--gateway", "http://127.0.0.1:9", "--admin-key", ADMIN], "cannot reach"),
+    ]:
+        failed = runner.invoke(app, args)
+        assert failed.exit_code == 1, failed.output
+        assert failed.stderr.strip().startswith("error: ") and fragment in failed.stderr, failed.stderr

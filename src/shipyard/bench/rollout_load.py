@@ -10,7 +10,6 @@ request's outcome and the version that served it.
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 from collections import Counter
@@ -19,7 +18,7 @@ from typing import Any
 
 import aiohttp
 
-from shipyard.bench.stream_load import RequestRecord, _one_stream
+from shipyard.bench.stream_load import RequestRecord, _one_stream, streaming_chat_request
 
 
 class StreamingClients:
@@ -33,17 +32,7 @@ class StreamingClients:
         max_tokens: int = 32,
         prompt: str = "Tell me about ships.",
     ) -> None:
-        self.url = base_url.rstrip("/") + "/v1/chat/completions"
-        self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
-        self.body = json.dumps(
-            {
-                "model": model,
-                "messages": [{"role": "user", "content": prompt}],
-                "max_tokens": max_tokens,
-                "stream": True,
-                "ignore_eos": True,
-            }
-        ).encode()
+        self.url, self.body, self.headers = streaming_chat_request(base_url, api_key, model, max_tokens, prompt)
         self.clients = clients
         self.records: list[RequestRecord] = []
         self.origin = time.perf_counter()

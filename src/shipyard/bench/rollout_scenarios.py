@@ -108,6 +108,7 @@ def kill_replica(admin: Admin, pid: int, replica_name: str, clients: int = 16, t
     return {
         "non_streaming_sent_at_kill": len(answers),
         "non_streaming_errors": sum(a.status_code != 200 for a in answers),
+        "non_streaming_error_samples": sorted({a.text[:300] for a in answers if a.status_code != 200})[:3],
         "moved_to_another_replica": _retries(admin) - retries_before,
         "streams": load.summary(),
         "restarted_after_s": None if back_at is None else round(back_at - killed_at, 1),
@@ -120,11 +121,13 @@ def lora_hot_load(admin: Admin, adapter: str, version: str, clients: int = 16) -
         started = time.monotonic()
         admin.post("/admin/rollouts", {"target": adapter, "version": version, "lora": True})
         rollout = admin.wait("done", "failed")
-        serving_after_s = time.monotonic() - started
+        done_after_s = time.monotonic() - started
         time.sleep(3)
     return {
         "rollout": rollout,
-        "serving_after_s": round(serving_after_s, 3),
+        # When the served name pointed at the new adapter (from the rollout's own history), and when it was done.
+        "serving_after_s": next((h["at_s"] for h in rollout["history"] if h["phase"] == "switching"), None),
+        "done_after_s": round(done_after_s, 3),
         "load": load.summary(),
         "aliases": admin.get("/admin/deployments")["aliases"],
     }

@@ -58,6 +58,21 @@ class LoadResult:
         }
 
 
+def streaming_chat_request(
+    base_url: str, api_key: str, model: str, max_tokens: int, prompt: str
+) -> tuple[str, bytes, dict[str, str]]:
+    """URL, body and headers of one streaming chat request with a fixed output length (``ignore_eos``)."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+    return base_url.rstrip("/") + "/v1/chat/completions", json.dumps(body).encode(), headers
+
+
 async def _one_stream(
     session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str], origin: float
 ) -> RequestRecord:
@@ -111,17 +126,7 @@ async def run_closed_loop(
     Requests started during warm-up are excluded (their ``started`` is negative); requests still running when
     the window closes are awaited, and their tokens after the window do not count towards throughput.
     """
-    url = base_url.rstrip("/") + "/v1/chat/completions"
-    body = json.dumps(
-        {
-            "model": model,
-            "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": max_tokens,
-            "stream": True,
-            "ignore_eos": True,
-        }
-    ).encode()
-    headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+    url, body, headers = streaming_chat_request(base_url, api_key, model, max_tokens, prompt)
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=120)
     records: list[RequestRecord] = []

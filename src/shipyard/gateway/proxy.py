@@ -29,6 +29,19 @@ from shipyard.router import NoReplicaError, Replica, ReplicaPool, UnknownModelEr
 _JSON = "application/json"
 
 
+# Failures that mean the replica never answered (refused, closed, or half-open socket): safe to send elsewhere.
+# AttributeError: httpcore/anyio read the peer name of a socket the dying server had already closed (seen here
+# when an engine was SIGKILLed under load); it is the same event as a refused connection.
+_NOTHING_ANSWERED = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.RemoteProtocolError,
+    httpx.ReadError,
+    httpx.WriteError,
+    AttributeError,
+)
+
+
 @dataclass
 class Outcome:
     model: str = "-"
@@ -238,7 +251,7 @@ class Proxy:
             self.pool.acquire(replica, attempt.upstream_model)
             try:
                 return replica, await self.client.send(request, stream=True)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError) as exc:
+            except _NOTHING_ANSWERED as exc:
                 self.pool.release(replica, attempt.upstream_model)
                 kind = "connect" if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)) else "died"
                 self._upstream_failed(replica, kind, exc)
@@ -249,6 +262,9 @@ class Proxy:
                 self.pool.release(replica, attempt.upstream_model)
                 self._upstream_failed(replica, "request", exc)
                 raise OpenAIError(502, f"upstream failed: {type(exc).__name__}: {exc}", code="upstream_error") from None
+            except BaseException:  # cancelled (the client went away while the engine worked): not in flight
+                self.pool.release(replica, attempt.upstream_model)
+                raise
 
     async def _resend(self, attempt: Attempt, failed: Replica, why: str) -> tuple[Replica, httpx.Response] | None:
         """Another replica for a stream whose replica failed before it produced a single byte."""

@@ -110,5 +110,5 @@ class UpstreamStream(Response):
             return None if scan.done else "upstream closed the stream before it finished"
         except httpx.ReadTimeout:
             return "upstream sent nothing for too long (read timeout)"
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, AttributeError) as exc:  # AttributeError: see proxy._NOTHING_ANSWERED
             return f"upstream failed mid-stream: {type(exc).__name__}: {exc}".rstrip(": ")

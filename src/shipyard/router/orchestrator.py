@@ -402,17 +402,13 @@ class Orchestrator:
         deadline = time.monotonic() + self.config.drain_timeout_s
         if plan.lora:
             old_model = rollout.facts["old_model"]
+            rollout.facts["drained_in_flight"] = self.pool.in_flight_for(old_model)
             while self.pool.in_flight_for(old_model) > 0 and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
+            rollout.facts["drain_timed_out"] = self.pool.in_flight_for(old_model) > 0
             if rollout.phase is not Phase.DRAINING:
                 return
-            if old_model in self.adapters:
-                for replica in self.pool.deployments().get(plan.new_deployment, []):
-                    with contextlib.suppress(httpx.HTTPError):
-                        await self.client.post(
-                            f"{replica.url}/v1/unload_lora_adapter", json={"lora_name": old_model}, timeout=60
-                        )
-                self.adapters.pop(old_model, None)
+            await self._unload_adapter(plan.new_deployment, old_model)
             return
         old = [r for r in self.pool.replicas if r.deployment == plan.old_deployment]
         rollout.facts["drained_in_flight"] = sum(r.in_flight for r in old)
@@ -431,13 +427,8 @@ class Orchestrator:
             new_model = rollout.facts.get("new_model")
             while new_model and self.pool.in_flight_for(new_model) > 0:
                 await asyncio.sleep(0.05)
-            if new_model in self.adapters:
-                for replica in self.pool.deployments().get(plan.new_deployment, []):
-                    with contextlib.suppress(httpx.HTTPError):
-                        await self.client.post(
-                            f"{replica.url}/v1/unload_lora_adapter", json={"lora_name": new_model}, timeout=60
-                        )
-                self.adapters.pop(new_model, None)
+            if new_model:
+                await self._unload_adapter(plan.new_deployment, new_model)
             return
         new = [r for r in self.pool.replicas if r.deployment == plan.new_deployment]
         deadline = time.monotonic() + self.config.drain_timeout_s
@@ -450,6 +441,15 @@ class Orchestrator:
         weights = {k: v for k, v in self.pool.weights.items() if k != plan.new_deployment}
         if weights:
             self.pool.set_weights(weights)
+
+    async def _unload_adapter(self, deployment: str, name: str) -> None:
+        """Unload a runtime LoRA adapter from a deployment's engines (the base model is never unloaded)."""
+        if name not in self.adapters:
+            return
+        for replica in self.pool.deployments().get(deployment, []):
+            with contextlib.suppress(httpx.HTTPError):
+                await self.client.post(f"{replica.url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60)
+        self.adapters.pop(name, None)
 
     async def _remove(self, replicas: list[Replica]) -> None:
         for replica in replicas:
