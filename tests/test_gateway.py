@@ -261,3 +261,16 @@ def test_concurrent_streams_all_complete(stack: Stack) -> None:
     for t in threads:
         t.join()
     assert len(results) == 16 and all(r.count("tok") == 20 for r in results)
+
+
+def test_client_gone_during_a_non_streaming_request_is_not_left_in_flight(stack: Stack) -> None:
+    stack.fake.token_rate = 5.0  # 20 tokens: the engine works ~4 s
+    with stack.http() as http, pytest.raises(httpx.ReadTimeout):
+        http.post(
+            "/v1/chat/completions", json={"model": "fake-model", "messages": MESSAGES, "max_tokens": 20}, timeout=0.5
+        )
+
+    def in_flight() -> int:
+        return int(httpx.get(f"{stack.url}/ready").json()["replicas"][0]["in_flight"])
+
+    assert wait_for(lambda: in_flight() == 0, timeout=3)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
+import anyio
 import httpx
 from fastapi import Request
 from starlette.responses import Response
@@ -40,6 +41,13 @@ _NOTHING_ANSWERED = (
     httpx.WriteError,
     AttributeError,
 )
+
+
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
 
 
 @dataclass
@@ -154,22 +162,44 @@ class Proxy:
                 data.get("user") if isinstance(data.get("user"), str) else None
             )
             attempt = Attempt(parsed.model, path, body, upstream_model, session)
-            replica, upstream = await self._send(attempt)
+            replica, upstream = await self._until_disconnect(request, self._send(attempt))
             if parsed.stream and upstream.status_code == 200:
                 streaming = True
                 status = 200
                 return self._stream(route, model_label, attempt, replica, upstream, drop_usage, started)
-            content = await self._read_all(replica, upstream, attempt)
+            content = await self._until_disconnect(request, self._read_all(replica, upstream, attempt))
             status = upstream.status_code
             if status == 200:
                 self._count_usage(model_label, content)
             return Response(content, status_code=status, media_type=_JSON, headers=served_by(replica))
+        except ClientGone:
+            status = 499  # nobody to answer; the engine's request was aborted with the connection
+            return Response(status_code=499)
         except OpenAIError as exc:
             status = exc.status
             raise
         finally:
             if not streaming:
                 self._finish(route, model_label, status, started)
+
+    @staticmethod
+    async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
+        """Await ``work`` unless the client disconnects first: then cancel it (closing the upstream connection
+        makes vLLM abort the request) and raise ClientGone."""
+        done: list[T] = []
+        async with anyio.create_task_group() as group:
+
+            async def watch() -> None:
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+                group.cancel_scope.cancel()
+
+            group.start_soon(watch)
+            done.append(await work)
+            group.cancel_scope.cancel()
+        if not done:
+            raise ClientGone()
+        return done[0]
 
     async def _read_all(self, replica: Replica, upstream: httpx.Response, attempt: Attempt) -> bytes:
         try:
