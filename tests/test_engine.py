@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -122,3 +123,15 @@ def test_last_error_prefers_error_lines(tmp_path: Path) -> None:
     log.write_text("INFO a\nTraceback (most recent call last):\nRuntimeError: boom\nINFO shutting down\n")
     assert last_error(log) == "RuntimeError: boom"
     assert last_error(tmp_path / "missing") == ""
+
+
+def test_engine_is_pinned_to_the_cores_it_binds(tmp_path: Path) -> None:
+    from shipyard.engine.process import parse_cpu_list
+
+    assert parse_cpu_list("0-2,5") == {0, 1, 2, 5} and parse_cpu_list("auto") is None
+    engine = EngineProcess(
+        EngineSpec(model="/m"), tmp_path / "log", command=FAKE_ENGINE, env={"VLLM_CPU_OMP_THREADS_BIND": "0"}
+    )
+    with engine:
+        engine.wait_ready(timeout=30)
+        assert engine.pid is not None and os.sched_getaffinity(engine.pid) == {0}

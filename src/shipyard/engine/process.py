@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -60,6 +60,30 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def parse_cpu_list(text: str) -> set[int] | None:
+    """``"0-3,6"`` -> {0, 1, 2, 3, 6}; None for vLLM's symbolic values (``auto``, ``nobind``) or anything else."""
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            first, _, last = part.strip().partition("-")
+            cpus.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        return None
+    return cpus or None
+
+
+def _child_setup(cpus: set[int] | None) -> Callable[[], None]:
+    def setup() -> None:  # pragma: no cover - runs in the child between fork and exec
+        _die_with_parent()
+        if cpus:
+            # The whole engine (API server, engine core, workers) stays on its cores, so a second engine
+            # starting beside it is not starved by the first one's busy loops.
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, cpus)
+
+    return setup
+
+
 class EngineProcess:
     """A ``vllm`` OpenAI server for one :class:`EngineSpec`.
 
@@ -83,6 +107,12 @@ class EngineProcess:
         self.command = list(command) if command else [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
         self.env = env
         self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def cpus(self) -> set[int] | None:
+        """The cores this engine is pinned to: those of ``VLLM_CPU_OMP_THREADS_BIND`` when it names cores."""
+        bind = (self.env or {}).get("VLLM_CPU_OMP_THREADS_BIND")
+        return parse_cpu_list(bind) if bind else None
 
     @property
     def url(self) -> str:
@@ -110,7 +140,7 @@ class EngineProcess:
                 stdin=subprocess.DEVNULL,
                 env=env,
                 start_new_session=True,  # own process group: stop() reaches vLLM's engine-core children too
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                preexec_fn=_child_setup(self.cpus) if sys.platform == "linux" else None,
             )
 
     def alive(self) -> bool:
