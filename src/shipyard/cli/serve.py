@@ -135,9 +135,10 @@ def serve_stack(
         if engine:
             folder, served = resolve_model(settings)
             e = settings.engine
+            profile_name = resolve_profile(profile or e.profile)
             try:
                 spec = EngineSpec.from_profile(
-                    resolve_profile(profile or e.profile),
+                    profile_name,
                     model=folder,
                     served_model_name=served,
                     dtype=None if e.dtype == "auto" else e.dtype,
@@ -153,7 +154,7 @@ def serve_stack(
             except ValueError as exc:
                 raise fail(str(exc)) from None
             env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if enable_lora else {}
-            halves = cpu_halves() if resolve_profile(profile or e.profile) == Profile.CPU.value else None
+            halves = cpu_halves() if profile_name == Profile.CPU.value else None
             launcher = EngineLauncher(
                 spec,
                 settings.data_dir / "logs",
@@ -190,10 +191,9 @@ def serve_stack(
     finally:
         engines = [process] if process is not None else []
         if gateway is not None:  # rollouts may have replaced or added engines
-            handles = gateway.state.orchestrator.handles.values()
-            engines = [
-                *{id(p): p for p in [*engines, *(h.process for h in handles if isinstance(h, EngineHandle))]}.values()
-            ]
+            for handle in gateway.state.orchestrator.handles.values():
+                if isinstance(handle, EngineHandle) and handle.process not in engines:
+                    engines.append(handle.process)
         if engines:
             typer.echo("stopping vLLM ...", err=True)
         for engine_process in engines:
