@@ -163,6 +163,12 @@ class Orchestrator:
                 f"rollout {self.current.id} is still {self.current.phase.value}; "
                 "promote, roll back or wait for it first",
             )
+        if len(self.pool.deployments()) > 1:
+            raise RolloutRejected(
+                409,
+                f"deployments {sorted(self.pool.deployments())} are both present: the previous version is still "
+                "draining or being stopped; retry when `shipyard rollout status` shows one",
+            )
         if canary_percent is not None and lora:
             raise RolloutRejected(
                 400,
