@@ -103,3 +103,21 @@ def _healthy(url: str) -> bool:
         return httpx.get(f"{url}/health", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_every_replica_refusing_gives_503_not_500() -> None:
+    settings = load_settings(api_keys=API_KEY, health_interval_s=30)
+    dead = [Replica(f"http://127.0.0.1:{free_port()}", name=f"dead-{i}") for i in range(2)]
+    with ServerThread(create_app(settings, dead)) as gw:
+        for replica in dead:  # pretend both looked healthy at the last probe
+            replica.ready, replica.models = True, {"m": 2048}
+        for stream in (False, True):
+            r = httpx.post(
+                f"{gw.url}/v1/chat/completions",
+                headers={"Authorization": f"Bearer {API_KEY}"},
+                json={"model": "m", "messages": MESSAGES, "stream": stream},
+            )
+            assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
+            assert r.json()["error"]["type"] == "service_unavailable"
+            for replica in dead:
+                replica.ready = True

@@ -25,7 +25,9 @@ def default_model_dir() -> Path:
     return pull_default(shared_models_dir()).path
 
 
-@pytest.fixture(scope="session")
+# Module scope: the engine is stopped before other modules start engines of their own (two side by side
+# already take 2 x 0.3 of the machine's memory in the rollout test).
+@pytest.fixture(scope="module")
 def engine(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineProcess]:
     spec = EngineSpec.from_profile("cpu", model=str(default_model_dir), served_model_name=MODEL, max_model_len=2048)
     log = tmp_path_factory.mktemp("engine") / "engine.log"

@@ -63,7 +63,10 @@ class StreamingClients:
 
             async def client() -> None:
                 while not self._stop.is_set():
-                    self.records.append(await _one_stream(session, self.url, self.body, self.headers, self.origin))
+                    record = await _one_stream(session, self.url, self.body, self.headers, self.origin)
+                    self.records.append(record)
+                    if not record.ok:
+                        await asyncio.sleep(0.05)  # a client that backs off a little, not a tight error loop
 
             await asyncio.gather(*(client() for _ in range(self.clients)))
 

@@ -61,12 +61,16 @@ def blue_green(admin: Admin, target: str, version: str, clients: int = 16) -> di
         admin.post("/admin/rollouts", {"target": target, "version": version})
         rollout = admin.wait("done", "failed")
         time.sleep(3)
+    if rollout["phase"] == "failed":
+        raise RuntimeError(f"blue-green rollout failed: {rollout['error']}")
     return {"rollout": rollout, "load": load.summary()}
 
 
 def canary(admin: Admin, target: str, version: str, percent: float = 10, requests: int = 1000) -> dict[str, Any]:
     admin.post("/admin/rollouts", {"target": target, "version": version, "canary_percent": percent})
     rollout = admin.wait("canary", "failed")
+    if rollout["phase"] == "failed":
+        raise RuntimeError(f"canary rollout failed: {rollout['error']}")
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(lambda _: admin.chat(), range(requests)))
     served = Counter(a.headers.get("x-shipyard-version", "?") for a in answers)

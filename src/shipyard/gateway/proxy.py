@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -9,7 +11,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import anyio
 import httpx
 from fastapi import Request
 from starlette.responses import Response
@@ -185,21 +186,25 @@ class Proxy:
     @staticmethod
     async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
         """Await ``work`` unless the client disconnects first: then cancel it (closing the upstream connection
-        makes vLLM abort the request) and raise ClientGone."""
-        done: list[T] = []
-        async with anyio.create_task_group() as group:
+        makes vLLM abort the request) and raise ClientGone. Exceptions of ``work`` propagate unchanged."""
 
-            async def watch() -> None:
-                while (await request.receive())["type"] != "http.disconnect":
-                    pass
-                group.cancel_scope.cancel()
+        async def disconnected() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
 
-            group.start_soon(watch)
-            done.append(await work)
-            group.cancel_scope.cancel()
-        if not done:
+        job = asyncio.ensure_future(work)
+        watcher = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({job, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if job.done():
+                return job.result()
             raise ClientGone()
-        return done[0]
+        finally:
+            for task in (watcher, job):
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
 
     async def _read_all(self, replica: Replica, upstream: httpx.Response, attempt: Attempt) -> bytes:
         try:
