@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -54,3 +55,36 @@ def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> bo
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+def outcomes_when_killed(
+    open_stream: Callable[[], Iterable[Any]], streams: int, kill: Callable[[], None], settle_s: float = 0.3
+) -> tuple[list[tuple[str, float]], float]:
+    """Start ``streams`` streaming requests, kill their upstream once each has a first chunk, and return every
+    stream's outcome ("finished" or the error it raised) with the time it ended, plus the time of the kill."""
+    import openai
+
+    outcomes: list[tuple[str, float]] = []
+    started = threading.Barrier(streams + 1)
+
+    def consume() -> None:
+        chunks = iter(open_stream())
+        try:
+            next(chunks)
+            started.wait(timeout=60)
+            for _ in chunks:
+                pass
+            outcomes.append(("finished", time.monotonic()))
+        except openai.APIError as exc:
+            outcomes.append((str(exc), time.monotonic()))
+
+    threads = [threading.Thread(target=consume) for _ in range(streams)]
+    for thread in threads:
+        thread.start()
+    started.wait(timeout=60)
+    time.sleep(settle_s)
+    killed_at = time.monotonic()
+    kill()
+    for thread in threads:
+        thread.join(timeout=30)
+    return outcomes, killed_at

@@ -6,8 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 
 import httpx
 import openai
@@ -17,7 +15,7 @@ from shipyard.gateway import create_app
 from shipyard.router import Replica
 from shipyard.settings import load_settings
 from shipyard.testing import FakeOpenAI
-from tests.helpers import ServerThread, wait_for
+from tests.helpers import ServerThread, outcomes_when_killed, wait_for
 from tests.stack import API_KEY
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -62,30 +60,12 @@ def test_killed_upstream_gives_every_stream_an_error_within_2s() -> None:
         settings = load_settings(api_keys=API_KEY, health_interval_s=0.5)
         with ServerThread(create_app(settings, [Replica(url, name="fake")])) as gw:
             assert wait_for(lambda: httpx.get(f"{gw.url}/ready").status_code == 200)
-            outcomes: list[tuple[str, float]] = []
-            started = threading.Barrier(9)
-
-            def stream() -> None:
-                client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=API_KEY, max_retries=0)
-                chunks = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=500, stream=True)
-                try:
-                    next(iter(chunks))
-                    started.wait(timeout=10)
-                    for _ in chunks:
-                        pass
-                    outcomes.append(("finished", time.monotonic()))
-                except openai.APIError as exc:
-                    outcomes.append((str(exc), time.monotonic()))
-
-            threads = [threading.Thread(target=stream) for _ in range(8)]
-            for t in threads:
-                t.start()
-            started.wait(timeout=10)
-            time.sleep(0.3)
-            killed_at = time.monotonic()
-            os.killpg(proc.pid, signal.SIGKILL)
-            for t in threads:
-                t.join(timeout=10)
+            client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=API_KEY, max_retries=0)
+            outcomes, killed_at = outcomes_when_killed(
+                lambda: client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=500, stream=True),
+                streams=8,
+                kill=lambda: os.killpg(proc.pid, signal.SIGKILL),
+            )
             assert len(outcomes) == 8
             assert all("upstream" in what for what, _ in outcomes), outcomes
             assert max(at for _, at in outcomes) - killed_at < 2.0

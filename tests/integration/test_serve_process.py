@@ -6,8 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -16,7 +14,7 @@ import psutil
 import pytest
 
 from shipyard.engine import free_port
-from tests.helpers import wait_for
+from tests.helpers import outcomes_when_killed, wait_for
 from tests.integration.conftest import MODEL, shared_models_dir
 
 pytestmark = pytest.mark.integration
@@ -64,34 +62,18 @@ def test_serve_survives_engine_death_and_stops_cleanly(default_model_dir: Path, 
             for p in psutil.Process(serve.pid).children()
             if "vllm.entrypoints.openai.api_server" in " ".join(p.cmdline())
         )
-        outcomes: list[tuple[str, float]] = []
-        streaming = threading.Barrier(5)
-
-        def stream() -> None:
-            chunks = client.chat.completions.create(
+        outcomes, killed_at = outcomes_when_killed(
+            lambda: client.chat.completions.create(
                 model=MODEL,
                 messages=[{"role": "user", "content": "Tell me a long story."}],
                 max_tokens=1500,
                 stream=True,
                 extra_body={"ignore_eos": True},
-            )
-            try:
-                next(iter(chunks))
-                streaming.wait(timeout=60)
-                for _ in chunks:
-                    pass
-                outcomes.append(("finished", time.monotonic()))
-            except openai.APIError as exc:
-                outcomes.append((str(exc), time.monotonic()))
-
-        threads = [threading.Thread(target=stream) for _ in range(4)]
-        for t in threads:
-            t.start()
-        streaming.wait(timeout=60)
-        killed_at = time.monotonic()
-        engine.kill()
-        for t in threads:
-            t.join(timeout=30)
+            ),
+            streams=4,
+            kill=engine.kill,
+            settle_s=0.0,
+        )
         assert len(outcomes) == 4 and all("upstream" in what for what, _ in outcomes), outcomes
         assert max(at for _, at in outcomes) - killed_at < 2.0
         assert wait_for(lambda: _status(f"{url}/ready") == 503, timeout=3)
