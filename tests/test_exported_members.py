@@ -36,7 +36,15 @@ PUBLIC = {
         "upstream_client",
     ],
     "shipyard.testing": ["FakeOpenAI", "Fault"],
-    "shipyard.bench": ["LoadResult", "RequestRecord", "percentile", "run_closed_loop", "summarize"],
+    "shipyard.bench": [
+        "LoadResult",
+        "RequestRecord",
+        "Slo",
+        "percentile",
+        "run_closed_loop",
+        "run_open_loop",
+        "summarize",
+    ],
     "shipyard.tasks": [
         "IntentRequest",
         "IntentResponse",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -35,25 +36,74 @@ class RequestRecord:
     def ok(self) -> bool:
         return self.error is None and self.status == 200 and self.done
 
+    @property
+    def tpot_s(self) -> float | None:
+        """Mean time per output token after the first."""
+        if self.ttft_s is None or self.e2e_s is None or self.output_tokens < 2:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
+
+
+@dataclass(frozen=True)
+class Slo:
+    """Service-level objective for goodput: a request counts if it succeeded within both limits."""
+
+    ttft_ms: float | None = None
+    e2e_ms: float | None = None
+
+    def met_by(self, record: RequestRecord) -> bool:
+        if not record.ok:
+            return False
+        if self.ttft_ms is not None and (record.ttft_s is None or record.ttft_s * 1000 > self.ttft_ms):
+            return False
+        return not (self.e2e_ms is not None and (record.e2e_s is None or record.e2e_s * 1000 > self.e2e_ms))
+
+
+def parse_slo(spec: str) -> Slo:
+    """``ttft=200,e2e=2000`` (milliseconds) -> Slo; ValueError names what is wrong."""
+    values: dict[str, float] = {}
+    for part in spec.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or key.strip() not in ("ttft", "e2e"):
+            raise ValueError(f"SLO part {part!r} is not ttft=MS or e2e=MS")
+        try:
+            values[key.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"SLO value {value!r} is not a number of milliseconds") from None
+    return Slo(values.get("ttft"), values.get("e2e"))
+
 
 @dataclass
 class LoadResult:
-    concurrency: int
+    concurrency: int | None
     window_s: float
     records: list[RequestRecord]
+    rate: float | None = None
+    slo: Slo | None = None
 
     def summary(self) -> dict[str, Any]:
-        measured = [r for r in self.records if r.started >= 0]
+        """Aggregates of the requests started inside the window; failed ones stay in every denominator."""
+        measured = [r for r in self.records if 0 <= r.started < self.window_s]
         ok = [r for r in measured if r.ok]
         tokens_in_window = sum(1 for r in self.records for t in r.token_times if 0 <= t <= self.window_s)
+
+        def ms(values: list[float | None]) -> dict[str, float]:
+            return {k: v * 1000 for k, v in summarize([v for v in values if v is not None]).items()}
+
+        load: dict[str, Any] = {"rate": self.rate} if self.rate is not None else {"concurrency": self.concurrency}
+        meeting = sum(self.slo.met_by(r) for r in measured) if self.slo else len(ok)
         return {
-            "concurrency": self.concurrency,
+            **load,
             "window_s": self.window_s,
             "requests": len(measured),
             "errors": len(measured) - len(ok),
-            "ttft_ms": {k: v * 1000 for k, v in summarize([r.ttft_s for r in ok if r.ttft_s is not None]).items()},
-            "e2e_ms": {k: v * 1000 for k, v in summarize([r.e2e_s for r in ok if r.e2e_s is not None]).items()},
+            "ttft_ms": ms([r.ttft_s for r in ok]),
+            "tpot_ms": ms([r.tpot_s for r in ok]),
+            "e2e_ms": ms([r.e2e_s for r in ok]),
+            "request_per_s": len(ok) / self.window_s,
             "output_tok_per_s": tokens_in_window / self.window_s,
+            "goodput": meeting / self.window_s,
+            "goodput_fraction": meeting / len(measured) if measured else 0.0,
             "error_samples": sorted({r.error or f"HTTP {r.status}" for r in measured if not r.ok})[:5],
         }
 
@@ -120,6 +170,7 @@ async def run_closed_loop(
     duration_s: float,
     warmup_s: float = 2.0,
     prompt: str = "Tell me a story.",
+    slo: Slo | None = None,
 ) -> LoadResult:
     """Keep ``concurrency`` streams busy for ``warmup_s + duration_s``; measure the last ``duration_s``.
 
@@ -139,7 +190,53 @@ async def run_closed_loop(
                 records.append(await _one_stream(session, url, body, headers, origin))
 
         await asyncio.gather(*(client() for _ in range(concurrency)))
-    return LoadResult(concurrency, duration_s, [r for r in records if r.started < duration_s])
+    return LoadResult(concurrency, duration_s, [r for r in records if r.started < duration_s], slo=slo)
+
+
+def arrival_offsets(rate: float, duration_s: float, arrival: str = "poisson", seed: int = 0) -> list[float]:
+    """Start times (seconds from the origin) of an open-loop run: Poisson or evenly spaced at ``rate``/s."""
+    if rate <= 0:
+        raise ValueError("rate must be positive")
+    if arrival == "constant":
+        return [i / rate for i in range(int(duration_s * rate))]
+    if arrival != "poisson":
+        raise ValueError(f"arrival must be poisson or constant, not {arrival!r}")
+    rng = random.Random(seed)
+    offsets, t = [], rng.expovariate(rate)
+    while t < duration_s:
+        offsets.append(t)
+        t += rng.expovariate(rate)
+    return offsets
+
+
+async def run_open_loop(
+    base_url: str,
+    *,
+    api_key: str,
+    model: str,
+    rate: float,
+    max_tokens: int,
+    duration_s: float,
+    arrival: str = "poisson",
+    seed: int = 0,
+    prompt: str = "Tell me a story.",
+    slo: Slo | None = None,
+) -> LoadResult:
+    """Send requests at ``rate`` per second whatever the server does (open loop), for ``duration_s``."""
+    url, body, headers = streaming_chat_request(base_url, api_key, model, max_tokens, prompt)
+    offsets = arrival_offsets(rate, duration_s, arrival, seed)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=300)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
+        origin = time.perf_counter()
+
+        async def at(offset: float) -> RequestRecord:
+            delay = origin + offset - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            return await _one_stream(session, url, body, headers, origin)
+
+        records = await asyncio.gather(*(at(offset) for offset in offsets))
+    return LoadResult(None, duration_s, list(records), rate=rate, slo=slo)
 
 
 def result_json(result: LoadResult) -> dict[str, Any]:

@@ -79,3 +79,26 @@ def bars_png(names: Sequence[str], metrics: Mapping[str, Sequence[float]], path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def latency_throughput_png(
+    throughput: Sequence[float],
+    ttft_p99: Sequence[float],
+    e2e_p99: Sequence[float],
+    labels: Sequence[str],
+    path: Path,
+) -> None:
+    """The latency–throughput curve of a sweep: one point per load level."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.plot(throughput, e2e_p99, marker="o", label="E2E p99")
+    ax.plot(throughput, ttft_p99, marker="s", label="TTFT p99")
+    for x, y, label in zip(throughput, e2e_p99, labels, strict=True):
+        ax.annotate(label, (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    ax.set_xlabel("output tokens/s")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title("latency vs throughput")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
