@@ -51,6 +51,7 @@ def _run_with_progress(total: int, job: Callable[[Callable[[Outcome], None]], Ev
 
 
 def _report(run: EvalRun, out: Path, keys: list[str]) -> None:
+    """Write the run, print its headline; exit 1 if not a single request succeeded (files are still written)."""
     write_run(out, run)
     s = run.summary
     parts = [f"{k}={s[k]:.3f}" if isinstance(s[k], float) else f"{k}={s[k]}" for k in keys]
@@ -64,6 +65,8 @@ def _report(run: EvalRun, out: Path, keys: list[str]) -> None:
     if s.get("prefix_cache") and s["prefix_cache"]["hit_rate"] is not None:
         typer.echo(f"engine prefix-cache hit rate during the run: {s['prefix_cache']['hit_rate']:.3f}")
     typer.echo(f"wrote {out}/summary.json, report.md, predictions.jsonl and plots")
+    if s["errors"] == s["n"]:
+        raise fail(f"every request failed, e.g. {s['error_samples'][0]}")
 
 
 @eval_app.command("intent")
@@ -103,8 +106,6 @@ def eval_intent(
 
     run = _run_with_progress(len(data.examples), lambda on_done: asyncio.run(job(on_done)))
     _report(run, out, ["accuracy", "macro_f1"])
-    if run.summary["errors"] == run.summary["n"]:
-        raise fail(f"every request failed, e.g. {run.summary['error_samples'][0]}")
 
 
 @eval_app.command("reply")
@@ -149,8 +150,6 @@ def eval_reply(
 
     run = _run_with_progress(len(data.examples), lambda on_done: asyncio.run(job(on_done)))
     _report(run, out, ["pass_rate_085", "mean_cosine", "schema_valid_rate"])
-    if run.summary["errors"] == run.summary["n"]:
-        raise fail(f"every request failed, e.g. {run.summary['error_samples'][0]}")
 
 
 @eval_app.command("compare")
