@@ -6,13 +6,18 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from shipyard.bench.stream_load import Slo, arrival_offsets, parse_slo
 from shipyard.cli import app
 from tests.stack import API_KEY, Stack
 
 runner = CliRunner()
+
+
+def run_bench(stack: Stack, *args: str) -> Result:
+    """`shipyard bench` against the stack's gateway with its key."""
+    return runner.invoke(app, ["bench", "--url", stack.url, "--api-key", API_KEY, *args])
 
 
 def test_arrival_schedules() -> None:
@@ -34,27 +39,20 @@ def test_parse_slo() -> None:
 def test_closed_loop_sweep_writes_summary_requests_report_plots(stack: Stack, tmp_path: Path) -> None:
     stack.fake.token_rate = 200.0
     out = tmp_path / "run"
-    result = runner.invoke(
-        app,
-        [
-            "bench",
-            "--url",
-            stack.url,
-            "--api-key",
-            API_KEY,
-            "--concurrency",
-            "1,4",
-            "--duration",
-            "2",
-            "--warmup",
-            "0.5",
-            "--max-tokens",
-            "10",
-            "--out",
-            str(out),
-            "--slo",
-            "ttft=1000,e2e=5000",
-        ],
+    result = run_bench(
+        stack,
+        "--concurrency",
+        "1,4",
+        "--duration",
+        "2",
+        "--warmup",
+        "0.5",
+        "--max-tokens",
+        "10",
+        "--out",
+        str(out),
+        "--slo",
+        "ttft=1000,e2e=5000",
     )
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
@@ -75,25 +73,8 @@ def test_closed_loop_sweep_writes_summary_requests_report_plots(stack: Stack, tm
 
 def test_open_loop_holds_its_arrival_rate(stack: Stack, tmp_path: Path) -> None:
     out = tmp_path / "open"
-    result = runner.invoke(
-        app,
-        [
-            "bench",
-            "--url",
-            stack.url,
-            "--api-key",
-            API_KEY,
-            "--rate",
-            "40",
-            "--arrival",
-            "constant",
-            "--duration",
-            "3",
-            "--max-tokens",
-            "4",
-            "--out",
-            str(out),
-        ],
+    result = run_bench(
+        stack, "--rate", "40", "--arrival", "constant", "--duration", "3", "--max-tokens", "4", "--out", str(out)
     )
     assert result.exit_code == 0, result.output
     run = json.loads((out / "summary.json").read_text())["runs"][0]
@@ -108,27 +89,20 @@ def test_failures_stay_in_the_denominator(stack: Stack, tmp_path: Path) -> None:
 
     stack.fake.fault = Fault.SERVER_ERROR
     out = tmp_path / "bad"
-    result = runner.invoke(
-        app,
-        [
-            "bench",
-            "--url",
-            stack.url,
-            "--api-key",
-            API_KEY,
-            "--concurrency",
-            "2",
-            "--duration",
-            "1",
-            "--warmup",
-            "0",
-            "--max-tokens",
-            "4",
-            "--model",
-            "fake-model",
-            "--out",
-            str(out),
-        ],
+    result = run_bench(
+        stack,
+        "--concurrency",
+        "2",
+        "--duration",
+        "1",
+        "--warmup",
+        "0",
+        "--max-tokens",
+        "4",
+        "--model",
+        "fake-model",
+        "--out",
+        str(out),
     )
     assert result.exit_code == 0, result.output
     run = json.loads((out / "summary.json").read_text())["runs"][0]
