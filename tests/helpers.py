@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any
 
+import httpx
 import uvicorn
 
 from shipyard.engine import free_port
@@ -46,6 +47,14 @@ class ServerThread:
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=15)
+
+
+def healthy(url: str) -> bool:
+    """True when ``url``/health answers 200; a refused or dropped connection is simply "not yet"."""
+    try:
+        return httpx.get(f"{url}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> bool:

@@ -15,7 +15,7 @@ from shipyard.gateway import create_app
 from shipyard.router import Replica
 from shipyard.settings import load_settings
 from shipyard.testing import FakeOpenAI
-from tests.helpers import ServerThread, outcomes_when_killed, wait_for
+from tests.helpers import ServerThread, healthy, outcomes_when_killed, wait_for
 from tests.stack import API_KEY
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -56,7 +56,7 @@ def test_killed_upstream_gives_every_stream_an_error_within_2s() -> None:
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        assert wait_for(lambda: _healthy(url), timeout=20)
+        assert wait_for(lambda: healthy(url), timeout=20)
         settings = load_settings(api_keys=API_KEY, health_interval_s=0.5)
         with ServerThread(create_app(settings, [Replica(url, name="fake")])) as gw:
             assert wait_for(lambda: httpx.get(f"{gw.url}/ready").status_code == 200)
@@ -76,13 +76,6 @@ def test_killed_upstream_gives_every_stream_an_error_within_2s() -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_every_replica_refusing_gives_503_not_500() -> None:

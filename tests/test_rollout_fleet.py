@@ -21,7 +21,7 @@ from shipyard.engine.launcher import EngineLauncher
 from shipyard.gateway import create_app
 from shipyard.router import Replica
 from shipyard.settings import load_settings
-from tests.helpers import ServerThread, wait_for
+from tests.helpers import ServerThread, healthy, wait_for
 
 KEY, ADMIN = "sk-user", "sk-admin"
 FAKE = [sys.executable, "-m", "shipyard.testing.fake_openai", "--token-rate", "200", "--ttft", "0.05"]
@@ -234,7 +234,7 @@ def test_crashed_replica_requests_move_and_it_restarts(fleet_of_two: Fleet) -> N
     def replicas() -> list[dict[str, object]]:
         return fleet.admin("GET", "/admin/deployments").json()["deployments"]["blue"]["replicas"]  # type: ignore[no-any-return]
 
-    assert wait_for(lambda: victim.alive() and httpx.get(victim.url + "/health").status_code == 200, timeout=20)
+    assert wait_for(lambda: victim.alive() and healthy(victim.url), timeout=20)
     assert [r["restarts"] for r in replicas()].count(1) == 1
     assert wait_for(lambda: all(r["ready"] for r in replicas()), timeout=10)
 
