@@ -27,7 +27,8 @@ from typing import Any
 import httpx
 import psutil
 
-from shipyard.bench.stream_load import result_json, run_closed_loop
+from shipyard.bench.load import run_closed_loop
+from shipyard.bench.scenarios import RandomWorkload
 from shipyard.engine import free_port
 
 KEY = "sk-bench"
@@ -99,9 +100,8 @@ def main() -> None:
                     run_closed_loop(
                         url,
                         api_key=KEY,
-                        model="fake",
+                        workload=RandomWorkload("fake", input_tokens=32, output_tokens=args.tokens),
                         concurrency=args.concurrency,
-                        max_tokens=args.tokens,
                         duration_s=args.duration,
                         warmup_s=args.warmup,
                     )
@@ -110,7 +110,8 @@ def main() -> None:
                     "target": target,
                     "repeat": repeat,
                     "gateway_cpu_percent": gw_proc.cpu_percent(),
-                    **result_json(result),
+                    "summary": result.summary(),
+                    "requests": [r.row() for r in result.records],
                 }
                 legs.append(leg)
                 s = leg["summary"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import signal
 import sys
@@ -260,3 +261,27 @@ def test_deploy_and_rollout_cli(fleet: Fleet) -> None:
         failed = runner.invoke(app, args)
         assert failed.exit_code == 1, failed.output
         assert failed.stderr.strip().startswith("error: ") and fragment in failed.stderr, failed.stderr
+
+
+def test_bench_rollout_scenario_records_a_blue_green_under_load(fleet: Fleet) -> None:
+    from typer.testing import CliRunner
+
+    from shipyard.cli import app
+
+    out = fleet.tmp / "bench"
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            *("--url", fleet.url, "--api-key", KEY, "--admin-key", ADMIN, "--scenario", "rollout"),
+            *("--deploy", fleet.model_folder("v2"), "--deploy-version", "v2", "--concurrency", "8"),
+            *("--duration", "6", "--warmup", "0.5", "--rollout-at", "1", "--output-tokens", "10"),
+            *("--system-tokens", "16", "--no-resources", "--out", str(out)),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    run = summary["runs"][0]
+    assert summary["rollout_phase"] == "done" and run["errors"] == 0, run["error_samples"]
+    assert set(run["served_by"]) == {"blue/v1", "green/v2"}
+    assert (out / "timeline.png").stat().st_size > 0 and "timeline.png" in (out / "report.md").read_text()

@@ -1,6 +1,20 @@
-"""Load generation and its statistics."""
+"""Load generation, its scenarios and its statistics."""
 
+from shipyard.bench.load import LoadResult, RequestRecord, Slo, find_max, run_closed_loop, run_open_loop
+from shipyard.bench.scenarios import ChatWorkload, DatasetWorkload, RandomWorkload, Workload
 from shipyard.bench.stats import percentile, summarize
-from shipyard.bench.stream_load import LoadResult, RequestRecord, Slo, run_closed_loop, run_open_loop
 
-__all__ = ["LoadResult", "RequestRecord", "Slo", "percentile", "run_closed_loop", "run_open_loop", "summarize"]
+__all__ = [
+    "ChatWorkload",
+    "DatasetWorkload",
+    "LoadResult",
+    "RandomWorkload",
+    "RequestRecord",
+    "Slo",
+    "Workload",
+    "find_max",
+    "percentile",
+    "run_closed_loop",
+    "run_open_loop",
+    "summarize",
+]

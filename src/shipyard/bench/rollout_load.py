@@ -18,7 +18,8 @@ from typing import Any
 
 import aiohttp
 
-from shipyard.bench.stream_load import RequestRecord, _one_stream, streaming_chat_request
+from shipyard.bench.load import RequestRecord, send_request
+from shipyard.bench.scenarios import RequestSpec
 
 
 class StreamingClients:
@@ -32,7 +33,10 @@ class StreamingClients:
         max_tokens: int = 32,
         prompt: str = "Tell me about ships.",
     ) -> None:
-        self.url, self.body, self.headers = streaming_chat_request(base_url, api_key, model, max_tokens, prompt)
+        self.base_url = base_url.rstrip("/")
+        body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
+        self.spec = RequestSpec("/v1/chat/completions", {**body, "ignore_eos": True, "stream": True}, stream=True)
+        self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
         self.clients = clients
         self.records: list[RequestRecord] = []
         self.origin = time.perf_counter()
@@ -63,7 +67,7 @@ class StreamingClients:
 
             async def client() -> None:
                 while not self._stop.is_set():
-                    record = await _one_stream(session, self.url, self.body, self.headers, self.origin)
+                    record = await send_request(session, self.base_url, self.headers, self.spec, self.origin)
                     self.records.append(record)
                     if not record.ok:
                         await asyncio.sleep(0.05)  # a client that backs off a little, not a tight error loop

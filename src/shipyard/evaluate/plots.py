@@ -102,3 +102,51 @@ def latency_throughput_png(
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def timeline_png(
+    points: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    path: Path,
+    *,
+    ylabel: str,
+    title: str,
+    marks: Sequence[tuple[float, str]] = (),
+    failures: Sequence[float] = (),
+) -> None:
+    """Per-request latency over time (one colour per series, e.g. per version that served it), vertical marks
+    for events (a rollout's phases) and red crosses on the time axis for failed requests."""
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    for name, (xs, ys) in points.items():
+        ax.scatter(xs, ys, s=6, label=name, alpha=0.7)
+    if failures:
+        ax.scatter(failures, [0.0] * len(failures), marker="x", color="red", label="failed", zorder=3)
+    for at, label in marks:
+        ax.axvline(at, color="grey", linestyle="--", linewidth=0.8)
+        ax.annotate(label, (at, ax.get_ylim()[1]), fontsize=7, rotation=90, va="top", ha="right")
+    ax.set_xlabel("request start (s)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, markerscale=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def series_png(samples: Sequence[Mapping[str, float]], path: Path, title: str = "resources") -> None:
+    """Resource timeline: one panel per kind of series (CPU %, memory MiB, GPU %), ``t`` on the x axis."""
+    keys = sorted({k for s in samples for k in s if k != "t"})
+    kinds = [("_pct", "percent"), ("_mib", "MiB")]
+    fig, axes = plt.subplots(len(kinds), 1, figsize=(8, 5), sharex=True)
+    for ax, (suffix, unit) in zip(axes, kinds, strict=True):
+        for key in (k for k in keys if k.endswith(suffix)):
+            ax.plot([s["t"] for s in samples if key in s], [s[key] for s in samples if key in s], label=key)
+        ax.set_ylabel(unit)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    axes[0].set_title(title)
+    axes[-1].set_xlabel("time (s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,345 @@
+"""The GPU performance campaign (issue 4), run on the lent device with the staged vLLM 0.26.0 kit.
+
+Every experiment starts what it measures itself (vLLM through shipyard's own ``EngineProcess``, the gateway
+through ``shipyard serve``), drives it with ``shipyard bench`` (and ``vllm bench serve`` for the cross-check),
+and writes raw files under ``--out``. The model is the Qwen2.5-7B-Instruct shape with dummy weights
+(``.gpu/bin/mkmodel.sh``): real speed and memory, meaningless text, fixed output lengths (``ignore_eos``).
+
+    bash .gpu/bin/stage.sh && source .gpu/bin/env.sh && export PYTHONPATH=$PWD/src:$PYTHONPATH
+    python3 benchmarks/gpu_campaign.py hf        --out /tmp/campaign   # b: HF transformers generate()
+    python3 benchmarks/gpu_campaign.py overhead  --out /tmp/campaign   # a, d and the vllm bench serve check
+    python3 benchmarks/gpu_campaign.py ablation  --out /tmp/campaign --configs default,no-prefix-cache,fp8
+    python3 benchmarks/gpu_campaign.py rollout   --out /tmp/campaign   # e: blue-green on one GPU under load
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from shipyard.engine import EngineProcess, EngineSpec  # noqa: E402
+
+MODEL = Path("/root/qwen2.5-7b")
+KEY, ADMIN = "sk-campaign", "sk-campaign-admin"
+ENGINE_PORT, GATEWAY_PORT = 8000, 8080
+BASE_ARGS = ("--load-format", "dummy")
+MAX_MODEL_LEN = 4096
+
+# The tuning ablation: name -> EngineSpec fields on top of vLLM's defaults (bf16, prefix caching and chunked
+# prefill on, max-num-batched-tokens chosen by vLLM).
+ABLATION: dict[str, dict[str, Any]] = {
+    "default": {},
+    "no-prefix-cache": {"enable_prefix_caching": False},
+    "batched-tokens-2048": {"max_num_batched_tokens": 2048},
+    "batched-tokens-16384": {"max_num_batched_tokens": 16384},
+    "fp8": {"quantization": "fp8"},
+    "fp8-kv": {"kv_cache_dtype": "fp8"},
+}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def device() -> dict[str, Any]:
+    try:
+        query = "--query-gpu=name,memory.total,driver_version"
+        line = subprocess.run(
+            ["nvidia-smi", query, "--format=csv,noheader"], capture_output=True, text=True, check=True
+        ).stdout.splitlines()[0]
+        name, memory, driver = (part.strip() for part in line.split(","))
+        return {"gpu": name, "memory": memory, "driver": driver}
+    except (OSError, subprocess.CalledProcessError, IndexError, ValueError) as exc:
+        return {"gpu": f"unknown ({exc})"}
+
+
+def meta(experiment: str) -> dict[str, Any]:
+    import torch
+
+    return {
+        "experiment": experiment,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python3", *sys.argv]),
+        "device": device(),
+        "torch": torch.__version__,
+        "vllm": _vllm_version(),
+        "model": "Qwen2.5-7B-Instruct shape, dummy weights, bf16 unless stated, max-model-len 4096",
+    }
+
+
+def _vllm_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("vllm")
+    except Exception as exc:  # the staged kit is not an installed distribution everywhere
+        return f"unknown ({exc})"
+
+
+def bench(out: Path, url: str, *args: str, key: str = KEY) -> dict[str, Any]:
+    """``shipyard bench`` as a user runs it; returns its summary.json."""
+    command = [sys.executable, "-m", "shipyard.cli", "bench", "--url", url, "--api-key", key, "--out", str(out)]
+    log(" ".join(command[2:] + list(args)))
+    done = subprocess.run([*command, *args], text=True, capture_output=True)
+    print(done.stdout, done.stderr[-2000:] if done.returncode else "", flush=True)
+    summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
+    return summary
+
+
+def start_engine(work: Path, name: str, port: int = ENGINE_PORT, **fields: Any) -> EngineProcess:
+    spec = EngineSpec(
+        model=str(fields.pop("model", MODEL)),
+        served_model_name="qwen",
+        max_model_len=MAX_MODEL_LEN,
+        extra_args=BASE_ARGS,
+        **fields,
+    )
+    engine = EngineProcess(spec, work / "logs" / f"engine-{name}.log", port=port)
+    started = time.monotonic()
+    engine.start()
+    engine.wait_ready(600)
+    log(f"engine {name} ready in {time.monotonic() - started:.0f} s: {' '.join(spec.vllm_args(port))}")
+    return engine
+
+
+def start_gateway(
+    work: Path, upstream: str | None, env: dict[str, str] | None = None, model: Path = MODEL
+) -> subprocess.Popen[bytes]:
+    """``shipyard serve`` in front of ``upstream`` (or managing its own engine of ``model`` when it is None)."""
+    args = [sys.executable, "-m", "shipyard.cli", "serve", "--port", str(GATEWAY_PORT), "--profile", "default"]
+    args += ["--no-engine", "--upstream", upstream] if upstream else ["--model", str(model)]
+    base_env = {
+        "SHIPYARD_API_KEYS": KEY,
+        "SHIPYARD_ADMIN_KEYS": ADMIN,
+        "SHIPYARD_DATA_DIR": str(work / "data"),
+        "SHIPYARD_GATE_DATASET": str(ROOT / "data/intent/test.jsonl"),
+    }
+    log_file = open(work / "logs" / "gateway.log", "ab")  # noqa: SIM115 - lives as long as the process
+    proc = subprocess.Popen(
+        args, env={**os.environ, **base_env, **(env or {})}, stdout=log_file, stderr=log_file, start_new_session=True
+    )
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gateway exited {proc.returncode}; see {work / 'logs' / 'gateway.log'}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{GATEWAY_PORT}/ready", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError("gateway not ready after 900 s")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def write(out: Path, name: str, data: dict[str, Any]) -> None:
+    (out / name).write_text(json.dumps(data, indent=1))
+    log(f"wrote {out / name}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def hf_baseline(out: Path, args: argparse.Namespace) -> None:
+    """b. HF transformers ``generate`` on the same shape: 512 in / 128 out, batch 1 (what a naive server does for
+    each request) and batch 16 (its best case: a static batch of 16)."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = json.loads((MODEL / "config.json").read_text())
+    cfg = Qwen2Config(**{k: v for k, v in config.items() if k != "architectures"})
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    rows = []
+    for batch in (1, 16):
+        ids = torch.randint(1000, 20000, (batch, 512), device="cuda")
+        model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)  # warm-up
+        times = []
+        for _ in range(args.repeats):
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            model.generate(ids, max_new_tokens=128, min_new_tokens=128, do_sample=False)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+        # time to first token of generate(): one prefill + one decode step
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+        torch.cuda.synchronize()
+        ttft = time.perf_counter() - started
+        best = min(times)
+        rows.append(
+            {
+                "batch": batch,
+                "e2e_ms_runs": [round(t * 1000, 1) for t in times],
+                "e2e_ms": round(best * 1000, 1),
+                "ttft_ms": round(ttft * 1000, 1),
+                "tpot_ms": round((best - ttft) / 127 * 1000, 2),
+                "output_tok_per_s": round(batch * 128 / best, 1),
+            }
+        )
+        log(f"HF generate batch {batch}: {rows[-1]}")
+    write(out, "hf_baseline.json", {**meta("hf_baseline"), "rows": rows})
+    del model
+    torch.cuda.empty_cache()
+
+
+def overhead(out: Path, args: argparse.Namespace) -> None:
+    """a. direct vs gateway, 512/128 streaming, concurrency 1/16/64/256; then the ``vllm bench serve``
+    cross-check (same server, same load) and d. /v1/intent open loop at 100/200/400 req/s."""
+    work = out / "overhead"
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    engine = start_engine(work, "default")
+    direct = engine.url
+    gateway = start_gateway(work, direct)
+    gw_url = f"http://127.0.0.1:{GATEWAY_PORT}"
+    load = ["--endpoint", "completions", "--input-tokens", "512", "--output-tokens", "128", "--model", "qwen"]
+    load += ["--duration", str(args.duration), "--warmup", "3"]
+    try:
+        legs: dict[str, Any] = {}
+        for level in args.levels.split(","):
+            for target, url in (("direct", direct), ("gateway", gw_url)):
+                legs[f"{target}-c{level}"] = bench(work / f"{target}-c{level}", url, *load, "--concurrency", level)
+        write(out, "gateway_overhead.json", {**meta("gateway_overhead"), "legs": legs})
+
+        # vllm bench serve against the engine, then shipyard bench with the same load and request count
+        validation: dict[str, Any] = {}
+        vb = work / "vllm-bench"
+        vb.mkdir(exist_ok=True)
+        command = [
+            sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "vllm",
+            "--base-url", direct, "--model", "qwen", "--tokenizer", str(MODEL), "--dataset-name", "random",
+            "--random-input-len", "512", "--random-output-len", "128", "--num-prompts", str(args.validation_prompts),
+            "--max-concurrency", "16", "--ignore-eos", "--percentile-metrics", "ttft,tpot,itl,e2el",
+            "--metric-percentiles", "50,90,99", "--save-result", "--result-dir", str(vb), "--result-filename",
+            "vllm_bench.json",
+        ]  # fmt: skip
+        log(" ".join(command[2:]))
+        done = subprocess.run(command, capture_output=True, text=True)
+        print(done.stdout[-3000:], done.stderr[-2000:], flush=True)
+        validation["vllm_bench_serve"] = (
+            json.loads((vb / "vllm_bench.json").read_text()) if done.returncode == 0 else {"error": done.stderr[-2000:]}
+        )
+        for key in ("input_lens", "output_lens", "ttfts", "itls", "generated_texts", "errors"):
+            if isinstance(validation["vllm_bench_serve"], dict):
+                validation["vllm_bench_serve"].pop(key, None)
+        validation["shipyard_bench"] = bench(
+            work / "shipyard-c16-validation",
+            direct,
+            *load[:8],
+            "--concurrency",
+            "16",
+            "--requests",
+            str(args.validation_prompts),
+            "--warmup",
+            "0",
+        )
+        write(out, "validation.json", {**meta("vllm_bench_validation"), **validation})
+
+        intent = bench(
+            work / "intent",
+            gw_url,
+            *("--scenario", "intent", "--rate", args.intent_rates, "--duration", "10", "--warmup", "2"),
+        )
+        write(out, "intent_slo.json", {**meta("intent_slo"), "bench": intent})
+    finally:
+        stop(gateway)
+        engine.stop(30)
+
+
+def ablation(out: Path, args: argparse.Namespace) -> None:
+    """c. One engine per configuration; chat (shared prefixes) at c=64, random 512/128 at c=64 and c=4."""
+    work = out / "ablation"
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    results_file = out / "ablation.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {**meta("ablation"), "configs": {}}
+    for name in args.configs.split(","):
+        engine = start_engine(work, name, **ABLATION[name])
+        try:
+            common = ["--model", "qwen", "--duration", str(args.duration), "--warmup", "3", "--output-tokens", "128"]
+            rows = {
+                "chat_c64": bench(
+                    work / f"{name}-chat", engine.url, *common, "--scenario", "chat", "--concurrency", "64"
+                ),
+                "random": bench(
+                    work / f"{name}-random",
+                    engine.url,
+                    *common,
+                    *("--endpoint", "completions", "--input-tokens", "512", "--concurrency", "4,64"),
+                ),
+            }
+            results["configs"][name] = {"flags": ABLATION[name], "runs": rows}
+        finally:
+            engine.stop(30)
+        write(out, "ablation.json", results)
+
+
+def rollout(out: Path, args: argparse.Namespace) -> None:
+    """e. Two replicas on one GPU (0.4 of its memory each): blue-green from v1 to v2 under 64 streams."""
+    work = out / "rollout"
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    v1, v2 = Path("/root/qwen-v1"), Path("/root/qwen-v2")
+    for target in (v1, v2):
+        if not target.exists():
+            shutil.copytree(MODEL, target)
+    env = {
+        "SHIPYARD_ENGINE__GPU_MEMORY_UTILIZATION": "0.4",
+        "SHIPYARD_ENGINE__MAX_MODEL_LEN": str(MAX_MODEL_LEN),
+        "SHIPYARD_ENGINE__EXTRA_ARGS": json.dumps(list(BASE_ARGS)),
+        "SHIPYARD_SERVED_MODEL_NAME": "qwen",
+        "SHIPYARD_VERSION_LABEL": "v1",
+    }
+    gateway = start_gateway(work, None, env, model=v1)
+    try:
+        result = bench(
+            work / "bench",
+            f"http://127.0.0.1:{GATEWAY_PORT}",
+            *("--scenario", "rollout", "--deploy", str(v2), "--deploy-version", "v2", "--admin-key", ADMIN),
+            *("--concurrency", "64", "--duration", str(args.rollout_duration), "--warmup", "3", "--rollout-at", "10"),
+            *("--output-tokens", "128", "--model", "qwen"),
+        )
+        write(out, "rollout.json", {**meta("rollout_gpu"), "bench": result})
+    finally:
+        stop(gateway)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("experiment", choices=["hf", "overhead", "ablation", "rollout"])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--levels", default="1,16,64,256")
+    parser.add_argument("--duration", type=float, default=15)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--validation-prompts", type=int, default=320)
+    parser.add_argument("--intent-rates", default="100,200,400")
+    parser.add_argument("--configs", default=",".join(ABLATION))
+    parser.add_argument("--rollout-duration", type=float, default=150)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    {"hf": hf_baseline, "overhead": overhead, "ablation": ablation, "rollout": rollout}[args.experiment](args.out, args)
+
+
+if __name__ == "__main__":
+    main()
