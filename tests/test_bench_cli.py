@@ -75,6 +75,10 @@ def test_closed_loop_sweep_writes_summary_requests_report_plots(stack: Stack, tm
     # The gateway and fake engine serve from this very process: it is found by its port and sampled.
     assert four["resources"]["engine_cpu_pct"]["peak"] > 0 and four["resources"]["engine_rss_mib"]["mean"] > 50
     assert four["itl_ms"]["p50"] == pytest.approx(5.0, rel=0.5)
+    # Every prompt of the sweep (both levels, warm-up included) is new: no level reuses the prefix cache of another.
+    prompts = [r["messages"][0]["content"] for r in stack.fake.requests]
+    assert len(prompts) > 10 and len(set(prompts)) == len(prompts)
+    assert isinstance(summary["seed"], int)
 
 
 def test_open_loop_holds_its_arrival_rate(stack: Stack, tmp_path: Path) -> None:

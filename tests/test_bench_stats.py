@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -110,7 +111,11 @@ def test_workloads_are_deterministic_and_shaped() -> None:
     assert turn0.body["messages"][0] == other.body["messages"][0]  # the shared system prompt
     assert len(turn0.body["messages"]) == 2 and len(turn1.body["messages"]) == 4
     assert turn1.body["messages"][1] == turn0.body["messages"][1]  # conversation 0's history is its prefix
-    assert chat.request(6).body == turn0.body  # turns wrap around
+    later = chat.request(6)  # the next group of conversations: same system prompt, new conversation
+    assert later.body["messages"][0] == turn0.body["messages"][0] and later.body != turn0.body
+    assert len(later.body["messages"]) == 2
+    sent = [json.dumps(chat.request(i).body) for i in range(50)]
+    assert len(set(sent)) == 50  # nothing is ever sent twice
 
     intent = DatasetWorkload("intent", [{"text": "where is my card"}], model="m").request(5)
     assert intent.path == "/v1/intent" and intent.body == {"text": "where is my card", "model": "m"}

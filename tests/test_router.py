@@ -51,3 +51,41 @@ def test_pool_models_take_smallest_context_among_ready() -> None:
 def test_replica_url_normalised_and_named() -> None:
     assert Replica("http://h:1/").url == "http://h:1"
     assert Replica("http://h:1/").name == "http://h:1"
+
+
+def test_slow_health_probes_take_a_busy_replica_out_only_after_three_in_a_row() -> None:
+    import asyncio
+
+    import httpx
+
+    from shipyard.router.health import SLOW_PROBES_TO_UNREADY, probe
+
+    answers: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        kind = answers.pop(0)
+        if kind == "slow":
+            raise httpx.ReadTimeout("slow", request=request)
+        if kind == "refused":
+            raise httpx.ConnectError("refused", request=request)
+        if request.url.path == "/health":
+            return httpx.Response(200)
+        return httpx.Response(200, json={"data": [{"id": "m", "max_model_len": 4096}]})
+
+    async def run(*kinds: str) -> list[bool]:
+        seen = []
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            for kind in kinds:
+                answers.extend(["ok", "ok"] if kind == "ok" else [kind])
+                await probe(client, replica)
+                seen.append(replica.ready)
+        return seen
+
+    replica = Replica("http://engine:1")
+    assert SLOW_PROBES_TO_UNREADY == 3
+    # a starting replica that answers late stays unready; a served one survives two slow answers, not three
+    assert asyncio.run(run("slow", "ok", "slow", "slow", "ok", "slow", "slow", "slow")) == [
+        *(False, True, True, True, True, True, True, False)
+    ]
+    assert "3 health probes in a row timed out" in replica.last_error
+    assert asyncio.run(run("ok", "refused")) == [True, False]  # a refused connection: out at once

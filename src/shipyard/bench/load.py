@@ -123,6 +123,9 @@ class LoadResult:
     resources: dict[str, dict[str, float]] = field(default_factory=dict)
     """Mean and peak of each sampled series (GPU memory/utilisation, gateway/engine CPU and RSS)."""
     timeline: list[dict[str, float]] = field(default_factory=list)
+    sent: int = 0
+    """Requests sent, warm-up included: the next level of a sweep starts its workload after them, so no prompt
+    is sent twice (a repeated prompt would be served from the prefix cache and flatter the numbers)."""
 
     @property
     def label(self) -> str:
@@ -269,6 +272,7 @@ async def run_closed_loop(
     timeout_s: float = 300.0,
     progress: Progress | None = None,
     origin: float | None = None,
+    first_index: int = 0,
 ) -> LoadResult:
     """Keep ``concurrency`` requests in flight for ``warmup_s`` + (``duration_s`` or until ``requests`` measured
     requests were sent). Requests started during warm-up are excluded; those still running when the window
@@ -278,7 +282,7 @@ async def run_closed_loop(
         raise ValueError("give exactly one of duration_s or requests")
     base, headers = base_url.rstrip("/"), _headers(api_key)
     records: list[RequestRecord] = []
-    indices = itertools.count()
+    indices = itertools.count(first_index)
     async with _session(timeout_s) as session:
         origin = origin if origin is not None else time.perf_counter() + warmup_s
         deadline = origin + duration_s if duration_s is not None else math.inf
@@ -304,7 +308,7 @@ async def run_closed_loop(
             if ticker:
                 ticker.cancel()
         window = duration_s if duration_s is not None else _last_end(records)
-    return LoadResult(concurrency, window, [r for r in records if r.started < window], slo=slo)
+    return LoadResult(concurrency, window, [r for r in records if r.started < window], slo=slo, sent=len(records))
 
 
 def _last_end(records: list[RequestRecord]) -> float:
@@ -351,6 +355,7 @@ async def run_open_loop(
     slo: Slo | None = None,
     timeout_s: float = 300.0,
     progress: Progress | None = None,
+    first_index: int = 0,
 ) -> LoadResult:
     """Send requests at ``rate`` per second whatever the server does (open loop); warm-up arrivals come first
     at the same rate and are not measured."""
@@ -365,7 +370,7 @@ async def run_open_loop(
             delay = origin + offset - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            records.append(await send_request(session, base, headers, workload.request(index), origin))
+            records.append(await send_request(session, base, headers, workload.request(first_index + index), origin))
 
         end = origin + (duration_s if duration_s is not None else (measured[-1] if measured else 0.0))
         ticker = asyncio.create_task(_report_progress(progress, f"rate={rate:g}", records, end)) if progress else None
@@ -377,7 +382,7 @@ async def run_open_loop(
     window = duration_s if duration_s is not None else max(measured[-1] if measured else 0.0, 1e-9)
     if requests is not None:  # the window ends with the last arrival: every measured request is inside it
         window = math.nextafter(window, math.inf)
-    return LoadResult(None, window, records, rate=rate, slo=slo)
+    return LoadResult(None, window, records, rate=rate, slo=slo, sent=len(records))
 
 
 def find_max(

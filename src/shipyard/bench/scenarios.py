@@ -89,10 +89,11 @@ class RandomWorkload:
 
 @dataclass
 class ChatWorkload:
-    """``conversations`` conversations of up to ``turns`` user turns; every request carries the shared system
-    prompt (``system_tokens`` words) and its conversation's history so far, then a new question. Request ``i``
-    is turn ``(i // conversations) % turns`` of conversation ``i % conversations``, so concurrent requests hit
-    shared prefixes the way a busy chat service does."""
+    """Conversations of ``turns`` user turns, ``conversations`` of them open at a time; every request carries the
+    shared system prompt (``system_tokens`` words) and its conversation's history so far, then a new question.
+    Request ``i`` is turn ``(i // conversations) % turns`` of conversation ``i % conversations`` of the current
+    group; once a group has had all its turns the next group begins with fresh conversations, so requests share
+    prefixes the way a busy chat service does but no request is ever sent twice."""
 
     model: str
     system_tokens: int = 1024
@@ -116,7 +117,8 @@ class ChatWorkload:
         return " ".join(rng.choice(_WORDS) for _ in range(self.turn_tokens if role == "user" else self.output_tokens))
 
     def request(self, index: int) -> RequestSpec:
-        conversation, turn = index % self.conversations, (index // self.conversations) % self.turns
+        group, turn = divmod(index // self.conversations, self.turns)
+        conversation = group * self.conversations + index % self.conversations
         messages: list[dict[str, str]] = [{"role": "system", "content": self._system}]
         for past in range(turn):
             messages.append({"role": "user", "content": self._words(conversation, past, "user")})

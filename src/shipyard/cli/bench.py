@@ -7,6 +7,7 @@ import asyncio
 import datetime
 import json
 import math
+import secrets
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -142,7 +143,9 @@ def bench(
     admin_key: Annotated[str | None, typer.Option(envvar="SHIPYARD_ADMIN_KEY", help="rollout: admin key.")] = None,
     timeout: Annotated[float, typer.Option(min=1, help="Seconds before one request counts as timed out.")] = 300,
     resources: Annotated[bool, typer.Option(help="Sample GPU (NVML) and server CPU/RSS (psutil).")] = True,
-    seed: Annotated[int, typer.Option(help="Seed of prompts and Poisson arrivals.")] = 0,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of prompts and arrivals [default: a new one per run, in summary.json].")
+    ] = None,
 ) -> None:
     """Measure TTFT, TPOT, ITL, end-to-end latency, throughput and goodput at each load level; failures stay counted.
 
@@ -173,26 +176,34 @@ def bench(
         raise fail("--find-max needs --slo and one starting level (e.g. --concurrency 1 or --rate 10)")
     if scenario == "rollout" and (not deploy or not levels_c or len(levels_c) != 1 or requests is not None):
         raise fail("--scenario rollout needs --deploy TARGET, one --concurrency level and --duration")
+    if seed is None:  # fresh prompts: a rerun must not be served from the prefix cache the last run filled
+        seed = secrets.randbelow(2**31)
     model_name = model or _served_model(url, api_key)
     workload = _workload(
         scenario, model_name, input_tokens=input_tokens, output_tokens=output_tokens, endpoint=endpoint,
         stream=streaming, system_tokens=system_tokens, turns=turns, dataset=dataset, seed=seed, task_model=model,
     )  # fmt: skip
 
+    next_index = 0
+
     def measure(level: float) -> LoadResult:
+        nonlocal next_index
         def closed() -> Coroutine[Any, Any, LoadResult]:
             return run_closed_loop(
                 url, api_key=api_key, workload=workload, concurrency=int(level), duration_s=duration_s,
                 requests=requests, warmup_s=warmup, slo=objective, timeout_s=timeout, progress=progress,
+                first_index=next_index,
             )  # fmt: skip
 
         def opened() -> Coroutine[Any, Any, LoadResult]:
             return run_open_loop(
                 url, api_key=api_key, workload=workload, rate=level, duration_s=duration_s, requests=requests,
                 warmup_s=warmup, arrival=arrival, seed=seed, slo=objective, timeout_s=timeout, progress=progress,
+                first_index=next_index,
             )  # fmt: skip
 
         result = _measured(url, resources, closed if levels_c else opened)
+        next_index += result.sent
         _echo_level(result)
         return result
 
@@ -234,6 +245,7 @@ def bench(
         "url": url,
         "model": model_name,
         "workload": {k: v for k, v in vars(workload).items() if not k.startswith("_") and k != "rows"},
+        "seed": seed,
         "slo": slo,
         "arrival": arrival if levels_r else None,
         "warmup_s": warmup,

@@ -25,6 +25,8 @@ class Replica:
     models: dict[str, int | None] = field(default_factory=dict)
     """Served model id -> its context length (``max_model_len``), as last read from ``/v1/models``."""
     last_error: str = ""
+    slow_probes: int = 0
+    """Health probes in a row that timed out (a busy server answers late; a dead one refuses at once)."""
 
     def __post_init__(self) -> None:
         self.url = self.url.rstrip("/")
