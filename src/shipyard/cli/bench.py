@@ -188,6 +188,7 @@ def bench(
 
     def measure(level: float) -> LoadResult:
         nonlocal next_index
+
         def closed() -> Coroutine[Any, Any, LoadResult]:
             return run_closed_loop(
                 url, api_key=api_key, workload=workload, concurrency=int(level), duration_s=duration_s,

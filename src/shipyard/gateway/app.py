@@ -19,6 +19,7 @@ from shipyard.gateway.errors import OpenAIError, install_error_handlers
 from shipyard.gateway.metrics import GatewayMetrics
 from shipyard.gateway.proxy import Proxy
 from shipyard.gateway.tasks import install_task_routes
+from shipyard.gateway.transport import UpstreamTransport
 from shipyard.router import HealthMonitor, Replica, ReplicaPool
 from shipyard.router.audit import AuditLog
 from shipyard.router.launcher import Launcher, ReplicaHandle, UrlLauncher
@@ -28,16 +29,15 @@ from shipyard.tasks import load_labels, load_templates
 
 
 def upstream_client(settings: Settings) -> httpx.AsyncClient:
-    """The pooled client the gateway talks to replicas with (no connection cap: vLLM queues for us)."""
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(
-            connect=settings.upstream_connect_timeout_s,
-            read=settings.upstream_read_timeout_s,
-            write=settings.upstream_read_timeout_s,
-            pool=settings.upstream_connect_timeout_s,
-        ),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
+    """The pooled client the gateway talks to replicas with: no connection cap (vLLM queues for us), aiohttp
+    underneath (see ``shipyard.gateway.transport``)."""
+    timeout = httpx.Timeout(
+        connect=settings.upstream_connect_timeout_s,
+        read=settings.upstream_read_timeout_s,
+        write=settings.upstream_read_timeout_s,
+        pool=settings.upstream_connect_timeout_s,
     )
+    return httpx.AsyncClient(timeout=timeout, transport=UpstreamTransport())
 
 
 def create_app(

@@ -1,0 +1,81 @@
+"""The gateway's upstream transport: httpx's API over aiohttp's connection handling (``httpx-aiohttp``).
+
+httpcore's pure-Python HTTP/1.1 parser and the cancel scope it opens per read were most of the gateway's CPU per
+streamed token (py-spy, benchmarks/README.md); aiohttp parses in C. httpx-aiohttp maps aiohttp's errors to
+httpx's coarsely (a refused connection becomes ``ConnectTimeout``, a server that hung up becomes
+``ConnectTimeout`` too), and the proxy's decisions hang on the kind: a refused or dropped connection means
+"nothing answered, send it elsewhere and take the replica out now", a timeout means "busy". This module maps
+them precisely.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+
+import aiohttp
+import httpx
+from httpx_aiohttp import AiohttpTransport
+
+# Most specific first: the first entry that matches wins.
+_ERRORS: tuple[tuple[type[BaseException], type[httpx.HTTPError]], ...] = (
+    (aiohttp.ConnectionTimeoutError, httpx.ConnectTimeout),
+    (aiohttp.SocketTimeoutError, httpx.ReadTimeout),
+    (aiohttp.ServerTimeoutError, httpx.ReadTimeout),
+    (aiohttp.ClientConnectorError, httpx.ConnectError),
+    (aiohttp.ServerDisconnectedError, httpx.RemoteProtocolError),
+    (aiohttp.ClientPayloadError, httpx.ReadError),
+    (aiohttp.ClientOSError, httpx.ReadError),
+    (aiohttp.ClientConnectionError, httpx.ReadError),
+    (TimeoutError, httpx.ReadTimeout),
+)
+
+
+def _precise(exc: BaseException) -> httpx.HTTPError | None:
+    origin = exc.__cause__ if isinstance(exc, httpx.HTTPError) and exc.__cause__ is not None else exc
+    for source, target in _ERRORS:
+        if isinstance(origin, source):
+            return target(str(origin) or type(origin).__name__)
+    return None
+
+
+@contextlib.contextmanager
+def _mapped() -> Iterator[None]:
+    try:
+        yield
+    except (httpx.HTTPError, aiohttp.ClientError, TimeoutError) as exc:
+        precise = _precise(exc)
+        if precise is None:
+            raise
+        raise precise from exc
+
+
+class _Stream(httpx.AsyncByteStream):
+    def __init__(self, inner: httpx.AsyncByteStream) -> None:
+        self.inner = inner
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        with _mapped():
+            async for chunk in self.inner:
+                yield chunk
+
+    async def aclose(self) -> None:
+        with _mapped():
+            await self.inner.aclose()
+
+
+class UpstreamTransport(AiohttpTransport):
+    """An ``AiohttpTransport`` on an uncapped connection pool whose errors are the httpx kinds they mean."""
+
+    def __init__(self, keepalive_s: float = 30.0) -> None:
+        def session() -> aiohttp.ClientSession:  # made on first use, inside the serving event loop
+            return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=keepalive_s))
+
+        super().__init__(client=session)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        with _mapped():
+            response = await super().handle_async_request(request)
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        response.stream = _Stream(response.stream)
+        return response
