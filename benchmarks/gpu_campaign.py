@@ -296,6 +296,75 @@ def ablation(out: Path, args: argparse.Namespace) -> None:
         write(out, "ablation.json", results)
 
 
+def output_tokens_per_request(gateway_url: str, route: str) -> dict[str, float]:
+    """From the gateway's own counters: requests on ``route`` and output tokens (a task route's answer has no
+    usage block, the gateway still counts what the engine generated)."""
+    text = httpx.get(gateway_url + "/metrics", timeout=30).text
+    requests = tokens = 0.0
+    for line in text.splitlines():
+        if line.startswith("shipyard_requests_total{") and f'route="{route}"' in line:
+            requests += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("shipyard_output_tokens_total{"):
+            tokens += float(line.rsplit(" ", 1)[1])
+    return {"requests": requests, "output_tokens": tokens, "per_request": tokens / requests if requests else 0.0}
+
+
+def repeat(out: Path, args: argparse.Namespace) -> None:
+    """Repeats of the noisiest cells of the first pass: direct vs gateway at c=256 (A B A B, longer windows),
+    and /v1/intent at 200 req/s with the output tokens per classification read from the gateway's counters."""
+    work = out / "repeat"
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    engine = start_engine(work, "default")
+    gateway = start_gateway(work, engine.url)
+    gw_url = f"http://127.0.0.1:{GATEWAY_PORT}"
+    load = ["--endpoint", "completions", "--input-tokens", "512", "--output-tokens", "128", "--model", "qwen"]
+    load += ["--duration", str(args.duration), "--warmup", "5", "--concurrency", "256"]
+    try:
+        legs: dict[str, Any] = {}
+        for attempt in (1, 2):
+            for target, url in (("direct", engine.url), ("gateway", gw_url)):
+                legs[f"{target}-c256-{attempt}"] = bench(work / f"{target}-c256-{attempt}", url, *load)
+        write(out, "repeat_c256.json", {**meta("gateway_overhead_c256_repeat"), "legs": legs})
+        intent = bench(work / "intent", gw_url, "--scenario", "intent", "--rate", "200", "--duration", "10")
+        tokens = output_tokens_per_request(gw_url, "intent")
+        write(out, "intent_tokens.json", {**meta("intent_tokens"), "bench": intent, "gateway_counters": tokens})
+    finally:
+        stop(gateway)
+        engine.stop(30)
+
+
+def latency_profile(out: Path, args: argparse.Namespace) -> None:
+    """The ``latency`` profile candidate (FP8 weights + prefix caching + 2048-token prefill chunks): the ablation's
+    scenarios and /v1/intent at 100/200/400 req/s through the gateway."""
+    work = out / "latency"
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    flags = {"quantization": "fp8", "enable_prefix_caching": True, "max_num_batched_tokens": 2048}
+    engine = start_engine(work, "fp8-2048", **flags)
+    gateway = start_gateway(work, engine.url)
+    gw_url = f"http://127.0.0.1:{GATEWAY_PORT}"
+    common = ["--model", "qwen", "--duration", str(args.duration), "--warmup", "3", "--output-tokens", "128"]
+    try:
+        rows = {
+            "chat_c64": bench(work / "chat", engine.url, *common, "--scenario", "chat", "--concurrency", "64"),
+            "random": bench(
+                work / "random",
+                engine.url,
+                *common,
+                *("--endpoint", "completions", "--input-tokens", "512", "--concurrency", "4,64"),
+            ),
+        }
+        intent = bench(work / "intent", gw_url, "--scenario", "intent", "--rate", args.intent_rates, "--duration", "10")
+        tokens = output_tokens_per_request(gw_url, "intent")
+        write(
+            out,
+            "latency_profile.json",
+            {**meta("latency_profile"), "flags": flags, "runs": rows, "intent": intent, "gateway_counters": tokens},
+        )
+    finally:
+        stop(gateway)
+        engine.stop(30)
+
+
 def rollout(out: Path, args: argparse.Namespace) -> None:
     """e. Two replicas on one GPU (0.4 of its memory each): blue-green from v1 to v2 under 64 streams."""
     work = out / "rollout"
@@ -327,7 +396,7 @@ def rollout(out: Path, args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("experiment", choices=["hf", "overhead", "ablation", "rollout"])
+    parser.add_argument("experiment", choices=["hf", "overhead", "ablation", "rollout", "repeat", "latency"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--levels", default="1,16,64,256")
     parser.add_argument("--duration", type=float, default=15)
@@ -338,7 +407,15 @@ def main() -> None:
     parser.add_argument("--rollout-duration", type=float, default=150)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    {"hf": hf_baseline, "overhead": overhead, "ablation": ablation, "rollout": rollout}[args.experiment](args.out, args)
+    experiments = {
+        "hf": hf_baseline,
+        "overhead": overhead,
+        "ablation": ablation,
+        "rollout": rollout,
+        "repeat": repeat,
+        "latency": latency_profile,
+    }
+    experiments[args.experiment](args.out, args)
 
 
 if __name__ == "__main__":
