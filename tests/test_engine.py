@@ -60,8 +60,29 @@ def test_profile_fills_unset_fields_and_explicit_values_win() -> None:
     ]
 
 
+def test_measured_gpu_profiles_and_prequantized_checkpoints(tmp_path: Path) -> None:
+    latency = EngineSpec.from_profile("latency", model="/m")
+    assert (latency.quantization, latency.enable_prefix_caching, latency.max_num_batched_tokens) == ("fp8", True, 2048)
+    assert latency.vllm_args(1)[-5:] == [
+        "--quantization",
+        "fp8",
+        "--enable-prefix-caching",
+        "--max-num-batched-tokens",
+        "2048",
+    ]
+    throughput = EngineSpec.from_profile("throughput", model="/m")
+    assert (
+        throughput.quantization == "fp8" and throughput.enable_prefix_caching and not throughput.max_num_batched_tokens
+    )
+    # A compressed-tensors (W8A8, W4A16...) folder keeps its own scheme: no --quantization fp8 on top of it.
+    (tmp_path / "config.json").write_text('{"quantization_config": {"quant_method": "compressed-tensors"}}')
+    quantized = EngineSpec.from_profile("throughput", model=str(tmp_path))
+    assert quantized.quantization is None and quantized.enable_prefix_caching
+    assert EngineSpec.from_profile("throughput", model=str(tmp_path), quantization="fp8").quantization == "fp8"
+
+
 def test_unknown_profile_names_the_choices() -> None:
-    with pytest.raises(ValueError, match="default, cpu"):
+    with pytest.raises(ValueError, match="default, cpu, throughput, latency"):
         EngineSpec.from_profile("turbo", model="/m")
 
 

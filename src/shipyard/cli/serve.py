@@ -206,7 +206,10 @@ ModelOption = Annotated[
 HostOption = Annotated[str | None, typer.Option(help="Gateway address (default 127.0.0.1).")]
 PortOption = Annotated[int | None, typer.Option(help="Gateway port (default 8080).")]
 ProfileOption = Annotated[
-    str | None, typer.Option(help="Tuning profile: auto, default or cpu (default: engine.profile, i.e. auto).")
+    str | None,
+    typer.Option(
+        help="Tuning profile: auto, default, cpu, throughput or latency (default: engine.profile, i.e. auto)."
+    ),
 ]
 EnableLoraOption = Annotated[
     bool, typer.Option(help="Let rollouts hot-load LoRA adapters into the engine (vLLM runtime LoRA).")
