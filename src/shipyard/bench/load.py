@@ -16,7 +16,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -251,12 +251,28 @@ def _headers(api_key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
 
 
-async def _report_progress(progress: Progress, label: str, records: list[RequestRecord], end: float) -> None:
-    while True:
-        await asyncio.sleep(5)
-        failed = sum(1 for r in records if not r.ok)
-        left = max(0.0, end - time.perf_counter())
-        progress(f"  {label}: {len(records)} done, {failed} failed" + (f", ~{left:.0f} s left" if left else ""))
+async def _gather_reporting(
+    jobs: list[Coroutine[Any, Any, None]],
+    progress: Progress | None,
+    label: str,
+    records: list[RequestRecord],
+    end: float,
+) -> None:
+    """Run ``jobs``; every 5 s tell ``progress`` how many requests are done and failed, and the time left."""
+
+    async def report(progress: Progress) -> None:
+        while True:
+            await asyncio.sleep(5)
+            failed = sum(1 for r in records if not r.ok)
+            left = max(0.0, end - time.perf_counter())
+            progress(f"  {label}: {len(records)} done, {failed} failed" + (f", ~{left:.0f} s left" if left else ""))
+
+    ticker = asyncio.create_task(report(progress)) if progress else None
+    try:
+        await asyncio.gather(*jobs)
+    finally:
+        if ticker:
+            ticker.cancel()
 
 
 async def run_closed_loop(
@@ -297,16 +313,8 @@ async def run_closed_loop(
                     sent += 1
                 records.append(await send_request(session, base, headers, workload.request(next(indices)), origin))
 
-        ticker = (
-            asyncio.create_task(_report_progress(progress, f"c={concurrency}", records, deadline if duration_s else 0))
-            if progress
-            else None
-        )
-        try:
-            await asyncio.gather(*(client() for _ in range(concurrency)))
-        finally:
-            if ticker:
-                ticker.cancel()
+        end = deadline if duration_s else 0.0
+        await _gather_reporting([client() for _ in range(concurrency)], progress, f"c={concurrency}", records, end)
         window = duration_s if duration_s is not None else _last_end(records)
     return LoadResult(concurrency, window, [r for r in records if r.started < window], slo=slo, sent=len(records))
 
@@ -373,12 +381,8 @@ async def run_open_loop(
             records.append(await send_request(session, base, headers, workload.request(first_index + index), origin))
 
         end = origin + (duration_s if duration_s is not None else (measured[-1] if measured else 0.0))
-        ticker = asyncio.create_task(_report_progress(progress, f"rate={rate:g}", records, end)) if progress else None
-        try:
-            await asyncio.gather(*(at(i, offset) for i, offset in enumerate(warm + measured)))
-        finally:
-            if ticker:
-                ticker.cancel()
+        jobs = [at(i, offset) for i, offset in enumerate(warm + measured)]
+        await _gather_reporting(jobs, progress, f"rate={rate:g}", records, end)
     window = duration_s if duration_s is not None else max(measured[-1] if measured else 0.0, 1e-9)
     if requests is not None:  # the window ends with the last arrival: every measured request is inside it
         window = math.nextafter(window, math.inf)

@@ -18,6 +18,7 @@ from shipyard.gateway import create_app
 from shipyard.gateway.auth import ensure_api_key
 from shipyard.gateway.server import run_gateway
 from shipyard.prepare.default_model import DEFAULT_MODEL_NAME, DefaultModelError, pull_default
+from shipyard.prepare.registry import Registry, RegistryError, parse_ref
 from shipyard.router import Replica
 from shipyard.settings import Settings
 from shipyard.tasks import load_labels, load_templates
@@ -66,12 +67,20 @@ def with_admin_key(settings: Settings) -> tuple[Settings, str | None]:
 
 
 def resolve_model(settings: Settings) -> tuple[str, str]:
-    """(model folder, served name) for the engine: the configured folder, or the embedded default."""
+    """(model folder, served name) for the engine: the configured folder, a registered ``NAME[:VERSION]``, or
+    the embedded default."""
     if settings.model:
         folder = Path(settings.model).expanduser()
-        if not (folder / "config.json").is_file():
-            raise fail(f"--model {folder}: not an HF model folder (no config.json there)")
-        return str(folder.resolve()), settings.served_model_name or folder.name
+        if (folder / "config.json").is_file():
+            return str(folder.resolve()), settings.served_model_name or folder.name
+        if "/" not in settings.model and not folder.exists():  # NAME[:VERSION] from the registry
+            try:
+                registry = Registry(settings.models_dir)
+                manifest = registry.get(*parse_ref(settings.model))
+            except RegistryError as exc:
+                raise fail(f"--model {settings.model}: not a model folder, and {exc}") from None
+            return str(registry.folder(manifest)), settings.served_model_name or manifest.name
+        raise fail(f"--model {folder}: not an HF model folder (no config.json there)")
     try:
         model = pull_default(settings.models_dir)
     except DefaultModelError as exc:
