@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from shipyard.cli import app
@@ -124,3 +125,25 @@ def test_eval_rejects_bad_inputs(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "line 1: label: Field required" in result.stderr
     result = runner.invoke(app, ["eval", "compare", str(tmp_path), "--out", str(tmp_path / "c")])
     assert result.exit_code == 1 and "no summary.json" in result.stderr
+
+
+def test_eval_register_attaches_the_summary_to_the_version(
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shipyard.prepare.registry import Registry
+
+    monkeypatch.setenv("SHIPYARD_DATA_DIR", str(tmp_path))
+    registry = Registry(tmp_path / "models")
+    with registry.new_version("bot", "base", scheme="bf16") as folder:
+        (folder / "config.json").write_text("{}")
+    dataset = write_jsonl(tmp_path / "d.jsonl", [{"text": "lost my card", "label": "lost_card"}])
+    args = ["eval", "intent", "--dataset", str(dataset), "--url", stack.url, "--api-key", API_KEY]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "run"), "--register", "bot:base"])
+    assert result.exit_code == 0, result.output
+    evals = registry.get("bot", "base").evals
+    assert evals["intent"]["accuracy"] == 1.0 and evals["intent"]["run"] == str(tmp_path / "run")
+    assert registry.verify(registry.get("bot", "base")) == []  # the manifest changed, the files did not
+    requests_before = len(stack.fake.requests)
+    typo = runner.invoke(app, [*args, "--out", str(tmp_path / "run2"), "--register", "bot:nope"])
+    assert typo.exit_code == 1 and "no version 'nope'" in typo.stderr
+    assert len(stack.fake.requests) == requests_before  # refused before a single request was sent

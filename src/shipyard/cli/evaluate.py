@@ -10,11 +10,12 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from shipyard.cli.app import app, fail
+from shipyard.cli.app import app, fail, settings_from
 from shipyard.evaluate import DatasetError, load_intent_dataset, load_reply_dataset
 from shipyard.evaluate.report import compare_runs, write_run
 from shipyard.evaluate.runner import Outcome, gateway_client
 from shipyard.evaluate.tasks import EvalRun, evaluate_intent, evaluate_reply
+from shipyard.prepare.registry import Registry, RegistryError, parse_ref
 from shipyard.tasks import load_labels
 from shipyard.tasks.config import TaskConfigError
 
@@ -28,6 +29,30 @@ Model = Annotated[str | None, typer.Option(help="Model to evaluate (default: the
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder (summary.json, report.md, plots).")]
 Concurrency = Annotated[int, typer.Option(min=1, max=256, help="Requests in flight at once.")]
 Strict = Annotated[bool, typer.Option(help="Reject the dataset on its first malformed line instead of skipping.")]
+Register = Annotated[
+    str | None, typer.Option(help="Attach the summary to this registered version's manifest (NAME:VERSION).")
+]
+
+
+def _registered(ref: str | None) -> Registry | None:
+    """The registry holding ``ref``, checked before the run starts (a typo fails in a second, not after it)."""
+    if ref is None:
+        return None
+    registry = Registry(settings_from(None).models_dir)
+    try:
+        registry.get(*parse_ref(ref))
+    except RegistryError as exc:
+        raise fail(f"--register {ref}: {exc}") from None
+    return registry
+
+
+def _attach(registry: Registry | None, ref: str | None, task: str, run: EvalRun, out: Path, keys: list[str]) -> None:
+    if registry is None or ref is None:
+        return
+    s = run.summary
+    summary = {k: s[k] for k in [*keys, "n", "errors"]} | {"latency_ms": s["latency_ms"], "run": str(out)}
+    registry.attach_eval(ref, task, summary)
+    typer.echo(f"attached the {task} summary to {ref}")
 
 
 def _run_with_progress(total: int, job: Callable[[Callable[[Outcome], None]], EvalRun]) -> EvalRun:
@@ -79,11 +104,13 @@ def eval_intent(
     model: Model = None,
     concurrency: Concurrency = 4,
     strict: Strict = False,
+    register: Register = None,
     engine_metrics: Annotated[
         str | None, typer.Option(help="An engine's /metrics URL: report its prefix-cache hit rate for the run.")
     ] = None,
 ) -> None:
     """Classify every line of an intent dataset via POST /v1/intent; accuracy, macro-F1, latency."""
+    registry = _registered(register)
     try:
         label_set = load_labels(labels)
         data = load_intent_dataset(dataset, label_set.labels, strict=strict)
@@ -106,6 +133,7 @@ def eval_intent(
 
     run = _run_with_progress(len(data.examples), lambda on_done: asyncio.run(job(on_done)))
     _report(run, out, ["accuracy", "macro_f1"])
+    _attach(registry, register, "intent", run, out, ["accuracy", "macro_f1"])
 
 
 @eval_app.command("reply")
@@ -118,11 +146,13 @@ def eval_reply(
     template: Annotated[str | None, typer.Option(help="Template for every line (default: the line's own).")] = None,
     concurrency: Concurrency = 4,
     strict: Strict = False,
+    register: Register = None,
     embedding_model: Annotated[
         str | None, typer.Option(help="sentence-transformers model folder (default: all-MiniLM-L6-v2, offline).")
     ] = None,
 ) -> None:
     """Ask POST /v1/reply for every conversation; cosine similarity to the reference, pass rate at 0.85."""
+    registry = _registered(register)
     try:
         data = load_reply_dataset(dataset, strict=strict)
     except DatasetError as exc:
@@ -150,6 +180,7 @@ def eval_reply(
 
     run = _run_with_progress(len(data.examples), lambda on_done: asyncio.run(job(on_done)))
     _report(run, out, ["pass_rate_085", "mean_cosine", "schema_valid_rate"])
+    _attach(registry, register, "reply", run, out, ["pass_rate_085", "mean_cosine", "schema_valid_rate"])
 
 
 @eval_app.command("compare")
