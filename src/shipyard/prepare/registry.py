@@ -14,6 +14,7 @@ PosixPath('/root/.cache/shipyard/models/support-bot/w8a8')
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -105,7 +106,8 @@ class Registry:
 
     def manifests(self) -> list[Manifest]:
         """Every registered version, by name then creation time."""
-        found = [Manifest.from_file(path) for path in sorted(self.root.glob(f"*/*/{MANIFEST}"))]
+        paths = [p for p in sorted(self.root.glob(f"*/*/{MANIFEST}")) if not p.parts[-3].startswith(".")]
+        found = [Manifest.from_file(path) for path in paths]
         return sorted(found, key=lambda m: (m.name, m.created))
 
     def get(self, name: str, version: str | None = None) -> Manifest:
@@ -157,39 +159,18 @@ class Registry:
         """Yield an empty staging folder to build the version in; on success hash it, write the manifest and
         move it into place. On any error the staging folder is removed and nothing is registered."""
         parse_ref(f"{name}:{version}")
-        target = self.root / name / version
-        if target.exists() and not force:
-            raise RegistryError(f"{name}:{version} already exists at {target} (use --force to replace it)")
-        staging_root = self.root / ".staging"
-        staging_root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f"{name}-{version}-", dir=staging_root))
-        try:
+        with build_folder(
+            self.root / name / version,
+            self.root / ".staging",
+            name=name,
+            version=version,
+            scheme=scheme,
+            parent=parent,
+            source=source,
+            recipe=recipe,
+            force=force,
+        ) as staging:
             yield staging
-            files = file_entries(staging)
-            if not files:
-                raise RegistryError(f"nothing was written for {name}:{version}")
-            manifest = Manifest(
-                name=name,
-                version=version,
-                created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                scheme=scheme,
-                parent=parent,
-                source=source,
-                recipe=recipe,
-                files=files,
-                size_bytes=sum(f.size for f in files),
-            )
-            (staging / MANIFEST).write_text(manifest.to_json())
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if target.exists():  # --force: the old version leaves only once the new one is complete
-                retired = staging_root / f"retired-{name}-{version}-{staging.name}"
-                target.rename(retired)
-                staging.rename(target)
-                shutil.rmtree(retired, ignore_errors=True)
-            else:
-                staging.rename(target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
     def attach_eval(self, ref: str, task: str, summary: dict[str, Any]) -> Manifest:
         """Record an evaluation summary in a version's manifest (written whole, then renamed over the old one)."""
@@ -200,3 +181,101 @@ class Registry:
         temporary.write_text(manifest.to_json())
         temporary.replace(path)
         return manifest
+
+
+@contextmanager
+def build_folder(
+    target: Path,
+    staging_root: Path,
+    *,
+    name: str,
+    version: str,
+    scheme: str,
+    parent: str | None = None,
+    source: str | None = None,
+    recipe: dict[str, Any] | None = None,
+    force: bool = False,
+) -> Iterator[Path]:
+    """Build a model folder with its manifest: yield an empty folder under ``staging_root`` (same file system as
+    ``target``), then hash what was written, add ``manifest.json`` and rename it to ``target``. An existing target
+    is refused unless ``force``, and then replaced only once the new one is complete."""
+    if target.exists() and not force:
+        raise RegistryError(f"{target} already exists (use --force to replace it)")
+    staging_root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{name}-{version}-", dir=staging_root))
+    try:
+        yield staging
+        files = file_entries(staging)
+        if not files:
+            raise RegistryError(f"nothing was written for {name}:{version}")
+        manifest = Manifest(
+            name=name,
+            version=version,
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            scheme=scheme,
+            parent=parent,
+            source=source,
+            recipe=recipe,
+            files=files,
+            size_bytes=sum(f.size for f in files),
+        )
+        (staging / MANIFEST).write_text(manifest.to_json())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():  # --force: the old version leaves only once the new one is complete
+            retired = staging_root / f"retired-{name}-{version}-{staging.name}"
+            target.rename(retired)
+            staging.rename(target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def is_ref(text: str) -> bool:
+    """``NAME:VERSION`` (a registry target) rather than a path."""
+    return ":" in text and "/" not in text
+
+
+@contextmanager
+def open_output(
+    out: str, models_dir: Path, *, scheme: str, parent: str | None, recipe: dict[str, Any], force: bool
+) -> Iterator[Path]:
+    """Where a prepare step writes: a registry version (``out`` = ``NAME:VERSION``) or a plain folder (any other
+    ``out``, which gets the same manifest). Either way it appears only when complete."""
+    if is_ref(out):
+        name, version = parse_ref(out)
+        if version is None:
+            raise RegistryError(f"--out {out}: give NAME:VERSION")
+        with Registry(models_dir).new_version(
+            name, version, scheme=scheme, parent=parent, recipe=recipe, force=force
+        ) as staging:
+            yield staging
+        return
+    target = Path(out).expanduser().resolve()
+    safe_name = re.sub(r"[^A-Za-z0-9._-]", "-", target.name) or "model"
+    with build_folder(
+        target,
+        target.parent / ".shipyard-staging",
+        name=safe_name,
+        version="local",
+        scheme=scheme,
+        parent=parent,
+        recipe=recipe,
+        force=force,
+    ) as staging:
+        yield staging
+    with contextlib.suppress(OSError):
+        (target.parent / ".shipyard-staging").rmdir()  # only when empty
+
+
+def resolve_input(model: str, models_dir: Path) -> tuple[Path, str | None]:
+    """(folder, parent ref or None) for a ``--base``/``--model`` argument: a folder or a registered NAME[:VERSION]."""
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        return folder.resolve(), None
+    if "/" in model:
+        raise RegistryError(f"{model} does not exist")
+    registry = Registry(models_dir)
+    manifest = registry.get(*parse_ref(model))
+    return registry.folder(manifest), manifest.ref
