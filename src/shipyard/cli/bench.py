@@ -22,6 +22,7 @@ from shipyard.bench.report import compare, compare_markdown, load_summary, write
 from shipyard.bench.resources import ResourceSampler
 from shipyard.bench.scenarios import SCENARIOS, ChatWorkload, DatasetWorkload, RandomWorkload, Workload
 from shipyard.cli.app import app, fail
+from shipyard.evaluate.datasets import project_data
 
 bench_app = typer.Typer(
     help="Load-test a gateway or engine: TTFT/TPOT/ITL/E2E percentiles, throughput, goodput, resources.",
@@ -29,8 +30,7 @@ bench_app = typer.Typer(
 )
 app.add_typer(bench_app, name="bench")
 
-CHECKOUT = Path(__file__).resolve().parents[3]
-"""The source checkout of an editable install (its data/ holds the task datasets)."""
+
 FINAL_PHASES = ("done", "failed", "rolled_back", "canary")
 
 
@@ -74,16 +74,10 @@ def _workload(
                 stream=stream,
                 seed=seed,
             )
-        path = dataset or _default_dataset(scenario)
+        path = dataset or project_data(f"data/{scenario}/test.jsonl")
         return DatasetWorkload.from_file(scenario, path, task_model)
     except ValueError as exc:  # DatasetError included
         raise fail(str(exc)) from None
-
-
-def _default_dataset(task: str) -> Path:
-    """data/<task>/test.jsonl under the working directory, else in the checkout shipyard runs from."""
-    relative = Path("data") / task / "test.jsonl"
-    return relative if relative.is_file() or not (CHECKOUT / relative).is_file() else CHECKOUT / relative
 
 
 def _echo_level(result: LoadResult) -> None:

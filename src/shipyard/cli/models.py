@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -71,3 +72,29 @@ def show_command(
         if problems:
             raise fail(f"{manifest.ref} does not match its manifest: " + "; ".join(problems[:5]))
         typer.echo(f"verified: {len(manifest.files)} files match their sha256")
+
+
+@models_app.command("import")
+def import_command(
+    folder: Annotated[Path, typer.Argument(help="HF model folder to register (copied).")],
+    ref: Annotated[str, typer.Option("--as", help="NAME:VERSION to register it as.")],
+    scheme: Annotated[str, typer.Option(help="What the weights are (bf16, fp16, ...).")] = "bf16",
+    force: Annotated[bool, typer.Option(help="Replace an existing version.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Register an existing model folder (e.g. the embedded default) as a version, with its manifest."""
+    import shutil
+
+    settings = settings_from(config)
+    if not (folder / "config.json").is_file():
+        raise fail(f"{folder} is not an HF model folder (no config.json)")
+    try:
+        name, version = parse_ref(ref)
+        if version is None:
+            raise RegistryError(f"--as {ref}: give NAME:VERSION")
+        registry = Registry(settings.models_dir)
+        with registry.new_version(name, version, scheme=scheme, source=str(folder.resolve()), force=force) as staging:
+            shutil.copytree(folder, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns("manifest.json"))
+    except RegistryError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(f"registered {folder} as {ref}")

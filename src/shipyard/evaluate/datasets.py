@@ -99,3 +99,13 @@ def load_reply_dataset(path: Path, *, strict: bool = False) -> Dataset[ReplyExam
         return None if any(t.role == "user" for t in example.messages) else "no user message"
 
     return load_jsonl(path, ReplyExample, strict=strict, check=check)
+
+
+CHECKOUT = Path(__file__).resolve().parents[3]
+"""The source checkout of an editable install (its data/ holds the task datasets)."""
+
+
+def project_data(relative: str) -> Path:
+    """``data/...`` under the working directory when it is there, else in the checkout shipyard runs from."""
+    path = Path(relative)
+    return path if path.exists() or not (CHECKOUT / path).exists() else CHECKOUT / path

@@ -1,0 +1,74 @@
+"""`shipyard prepare quantize` without llm-compressor: group sizes, calibration data, and refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from shipyard.cli import app
+from shipyard.prepare.quantize import QuantizeError, calibration_messages, group_size_for, quantize
+
+runner = CliRunner()
+
+
+def test_group_size_is_the_largest_that_divides_every_width() -> None:
+    assert group_size_for({"hidden_size": 3584, "intermediate_size": 18944}) == 128  # Qwen2.5-7B
+    assert group_size_for({"hidden_size": 576, "intermediate_size": 1536}) == 64  # SmolLM2-135M
+    with pytest.raises(QuantizeError, match="no W4A16 group size"):
+        group_size_for({"hidden_size": 100, "intermediate_size": 300})
+
+
+def test_calibration_renders_intent_lines_and_keeps_chat_lines(tmp_path: Path) -> None:
+    data = tmp_path / "calib.jsonl"
+    rows = [
+        {"text": "where is my card", "label": "card_arrival"},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+        {"text": "no label here"},
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first, second, third = calibration_messages(data, samples=10)
+    assert first[0]["role"] == "system" and "speak_to_human:" in first[0]["content"]
+    assert first[1:] == [
+        {"role": "user", "content": "where is my card"},
+        {"role": "assistant", "content": "card_arrival"},
+    ]
+    assert second == rows[1]["messages"] and len(third) == 2
+    assert len(calibration_messages(data, samples=2)) == 2
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "x"}\n')
+    with pytest.raises(QuantizeError, match="line 1 has neither"):
+        calibration_messages(tmp_path / "bad.jsonl", 4)
+
+
+def test_refusals_happen_before_any_environment_is_made(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "compressed-tensors"}}))
+    venvs = tmp_path / "venvs"
+    with pytest.raises(QuantizeError, match="already quantized"):
+        quantize(model, tmp_path / "o", "w4a16", venvs_dir=venvs, calibration=None)
+    (model / "config.json").write_text(json.dumps({"hidden_size": 64, "intermediate_size": 128}))
+    with pytest.raises(QuantizeError, match="needs calibration data"):
+        quantize(model, tmp_path / "o", "w8a8-int8", venvs_dir=venvs, calibration=None)
+    with pytest.raises(QuantizeError, match="unknown scheme"):
+        quantize(model, tmp_path / "o", "int3", venvs_dir=venvs, calibration=None)
+    assert not venvs.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--scheme", "int3"], "unknown scheme 'int3'"),
+        (["--scheme", "w8a8-int8", "--calib", "/nonexistent.jsonl"], "cannot read calibration data"),
+    ],
+)
+def test_quantize_cli_errors(tmp_path: Path, args: list[str], fragment: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHIPYARD_DATA_DIR", str(tmp_path))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"hidden_size": 64, "intermediate_size": 128}))
+    result = runner.invoke(app, ["prepare", "quantize", "--model", str(model), "--out", str(tmp_path / "q"), *args])
+    assert result.exit_code == 1 and fragment in result.stderr, result.output
+    assert not (tmp_path / "q").exists() and not (tmp_path / "venvs").exists()
