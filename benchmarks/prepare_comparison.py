@@ -118,6 +118,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--data-dir", type=Path, default=ROOT / "runs" / "prepare-data")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--max-steps", type=int, default=None, help="cap the finetune (CPU time: ~20 s a step)")
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -137,7 +138,7 @@ def main() -> None:
     adapter = args.data_dir.resolve() / "adapters" / "intent-lora"
     step(
         "finetune", "prepare", "finetune", "--base", "smollm2:base", "--out", str(adapter), "--epochs",
-        str(args.epochs), "--force",
+        str(args.epochs), "--force", *(["--max-steps", str(args.max_steps)] if args.max_steps else []),
     )  # fmt: skip
     step(
         "merge",
