@@ -74,7 +74,9 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         f"# Model preparation on the embedded default — {meta['date'][:10]}, {meta['machine']['cpus']}-core CPU",
         "",
-        f"Command: `{meta['command']}` ({meta['seconds_total'] / 60:.1f} min in all). Load: {meta['load']}.",
+        f"Command: `{meta['command']}`"
+        + (f" ({meta['seconds_total'] / 60:.1f} min in all)." if not meta.get("note") else f". Note: {meta['note']}")
+        + f" Load: {meta['load']}.",
         "",
         "| version | scheme | intent accuracy | intent macro-F1 | reply pass rate (cos ≥ 0.85) | reply mean cosine "
         "| size on disk | intent p50 / p99 ms | output tok/s | errors |",
@@ -118,7 +120,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--data-dir", type=Path, default=ROOT / "runs" / "prepare-data")
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--max-steps", type=int, default=None, help="cap the finetune (CPU time: ~20 s a step)")
+    parser.add_argument("--max-steps", type=int, default=None, help="cap the finetune (CPU time: ~27 s a step)")
+    parser.add_argument("--report-only", action="store_true", help="only build comparison.json from the run folders")
+    parser.add_argument("--note", default=None, help="recorded in meta.json (how the run went)")
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -133,9 +137,19 @@ def main() -> None:
         timings[name] = round(time.perf_counter() - t0, 1)
 
     models = args.data_dir.resolve() / "models"
+    adapter = args.data_dir.resolve() / "adapters" / "intent-lora"
+    if args.report_only:
+        write_report(
+            out,
+            models,
+            adapter,
+            started,
+            timings,
+            note=args.note,
+        )
+        return
     step("pull_default", "models", "pull-default")
     step("import_base", "models", "import", str(models / "smollm2-135m-instruct"), "--as", "smollm2:base", "--force")
-    adapter = args.data_dir.resolve() / "adapters" / "intent-lora"
     step(
         "finetune", "prepare", "finetune", "--base", "smollm2:base", "--out", str(adapter), "--epochs",
         str(args.epochs), "--force", *(["--max-steps", str(args.max_steps)] if args.max_steps else []),
@@ -183,7 +197,12 @@ def main() -> None:
             )  # fmt: skip
         finally:
             stop(proc)
+    write_report(out, models, adapter, started, timings)
 
+
+def write_report(
+    out: Path, models: Path, adapter: Path, started: float, timings: dict[str, float], note: str | None = None
+) -> None:
     from shipyard.prepare.registry import Registry
 
     registry = Registry(models)
@@ -222,6 +241,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "load": "intent: 336 at concurrency 4; reply: 64 at 8; bench: random 128 in / 64 out, 64 requests at 8",
         "seconds_total": round(time.perf_counter() - started, 1),
+        "note": note,
         "step_seconds": timings,
         "training": json.loads((adapter / "training_report.json").read_text()) | {"losses": "see the adapter folder"},
     }
