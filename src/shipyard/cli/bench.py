@@ -247,10 +247,10 @@ def bench(
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["shipyard", *sys.argv[1:]]),
     }
-    write_bench(out, results, meta, events=events, extra=extra)
+    runs = write_bench(out, results, meta, events=events, extra=extra)["runs"]
     typer.echo(f"wrote {out}/summary.json, requests.jsonl, report.md and plots")
-    if all(r.summary()["requests"] == r.summary()["errors"] for r in results):
-        raise fail("every request failed: " + "; ".join(results[0].summary()["error_samples"]))
+    if all(run["requests"] == run["errors"] for run in runs):
+        raise fail("every request failed: " + "; ".join(runs[0]["error_samples"]))
 
 
 def _rollout_run(

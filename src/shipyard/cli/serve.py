@@ -18,7 +18,7 @@ from shipyard.gateway import create_app
 from shipyard.gateway.auth import ensure_api_key
 from shipyard.gateway.server import run_gateway
 from shipyard.prepare.default_model import DEFAULT_MODEL_NAME, DefaultModelError, pull_default
-from shipyard.prepare.registry import Registry, RegistryError, parse_ref
+from shipyard.prepare.registry import RegistryError, resolve_input
 from shipyard.router import Replica
 from shipyard.settings import Settings
 from shipyard.tasks import load_labels, load_templates
@@ -70,17 +70,13 @@ def resolve_model(settings: Settings) -> tuple[str, str]:
     """(model folder, served name) for the engine: the configured folder, a registered ``NAME[:VERSION]``, or
     the embedded default."""
     if settings.model:
-        folder = Path(settings.model).expanduser()
-        if (folder / "config.json").is_file():
-            return str(folder.resolve()), settings.served_model_name or folder.name
-        if "/" not in settings.model and not folder.exists():  # NAME[:VERSION] from the registry
-            try:
-                registry = Registry(settings.models_dir)
-                manifest = registry.get(*parse_ref(settings.model))
-            except RegistryError as exc:
-                raise fail(f"--model {settings.model}: not a model folder, and {exc}") from None
-            return str(registry.folder(manifest)), settings.served_model_name or manifest.name
-        raise fail(f"--model {folder}: not an HF model folder (no config.json there)")
+        try:
+            folder, ref = resolve_input(settings.model, settings.models_dir)
+        except RegistryError as exc:
+            raise fail(f"--model {settings.model}: not a model folder, and {exc}") from None
+        if not (folder / "config.json").is_file():
+            raise fail(f"--model {folder}: not an HF model folder (no config.json there)")
+        return str(folder), settings.served_model_name or (ref.partition(":")[0] if ref else folder.name)
     try:
         model = pull_default(settings.models_dir)
     except DefaultModelError as exc:
