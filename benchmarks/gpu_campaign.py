@@ -10,6 +10,8 @@ and writes raw files under ``--out``. The model is the Qwen2.5-7B-Instruct shape
     python3 benchmarks/gpu_campaign.py overhead  --out /tmp/campaign   # a, d and the vllm bench serve check
     python3 benchmarks/gpu_campaign.py ablation  --out /tmp/campaign --configs default,no-prefix-cache,fp8
     python3 benchmarks/gpu_campaign.py rollout   --out /tmp/campaign   # e: blue-green on one GPU under load
+    python3 benchmarks/gpu_campaign.py multigpu  --out /tmp/campaign --layouts dp2,single   # issue 5, 2 GPUs
+    python3 benchmarks/gpu_campaign.py multigpu  --out /tmp/campaign --layouts tp2
 """
 
 from __future__ import annotations
@@ -117,11 +119,17 @@ def start_engine(work: Path, name: str, port: int = ENGINE_PORT, **fields: Any) 
 
 
 def start_gateway(
-    work: Path, upstream: str | None, env: dict[str, str] | None = None, model: Path = MODEL
+    work: Path, upstream: str | list[str] | None, env: dict[str, str] | None = None, model: Path = MODEL
 ) -> subprocess.Popen[bytes]:
-    """``shipyard serve`` in front of ``upstream`` (or managing its own engine of ``model`` when it is None)."""
+    """``shipyard serve`` in front of ``upstream`` (one URL or several replicas; or managing its own engine of
+    ``model`` when it is None)."""
     args = [sys.executable, "-m", "shipyard.cli", "serve", "--port", str(GATEWAY_PORT), "--profile", "default"]
-    args += ["--no-engine", "--upstream", upstream] if upstream else ["--model", str(model)]
+    if upstream:
+        args += ["--no-engine"]
+        for url in [upstream] if isinstance(upstream, str) else upstream:
+            args += ["--upstream", url]
+    else:
+        args += ["--model", str(model)]
     base_env = {
         "SHIPYARD_API_KEYS": KEY,
         "SHIPYARD_ADMIN_KEYS": ADMIN,
@@ -394,9 +402,75 @@ def rollout(out: Path, args: argparse.Namespace) -> None:
         stop(gateway)
 
 
+# Multi-GPU layouts (issue 5): name -> one entry per engine, each (GPU indices, EngineSpec fields).
+LAYOUTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "single": [("0", {})],
+    "dp2": [("0", {}), ("1", {})],
+    "tp2": [("0,1", {"tensor_parallel_size": 2})],
+}
+# NVLink multicast must stay off on the lent machines (it can take the host's shared GPUs out of service);
+# vLLM's symmetric-memory all-reduce would use multimem on Hopper, so TP uses its custom (CUDA IPC) all-reduce.
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def multigpu(out: Path, args: argparse.Namespace) -> None:
+    """Issue 5: the same model on two GPUs as tensor parallel 2 (one engine) or as two data-parallel replicas (one
+    engine per GPU, both behind the gateway), plus one GPU alone for scale. Load: random 512/128 at
+    ``--levels`` streams and the shared-prefix chat scenario at 64 and 256, all through the gateway."""
+    for name, value in NO_MULTICAST.items():
+        if os.environ.get(name, value) != value:
+            raise SystemExit(f"{name}={os.environ[name]}: NVLink multicast must stay off on this machine")
+    results_file = out / "multigpu.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {**meta("multigpu"), "layouts": {}}
+    for layout in args.layouts.split(","):
+        work = out / "multigpu" / layout
+        (work / "logs").mkdir(parents=True, exist_ok=True)
+        engines: list[EngineProcess] = []
+        started = time.monotonic()
+        try:
+            # start every engine first, then wait: the replicas of dp2 load side by side
+            for index, (gpus, fields) in enumerate(LAYOUTS[layout]):
+                spec = EngineSpec(
+                    model=str(MODEL), served_model_name="qwen", max_model_len=MAX_MODEL_LEN, extra_args=BASE_ARGS,
+                    **fields,
+                )  # fmt: skip
+                env = {"CUDA_VISIBLE_DEVICES": gpus, "VLLM_ALLREDUCE_USE_SYMM_MEM": "0", **NO_MULTICAST}
+                engine = EngineProcess(spec, work / "logs" / f"engine-{index}.log", port=ENGINE_PORT + index, env=env)
+                engine.start()
+                engines.append(engine)
+            for engine in engines:
+                engine.wait_ready(900)
+            start_s = time.monotonic() - started
+            log(f"{layout}: {len(engines)} engine(s) ready in {start_s:.0f} s")
+            gateway = start_gateway(work, [e.url for e in engines])
+            gw_url = f"http://127.0.0.1:{GATEWAY_PORT}"
+            common = ["--model", "qwen", "--duration", str(args.duration), "--warmup", "3", "--output-tokens", "128"]
+            try:
+                runs = {
+                    "random": bench(
+                        work / "random",
+                        gw_url,
+                        *common,
+                        *("--endpoint", "completions", "--input-tokens", "512", "--concurrency", args.levels),
+                    ),
+                    "chat": bench(work / "chat", gw_url, *common, "--scenario", "chat", "--concurrency", "64,256"),
+                }
+            finally:
+                stop(gateway)
+            results["layouts"][layout] = {
+                "engines": [{"gpus": gpus, "flags": fields} for gpus, fields in LAYOUTS[layout]],
+                "engine_start_s": round(start_s, 1),
+                "runs": runs,
+            }
+            write(out, "multigpu.json", results)
+        finally:
+            for engine in engines:
+                engine.stop(30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("experiment", choices=["hf", "overhead", "ablation", "rollout", "repeat", "latency"])
+    parser.add_argument("experiment", choices=[*EXPERIMENTS])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--levels", default="1,16,64,256")
     parser.add_argument("--duration", type=float, default=15)
@@ -405,18 +479,21 @@ def main() -> None:
     parser.add_argument("--intent-rates", default="100,200,400")
     parser.add_argument("--configs", default=",".join(ABLATION))
     parser.add_argument("--rollout-duration", type=float, default=150)
+    parser.add_argument("--layouts", default=",".join(LAYOUTS))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    experiments = {
-        "hf": hf_baseline,
-        "overhead": overhead,
-        "ablation": ablation,
-        "rollout": rollout,
-        "repeat": repeat,
-        "latency": latency_profile,
-    }
-    experiments[args.experiment](args.out, args)
+    EXPERIMENTS[args.experiment](args.out, args)
 
+
+EXPERIMENTS = {
+    "hf": hf_baseline,
+    "overhead": overhead,
+    "ablation": ablation,
+    "rollout": rollout,
+    "repeat": repeat,
+    "latency": latency_profile,
+    "multigpu": multigpu,
+}
 
 if __name__ == "__main__":
     main()
