@@ -406,7 +406,17 @@ def rollout(out: Path, args: argparse.Namespace) -> None:
 LAYOUTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "single": [("0", {})],
     "dp2": [("0", {}), ("1", {})],
-    "tp2": [("0,1", {"tensor_parallel_size": 2})],
+    # vLLM 0.26 fuses all-reduce + RMSNorm through FlashInfer's "mnnvl" backend on Hopper TP, which needs NVLink
+    # multicast: off here (the first TP2 start died in it with an illegal memory access), so the fusion is off.
+    "tp2": [
+        (
+            "0,1",
+            {
+                "tensor_parallel_size": 2,
+                "extra_args": (*BASE_ARGS, "--compilation-config", '{"pass_config": {"fuse_allreduce_rms": false}}'),
+            },
+        )
+    ],
 }
 # NVLink multicast must stay off on the lent machines (it can take the host's shared GPUs out of service);
 # vLLM's symmetric-memory all-reduce would use multimem on Hopper, so TP uses its custom (CUDA IPC) all-reduce.
@@ -431,15 +441,15 @@ def multigpu(out: Path, args: argparse.Namespace) -> None:
             # start every engine first, then wait: the replicas of dp2 load side by side
             for index, (gpus, fields) in enumerate(LAYOUTS[layout]):
                 spec = EngineSpec(
-                    model=str(MODEL), served_model_name="qwen", max_model_len=MAX_MODEL_LEN, extra_args=BASE_ARGS,
-                    **fields,
+                    model=str(MODEL), served_model_name="qwen", max_model_len=MAX_MODEL_LEN,
+                    **{"extra_args": BASE_ARGS, **fields},
                 )  # fmt: skip
                 env = {"CUDA_VISIBLE_DEVICES": gpus, "VLLM_ALLREDUCE_USE_SYMM_MEM": "0", **NO_MULTICAST}
                 engine = EngineProcess(spec, work / "logs" / f"engine-{index}.log", port=ENGINE_PORT + index, env=env)
                 engine.start()
                 engines.append(engine)
             for engine in engines:
-                engine.wait_ready(900)
+                engine.wait_ready(args.ready_timeout)
             start_s = time.monotonic() - started
             log(f"{layout}: {len(engines)} engine(s) ready in {start_s:.0f} s")
             gateway = start_gateway(work, [e.url for e in engines])
@@ -453,8 +463,11 @@ def multigpu(out: Path, args: argparse.Namespace) -> None:
                         *common,
                         *("--endpoint", "completions", "--input-tokens", "512", "--concurrency", args.levels),
                     ),
-                    "chat": bench(work / "chat", gw_url, *common, "--scenario", "chat", "--concurrency", "64,256"),
                 }
+                if args.chat_levels:
+                    runs["chat"] = bench(
+                        work / "chat", gw_url, *common, "--scenario", "chat", "--concurrency", args.chat_levels
+                    )
             finally:
                 stop(gateway)
             results["layouts"][layout] = {
@@ -480,6 +493,8 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(ABLATION))
     parser.add_argument("--rollout-duration", type=float, default=150)
     parser.add_argument("--layouts", default=",".join(LAYOUTS))
+    parser.add_argument("--chat-levels", default="64,256", help="multigpu: chat concurrencies ('' for none)")
+    parser.add_argument("--ready-timeout", type=float, default=900, help="seconds to wait for the engines")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     EXPERIMENTS[args.experiment](args.out, args)
