@@ -227,7 +227,8 @@ def test_client_disconnect_aborts_upstream_stream(stack: Stack) -> None:
     assert wait_for(lambda: stack.fake.cancelled_streams == 1, timeout=3)
     assert wait_for(lambda: stack.fake.open_streams == 0, timeout=3)
     metrics = httpx.get(f"{stack.url}/metrics").text
-    assert 'shipyard_requests_total{model="fake-model",route="chat",status="499"} 1.0' in metrics
+    labels = 'deployment="blue",model="fake-model",route="chat",status="499",version="v1"'
+    assert f"shipyard_requests_total{{{labels}}} 1.0" in metrics
 
 
 def test_metrics_count_requests_tokens_and_ttft(stack: Stack) -> None:
@@ -237,10 +238,14 @@ def test_metrics_count_requests_tokens_and_ttft(stack: Stack) -> None:
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="other", messages=MESSAGES)
     text = httpx.get(f"{stack.url}/metrics").text
-    assert 'shipyard_requests_total{model="fake-model",route="chat",status="200"} 2.0' in text
-    assert 'shipyard_requests_total{model="-",route="chat",status="404"} 1.0' in text
+    served = 'deployment="blue",model="fake-model",route="chat",status="200",version="v1"'
+    assert f"shipyard_requests_total{{{served}}} 2.0" in text
+    assert 'shipyard_requests_total{deployment="-",model="-",route="chat",status="404",version="-"} 1.0' in text
     assert 'shipyard_output_tokens_total{model="fake-model"} 7.0' in text
-    assert 'shipyard_time_to_first_token_seconds_count{model="fake-model",route="chat"} 1.0' in text
+    ttft = 'shipyard_time_to_first_token_seconds_count{deployment="blue",model="fake-model",route="chat",version="v1"}'
+    assert f"{ttft} 1.0" in text
+    assert 'shipyard_deployment_replicas{deployment="blue",state="ready",version="v1"} 1.0' in text
+    assert 'shipyard_deployment_weight{deployment="blue"} 1.0' in text
     assert 'shipyard_requests_in_flight{route="chat"} 0.0' in text
     assert "shipyard_replicas_ready 1.0" in text
 

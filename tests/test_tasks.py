@@ -118,7 +118,8 @@ def test_reply_fails_with_502_and_the_reason_after_two_invalid_answers(stack: St
     message = r.json()["error"]["message"]
     assert "failed validation 2 times" in message and "resolution_steps" in message and "summary" in message
     metrics = httpx.get(f"{stack.url}/metrics").text
-    assert 'shipyard_requests_total{model="fake-model",route="reply",status="502"} 1.0' in metrics
+    labels = 'deployment="blue",model="fake-model",route="reply",status="502",version="v1"'
+    assert f"shipyard_requests_total{{{labels}}} 1.0" in metrics
 
 
 def test_parse_draft_reasons() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import httpx
@@ -100,7 +101,8 @@ def test_bad_inputs(client: openai.OpenAI) -> None:
 def test_metrics_show_the_requests(client: openai.OpenAI, gateway: str) -> None:
     client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=3)
     text = httpx.get(f"{gateway}/metrics").text
-    assert f'shipyard_requests_total{{model="{MODEL}",route="chat",status="200"}}' in text
+    served = rf'shipyard_requests_total\{{deployment="\w+",model="{MODEL}",route="chat",status="200",version="[^"]+"'
+    assert re.search(served, text), text
     assert f'shipyard_output_tokens_total{{model="{MODEL}"}}' in text
 
 

@@ -146,6 +146,16 @@ def create_app(
     @app.get("/metrics")
     async def prometheus() -> Response:
         metrics.replicas_ready.set(len(pool.ready()))
+        metrics.deployment_replicas.clear()
+        for replica in pool.replicas:
+            state = "ready" if replica.ready else "unready"
+            metrics.deployment_replicas.labels(replica.deployment, replica.version or "-", state).inc()
+        metrics.deployment_weight.clear()
+        ready = {r.deployment for r in pool.ready()}
+        weights = {name: w for name, w in pool.weights.items() if name in ready}
+        total = sum(weights.values())
+        for name in pool.deployments():
+            metrics.deployment_weight.labels(name).set(weights.get(name, 0.0) / total if total else 0.0)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")

@@ -14,21 +14,22 @@ class GatewayMetrics:
         r = self.registry
         self.requests = Counter(
             "shipyard_requests",
-            "Requests answered, by route, model and HTTP status",
-            ["route", "model", "status"],
+            "Requests answered, by route, model, HTTP status and the deployment/version that served them "
+            "('-' when no replica was reached)",
+            ["route", "model", "status", "deployment", "version"],
             registry=r,
         )
         self.latency = Histogram(
             "shipyard_request_latency_seconds",
             "End-to-end request latency (until the last byte)",
-            ["route", "model"],
+            ["route", "model", "deployment", "version"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.ttft = Histogram(
             "shipyard_time_to_first_token_seconds",
             "Time from request to the first streamed chunk",
-            ["route", "model"],
+            ["route", "model", "deployment", "version"],
             buckets=_TTFT_BUCKETS,
             registry=r,
         )
@@ -65,5 +66,17 @@ class GatewayMetrics:
         self.replicas_ready = Gauge(
             "shipyard_replicas_ready",
             "Replicas ready to take traffic",
+            registry=r,
+        )
+        self.deployment_replicas = Gauge(
+            "shipyard_deployment_replicas",
+            "Replicas of each deployment/version, by state (ready or not)",
+            ["deployment", "version", "state"],
+            registry=r,
+        )
+        self.deployment_weight = Gauge(
+            "shipyard_deployment_weight",
+            "Share of new requests each deployment gets (0..1, normalised over ready deployments)",
+            ["deployment"],
             registry=r,
         )

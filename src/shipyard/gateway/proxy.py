@@ -55,6 +55,7 @@ class ClientGone(Exception):
 class Outcome:
     model: str = "-"
     status: int = 500
+    replica: Replica | None = None
 
 
 @dataclass
@@ -71,6 +72,13 @@ class Attempt:
 
 def served_by(replica: Replica) -> dict[str, str]:
     return {"x-shipyard-deployment": replica.deployment, "x-shipyard-version": replica.version}
+
+
+def _version_labels(replica: Replica | None) -> tuple[str, str]:
+    """The (deployment, version) metric labels of the replica that served a request."""
+    if replica is None:
+        return "-", "-"
+    return replica.deployment, replica.version or "-"
 
 
 class Proxy:
@@ -141,6 +149,7 @@ class Proxy:
         model_label = "-"
         status = 500
         streaming = False
+        served: Replica | None = None
         try:
             schema = ChatCompletionRequest if route == "chat" else CompletionRequest
             body = await self.read_body(request)
@@ -164,6 +173,7 @@ class Proxy:
             )
             attempt = Attempt(parsed.model, path, body, upstream_model, session)
             replica, upstream = await self._until_disconnect(request, self._send(attempt))
+            served = replica
             if parsed.stream and upstream.status_code == 200:
                 streaming = True
                 status = 200
@@ -181,7 +191,7 @@ class Proxy:
             raise
         finally:
             if not streaming:
-                self._finish(route, model_label, status, started)
+                self._finish(route, model_label, status, started, served)
 
     @staticmethod
     async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -267,7 +277,7 @@ class Proxy:
             outcome.status = exc.status
             raise
         finally:
-            self._finish(route, outcome.model, outcome.status, started)
+            self._finish(route, outcome.model, outcome.status, started, outcome.replica)
 
     async def _send(self, attempt: Attempt) -> tuple[Replica, httpx.Response]:
         """Send to a replica chosen by the pool; move on to another when one is down.
@@ -329,7 +339,9 @@ class Proxy:
         def on_close(stream: UpstreamStream) -> None:
             self.pool.release(stream.replica, attempt.upstream_model)
             if stream.first_chunk_at is not None:
-                self.metrics.ttft.labels(route, model).observe(stream.first_chunk_at - started)
+                self.metrics.ttft.labels(route, model, *_version_labels(stream.replica)).observe(
+                    stream.first_chunk_at - started
+                )
             if stream.scan.completion_tokens is not None:
                 self.metrics.output_tokens.labels(model).inc(stream.scan.completion_tokens)
                 self.metrics.prompt_tokens.labels(model).inc(stream.scan.prompt_tokens or 0)
@@ -339,7 +351,7 @@ class Proxy:
                 self.metrics.upstream_errors.labels(stream.replica.name, "stream").inc()
             elif stream.client_gone:
                 status = 499
-            self._finish(route, model, status, started)
+            self._finish(route, model, status, started, stream.replica)
 
         async def resend(failed: Replica, why: str) -> tuple[Replica, httpx.Response] | None:
             return await self._resend(attempt, failed, why)
@@ -347,10 +359,11 @@ class Proxy:
         headers = {**served_by(replica), "cache-control": "no-cache", "x-accel-buffering": "no"}
         return UpstreamStream(replica, upstream, StreamScan(drop_usage=drop_usage), headers, on_close, resend)
 
-    def _finish(self, route: str, model: str, status: int, started: float) -> None:
+    def _finish(self, route: str, model: str, status: int, started: float, replica: Replica | None) -> None:
+        labels = _version_labels(replica)
         self.metrics.in_flight.labels(route).dec()
-        self.metrics.requests.labels(route, model, str(status)).inc()
-        self.metrics.latency.labels(route, model).observe(time.perf_counter() - started)
+        self.metrics.requests.labels(route, model, str(status), *labels).inc()
+        self.metrics.latency.labels(route, model, *labels).observe(time.perf_counter() - started)
 
     def _count_usage(self, model: str, content: bytes) -> None:
         try:

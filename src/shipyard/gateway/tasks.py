@@ -50,6 +50,7 @@ def install_task_routes(
             if parsed.scores:
                 calls += [proxy.call_json(model, body) for body in score_bodies(model, label_set, parsed.text)]
             answers = await asyncio.gather(*calls)
+            outcome.replica = answers[0][0]
             try:
                 intent = parse_intent(label_set, answers[0][1])
             except (IntentAnswerError, KeyError, IndexError, TypeError) as exc:
@@ -89,7 +90,7 @@ def install_task_routes(
             model = outcome.model = proxy.resolve_model(parsed.model)
             problems: list[str] = []
             for _ in range(REPLY_ATTEMPTS):
-                _, answer = await proxy.call_json(model, reply_body(model, template, parsed.messages))
+                outcome.replica, answer = await proxy.call_json(model, reply_body(model, template, parsed.messages))
                 try:
                     draft = parse_draft(answer)
                 except (DraftError, KeyError, IndexError, TypeError) as exc:
