@@ -62,6 +62,35 @@ class EngineSettings(BaseSettings):
     """Command that starts vLLM's CLI; empty means ``<this python> -m vllm.entrypoints.cli.main``."""
 
 
+class UISettings(BaseSettings):
+    """The chat page (``shipyard ui``)."""
+
+    model_config = SettingsConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=7860, ge=0, le=65535)
+    gateway_url: str | None = None
+    """Default: the local gateway (``http://127.0.0.1:<port>``)."""
+    api_key: SecretStr | None = None
+    """The key the page sends to the gateway. Default: the first of ``api_keys``, else the stored key file."""
+    users: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    """People who may log in to the page, ``name:password`` each (comma-separated in the environment). Required
+    when ``host`` is not a loopback address."""
+    title: str = "shipyard"
+
+    @field_validator("users", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("gateway_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"gateway_url {value!r} must start with http:// or https://")
+        return value.rstrip("/") if value else value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SHIPYARD_", env_nested_delimiter="__", extra="forbid", yaml_file=None)
 
@@ -104,6 +133,7 @@ class Settings(BaseSettings):
     """First wait before restarting a crashed engine; doubles per failed attempt, up to 30 s."""
 
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    ui: UISettings = Field(default_factory=UISettings)
 
     @field_validator("api_keys", "admin_keys", "upstreams", mode="before")
     @classmethod

@@ -1,0 +1,61 @@
+"""``shipyard ui``: the Gradio chat page in front of a running gateway."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from shipyard.cli.app import ConfigOption, app, fail, settings_from
+from shipyard.settings import Settings
+
+
+def page_key(settings: Settings, explicit: str | None) -> str | None:
+    """The key the page sends: --api-key, ui.api_key, the first api_keys entry, then the stored key file."""
+    if explicit:
+        return explicit
+    if settings.ui.api_key is not None:
+        return settings.ui.api_key.get_secret_value()
+    if settings.api_keys:
+        return settings.key_values()[0]
+    if settings.api_key_file.is_file():
+        return settings.api_key_file.read_text().strip() or None
+    return None
+
+
+@app.command()
+def ui(
+    config: ConfigOption = None,
+    gateway: Annotated[
+        str | None, typer.Option(help="Gateway base URL (default: ui.gateway_url, else the local gateway).")
+    ] = None,
+    api_key: Annotated[str | None, typer.Option(help="API key for the gateway (default: see ui.api_key).")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to listen on (default: ui.host, 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: ui.port, 7860).")] = None,
+    user: Annotated[
+        list[str] | None,
+        typer.Option("--user", help="NAME:PASSWORD allowed to log in (repeatable; replaces ui.users)."),
+    ] = None,
+) -> None:
+    """Serve the chat page (streaming chat, model picker, intent and reply tabs) for a running gateway."""
+    from shipyard.ui import GatewayClient
+    from shipyard.ui.app import UIConfigError, launch
+
+    settings = settings_from(config)
+    url = (gateway or settings.ui.gateway_url or f"http://127.0.0.1:{settings.port}").rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise fail(f"--gateway {url!r} must start with http:// or https://")
+    users = user if user else [u.get_secret_value() for u in settings.ui.users]
+    listen = host or settings.ui.host
+    listen_port = settings.ui.port if port is None else port
+    client = GatewayClient(url, page_key(settings, api_key))
+    typer.echo(f"chat page on http://{listen}:{listen_port} for the gateway at {url}", err=True)
+    try:
+        launch(client, listen, listen_port, users, title=settings.ui.title)
+    except UIConfigError as exc:
+        raise fail(str(exc)) from None
+    except OSError as exc:
+        raise fail(f"cannot serve the chat page on {listen}:{listen_port}: {exc}") from None
+
+
+__all__ = ["page_key", "ui"]
