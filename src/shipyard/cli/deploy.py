@@ -4,12 +4,32 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
 import typer
+from typer.core import TyperGroup
 
 from shipyard.cli.app import ConfigOption, app, fail, settings_from
+
+
+class _DeployGroup(TyperGroup):
+    """``shipyard deploy TARGET ...`` rolls a version out (the ``start`` subcommand, implied); the group's other
+    subcommands write operator files (``shipyard deploy nginx-config``)."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["start", *args]
+        return super().parse_args(ctx, args)
+
+
+deploy_app = typer.Typer(
+    cls=_DeployGroup,
+    help="Roll a new version out (`shipyard deploy TARGET`), or write operator files (nginx-config).",
+    no_args_is_help=True,
+)
+app.add_typer(deploy_app, name="deploy")
 
 rollout_app = typer.Typer(help="The current rollout on a gateway: status, promote, rollback.", no_args_is_help=True)
 app.add_typer(rollout_app, name="rollout")
@@ -55,7 +75,7 @@ def _line(rollout: dict[str, Any]) -> str:
     )
 
 
-@app.command()
+@deploy_app.command("start")
 def deploy(
     target: Annotated[
         str, typer.Argument(help="Model folder, http(s) URL of a running server, or LoRA adapter folder.")
@@ -137,3 +157,46 @@ def rollback(
 ) -> None:
     """Return all traffic to the previous version in one step (while it is still running)."""
     typer.echo(_line(_call("POST", gateway, "/admin/rollouts/current/rollback", _admin_key(admin_key, config))))
+
+
+@deploy_app.command("nginx-config")
+def nginx_config(
+    server_name: Annotated[str, typer.Option(help="Public host name, e.g. llm.example.com.")],
+    gateway: Annotated[
+        list[str] | None, typer.Option("--gateway", help="Gateway replica host:port (repeatable).")
+    ] = None,
+    ui: Annotated[str | None, typer.Option(help="Chat page host:port, served under /ui/.")] = None,
+    cert: Annotated[str, typer.Option(help="TLS certificate path on the nginx host.")] = "/etc/nginx/tls/tls.crt",
+    key: Annotated[str, typer.Option(help="TLS key path on the nginx host.")] = "/etc/nginx/tls/tls.key",
+    no_tls: Annotated[bool, typer.Option("--no-tls", help="Plain HTTP on :80 (TLS ends elsewhere).")] = False,
+    max_body: Annotated[str, typer.Option(help="client_max_body_size.")] = "2m",
+    read_timeout: Annotated[int, typer.Option(help="Seconds a generation may take (proxy_read_timeout).")] = 600,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write here instead of stdout.")] = None,
+) -> None:
+    """Write an nginx config: TLS termination, streaming-friendly (buffering off), gateway upstreams."""
+    from shipyard.ops import NginxConfig, render_nginx
+
+    try:
+        config = NginxConfig(
+            server_name=server_name,
+            gateways=tuple(gateway or ["127.0.0.1:8080"]),
+            ui=ui,
+            tls_certificate=None if no_tls else cert,
+            tls_certificate_key=None if no_tls else key,
+            max_body=max_body,
+            read_timeout_s=read_timeout,
+        )
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    text = render_nginx(config)
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out)
+    except OSError as exc:
+        raise fail(f"cannot write {out}: {exc}") from None
+    typer.echo(f"wrote {out}", err=True)
