@@ -29,7 +29,7 @@ K8S_VERSION = "1.31.0"
 
 def tool(name: str, hint: str) -> str:
     """A command the test needs; in CI (scripts/test installs them) its absence is a failure, not a skip."""
-    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    found = shutil.which(name, path=f"{os.environ.get('PATH', '')}:/usr/sbin:{Path(sys.executable).parent}")
     if found:
         return found
     if os.environ.get("CI"):

@@ -149,3 +149,46 @@ def test_reply_is_schema_valid_and_templated(client: openai.OpenAI) -> None:
     assert answer["summary"]["sentiment"] in {"negative", "neutral", "positive"}
     with pytest.raises(openai.UnprocessableEntityError):
         client.post("/reply", cast_to=object, body={"messages": []})
+
+
+def test_every_engine_metric_on_the_dashboard_is_exported(engine: EngineProcess, client: openai.OpenAI) -> None:
+    """The Grafana dashboard's vllm:* queries against the real engine's /metrics (after one request)."""
+    from tests.test_deploy_files import exported_names, queried_metrics
+
+    client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2)
+    exported = exported_names(httpx.get(f"{engine.url}/metrics", timeout=10).text)
+    wanted = {m for m in queried_metrics() if m.startswith("vllm:")}
+    assert wanted, "the dashboard queries engine metrics"
+    assert not wanted - exported, f"not exported by vLLM: {sorted(wanted - exported)}"
+
+
+@pytest.mark.browser
+def test_chat_page_streams_the_real_model(gateway: str) -> None:
+    """The chat page in headless Chromium in front of the real engine: a streamed answer, saved as a screenshot
+    (docs/ui-chat.png is one of these)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from tests.test_ui import ARTIFACTS, chromium, serve_page
+
+    page_url = serve_page(gateway, KEY, ["alice:correct-horse"])
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(page_url)
+            page.get_by_label("username").fill("alice")
+            page.get_by_label("password").fill("correct-horse")
+            page.get_by_role("button", name="Login").click()
+            expect(page.locator("#model-picker input")).to_have_value(MODEL, timeout=20_000)
+            temperature = page.get_by_role("spinbutton", name="number input for Temperature")
+            temperature.fill("0")
+            temperature.press("Enter")
+            page.locator("#chat-input textarea").fill("What is the capital of France? Answer in one sentence.")
+            page.locator("#chat-input textarea").press("Enter")
+            answer = page.locator("#chatbot .message.bot").last
+            expect(answer).to_contain_text("Paris", timeout=60_000)
+            expect(page.locator("#chat-input button", has_text="Stop")).to_have_count(0, timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "ui-chat-real-model.png"), full_page=True)
+        finally:
+            browser.close()

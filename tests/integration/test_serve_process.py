@@ -22,28 +22,21 @@ KEY = "sk-serve-test"
 
 
 def test_serve_survives_engine_death_and_stops_cleanly(default_model_dir: Path, tmp_path: Path) -> None:
-    port = free_port()
+    """Run as `shipyard up` (what scripts/up runs): engine, gateway and the chat page on its own port."""
+    port, ui_port = free_port(), free_port()
+    model = shared_models_dir() / MODEL
     env = {
         **os.environ,
+        "SHIPYARD_MODEL": str(model),
+        "SHIPYARD_SERVED_MODEL_NAME": MODEL,
+        "SHIPYARD_UI__PORT": str(ui_port),
         "SHIPYARD_API_KEYS": KEY,
         "SHIPYARD_DATA_DIR": str(tmp_path),
         "SHIPYARD_HEALTH_INTERVAL_S": "0.5",
         "PYTHONUNBUFFERED": "1",
     }
-    model = shared_models_dir() / MODEL
     serve = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "shipyard.cli",
-            "serve",
-            "--model",
-            str(model),
-            "--served-model-name",
-            MODEL,
-            "--port",
-            str(port),
-        ],
+        [sys.executable, "-m", "shipyard.cli", "up", "--port", str(port)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -52,6 +45,7 @@ def test_serve_survives_engine_death_and_stops_cleanly(default_model_dir: Path, 
     url = f"http://127.0.0.1:{port}"
     try:
         assert wait_for(lambda: _status(f"{url}/ready") == 200, timeout=400), _drain(serve)
+        assert wait_for(lambda: _status(f"http://127.0.0.1:{ui_port}/") == 200, timeout=30), "the chat page is up"
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
         assert client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4

@@ -115,8 +115,37 @@ def banner(url: str, model: str, new_key: str | None, settings: Settings) -> str
     return "\n".join(lines)
 
 
+def start_chat_page(settings: Settings) -> str:
+    """The chat page beside the gateway (``shipyard up``): same process, its own port; returns its URL."""
+    from shipyard.ui import GatewayClient
+    from shipyard.ui.app import UIConfigError, launch
+
+    ui = settings.ui
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    key = ui.api_key.get_secret_value() if ui.api_key else settings.key_values()[0]
+    if not port_is_free(ui.host, ui.port):
+        raise fail(f"chat page port {ui.port} on {ui.host} is already in use; set ui.port or use --no-ui")
+    try:
+        launch(
+            GatewayClient(ui.gateway_url or f"http://{host}:{settings.port}", key),
+            ui.host,
+            ui.port,
+            [u.get_secret_value() for u in ui.users],
+            block=False,
+            title=ui.title,
+        )
+    except UIConfigError as exc:
+        raise fail(str(exc)) from None
+    return f"http://{ui.host}:{ui.port}"
+
+
 def serve_stack(
-    settings: Settings, profile: str | None, upstreams: list[str], engine: bool, enable_lora: bool = False
+    settings: Settings,
+    profile: str | None,
+    upstreams: list[str],
+    engine: bool,
+    enable_lora: bool = False,
+    ui: bool = False,
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health probe is noise
@@ -192,6 +221,8 @@ def serve_stack(
         typer.echo(banner(f"http://{settings.host}:{settings.port}", served, new_key, settings))
         if new_admin_key:
             typer.echo(f"admin key for rollouts (shown once, stored in {settings.admin_key_file}): {new_admin_key}\n")
+        if ui:
+            typer.echo(f"chat page: {start_chat_page(settings)}\n")
         run_gateway(gateway, settings.host, settings.port)
     finally:
         engines = [process] if process is not None else []
@@ -254,10 +285,11 @@ def up(
     port: PortOption = None,
     profile: ProfileOption = None,
     engine_port: EnginePortOption = None,
+    ui: Annotated[bool, typer.Option(help="Also serve the chat page (ui.host:ui.port, default :7860).")] = True,
     config: ConfigOption = None,
 ) -> None:
-    """Pull the embedded default model and serve it (what scripts/up runs)."""
+    """Pull the embedded default model and serve it with the chat page (what scripts/up runs)."""
     settings = settings_from(config, host=host, port=port)
     if engine_port is not None:
         settings.engine.port = engine_port
-    serve_stack(settings, profile, [], engine=True)
+    serve_stack(settings, profile, [], engine=True, ui=ui)
