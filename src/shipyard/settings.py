@@ -77,6 +77,8 @@ class UISettings(BaseSettings):
     """People who may log in to the page, ``name:password`` each (comma-separated in the environment). Required
     when ``host`` is not a loopback address."""
     title: str = "shipyard"
+    root_path: str | None = None
+    """The path the page is served under behind a proxy (e.g. ``/ui`` with the nginx config)."""
 
     @field_validator("users", mode="before")
     @classmethod

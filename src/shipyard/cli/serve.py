@@ -133,6 +133,7 @@ def start_chat_page(settings: Settings) -> str:
             [u.get_secret_value() for u in ui.users],
             block=False,
             title=ui.title,
+            root_path=ui.root_path,
         )
     except UIConfigError as exc:
         raise fail(str(exc)) from None

@@ -51,7 +51,7 @@ def ui(
     client = GatewayClient(url, page_key(settings, api_key))
     typer.echo(f"chat page on http://{listen}:{listen_port} for the gateway at {url}", err=True)
     try:
-        launch(client, listen, listen_port, users, title=settings.ui.title)
+        launch(client, listen, listen_port, users, title=settings.ui.title, root_path=settings.ui.root_path)
     except UIConfigError as exc:
         raise fail(str(exc)) from None
     except OSError as exc:

@@ -178,6 +178,7 @@ def launch(
     *,
     block: bool = True,
     title: str = "shipyard",
+    root_path: str | None = None,
 ) -> gr.Blocks:
     """Check the exposure rule, then serve the page (``block=False``: in a background thread)."""
     auth = parse_users(users)
@@ -193,6 +194,7 @@ def launch(
         show_error=True,
         quiet=True,
         ssr_mode=False,
+        root_path=root_path,
         footer_links=[],
     )
     return page
