@@ -7,7 +7,9 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -104,6 +106,25 @@ def slow_stack() -> Iterator[Stack]:
     yield from start_stack(FakeOpenAI("fake-model", token_rate=20.0, default_tokens=40, max_model_len=4096))
 
 
+@contextmanager
+def browser_page(**options: Any) -> Iterator[Any]:
+    """A page in headless Chromium (Debian's build, driven by Playwright), closed with its browser."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        try:
+            yield browser.new_page(**options)
+        finally:
+            browser.close()
+
+
+def log_in(page: Any, user: str, password: str) -> None:
+    page.get_by_label("username").fill(user)
+    page.get_by_label("password").fill(password)
+    page.get_by_role("button", name="Login").click()
+
+
 def serve_page(url: str, key: str, users: list[str]) -> str:
     port = free_port()
     launch(GatewayClient(url, key), "127.0.0.1", port, users, block=False)
@@ -112,88 +133,74 @@ def serve_page(url: str, key: str, users: list[str]) -> str:
 
 @pytest.mark.browser
 def test_chat_page_streams_an_answer_after_login(slow_stack: Stack) -> None:
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     page_url = serve_page(slow_stack.url, API_KEY, ["alice:correct-horse"])
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.goto(page_url)
-            page.get_by_label("username").fill("alice")
-            page.get_by_label("password").fill("wrong")
-            page.get_by_role("button", name="Login").click()
-            expect(page.get_by_text("Incorrect Credentials")).to_be_visible(timeout=10_000)
-            page.get_by_label("username").fill("alice")
-            page.get_by_label("password").fill("correct-horse")
-            page.get_by_role("button", name="Login").click()
+    with browser_page(viewport={"width": 1280, "height": 1000}) as page:
+        page.goto(page_url)
+        log_in(page, "alice", "wrong")
+        expect(page.get_by_text("Incorrect Credentials")).to_be_visible(timeout=10_000)
+        log_in(page, "alice", "correct-horse")
 
-            # the model picker is filled from the gateway's /v1/models, the status line from /ready
-            expect(page.locator("#gateway-status")).to_contain_text("ready (1 of 1 replicas ready)", timeout=20_000)
-            expect(page.locator("#model-picker input")).to_have_value("fake-model")
+        # the model picker is filled from the gateway's /v1/models, the status line from /ready
+        expect(page.locator("#gateway-status")).to_contain_text("ready (1 of 1 replicas ready)", timeout=20_000)
+        expect(page.locator("#model-picker input")).to_have_value("fake-model")
 
-            page.get_by_label("System prompt").fill("You are terse.")
-            page.locator("#chat-input textarea").fill("Where is my order?")
-            page.locator("#chat-input textarea").press("Enter")
-            bot = page.locator("#chatbot .message.bot").last
-            lengths: list[int] = []
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                text = bot.inner_text() if bot.count() else ""
-                if text and (not lengths or len(text) != lengths[-1]):
-                    lengths.append(len(text))
-                if "tok39" in text:
-                    break
-                time.sleep(0.1)
-            assert "tok39" in bot.inner_text(), "the whole answer arrived"
-            assert len(lengths) >= 3, f"the answer grew while it streamed, seen lengths {lengths}"
-            page.screenshot(path=str(ARTIFACTS / "ui-chat-streamed.png"), full_page=True)
+        page.get_by_label("System prompt").fill("You are terse.")
+        page.locator("#chat-input textarea").fill("Where is my order?")
+        page.locator("#chat-input textarea").press("Enter")
+        bot = page.locator("#chatbot .message.bot").last
+        lengths: list[int] = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            text = bot.inner_text() if bot.count() else ""
+            if text and (not lengths or len(text) != lengths[-1]):
+                lengths.append(len(text))
+            if "tok39" in text:
+                break
+            time.sleep(0.1)
+        assert "tok39" in bot.inner_text(), "the whole answer arrived"
+        assert len(lengths) >= 3, f"the answer grew while it streamed, seen lengths {lengths}"
+        page.screenshot(path=str(ARTIFACTS / "ui-chat-streamed.png"), full_page=True)
 
-            # what the engine got: the system prompt, the user's turn and the sampling controls
-            sent = slow_stack.fake.requests[-1]
-            assert sent["messages"][0] == {"role": "system", "content": "You are terse."}
-            assert sent["messages"][-1] == {"role": "user", "content": "Where is my order?"}
-            assert sent["stream"] is True and sent["max_tokens"] == 256 and sent["temperature"] == 0.7
+        # what the engine got: the system prompt, the user's turn and the sampling controls
+        sent = slow_stack.fake.requests[-1]
+        assert sent["messages"][0] == {"role": "system", "content": "You are terse."}
+        assert sent["messages"][-1] == {"role": "user", "content": "Where is my order?"}
+        assert sent["stream"] is True and sent["max_tokens"] == 256 and sent["temperature"] == 0.7
 
-            # second turn: the history goes along
-            page.locator("#chat-input textarea").fill("Thanks")
-            page.locator("#chat-input textarea").press("Enter")
-            expect(page.locator("#chatbot .message.bot")).to_have_count(2, timeout=10_000)
-            expect(page.locator("#chatbot .message.bot").last).to_contain_text("tok39", timeout=20_000)
-            assert [m["role"] for m in slow_stack.fake.requests[-1]["messages"]] == [
-                "system",
-                "user",
-                "assistant",
-                "user",
-            ]
+        # second turn: the history goes along
+        page.locator("#chat-input textarea").fill("Thanks")
+        page.locator("#chat-input textarea").press("Enter")
+        expect(page.locator("#chatbot .message.bot")).to_have_count(2, timeout=10_000)
+        expect(page.locator("#chatbot .message.bot").last).to_contain_text("tok39", timeout=20_000)
+        assert [m["role"] for m in slow_stack.fake.requests[-1]["messages"]] == [
+            "system",
+            "user",
+            "assistant",
+            "user",
+        ]
 
-            # the intent tab answers with one of the labels
-            page.get_by_role("tab", name="Intent").click()
-            page.locator("#intent-text textarea").fill("I want my money back")
-            page.locator("#intent-run").click()
-            expect(page.locator("#intent-answer textarea")).not_to_have_value("", timeout=10_000)
-        finally:
-            browser.close()
+        # the intent tab answers with one of the labels
+        page.get_by_role("tab", name="Intent").click()
+        page.locator("#intent-text textarea").fill("I want my money back")
+        page.locator("#intent-run").click()
+        expect(page.locator("#intent-answer textarea")).not_to_have_value("", timeout=10_000)
 
 
 @pytest.mark.browser
 def test_chat_page_says_when_the_key_is_wrong_or_the_gateway_is_down(slow_stack: Stack) -> None:
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     wrong_key = serve_page(slow_stack.url, "sk-not-a-key", [])
     down = serve_page(f"http://127.0.0.1:{free_port()}", API_KEY, [])
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
-        try:
-            page = browser.new_page()
-            page.goto(wrong_key)
-            expect(page.locator("#gateway-status")).to_contain_text("refused the API key", timeout=20_000)
-            page.goto(down)
-            expect(page.locator("#gateway-status")).to_contain_text("is not reachable", timeout=20_000)
-            page.locator("#chat-input textarea").fill("hello?")
-            page.locator("#chat-input textarea").press("Enter")
-            expect(page.get_by_text("No model selected").first).to_be_visible(timeout=10_000)
-        finally:
-            browser.close()
+    with browser_page() as page:
+        page.goto(wrong_key)
+        expect(page.locator("#gateway-status")).to_contain_text("refused the API key", timeout=20_000)
+        page.goto(down)
+        expect(page.locator("#gateway-status")).to_contain_text("is not reachable", timeout=20_000)
+        page.locator("#chat-input textarea").fill("hello?")
+        page.locator("#chat-input textarea").press("Enter")
+        expect(page.get_by_text("No model selected").first).to_be_visible(timeout=10_000)
     assert httpx.get(wrong_key, timeout=5).status_code == 200

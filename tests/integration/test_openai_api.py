@@ -166,29 +166,22 @@ def test_every_engine_metric_on_the_dashboard_is_exported(engine: EngineProcess,
 def test_chat_page_streams_the_real_model(gateway: str) -> None:
     """The chat page in headless Chromium in front of the real engine: a streamed answer, saved as a screenshot
     (docs/ui-chat.png is one of these)."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    from tests.test_ui import ARTIFACTS, chromium, serve_page
+    from tests.test_ui import ARTIFACTS, browser_page, log_in, serve_page
 
     page_url = serve_page(gateway, KEY, ["alice:correct-horse"])
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(page_url)
-            page.get_by_label("username").fill("alice")
-            page.get_by_label("password").fill("correct-horse")
-            page.get_by_role("button", name="Login").click()
-            expect(page.locator("#model-picker input")).to_have_value(MODEL, timeout=20_000)
-            temperature = page.get_by_role("spinbutton", name="number input for Temperature")
-            temperature.fill("0")
-            temperature.press("Enter")
-            page.locator("#chat-input textarea").fill("What is the capital of France? Answer in one sentence.")
-            page.locator("#chat-input textarea").press("Enter")
-            answer = page.locator("#chatbot .message.bot").last
-            expect(answer).to_contain_text("Paris", timeout=60_000)
-            expect(page.locator("#chat-input button", has_text="Stop")).to_have_count(0, timeout=60_000)
-            page.screenshot(path=str(ARTIFACTS / "ui-chat-real-model.png"), full_page=True)
-        finally:
-            browser.close()
+    with browser_page(viewport={"width": 1280, "height": 900}) as page:
+        page.goto(page_url)
+        log_in(page, "alice", "correct-horse")
+        expect(page.locator("#model-picker input")).to_have_value(MODEL, timeout=20_000)
+        temperature = page.get_by_role("spinbutton", name="number input for Temperature")
+        temperature.fill("0")
+        temperature.press("Enter")
+        page.locator("#chat-input textarea").fill("What is the capital of France? Answer in one sentence.")
+        page.locator("#chat-input textarea").press("Enter")
+        answer = page.locator("#chatbot .message.bot").last
+        expect(answer).to_contain_text("Paris", timeout=60_000)
+        expect(page.locator("#chat-input button", has_text="Stop")).to_have_count(0, timeout=60_000)
+        page.screenshot(path=str(ARTIFACTS / "ui-chat-real-model.png"), full_page=True)

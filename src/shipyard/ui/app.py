@@ -100,16 +100,18 @@ def build_ui(client: GatewayClient, title: str = "shipyard") -> gr.Blocks:
         except GatewayError as exc:
             raise fail(exc) from None
 
+    def task(path: str, body: dict[str, Any], model: str | None) -> dict[str, Any]:
+        """One task-endpoint call on the picked model (or the gateway's only one); errors shown on the page."""
+        try:
+            return client.post(path, {**body, "model": model} if model else body)
+        except GatewayError as exc:
+            raise fail(exc) from None
+
     def classify(text: str, labels: str, model: str | None) -> tuple[str, dict[str, Any]]:
         body: dict[str, Any] = {"text": text}
         if labels.strip():
             body["labels"] = [label.strip() for label in labels.split(",") if label.strip()]
-        if model:
-            body["model"] = model
-        try:
-            answer = client.post("/v1/intent", body)
-        except GatewayError as exc:
-            raise fail(exc) from None
+        answer = task("/v1/intent", body, model)
         return str(answer["intent"]), answer
 
     def reply(conversation: str, template: str, model: str | None) -> tuple[str, dict[str, Any]]:
@@ -120,12 +122,7 @@ def build_ui(client: GatewayClient, title: str = "shipyard") -> gr.Blocks:
         body: dict[str, Any] = {"messages": messages}
         if template.strip():
             body["template"] = template.strip()
-        if model:
-            body["model"] = model
-        try:
-            answer = client.post("/v1/reply", body)
-        except GatewayError as exc:
-            raise fail(exc) from None
+        answer = task("/v1/reply", body, model)
         return str(answer["reply"]), answer
 
     with gr.Blocks(title=title, analytics_enabled=False) as page:
