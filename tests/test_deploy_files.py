@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from shipyard.cli import app
 from shipyard.ops import NginxConfig, render_nginx
+from shipyard.router.discovery import parse_target
 from tests.stack import Stack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,6 +210,10 @@ def test_kubernetes_manifests_validate_against_the_api_schemas() -> None:
     deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
     gateway = deployments["shipyard-gateway"]["spec"]["template"]["spec"]["containers"][0]
     assert gateway["readinessProbe"]["httpGet"]["path"] == "/ready"
+    upstreams = next(e["value"] for e in gateway["env"] if e["name"] == "SHIPYARD_UPSTREAMS")
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    target = parse_target(upstreams)  # the gateway's discovery target is a headless Service of the manifests
+    assert services[target.host]["spec"]["clusterIP"] == "None" and target.port == 8000
     assert "preStop" in gateway["lifecycle"]
     for color in ("blue", "green"):
         engine = deployments[f"shipyard-engine-{color}"]["spec"]["template"]["spec"]["containers"][0]

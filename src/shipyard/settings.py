@@ -40,6 +40,18 @@ def _split_csv(value: Any) -> Any:
     return value
 
 
+def check_upstreams(urls: list[str]) -> list[str]:
+    """Upstream URLs as given, checked (ValueError naming the bad one) and without trailing slashes."""
+    from shipyard.router.discovery import is_discovery, parse_target
+
+    for url in urls:
+        if is_discovery(url):
+            parse_target(url)
+        elif not url.startswith(("http://", "https://")):
+            raise ValueError(f"upstream {url!r} must start with http://, https:// or dns+http(s)://")
+    return [url.rstrip("/") for url in urls]
+
+
 class EngineSettings(BaseSettings):
     """How the local vLLM engine is started (see ``shipyard.engine.EngineSpec``)."""
 
@@ -110,7 +122,10 @@ class Settings(BaseSettings):
     admin_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     """Keys for /admin (rollouts); must differ from api_keys. Empty: ``serve`` generates one."""
     upstreams: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    """OpenAI-compatible servers to route to instead of (or besides) a local engine."""
+    """OpenAI-compatible servers to route to instead of (or besides) a local engine: ``http(s)://host:port``, or
+    ``dns+http://NAME:PORT[#deployment]`` for one replica per address NAME resolves to (a Kubernetes headless
+    Service: one per engine pod), re-resolved every ``discovery_interval_s``."""
+    discovery_interval_s: float = Field(default=10.0, gt=0)
 
     max_body_bytes: int = Field(default=1_000_000, gt=0)
     max_tokens_limit: int | None = Field(default=None, ge=1)
@@ -145,10 +160,7 @@ class Settings(BaseSettings):
     @field_validator("upstreams")
     @classmethod
     def _upstreams_are_urls(cls, value: list[str]) -> list[str]:
-        for url in value:
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"upstream {url!r} must start with http:// or https://")
-        return [url.rstrip("/") for url in value]
+        return check_upstreams(value)
 
     @classmethod
     def settings_customise_sources(

@@ -20,7 +20,8 @@ from shipyard.gateway.server import run_gateway
 from shipyard.prepare.default_model import DEFAULT_MODEL_NAME, DefaultModelError, pull_default
 from shipyard.prepare.registry import RegistryError, resolve_input
 from shipyard.router import Replica
-from shipyard.settings import Settings
+from shipyard.router.discovery import is_discovery
+from shipyard.settings import Settings, check_upstreams
 from shipyard.tasks import load_labels, load_templates
 from shipyard.tasks.config import TaskConfigError
 
@@ -159,13 +160,17 @@ def serve_stack(
         raise fail(str(exc)) from None
     settings, new_key = with_api_key(settings)
     settings, new_admin_key = with_admin_key(settings)
-    replicas = [
-        Replica(url, name=f"upstream-{i}", deployment="blue") for i, url in enumerate([*settings.upstreams, *upstreams])
-    ]
+    try:  # --upstream values get the same checks as the `upstreams` setting
+        settings = settings.model_copy(update={"upstreams": check_upstreams([*settings.upstreams, *upstreams])})
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    static = [url for url in settings.upstreams if not is_discovery(url)]
+    discovered = [url for url in settings.upstreams if is_discovery(url)]
+    replicas = [Replica(url, name=f"upstream-{i}", deployment="blue") for i, url in enumerate(static)]
     process: EngineProcess | None = None
     launcher: EngineLauncher | None = None
     gateway = None
-    served = ", ".join(r.url for r in replicas)
+    served = ", ".join([*(r.url for r in replicas), *discovered])
     try:
         if engine:
             folder, served = resolve_model(settings)
@@ -215,7 +220,7 @@ def serve_stack(
             typer.echo(f"vLLM ready at {process.url} (its own metrics: {process.url}/metrics)", err=True)
             version = settings.version_label or Path(folder).name
             replicas.insert(0, Replica(process.url, name=f"blue-{version}", deployment="blue", version=version))
-        if not replicas:
+        if not replicas and not discovered:
             raise fail("nothing to serve: give a model, or --upstream URL with --no-engine")
         managed = {replicas[0].name: launcher.handle(process)} if launcher and process else None
         gateway = create_app(settings, replicas, launcher=launcher, managed=managed)

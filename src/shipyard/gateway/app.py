@@ -22,6 +22,7 @@ from shipyard.gateway.tasks import install_task_routes
 from shipyard.gateway.transport import UpstreamTransport
 from shipyard.router import HealthMonitor, Replica, ReplicaPool
 from shipyard.router.audit import AuditLog
+from shipyard.router.discovery import UpstreamDiscovery, is_discovery, parse_target
 from shipyard.router.launcher import Launcher, ReplicaHandle, UrlLauncher
 from shipyard.router.orchestrator import Orchestrator, OrchestratorConfig
 from shipyard.settings import Settings
@@ -76,6 +77,9 @@ def create_app(
         retry_after_s=settings.retry_after_s,
     )
     monitor = HealthMonitor(pool, http, interval_s=settings.health_interval_s)
+    discovery = UpstreamDiscovery(
+        pool, [parse_target(u) for u in settings.upstreams if is_discovery(u)], settings.discovery_interval_s
+    )
     orchestrator = Orchestrator(
         pool,
         http,
@@ -99,13 +103,16 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await discovery.refresh()
         await monitor.check_all()
         monitor.start()
+        discovery.start()
         orchestrator.start()
         try:
             yield
         finally:
             await orchestrator.stop()
+            await discovery.stop()
             await monitor.stop()
             if own_client:
                 await http.aclose()
@@ -114,6 +121,7 @@ def create_app(
     app.state.pool = pool
     app.state.metrics = metrics
     app.state.monitor = monitor
+    app.state.discovery = discovery
     app.state.orchestrator = orchestrator
     install_error_handlers(app)
 

@@ -1,0 +1,128 @@
+"""Replicas found by DNS: every address a name resolves to is one replica (a Kubernetes headless Service
+resolves to its ready pods), re-resolved every few seconds.
+
+An upstream written ``dns+http://NAME:PORT`` (or ``dns+https://``) is such a target; ``#DEPLOYMENT`` at the end
+names the deployment its replicas join (default ``blue``), e.g. ``dns+http://shipyard-engine-green:8000#green``.
+A replica whose address disappears leaves the pool (requests it is answering finish; new ones go elsewhere); a
+failed lookup changes nothing (a DNS blip must not empty the pool).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from shipyard.router.replica import Replica, ReplicaPool
+
+log = logging.getLogger("shipyard.router")
+
+PREFIX = "dns+"
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+@dataclass(frozen=True)
+class DiscoveryTarget:
+    scheme: str
+    host: str
+    port: int
+    deployment: str = "blue"
+
+    @property
+    def label(self) -> str:
+        return f"{PREFIX}{self.scheme}://{self.host}:{self.port}#{self.deployment}"
+
+    def url(self, address: str) -> str:
+        host = f"[{address}]" if ":" in address else address
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+def is_discovery(upstream: str) -> bool:
+    return upstream.startswith(PREFIX)
+
+
+def parse_target(upstream: str) -> DiscoveryTarget:
+    """``dns+http://host:port[#deployment]`` -> target; ValueError naming what is wrong."""
+    if not is_discovery(upstream):
+        raise ValueError(f"{upstream!r} is not a dns+http(s):// upstream")
+    parts = urlsplit(upstream[len(PREFIX) :])
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"upstream {upstream!r} must look like dns+http://NAME:PORT[#deployment]")
+    if parts.path not in ("", "/") or parts.query:
+        raise ValueError(f"upstream {upstream!r}: no path or query (replicas are OpenAI servers at their root)")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ValueError(f"upstream {upstream!r} has an invalid port") from None
+    return DiscoveryTarget(parts.scheme, parts.hostname, port, parts.fragment or "blue")
+
+
+async def resolve(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to (IPv4 and IPv6), sorted, without duplicates."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return sorted({str(info[4][0]) for info in infos})
+
+
+class UpstreamDiscovery:
+    """Keeps the pool's replicas of each target equal to what its name resolves to."""
+
+    def __init__(
+        self,
+        pool: ReplicaPool,
+        targets: Sequence[DiscoveryTarget],
+        interval_s: float = 10.0,
+        resolver: Resolver = resolve,
+    ) -> None:
+        self.pool = pool
+        self.targets = list(targets)
+        self.interval_s = interval_s
+        self.resolver = resolver
+        self._found: dict[DiscoveryTarget, dict[str, Replica]] = {t: {} for t in self.targets}
+        self._task: asyncio.Task[None] | None = None
+
+    async def refresh(self) -> None:
+        for target in self.targets:
+            try:
+                addresses = set(await self.resolver(target.host, target.port))
+            except (OSError, UnicodeError) as exc:
+                log.warning(
+                    "could not resolve %s (keeping %d replicas): %s", target.label, len(self._found[target]), exc
+                )
+                continue
+            known = self._found[target]
+            for address in sorted(addresses - set(known)):
+                replica = Replica(
+                    target.url(address), name=f"{target.deployment}@{target.url(address)}", deployment=target.deployment
+                )
+                self.pool.add(replica)
+                known[address] = replica
+                log.info("discovered replica %s for %s", replica.url, target.label)
+            for address in sorted(set(known) - addresses):
+                replica = known.pop(address)
+                self.pool.remove(replica)
+                log.info(
+                    "replica %s left %s (%d requests in flight finish there)",
+                    replica.url,
+                    target.label,
+                    replica.in_flight,
+                )
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            await self.refresh()
+
+    def start(self) -> None:
+        if self._task is None and self.targets:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="shipyard-discovery")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
