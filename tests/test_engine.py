@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from shipyard.engine import EngineProcess, EngineSpec, EngineStartError, Profile, last_error
+from shipyard.settings import load_settings
 from tests.helpers import wait_for
 
 
@@ -156,3 +157,10 @@ def test_engine_is_pinned_to_the_cores_it_binds(tmp_path: Path) -> None:
     with engine:
         engine.wait_ready(timeout=30)
         assert engine.pid is not None and os.sched_getaffinity(engine.pid) == {0}
+
+
+def test_parallelism_flags_for_several_gpus() -> None:
+    args = EngineSpec(model="/m", tensor_parallel_size=2, data_parallel_size=2).vllm_args(8000)
+    assert args[args.index("--tensor-parallel-size") + 1] == "2"
+    assert args[args.index("--data-parallel-size") + 1] == "2"
+    assert load_settings(engine={"data_parallel_size": 2}).engine.data_parallel_size == 2

@@ -65,6 +65,9 @@ class EngineSettings(BaseSettings):
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
     enforce_eager: bool | None = None
     tensor_parallel_size: int | None = Field(default=None, ge=1)
+    data_parallel_size: int | None = Field(default=None, ge=1)
+    """vLLM's own data parallelism inside one engine (one server, N model copies); replicas behind the gateway
+    are the other way to use several GPUs (see the README's "Scaling out")."""
     extra_args: list[str] = Field(default_factory=list)
     startup_timeout_s: float = Field(default=600, gt=0)
     max_lora_rank: int | None = Field(default=None, ge=1)

@@ -187,6 +187,7 @@ def serve_stack(
                     gpu_memory_utilization=e.gpu_memory_utilization,
                     enforce_eager=e.enforce_eager,
                     tensor_parallel_size=e.tensor_parallel_size,
+                    data_parallel_size=e.data_parallel_size,
                     enable_lora=True if enable_lora else None,
                     max_lora_rank=e.max_lora_rank if enable_lora else None,
                     extra_args=e.extra_args,
