@@ -10,13 +10,13 @@ failed lookup changes nothing (a DNS blip must not empty the pool).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from shipyard.router.loop import BackgroundLoop
 from shipyard.router.replica import Replica, ReplicaPool
 
 log = logging.getLogger("shipyard.router")
@@ -67,8 +67,10 @@ async def resolve(host: str, port: int) -> list[str]:
     return sorted({str(info[4][0]) for info in infos})
 
 
-class UpstreamDiscovery:
+class UpstreamDiscovery(BackgroundLoop):
     """Keeps the pool's replicas of each target equal to what its name resolves to."""
+
+    task_name = "shipyard-discovery"
 
     def __init__(
         self,
@@ -77,12 +79,12 @@ class UpstreamDiscovery:
         interval_s: float = 10.0,
         resolver: Resolver = resolve,
     ) -> None:
+        super().__init__()
         self.pool = pool
         self.targets = list(targets)
         self.interval_s = interval_s
         self.resolver = resolver
         self._found: dict[DiscoveryTarget, dict[str, Replica]] = {t: {} for t in self.targets}
-        self._task: asyncio.Task[None] | None = None
 
     async def refresh(self) -> None:
         for target in self.targets:
@@ -117,12 +119,5 @@ class UpstreamDiscovery:
             await self.refresh()
 
     def start(self) -> None:
-        if self._task is None and self.targets:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="shipyard-discovery")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        if self.targets:
+            super().start()

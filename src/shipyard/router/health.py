@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 import httpx
 
+from shipyard.router.loop import BackgroundLoop
 from shipyard.router.replica import Replica, ReplicaPool
 
 log = logging.getLogger("shipyard.router")
@@ -52,14 +52,16 @@ async def _probe(client: httpx.AsyncClient, replica: Replica, timeout: float) ->
         replica.ready, replica.last_error = False, f"{type(exc).__name__}: {exc}"
 
 
-class HealthMonitor:
+class HealthMonitor(BackgroundLoop):
     """Probes every replica of a pool every ``interval_s`` seconds in a background task."""
 
+    task_name = "shipyard-health"
+
     def __init__(self, pool: ReplicaPool, client: httpx.AsyncClient, interval_s: float = 1.0) -> None:
+        super().__init__()
         self.pool = pool
         self.client = client
         self.interval_s = interval_s
-        self._task: asyncio.Task[None] | None = None
 
     async def check_all(self) -> None:
         await asyncio.gather(*(probe(self.client, r, timeout=max(self.interval_s, 5.0)) for r in self.pool.replicas))
@@ -68,14 +70,3 @@ class HealthMonitor:
         while True:
             await self.check_all()
             await asyncio.sleep(self.interval_s)
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="shipyard-health")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
