@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from abc import ABC, abstractmethod
 
 
-class BackgroundLoop:
+class BackgroundLoop(ABC):
     """Subclasses implement ``_run`` (usually ``while True: ...; await asyncio.sleep(...)``)."""
 
     task_name = "shipyard-loop"
@@ -14,8 +15,9 @@ class BackgroundLoop:
     def __init__(self) -> None:
         self._task: asyncio.Task[None] | None = None
 
+    @abstractmethod
     async def _run(self) -> None:
-        raise NotImplementedError
+        """The task's body; runs until cancelled by ``stop``."""
 
     def start(self) -> None:
         if self._task is None:
