@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-import socket
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from pydantic import SecretStr
 
-from shipyard.cli.app import ConfigOption, app, fail, settings_from
+from shipyard.cli.app import ConfigOption, app, fail, port_is_free, settings_from
+from shipyard.cli.ui import start_page
 from shipyard.engine import EngineProcess, EngineSpec, EngineStartError, Profile
 from shipyard.engine.launcher import EngineHandle, EngineLauncher, cpu_halves
 from shipyard.gateway import create_app
@@ -39,16 +39,6 @@ def auto_profile() -> str:
 
 def resolve_profile(name: str) -> str:
     return auto_profile() if name == AUTO_PROFILE else name
-
-
-def port_is_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def with_api_key(settings: Settings) -> tuple[Settings, str | None]:
@@ -114,31 +104,6 @@ def banner(url: str, model: str, new_key: str | None, settings: Settings) -> str
         "",
     ]
     return "\n".join(lines)
-
-
-def start_chat_page(settings: Settings) -> str:
-    """The chat page beside the gateway (``shipyard up``): same process, its own port; returns its URL."""
-    from shipyard.ui import GatewayClient
-    from shipyard.ui.app import UIConfigError, launch
-
-    ui = settings.ui
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
-    key = ui.api_key.get_secret_value() if ui.api_key else settings.key_values()[0]
-    if not port_is_free(ui.host, ui.port):
-        raise fail(f"chat page port {ui.port} on {ui.host} is already in use; set ui.port or use --no-ui")
-    try:
-        launch(
-            GatewayClient(ui.gateway_url or f"http://{host}:{settings.port}", key),
-            ui.host,
-            ui.port,
-            [u.get_secret_value() for u in ui.users],
-            block=False,
-            title=ui.title,
-            root_path=ui.root_path,
-        )
-    except UIConfigError as exc:
-        raise fail(str(exc)) from None
-    return f"http://{ui.host}:{ui.port}"
 
 
 def serve_stack(
@@ -229,7 +194,7 @@ def serve_stack(
         if new_admin_key:
             typer.echo(f"admin key for rollouts (shown once, stored in {settings.admin_key_file}): {new_admin_key}\n")
         if ui:
-            typer.echo(f"chat page: {start_chat_page(settings)}\n")
+            typer.echo(f"chat page: {start_page(settings, block=False)}\n")
         run_gateway(gateway, settings.host, settings.port)
     finally:
         engines = [process] if process is not None else []

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from shipyard.cli.app import ConfigOption, app, fail, settings_from
+from shipyard.cli.app import ConfigOption, app, fail, port_is_free, settings_from
 from shipyard.settings import Settings
 
 
@@ -38,24 +38,51 @@ def ui(
     ] = None,
 ) -> None:
     """Serve the chat page (streaming chat, model picker, intent and reply tabs) for a running gateway."""
+    start_page(settings_from(config), gateway=gateway, api_key=api_key, host=host, port=port, users=user)
+
+
+def start_page(
+    settings: Settings,
+    *,
+    gateway: str | None = None,
+    api_key: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    users: list[str] | None = None,
+    block: bool = True,
+) -> str:
+    """Serve the chat page for ``shipyard ui`` (blocking) and ``shipyard up`` (beside the gateway, in this
+    process). Arguments override ``settings.ui``; the default gateway is the local one. Returns the page's URL."""
     from shipyard.ui import GatewayClient
     from shipyard.ui.app import UIConfigError, launch
 
-    settings = settings_from(config)
-    url = (gateway or settings.ui.gateway_url or f"http://127.0.0.1:{settings.port}").rstrip("/")
+    local = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    url = (gateway or settings.ui.gateway_url or f"http://{local}:{settings.port}").rstrip("/")
     if not url.startswith(("http://", "https://")):
         raise fail(f"--gateway {url!r} must start with http:// or https://")
-    users = user if user else [u.get_secret_value() for u in settings.ui.users]
     listen = host or settings.ui.host
     listen_port = settings.ui.port if port is None else port
-    client = GatewayClient(url, page_key(settings, api_key))
-    typer.echo(f"chat page on http://{listen}:{listen_port} for the gateway at {url}", err=True)
+    if listen_port and not port_is_free(listen, listen_port):
+        raise fail(
+            f"chat page port {listen_port} on {listen} is already in use; set ui.port (or `shipyard up --no-ui`)"
+        )
+    page = f"http://{listen}:{listen_port}"
+    typer.echo(f"chat page on {page} for the gateway at {url}", err=True)
     try:
-        launch(client, listen, listen_port, users, title=settings.ui.title, root_path=settings.ui.root_path)
+        launch(
+            GatewayClient(url, page_key(settings, api_key)),
+            listen,
+            listen_port,
+            users or [u.get_secret_value() for u in settings.ui.users],
+            block=block,
+            title=settings.ui.title,
+            root_path=settings.ui.root_path,
+        )
     except UIConfigError as exc:
         raise fail(str(exc)) from None
     except OSError as exc:
         raise fail(f"cannot serve the chat page on {listen}:{listen_port}: {exc}") from None
+    return page
 
 
-__all__ = ["page_key", "ui"]
+__all__ = ["page_key", "start_page", "ui"]
