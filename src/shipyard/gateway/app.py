@@ -25,6 +25,7 @@ from shipyard.router.audit import AuditLog
 from shipyard.router.discovery import UpstreamDiscovery, is_discovery, parse_target
 from shipyard.router.launcher import Launcher, ReplicaHandle, UrlLauncher
 from shipyard.router.orchestrator import Orchestrator, OrchestratorConfig
+from shipyard.router.policy import deployment_shares
 from shipyard.settings import Settings
 from shipyard.tasks import load_labels, load_templates
 
@@ -159,11 +160,9 @@ def create_app(
             state = "ready" if replica.ready else "unready"
             metrics.deployment_replicas.labels(replica.deployment, replica.version or "-", state).inc()
         metrics.deployment_weight.clear()
-        ready = {r.deployment for r in pool.ready()}
-        weights = {name: w for name, w in pool.weights.items() if name in ready}
-        total = sum(weights.values())
+        shares = deployment_shares(pool.weights, sorted({r.deployment for r in pool.ready()}))
         for name in pool.deployments():
-            metrics.deployment_weight.labels(name).set(weights.get(name, 0.0) / total if total else 0.0)
+            metrics.deployment_weight.labels(name).set(shares.get(name, 0.0))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")

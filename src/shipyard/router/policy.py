@@ -38,22 +38,26 @@ def session_draw(session_key: str) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
-def pick_deployment(weights: Mapping[str, float], available: Sequence[str], draw: float) -> str | None:
-    """The deployment whose cumulative-weight bucket holds ``draw`` (in [0, 1)), among ``available`` ones.
+def deployment_shares(weights: Mapping[str, float], available: Sequence[str]) -> dict[str, float]:
+    """The share of new requests each of the ``available`` deployments gets (summing to 1; in name order).
 
     Weights of unavailable deployments are left out and the rest renormalised, so a canary that is down sends
-    its share to the others. If no available deployment has weight, any available one is used (availability
-    wins over the split: this only happens while every weighted deployment is down).
+    its share to the others. If no available deployment has weight, the first available one takes everything
+    (availability wins over the split: this only happens while every weighted deployment is down).
     """
     live = [(name, weights.get(name, 0.0)) for name in sorted(available)]
     total = sum(w for _, w in live if w > 0)
     if total <= 0:
-        return live[0][0] if live else None
-    point = min(max(draw, 0.0), 0.999999999) * total
-    for name, weight in live:
-        if weight <= 0:
-            continue
-        if point < weight:
+        return {live[0][0]: 1.0} if live else {}
+    return {name: w / total for name, w in live if w > 0}
+
+
+def pick_deployment(weights: Mapping[str, float], available: Sequence[str], draw: float) -> str | None:
+    """The deployment whose bucket of :func:`deployment_shares` holds ``draw`` (in [0, 1))."""
+    shares = deployment_shares(weights, available)
+    point = min(max(draw, 0.0), 0.999999999)
+    for name, share in shares.items():
+        if point < share:
             return name
-        point -= weight
-    return next(name for name, weight in reversed(live) if weight > 0)
+        point -= share
+    return next(reversed(shares), None)
