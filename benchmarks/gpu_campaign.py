@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from shipyard.engine import EngineProcess, EngineSpec  # noqa: E402
+from shipyard.testing.process import wait_until_ready  # noqa: E402
 
 MODEL = Path("/root/qwen2.5-7b")
 KEY, ADMIN = "sk-campaign", "sk-campaign-admin"
@@ -102,19 +103,26 @@ def bench(out: Path, url: str, *args: str, key: str = KEY) -> dict[str, Any]:
     return summary
 
 
-def start_engine(work: Path, name: str, port: int = ENGINE_PORT, **fields: Any) -> EngineProcess:
+def engine_for(
+    work: Path, name: str, port: int = ENGINE_PORT, env: dict[str, str] | None = None, **fields: Any
+) -> EngineProcess:
+    """The campaign's engine (dummy-weight model, served as "qwen", 4k context) with ``fields`` on top; not
+    started yet."""
     spec = EngineSpec(
         model=str(fields.pop("model", MODEL)),
         served_model_name="qwen",
         max_model_len=MAX_MODEL_LEN,
-        extra_args=BASE_ARGS,
-        **fields,
+        **{"extra_args": BASE_ARGS, **fields},
     )
-    engine = EngineProcess(spec, work / "logs" / f"engine-{name}.log", port=port)
+    return EngineProcess(spec, work / "logs" / f"engine-{name}.log", port=port, env=env)
+
+
+def start_engine(work: Path, name: str, port: int = ENGINE_PORT, **fields: Any) -> EngineProcess:
+    engine = engine_for(work, name, port, **fields)
     started = time.monotonic()
     engine.start()
     engine.wait_ready(600)
-    log(f"engine {name} ready in {time.monotonic() - started:.0f} s: {' '.join(spec.vllm_args(port))}")
+    log(f"engine {name} ready in {time.monotonic() - started:.0f} s: {' '.join(engine.spec.vllm_args(port))}")
     return engine
 
 
@@ -140,17 +148,8 @@ def start_gateway(
     proc = subprocess.Popen(
         args, env={**os.environ, **base_env, **(env or {})}, stdout=log_file, stderr=log_file, start_new_session=True
     )
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"gateway exited {proc.returncode}; see {work / 'logs' / 'gateway.log'}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{GATEWAY_PORT}/ready", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError("gateway not ready after 900 s")
+    wait_until_ready(proc, f"http://127.0.0.1:{GATEWAY_PORT}", 900, str(work / "logs" / "gateway.log"))
+    return proc
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -440,12 +439,8 @@ def multigpu(out: Path, args: argparse.Namespace) -> None:
         try:
             # start every engine first, then wait: the replicas of dp2 load side by side
             for index, (gpus, fields) in enumerate(LAYOUTS[layout]):
-                spec = EngineSpec(
-                    model=str(MODEL), served_model_name="qwen", max_model_len=MAX_MODEL_LEN,
-                    **{"extra_args": BASE_ARGS, **fields},
-                )  # fmt: skip
                 env = {"CUDA_VISIBLE_DEVICES": gpus, "VLLM_ALLREDUCE_USE_SYMM_MEM": "0", **NO_MULTICAST}
-                engine = EngineProcess(spec, work / "logs" / f"engine-{index}.log", port=ENGINE_PORT + index, env=env)
+                engine = engine_for(work, str(index), ENGINE_PORT + index, env, **fields)
                 engine.start()
                 engines.append(engine)
             for engine in engines:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+from shipyard.testing.process import wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-prepare"
@@ -47,17 +47,8 @@ def serve(env: dict[str, str], ref: str, log_file: Path) -> subprocess.Popen[byt
     args += ["--engine-port", str(ENGINE_PORT), "--served-model-name", "smollm2"]
     handle = log_file.open("ab")
     proc = subprocess.Popen(args, env=env, stdout=handle, stderr=handle, start_new_session=True, cwd=ROOT)
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"shipyard serve {ref} exited {proc.returncode}; see {log_file}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{PORT}/ready", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"shipyard serve {ref} not ready after 900 s")
+    wait_until_ready(proc, f"http://127.0.0.1:{PORT}", 900, f"{log_file} (serving {ref})")
+    return proc
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

@@ -23,13 +23,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 
 from shipyard.bench import rollout_scenarios as scenarios
 from shipyard.engine import free_port
 from shipyard.prepare.default_model import DEFAULT_MODEL_NAME, pull_default
 from shipyard.testing.lora import write_random_adapter
+from shipyard.testing.process import wait_until_ready
 
 API_KEY, ADMIN_KEY = "sk-rollout-user", "sk-rollout-admin"
 
@@ -90,16 +90,7 @@ def run(out: Path, models_dir: Path) -> dict[str, Any]:
         "streaming_clients": 16,
     }
     try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{gateway}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if serve.poll() is not None:
-                raise RuntimeError(f"shipyard serve exited: see {work / 'serve.log'}")
-            time.sleep(1)
+        wait_until_ready(serve, gateway, 600, str(work / "serve.log"))
         admin = scenarios.Admin(gateway, ADMIN_KEY, API_KEY, DEFAULT_MODEL_NAME)
         print("A: blue-green v1 -> v2 under 16 streams", flush=True)
         report["blue_green"] = scenarios.blue_green(admin, str(model_dir), "v2")
