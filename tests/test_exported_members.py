@@ -51,6 +51,7 @@ PUBLIC = {
         "summarize",
     ],
     "shipyard.tasks": [
+        "IntentDecode",
         "IntentRequest",
         "IntentResponse",
         "LabelSet",

@@ -8,11 +8,23 @@ from pathlib import Path
 import httpx
 import pytest
 
+from shipyard.settings import IntentSettings
 from shipyard.tasks import ReplyDraft, load_labels, load_templates
 from shipyard.tasks.config import TaskConfigError
-from shipyard.tasks.intent import LabelSet, intent_body, label_probabilities
+from shipyard.tasks.intent import (
+    FULL_MAX_TOKENS,
+    DecodePlan,
+    IntentAnswerError,
+    LabelSet,
+    decide_label,
+    decisive_prefix,
+    decode_plan,
+    intent_body,
+    label_probabilities,
+)
 from shipyard.tasks.reply import DraftError, parse_draft, render_reply
-from tests.stack import Stack
+from shipyard.testing import FakeOpenAI
+from tests.stack import Stack, start_stack
 
 GOOD_DRAFT = {
     "summary": {"issue": "The order is late.", "demands": ["deliver it"], "sentiment": "negative"},
@@ -171,3 +183,119 @@ def test_label_and_template_files_are_validated(tmp_path: Path) -> None:
     with pytest.raises(TaskConfigError, match="cannot read"):
         load_templates(tmp_path / "missing.yaml")
     assert LabelSet.from_names(["a", "b"]).labels == ["a", "b"]
+
+
+# --- shortest decode ---------------------------------------------------------------------------------------
+
+TRICKY_SETS = [
+    ["lost_card", "activate_card", "account_access", "refund_request", "return_item"],
+    ["card", "card_lost", "card_lost_abroad"],  # labels that are prefixes of others
+    ["ab_x", "b", "ab_y"],  # "b" is a stop string inside "ab_x"
+    ["yes", "no"],
+    ["été", "étage", "eta"],  # non-ASCII: bytes, not characters, bound the tokens
+    ["x", "xy", "y", "yx"],
+]
+
+
+def cut(label: str, plan: DecodePlan, pieces: list[int]) -> dict[str, object]:
+    """vLLM's answer to a shortest-decode request whose greedy path spells ``label`` in pieces of the given
+    lengths: it ends at the first token that completes a stop string (cut after it), at ``max_tokens`` tokens,
+    or with the end-of-answer token."""
+    text, tokens = "", 0
+    for size in pieces:
+        if tokens == plan.max_tokens:
+            return {"choices": [{"message": {"content": text}, "finish_reason": "length", "stop_reason": None}]}
+        text, tokens = label[: len(text) + size], tokens + 1
+        hits = [(text.find(stop) + len(stop), stop) for stop in plan.stop if stop in text]
+        if hits:
+            end, stop = min(hits)
+            return {"choices": [{"message": {"content": text[:end]}, "finish_reason": "stop", "stop_reason": stop}]}
+    finish = "stop" if tokens < plan.max_tokens else "length"
+    return {"choices": [{"message": {"content": text}, "finish_reason": finish, "stop_reason": None}]}
+
+
+def first_stop_end(label: str, plan: DecodePlan) -> int:
+    """Where the first stop string seen while spelling ``label`` ends (another label's may end first)."""
+    return min(label.find(stop) + len(stop) for stop in plan.stop if stop in label)
+
+
+def spellings(label: str) -> list[list[int]]:
+    """Every way of cutting ``label`` into tokens of 1..4 characters (up to 8 characters; then fixed cuts)."""
+    if len(label) > 8:
+        return [[1] * len(label), [len(label)], [2] * (len(label) // 2) + [1] * (len(label) % 2)]
+    if not label:
+        return [[]]
+    return [[size, *rest] for size in range(1, min(4, len(label)) + 1) for rest in spellings(label[size:])]
+
+
+@pytest.mark.parametrize("names", TRICKY_SETS, ids=["-".join(s) for s in TRICKY_SETS])
+def test_a_shortest_decode_never_decides_another_label_than_full_decoding(names: list[str]) -> None:
+    labels = LabelSet.from_names(names)
+    plan = decode_plan(tuple(names))
+    for label in names:
+        for pieces in spellings(label):
+            decided = decide_label(labels, cut(label, plan, pieces))
+            assert decided in (label, None), (label, pieces, decided)
+            prefix = decisive_prefix(label, names)
+            if all(size == 1 for size in pieces) and prefix is not None and first_stop_end(label, plan) == len(prefix):
+                assert decided == label  # max_tokens leaves room for the slowest spelling
+
+
+def test_decode_plan_of_the_packaged_labels_and_of_prefix_labels() -> None:
+    packaged = load_labels().labels
+    plan = decode_plan(tuple(packaged))
+    assert plan.max_tokens == 3 and len(plan.stop) == len(packaged)  # "acc"/"act", "ref"/"ret" need 3 bytes
+    assert "l" in plan.stop and "ca" in plan.stop and "cl" in plan.stop
+    assert decisive_prefix("card", ["card", "card_lost"]) is None
+    assert decode_plan(("card", "card_lost")) == DecodePlan(("card_",), 5)  # "card" then the end of the answer
+    assert decode_plan(("é", "e")).max_tokens == 2  # two bytes
+    assert decode_plan(tuple(f"{'x' * 60}{i}" for i in range(2))).max_tokens == FULL_MAX_TOKENS
+
+
+def test_decide_label_refuses_text_that_begins_no_label() -> None:
+    labels = LabelSet.from_names(["yes", "no"])
+    answer = {"choices": [{"message": {"content": "maybe"}, "finish_reason": "length", "stop_reason": None}]}
+    with pytest.raises(IntentAnswerError, match="does not begin any of the labels"):
+        decide_label(labels, answer)
+
+
+def intent_histogram(stack: Stack) -> dict[str, float]:
+    """The ``shipyard_intent_output_tokens`` sums and counts on the gateway's /metrics, by their full names."""
+    text = httpx.get(f"{stack.url}/metrics").text
+    prefixes = ("shipyard_intent_output_tokens_sum{", "shipyard_intent_output_tokens_count{")
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefixes)
+    }
+
+
+def test_intent_asks_only_for_the_tokens_that_decide_the_label(stack: Stack) -> None:
+    r = post(stack, "/v1/intent", {"text": "I lost my card"})
+    assert r.status_code == 200 and r.json()["intent"] == "lost_card", r.text
+    sent = stack.fake.requests[-1]
+    plan = decode_plan(tuple(load_labels().labels))
+    assert sent["stop"] == list(plan.stop) and sent["include_stop_str_in_output"] is True
+    assert sent["max_tokens"] == plan.max_tokens and len(stack.fake.requests) == 1
+    metrics = intent_histogram(stack)
+    assert metrics['shipyard_intent_output_tokens_count{decode="shortest",outcome="decided"}'] == 1
+    assert metrics['shipyard_intent_output_tokens_sum{decode="shortest",outcome="decided"}'] == 1  # "l"
+
+
+def test_an_undecided_short_answer_is_continued_as_a_full_decode(stack: Stack) -> None:
+    r = post(stack, "/v1/intent", {"text": "hmm", "labels": ["ab_x", "b", "ab_y"]})
+    assert r.status_code == 200 and r.json()["intent"] == "ab_x", r.text
+    short, full = stack.fake.requests
+    assert short["stop"] and "stop" not in full and full["max_tokens"] == FULL_MAX_TOKENS
+    assert full["messages"] == short["messages"] and full["structured_outputs"] == short["structured_outputs"]
+    metrics = intent_histogram(stack)
+    assert metrics['shipyard_intent_output_tokens_count{decode="shortest",outcome="continued"}'] == 1
+    assert metrics['shipyard_intent_output_tokens_sum{decode="shortest",outcome="continued"}'] == 2 + 4  # ab, ab_x
+
+
+def test_full_decode_setting_spells_the_whole_label(fake: FakeOpenAI) -> None:
+    for stack in start_stack(fake, intent=IntentSettings(decode="full")):
+        r = post(stack, "/v1/intent", {"text": "I lost my card"})
+        assert r.status_code == 200 and r.json()["intent"] == "lost_card"
+        sent = fake.requests[-1]
+        assert sent["max_tokens"] == FULL_MAX_TOKENS and "stop" not in sent
+        metrics = intent_histogram(stack)
+        assert metrics['shipyard_intent_output_tokens_sum{decode="full",outcome="full"}'] == len("lost_card")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
@@ -75,6 +75,16 @@ class EngineSettings(BaseSettings):
     """Port of the engine's own server (loopback); None picks a free one. Its /metrics is vLLM's."""
     vllm_command: list[str] = Field(default_factory=list)
     """Command that starts vLLM's CLI; empty means ``<this python> -m vllm.entrypoints.cli.main``."""
+
+
+class IntentSettings(BaseSettings):
+    """``/v1/intent`` (and ``/predict``)."""
+
+    model_config = SettingsConfigDict(extra="forbid")
+
+    decode: Literal["shortest", "full"] = "shortest"
+    """``shortest``: generate only until the label is decided (same answers, fewer engine steps); ``full``:
+    spell the whole label."""
 
 
 class UISettings(BaseSettings):
@@ -153,6 +163,7 @@ class Settings(BaseSettings):
     """First wait before restarting a crashed engine; doubles per failed attempt, up to 30 s."""
 
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    intent: IntentSettings = Field(default_factory=IntentSettings)
     ui: UISettings = Field(default_factory=UISettings)
 
     @field_validator("api_keys", "admin_keys", "upstreams", mode="before")

@@ -45,6 +45,9 @@ class RequestRecord:
     version: str | None = None
     chunk_times: list[float] = field(default_factory=list, repr=False)
     """Arrival of each chunk that carried output, in seconds from the origin."""
+    scheduled: float | None = None
+    """Open loop: when the request was due (seconds from the origin); ``started - scheduled`` is how late the
+    load generator sent it."""
 
     @property
     def ok(self) -> bool:
@@ -126,6 +129,9 @@ class LoadResult:
     sent: int = 0
     """Requests sent, warm-up included: the next level of a sweep starts its workload after them, so no prompt
     is sent twice (a repeated prompt would be served from the prefix cache and flatter the numbers)."""
+    loadgen_cpu: float | None = None
+    """CPU the load generator itself used while the level ran, in cores (1.0 = one core busy): near 1 means the
+    generator, not the server, may be the limit."""
 
     @property
     def label(self) -> str:
@@ -155,8 +161,13 @@ class LoadResult:
         for r in ok:
             key = f"{r.deployment}/{r.version}" if r.deployment else "-"
             served[key] = served.get(key, 0) + 1
+        sender: dict[str, Any] = {"loadgen_cpu_cores": self.loadgen_cpu}
+        if self.rate is not None:  # open loop: did the generator send at the rate it was asked for, and on time?
+            sender["achieved_rate"] = len(measured) / self.window_s
+            sender["send_lag_ms"] = ms([r.started - r.scheduled for r in measured if r.scheduled is not None])
         return {
             **load,
+            **sender,
             "window_s": self.window_s,
             "requests": len(measured),
             "errors": len(measured) - len(ok),
@@ -299,6 +310,7 @@ async def run_closed_loop(
     base, headers = base_url.rstrip("/"), _headers(api_key)
     records: list[RequestRecord] = []
     indices = itertools.count(first_index)
+    cpu = _CpuMeter()
     async with _session(timeout_s) as session:
         origin = origin if origin is not None else time.perf_counter() + warmup_s
         deadline = origin + duration_s if duration_s is not None else math.inf
@@ -316,7 +328,18 @@ async def run_closed_loop(
         end = deadline if duration_s else 0.0
         await _gather_reporting([client() for _ in range(concurrency)], progress, f"c={concurrency}", records, end)
         window = duration_s if duration_s is not None else _last_end(records)
-    return LoadResult(concurrency, window, [r for r in records if r.started < window], slo=slo, sent=len(records))
+    measured = [r for r in records if r.started < window]
+    return LoadResult(concurrency, window, measured, slo=slo, sent=len(records), loadgen_cpu=cpu.cores())
+
+
+class _CpuMeter:
+    """CPU time of this process since it was made, in cores over the wall time."""
+
+    def __init__(self) -> None:
+        self._cpu, self._wall = time.process_time(), time.perf_counter()
+
+    def cores(self) -> float:
+        return round((time.process_time() - self._cpu) / max(time.perf_counter() - self._wall, 1e-9), 3)
 
 
 def _last_end(records: list[RequestRecord]) -> float:
@@ -371,6 +394,7 @@ async def run_open_loop(
     measured = arrival_offsets(rate, duration_s, arrival, seed, requests)
     warm = [t - warmup_s for t in arrival_offsets(rate, warmup_s, arrival, seed + 1)] if warmup_s > 0 else []
     records: list[RequestRecord] = []
+    cpu = _CpuMeter()
     async with _session(timeout_s) as session:
         origin = time.perf_counter() + warmup_s
 
@@ -378,7 +402,9 @@ async def run_open_loop(
             delay = origin + offset - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            records.append(await send_request(session, base, headers, workload.request(first_index + index), origin))
+            record = await send_request(session, base, headers, workload.request(first_index + index), origin)
+            record.scheduled = offset
+            records.append(record)
 
         end = origin + (duration_s if duration_s is not None else (measured[-1] if measured else 0.0))
         jobs = [at(i, offset) for i, offset in enumerate(warm + measured)]
@@ -386,7 +412,7 @@ async def run_open_loop(
     window = duration_s if duration_s is not None else max(measured[-1] if measured else 0.0, 1e-9)
     if requests is not None:  # the window ends with the last arrival: every measured request is inside it
         window = math.nextafter(window, math.inf)
-    return LoadResult(None, window, records, rate=rate, slo=slo, sent=len(records))
+    return LoadResult(None, window, records, rate=rate, slo=slo, sent=len(records), loadgen_cpu=cpu.cores())
 
 
 def find_max(

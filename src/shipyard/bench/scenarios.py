@@ -6,6 +6,8 @@
 - ``chat``: multi-turn conversations that share one long system prompt and their own history, the case prefix
   caching is for.
 - ``intent`` / ``reply``: the task endpoints with texts from the task datasets.
+- ``intent-engine``: the chat completion the gateway sends for each ``intent`` request (packaged labels, the
+  ``--intent-decode`` mode), straight to a vLLM server: the same classifications without the gateway.
 
 Workloads are deterministic for a seed: request ``i`` is the same request on every run.
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from shipyard.evaluate.datasets import IntentExample, ReplyExample, load_jsonl
+from shipyard.tasks.intent import IntentDecode, LabelSet, decode_plan, intent_body, load_labels
 
 # Common English words (one token each for the usual BPE vocabularies when preceded by a space).
 _WORDS = (
@@ -30,7 +33,7 @@ _WORDS = (
     "day same another know while last might us great old year off come since against go came right used take three"
 ).split()
 
-SCENARIOS = ("random", "chat", "intent", "reply")
+SCENARIOS = ("random", "chat", "intent", "reply", "intent-engine")
 """Scenarios ``shipyard bench`` runs directly; ``rollout`` is ``chat`` load while a rollout runs (see the CLI)."""
 
 TOKEN_ID_RANGE = (1_000, 20_000)
@@ -143,23 +146,34 @@ class DatasetWorkload:
     name: str
     rows: list[dict[str, Any]]
     model: str | None = None
+    decode: IntentDecode = IntentDecode.SHORTEST
+    """``intent-engine`` only: the decode mode of the chat completions it sends."""
+    labels: LabelSet = field(default_factory=load_labels, repr=False)
 
     def __post_init__(self) -> None:
-        if self.name not in ("intent", "reply"):
-            raise ValueError(f"dataset workloads are intent or reply, not {self.name!r}")
+        if self.name not in ("intent", "reply", "intent-engine"):
+            raise ValueError(f"dataset workloads are intent, intent-engine or reply, not {self.name!r}")
         if not self.rows:
             raise ValueError(f"the {self.name} dataset has no rows")
+        if self.name == "intent-engine" and not self.model:
+            raise ValueError("the intent-engine scenario needs the engine's model name")
 
     @classmethod
-    def from_file(cls, name: str, path: Path, model: str | None = None) -> DatasetWorkload:
+    def from_file(
+        cls, name: str, path: Path, model: str | None = None, decode: IntentDecode = IntentDecode.SHORTEST
+    ) -> DatasetWorkload:
         """Rows of a task dataset (malformed lines are left out, as ``shipyard eval`` does)."""
-        schema: type[IntentExample] | type[ReplyExample] = IntentExample if name == "intent" else ReplyExample
+        schema: type[IntentExample] | type[ReplyExample] = ReplyExample if name == "reply" else IntentExample
         examples = load_jsonl(path, schema).examples
-        return cls(name, [e.model_dump() for e in examples], model)
+        return cls(name, [e.model_dump() for e in examples], model, decode)
 
     def request(self, index: int) -> RequestSpec:
         row = self.rows[index % len(self.rows)]
         model = {"model": self.model} if self.model else {}
+        if self.name == "intent-engine":
+            plan = decode_plan(tuple(self.labels.labels)) if self.decode is IntentDecode.SHORTEST else None
+            body = intent_body(str(self.model), self.labels, row["text"], plan)
+            return RequestSpec("/v1/chat/completions", body, False)
         if self.name == "intent":
             return RequestSpec("/v1/intent", {"text": row["text"], **model}, False)
         body = {"messages": row["messages"], **({"template": row["template"]} if row.get("template") else {}), **model}

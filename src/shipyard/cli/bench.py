@@ -23,6 +23,7 @@ from shipyard.bench.resources import ResourceSampler
 from shipyard.bench.scenarios import SCENARIOS, ChatWorkload, DatasetWorkload, RandomWorkload, Workload
 from shipyard.cli.app import app, fail
 from shipyard.evaluate.datasets import project_data
+from shipyard.tasks.intent import IntentDecode
 
 bench_app = typer.Typer(
     help="Load-test a gateway or engine: TTFT/TPOT/ITL/E2E percentiles, throughput, goodput, resources.",
@@ -60,6 +61,7 @@ def _served_model(url: str, api_key: str) -> str:
 def _workload(
     scenario: str, model: str, *, input_tokens: int, output_tokens: int, endpoint: str, stream: bool,
     system_tokens: int, turns: int, dataset: Path | None, seed: int, task_model: str | None,
+    intent_decode: IntentDecode = IntentDecode.SHORTEST,
 ) -> Workload:  # fmt: skip
     try:
         if scenario == "random":
@@ -74,6 +76,9 @@ def _workload(
                 stream=stream,
                 seed=seed,
             )
+        if scenario == "intent-engine":
+            path = dataset or project_data("data/intent/test.jsonl")
+            return DatasetWorkload.from_file(scenario, path, model, intent_decode)
         path = dataset or project_data(f"data/{scenario}/test.jsonl")
         return DatasetWorkload.from_file(scenario, path, task_model)
     except ValueError as exc:  # DatasetError included
@@ -110,7 +115,9 @@ def bench(
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="SHIPYARD_API_KEY", help="API key.")] = None,
     url: Annotated[str, typer.Option(help="Gateway or engine URL.")] = "http://127.0.0.1:8080",
     model: Annotated[str | None, typer.Option(help="Model (default: the first one served).")] = None,
-    scenario: Annotated[str, typer.Option(help="random, chat, intent, reply or rollout.")] = "random",
+    scenario: Annotated[
+        str, typer.Option(help="random, chat, intent, reply, intent-engine (intent straight to vLLM) or rollout.")
+    ] = "random",
     concurrency: Annotated[str | None, typer.Option(help="Closed loop: comma list, e.g. 1,8,64.")] = None,
     rate: Annotated[str | None, typer.Option(help="Open loop: requests/s, comma list, e.g. 10,50.")] = None,
     arrival: Annotated[str, typer.Option(help="Open-loop arrivals: poisson or constant.")] = "poisson",
@@ -124,6 +131,9 @@ def bench(
     system_tokens: Annotated[int, typer.Option(min=1, help="chat: words of the shared system prompt.")] = 1024,
     turns: Annotated[int, typer.Option(min=1, help="chat: user turns per conversation.")] = 4,
     dataset: Annotated[Path | None, typer.Option(help="intent/reply: JSONL (default: data/<task>/test.jsonl).")] = None,
+    intent_decode: Annotated[
+        IntentDecode, typer.Option(help="intent-engine: shortest (stop once decided) or full (the whole label).")
+    ] = IntentDecode.SHORTEST,
     slo: Annotated[str | None, typer.Option(help="Objective, e.g. ttft=200,e2e=2000 (ms).")] = None,
     find_max_level: Annotated[
         bool, typer.Option("--find-max", help="Search the highest level meeting --slo at P99 with no errors.")
@@ -163,7 +173,7 @@ def bench(
         objective: Slo | None = parse_slo(slo) if slo else None
     except ValueError as exc:
         raise fail(str(exc)) from None
-    streaming = stream and scenario not in ("intent", "reply")
+    streaming = stream and scenario not in ("intent", "reply", "intent-engine")
     if objective and objective.ttft_ms is not None and not streaming:
         raise fail("a ttft SLO needs streaming; intent/reply and --no-stream runs measure end-to-end only (use e2e=)")
     if find_max_level and (objective is None or len(levels_c or levels_r) != 1):
@@ -176,6 +186,7 @@ def bench(
     workload = _workload(
         scenario, model_name, input_tokens=input_tokens, output_tokens=output_tokens, endpoint=endpoint,
         stream=streaming, system_tokens=system_tokens, turns=turns, dataset=dataset, seed=seed, task_model=model,
+        intent_decode=intent_decode,
     )  # fmt: skip
 
     next_index = 0
@@ -239,7 +250,7 @@ def bench(
         "scenario": scenario,
         "url": url,
         "model": model_name,
-        "workload": {k: v for k, v in vars(workload).items() if not k.startswith("_") and k != "rows"},
+        "workload": {k: v for k, v in vars(workload).items() if not k.startswith("_") and k not in ("rows", "labels")},
         "seed": seed,
         "slo": slo,
         "arrival": arrival if levels_r else None,

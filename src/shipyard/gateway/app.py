@@ -27,7 +27,7 @@ from shipyard.router.launcher import Launcher, ReplicaHandle, UrlLauncher
 from shipyard.router.orchestrator import Orchestrator, OrchestratorConfig
 from shipyard.router.policy import deployment_shares
 from shipyard.settings import Settings
-from shipyard.tasks import load_labels, load_templates
+from shipyard.tasks import IntentDecode, load_labels, load_templates
 
 
 def upstream_client(settings: Settings) -> httpx.AsyncClient:
@@ -187,7 +187,7 @@ def create_app(
         authorize(request)
         return await proxy.handle(request, "completions")
 
-    install_task_routes(app, proxy, authorize, labels, templates)
+    install_task_routes(app, proxy, authorize, labels, templates, IntentDecode(settings.intent.decode))
     if settings.admin_keys:
         install_admin_routes(app, proxy, KeyChecker(settings.admin_key_values()), orchestrator)
     return app

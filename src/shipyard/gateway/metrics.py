@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+_INTENT_TOKEN_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 _TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20)
 
 
@@ -43,6 +44,14 @@ class GatewayMetrics:
             "shipyard_prompt_tokens",
             "Prompt tokens processed (from the upstream's usage)",
             ["model"],
+            registry=r,
+        )
+        self.intent_output_tokens = Histogram(
+            "shipyard_intent_output_tokens",
+            "Output tokens the engine generated per classification (/v1/intent, /predict), by decode mode and "
+            "whether the short answer decided the label or a full decode had to continue it",
+            ["decode", "outcome"],
+            buckets=_INTENT_TOKEN_BUCKETS,
             registry=r,
         )
         self.in_flight = Gauge(

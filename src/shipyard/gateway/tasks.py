@@ -13,9 +13,12 @@ from shipyard.gateway.proxy import Proxy
 from shipyard.gateway.schemas import parse_json_object, validate
 from shipyard.tasks.intent import (
     IntentAnswerError,
+    IntentDecode,
     IntentRequest,
     IntentResponse,
     LabelSet,
+    decide_label,
+    decode_plan,
     intent_body,
     label_probabilities,
     parse_intent,
@@ -35,9 +38,41 @@ from shipyard.tasks.reply import (
 REPLY_ATTEMPTS = 2
 
 
+def _completion_tokens(answer: dict[str, Any]) -> int:
+    usage = answer.get("usage")
+    return int(usage.get("completion_tokens") or 0) if isinstance(usage, dict) else 0
+
+
 def install_task_routes(
-    app: FastAPI, proxy: Proxy, authorize: Any, labels: LabelSet, templates: dict[str, ReplyTemplate]
+    app: FastAPI,
+    proxy: Proxy,
+    authorize: Any,
+    labels: LabelSet,
+    templates: dict[str, ReplyTemplate],
+    decode: IntentDecode = IntentDecode.SHORTEST,
 ) -> None:
+    async def label_of(model: str, label_set: LabelSet, text: str, first: tuple[Any, dict[str, Any]]) -> str:
+        """The label of a classification's first answer; a shortest decode that did not decide it is continued
+        as a full decode. Counts the output tokens it took."""
+        replica, answer = first
+        tokens = _completion_tokens(answer)
+        outcome = "full"
+        try:
+            if decode is IntentDecode.FULL:
+                return parse_intent(label_set, answer)
+            intent = decide_label(label_set, answer)
+            outcome = "decided"
+            if intent is None:
+                outcome = "continued"
+                _, answer = await proxy.call_json(model, intent_body(model, label_set, text))
+                tokens += _completion_tokens(answer)
+                intent = parse_intent(label_set, answer)
+            return intent
+        except (IntentAnswerError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise OpenAIError(502, f"invalid answer from the engine: {exc}", code="invalid_engine_answer") from None
+        finally:
+            proxy.metrics.intent_output_tokens.labels(decode.value, outcome).observe(tokens)
+
     async def classify(request: Request, route: str) -> IntentResponse:
         authorize(request)
         async with proxy.accounted(route) as outcome:
@@ -46,15 +81,13 @@ def install_task_routes(
             parsed = validate(IntentRequest, data)
             label_set = LabelSet.from_names(parsed.labels) if parsed.labels else labels
             model = outcome.model = proxy.resolve_model(parsed.model)
-            calls = [proxy.call_json(model, intent_body(model, label_set, parsed.text))]
+            plan = decode_plan(tuple(label_set.labels)) if decode is IntentDecode.SHORTEST else None
+            calls = [proxy.call_json(model, intent_body(model, label_set, parsed.text, plan))]
             if parsed.scores:
                 calls += [proxy.call_json(model, body) for body in score_bodies(model, label_set, parsed.text)]
             answers = await asyncio.gather(*calls)
             outcome.replica = answers[0][0]
-            try:
-                intent = parse_intent(label_set, answers[0][1])
-            except (IntentAnswerError, KeyError, IndexError, TypeError) as exc:
-                raise OpenAIError(502, f"invalid answer from the engine: {exc}", code="invalid_engine_answer") from None
+            intent = await label_of(model, label_set, parsed.text, answers[0])
             scores = label_probabilities(label_set.labels, [a for _, a in answers[1:]]) if parsed.scores else None
             return IntentResponse(
                 intent=intent, scores=scores, model=model, latency_ms=round((time.perf_counter() - started) * 1000, 2)

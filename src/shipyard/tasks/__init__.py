@@ -1,9 +1,10 @@
 """Task endpoints' domain logic (no I/O): intent classification and templated complaint replies."""
 
-from shipyard.tasks.intent import IntentRequest, IntentResponse, LabelSet, load_labels
+from shipyard.tasks.intent import IntentDecode, IntentRequest, IntentResponse, LabelSet, load_labels
 from shipyard.tasks.reply import ReplyDraft, ReplyRequest, ReplyResponse, ReplyTemplate, load_templates
 
 __all__ = [
+    "IntentDecode",
     "IntentRequest",
     "IntentResponse",
     "LabelSet",

@@ -8,13 +8,27 @@ Label probabilities are opt-in (``"scores": true``). The first answer token's lo
 the ``choice`` constraint the model spells labels in short pieces ("l", "ost", ...), so labels share first
 tokens. Instead each label is scored as the assistant's reply (``continue_final_message`` + ``prompt_logprobs``,
 one request per label, all sharing the cached prompt prefix) and the sequence likelihoods are normalised.
+
+Shortest decode (``IntentDecode.SHORTEST``, the default): under greedy decoding with the ``choice`` constraint the
+label is known as soon as the generated text is a prefix of one label only, usually after the first token; the
+rest of the label's tokens are engine steps spent for nothing. ``decode_plan`` gives each label its shortest
+such prefix; the request stops at any of them (vLLM ``stop`` strings, kept in the output), whatever spelling the
+model picks under the constraint, and ``max_tokens`` is the longest of those prefixes in bytes (no token of a
+byte-level vocabulary is shorter than a byte), so no spelling is cut before it decides. The served model's
+tokenizer is not needed: the stop strings end the request at the first token that completes a decisive prefix,
+one token for the packaged labels when the model spells them as its tokenizer would.
+``decide_label`` maps the text to its label; where it cannot (a label that is a prefix of another, a stop string
+seen inside a longer label) the caller continues with full decoding, so the answer is always the one full
+decoding gives: the same prompt, the same greedy path, only cut where the label is already decided.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +37,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from shipyard.tasks.config import TaskConfigError, packaged, read_yaml_mapping
 
 MAX_LABELS = 64
+FULL_MAX_TOKENS = 32
+"""``max_tokens`` of a full decode: longer than any label the request validation lets through needs."""
+
+
+class IntentDecode(str, Enum):
+    """How many tokens a classification generates: ``shortest`` stops once the label is decided, ``full`` spells
+    the whole label (the old path, kept for comparison: ``intent.decode: full``)."""
+
+    SHORTEST = "shortest"
+    FULL = "full"
 
 
 @dataclass(frozen=True)
@@ -105,18 +129,63 @@ def system_prompt(labels: LabelSet) -> str:
     return "\n".join(lines)
 
 
-def intent_body(model: str, labels: LabelSet, text: str) -> dict[str, Any]:
-    """The chat-completions body for one classification (greedy, few tokens, constrained to the labels)."""
-    return {
+@dataclass(frozen=True)
+class DecodePlan:
+    """Where a shortest decode of one label set stops: at any of ``stop`` (each label's shortest decisive
+    prefix), within ``max_tokens``."""
+
+    stop: tuple[str, ...]
+    max_tokens: int
+
+
+def decisive_prefix(label: str, labels: Sequence[str]) -> str | None:
+    """The shortest prefix of ``label`` that no other label starts with; None when ``label`` is itself a prefix
+    of another label (then only the end of the answer decides it)."""
+    others = [other for other in labels if other != label]
+    for end in range(1, len(label) + 1):
+        prefix = label[:end]
+        if not any(other.startswith(prefix) for other in others):
+            return prefix
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def decode_plan(labels: tuple[str, ...]) -> DecodePlan:
+    """The shortest-decode plan of a label set (cached by the set: the default one and those requests bring).
+
+    >>> decode_plan(("lost_card", "activate_card", "account_access"))
+    DecodePlan(stop=('l', 'act', 'acc'), max_tokens=3)
+    """
+    stops: list[str] = []
+    budget = 1
+    for label in labels:
+        prefix = decisive_prefix(label, labels)
+        if prefix is None:  # the whole label, then the end-of-answer token
+            budget = max(budget, len(label.encode()) + 1)
+            continue
+        stops.append(prefix)
+        budget = max(budget, len(prefix.encode()))
+    return DecodePlan(tuple(stops), min(budget, FULL_MAX_TOKENS))
+
+
+def intent_body(model: str, labels: LabelSet, text: str, plan: DecodePlan | None = None) -> dict[str, Any]:
+    """The chat-completions body for one classification (greedy, constrained to the labels): the whole label,
+    or with ``plan`` only until it is decided."""
+    body: dict[str, Any] = {
         "model": model,
         "messages": [
             {"role": "system", "content": system_prompt(labels)},
             {"role": "user", "content": text},
         ],
         "temperature": 0,
-        "max_tokens": 32,
+        "max_tokens": FULL_MAX_TOKENS,
         "structured_outputs": {"choice": labels.labels},
     }
+    if plan is not None:
+        body["max_tokens"] = plan.max_tokens
+        if plan.stop:
+            body.update(stop=list(plan.stop), include_stop_str_in_output=True)
+    return body
 
 
 def score_bodies(model: str, labels: LabelSet, text: str) -> list[dict[str, Any]]:
@@ -145,6 +214,24 @@ def parse_intent(labels: LabelSet, completion: Mapping[str, Any]) -> str:
     if answer not in labels.descriptions:
         raise IntentAnswerError(f"engine answered {answer[:80]!r}, which is not one of the labels")
     return answer
+
+
+def decide_label(labels: LabelSet, completion: Mapping[str, Any]) -> str | None:
+    """The label a shortest decode's answer decides, or None when it is still open (continue with a full decode).
+
+    The answer is a prefix of what full decoding would have generated; one label starting with it is the label
+    full decoding ends at. An answer that ended on its own (no stop string, not cut by ``max_tokens``) is whole.
+    """
+    choice = completion["choices"][0]
+    text = str(choice["message"].get("content") or "")
+    if choice.get("finish_reason") == "stop" and choice.get("stop_reason") is None:
+        return parse_intent(labels, completion)
+    matching = [label for label in labels.labels if label.startswith(text)] if text else []
+    if len(matching) != 1:
+        if not any(label.startswith(text) for label in labels.labels):
+            raise IntentAnswerError(f"engine answered {text[:80]!r}, which does not begin any of the labels")
+        return None
+    return matching[0]
 
 
 def label_probabilities(labels: Sequence[str], scored: Sequence[Mapping[str, Any]]) -> dict[str, float]:

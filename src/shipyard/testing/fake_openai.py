@@ -101,10 +101,14 @@ class FakeOpenAI:
         usage = {"prompt_tokens": 7, "completion_tokens": n_tokens, "total_tokens": 7 + n_tokens}
         rid = f"fake-{len(self.requests)}"
         if not request.get("stream"):
+            text, finish, stop_reason = self._answer(request, n_tokens)
+            if (request.get("structured_outputs") or {}).get("choice"):
+                n_tokens = max(len(text), 1)
+                usage = {"prompt_tokens": 7, "completion_tokens": n_tokens, "total_tokens": 7 + n_tokens}
             await asyncio.sleep(self.ttft_s + max(n_tokens - 1, 0) / self.token_rate)
-            text, finish = self._answer(request, n_tokens)
+            message = {"role": "assistant", "content": text}
             choice: dict[str, Any] = (
-                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                {"index": 0, "message": message, "finish_reason": finish, "stop_reason": stop_reason}
                 if chat
                 else {"index": 0, "text": text, "finish_reason": "length"}
             )
@@ -122,14 +126,24 @@ class FakeOpenAI:
             return
         await self._stream(rid, chat, n_tokens, usage, request, receive, send)
 
-    def _answer(self, request: dict[str, Any], n_tokens: int) -> tuple[str, str]:
-        """(content, finish_reason): a scripted answer, the first allowed choice, or n_tokens tokens."""
+    def _answer(self, request: dict[str, Any], n_tokens: int) -> tuple[str, str, str | None]:
+        """(content, finish_reason, stop_reason): a scripted answer, the first allowed choice, or n_tokens tokens.
+
+        A choice answer is cut like vLLM cuts it: at the earliest ``stop`` string (kept with
+        ``include_stop_str_in_output``), else after ``max_tokens`` characters (one token each here)."""
         if self.script:
-            return self.script.popleft(), "stop"
+            return self.script.popleft(), "stop", None
         choices = (request.get("structured_outputs") or {}).get("choice")
-        if choices:
-            return str(choices[0]), "stop"
-        return " ".join(f"tok{i}" for i in range(n_tokens)), "length"
+        if not choices:
+            return " ".join(f"tok{i}" for i in range(n_tokens)), "length", None
+        text = str(choices[0])
+        hits = [(text.find(stop) + len(stop), stop) for stop in request.get("stop") or [] if stop in text]
+        if hits:
+            end, stop = min(hits)
+            return (text[:end] if request.get("include_stop_str_in_output") else text[: end - len(stop)]), "stop", stop
+        if len(text) > n_tokens:
+            return text[:n_tokens], "length", None
+        return text, "stop", None
 
     @staticmethod
     def _prompt_logprobs(request: dict[str, Any]) -> dict[str, Any]:
