@@ -100,8 +100,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--config", choices=list(CONFIGS), required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--rates", default="100,200,300,400,500,600,800,1000")
-    parser.add_argument("--duration", default="6")
+    parser.add_argument("--rates", default="100,200,300,400,600,800,1000")
+    parser.add_argument("--duration", default="5")
     parser.add_argument("--find-max-start", default="200")
     args = parser.parse_args()
     out = args.out / args.config

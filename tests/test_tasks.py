@@ -8,11 +8,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from shipyard.engine.process import ENGINE_ENV
 from shipyard.settings import IntentSettings
 from shipyard.tasks import ReplyDraft, load_labels, load_templates
 from shipyard.tasks.config import TaskConfigError
 from shipyard.tasks.intent import (
     FULL_MAX_TOKENS,
+    MAX_LABELS,
     DecodePlan,
     IntentAnswerError,
     LabelSet,
@@ -299,3 +301,18 @@ def test_full_decode_setting_spells_the_whole_label(fake: FakeOpenAI) -> None:
         assert sent["max_tokens"] == FULL_MAX_TOKENS and "stop" not in sent
         metrics = intent_histogram(stack)
         assert metrics['shipyard_intent_output_tokens_sum{decode="full",outcome="full"}'] == len("lost_card")
+
+
+def test_an_engine_that_refuses_many_stop_strings_gets_full_decodes(stack: Stack) -> None:
+    stack.fake.max_stop_strings = 4  # vLLM's default when VLLM_MAX_STOP_STRINGS is not set
+    for text in ("I lost my card", "and again"):
+        r = post(stack, "/v1/intent", {"text": text})
+        assert r.status_code == 200 and r.json()["intent"] == "lost_card", r.text
+    refused, full, again = stack.fake.requests
+    assert len(refused["stop"]) == 16 and "stop" not in full and "stop" not in again  # asked once, then remembered
+    metrics = intent_histogram(stack)
+    assert metrics['shipyard_intent_output_tokens_count{decode="shortest",outcome="stop_refused"}'] == 2
+
+
+def test_engines_shipyard_starts_accept_a_stop_string_per_label() -> None:
+    assert ENGINE_ENV["VLLM_MAX_STOP_STRINGS"] == str(MAX_LABELS)

@@ -10,6 +10,7 @@ import openai
 import pytest
 
 from shipyard.engine import EngineProcess
+from shipyard.evaluate.datasets import IntentExample, load_jsonl, project_data
 from shipyard.gateway import create_app
 from shipyard.router import Replica
 from shipyard.settings import load_settings
@@ -134,6 +135,38 @@ def test_intent_scores_are_a_distribution(client: openai.OpenAI) -> None:
     assert isinstance(answer, dict)
     assert set(answer["scores"]) == {"positive", "negative"}
     assert abs(sum(answer["scores"].values()) - 1) < 1e-3
+
+
+def test_shortest_decode_answers_as_full_decoding_does_with_fewer_tokens(engine: EngineProcess, gateway: str) -> None:
+    """The default shortest decode against a gateway with ``intent.decode: full``, on the same real engine: the
+    same label for every text (packaged labels and a zero-shot set where one label is a prefix of another),
+    fewer output tokens. The whole test set is compared by benchmarks/intent_decode_cpu.py."""
+    examples = load_jsonl(project_data("data/intent/test.jsonl"), IntentExample).examples[:24]
+    settings = load_settings(api_keys=KEY, health_interval_s=0.5, intent={"decode": "full"})
+    app = create_app(settings, [Replica(engine.url, name="engine-0", deployment="default", version=MODEL)])
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with ServerThread(app) as full, httpx.Client(headers=headers, timeout=120) as http:
+        assert wait_for(lambda: httpx.get(f"{full.url}/ready").status_code == 200, timeout=30)
+        for labels in (None, ["card", "card_payment", "order", "delivery", "account", "other"]):
+            extra = {"labels": labels} if labels else {}
+            for example in examples:
+                answers = [
+                    http.post(f"{url}/v1/intent", json={"text": example.text, **extra}).json()["intent"]
+                    for url in (gateway, full.url)
+                ]
+                assert answers[0] == answers[1], (example.text, labels, answers)
+        shortest, whole = (tokens_per_classification(httpx.get(f"{url}/metrics").text) for url in (gateway, full.url))
+    assert shortest < whole / 2, (shortest, whole)
+
+
+def tokens_per_classification(metrics: str) -> float:
+    total = count = 0.0
+    for line in metrics.splitlines():
+        if line.startswith("shipyard_intent_output_tokens_sum{"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("shipyard_intent_output_tokens_count{"):
+            count += float(line.rsplit(" ", 1)[1])
+    return total / count
 
 
 def test_reply_is_schema_valid_and_templated(client: openai.OpenAI) -> None:

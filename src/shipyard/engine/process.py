@@ -19,6 +19,10 @@ import httpx
 from shipyard.engine.spec import EngineSpec
 
 _PR_SET_PDEATHSIG = 1
+
+ENGINE_ENV = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "VLLM_MAX_STOP_STRINGS": "64"}
+"""Environment of every engine shipyard starts (the deploy images set the same). vLLM accepts 4 stop strings
+per request by default; /v1/intent's shortest decode sends one per label, and a label set has at most 64."""
 _ERROR_MARKERS = (
     "Error",
     "error:",
@@ -129,7 +133,7 @@ class EngineProcess:
         if self._proc is not None and self._proc.poll() is None:
             raise RuntimeError(f"engine already running (pid {self._proc.pid})")
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", **(self.env or {})}
+        env = {**os.environ, **ENGINE_ENV, **(self.env or {})}
         with open(self.log_file, "ab") as log:
             log.write(f"$ {' '.join(self.argv())}\n".encode())
             log.flush()

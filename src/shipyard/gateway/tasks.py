@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -36,6 +37,7 @@ from shipyard.tasks.reply import (
 )
 
 REPLY_ATTEMPTS = 2
+log = logging.getLogger("shipyard.gateway")
 
 
 def _completion_tokens(answer: dict[str, Any]) -> int:
@@ -51,15 +53,40 @@ def install_task_routes(
     templates: dict[str, ReplyTemplate],
     decode: IntentDecode = IntentDecode.SHORTEST,
 ) -> None:
-    async def label_of(model: str, label_set: LabelSet, text: str, first: tuple[Any, dict[str, Any]]) -> str:
-        """The label of a classification's first answer; a shortest decode that did not decide it is continued
-        as a full decode. Counts the output tokens it took."""
-        replica, answer = first
-        tokens = _completion_tokens(answer)
-        outcome = "full"
+    refused_stop_strings: set[str] = set()
+    """Models whose engine refused a shortest decode's stop strings (a vLLM started without
+    ``VLLM_MAX_STOP_STRINGS``, see ``shipyard.engine.ENGINE_ENV``): they get full decodes, said once in the log."""
+
+    async def first_answer(
+        model: str, label_set: LabelSet, text: str
+    ) -> tuple[tuple[Any, dict[str, Any]], IntentDecode]:
+        if decode is IntentDecode.FULL or model in refused_stop_strings:
+            return await proxy.call_json(model, intent_body(model, label_set, text)), IntentDecode.FULL
+        plan = decode_plan(tuple(label_set.labels))
         try:
-            if decode is IntentDecode.FULL:
-                return parse_intent(label_set, answer)
+            return await proxy.call_json(model, intent_body(model, label_set, text, plan)), IntentDecode.SHORTEST
+        except OpenAIError as exc:
+            if exc.status != 400 or "stop" not in exc.message:
+                raise
+            refused_stop_strings.add(model)
+            log.warning(
+                "the engine of %r refused %d stop strings (%s); /v1/intent falls back to full decoding for it: "
+                "start vLLM with VLLM_MAX_STOP_STRINGS=64",
+                model,
+                len(plan.stop),
+                exc.message[:200],
+            )
+            return await proxy.call_json(model, intent_body(model, label_set, text)), IntentDecode.FULL
+
+    async def label_of(model: str, label_set: LabelSet, text: str) -> tuple[Any, str]:
+        """(replica, label) of one classification; a shortest decode that did not decide the label is continued
+        as a full decode. Counts the output tokens it took."""
+        (replica, answer), used = await first_answer(model, label_set, text)
+        tokens = _completion_tokens(answer)
+        outcome = "full" if decode is IntentDecode.FULL else "stop_refused"
+        try:
+            if used is IntentDecode.FULL:
+                return replica, parse_intent(label_set, answer)
             intent = decide_label(label_set, answer)
             outcome = "decided"
             if intent is None:
@@ -67,7 +94,7 @@ def install_task_routes(
                 _, answer = await proxy.call_json(model, intent_body(model, label_set, text))
                 tokens += _completion_tokens(answer)
                 intent = parse_intent(label_set, answer)
-            return intent
+            return replica, intent
         except (IntentAnswerError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise OpenAIError(502, f"invalid answer from the engine: {exc}", code="invalid_engine_answer") from None
         finally:
@@ -81,14 +108,11 @@ def install_task_routes(
             parsed = validate(IntentRequest, data)
             label_set = LabelSet.from_names(parsed.labels) if parsed.labels else labels
             model = outcome.model = proxy.resolve_model(parsed.model)
-            plan = decode_plan(tuple(label_set.labels)) if decode is IntentDecode.SHORTEST else None
-            calls = [proxy.call_json(model, intent_body(model, label_set, parsed.text, plan))]
-            if parsed.scores:
-                calls += [proxy.call_json(model, body) for body in score_bodies(model, label_set, parsed.text)]
-            answers = await asyncio.gather(*calls)
-            outcome.replica = answers[0][0]
-            intent = await label_of(model, label_set, parsed.text, answers[0])
-            scores = label_probabilities(label_set.labels, [a for _, a in answers[1:]]) if parsed.scores else None
+            scoring = score_bodies(model, label_set, parsed.text) if parsed.scores else []
+            (outcome.replica, intent), *scored = await asyncio.gather(
+                label_of(model, label_set, parsed.text), *(proxy.call_json(model, body) for body in scoring)
+            )
+            scores = label_probabilities(label_set.labels, [a for _, a in scored]) if parsed.scores else None
             return IntentResponse(
                 intent=intent, scores=scores, model=model, latency_ms=round((time.perf_counter() - started) * 1000, 2)
             )

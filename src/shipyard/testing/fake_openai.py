@@ -55,6 +55,8 @@ class FakeOpenAI:
         """Contents for the next non-streaming chat answers, in order (then the default answer)."""
         self.open_streams = 0
         self.cancelled_streams = 0
+        self.max_stop_strings: int | None = None
+        """Refuse requests with more stop strings than this, as vLLM does (its ``VLLM_MAX_STOP_STRINGS``)."""
         self.adapters: dict[str, str] = {}
         """LoRA adapters loaded at run time (name -> path), served like vLLM serves them."""
 
@@ -95,6 +97,11 @@ class FakeOpenAI:
             return
         if self.fault is Fault.SERVER_ERROR:
             await _respond(send, 500, b'{"error": {"message": "injected failure", "type": "server_error"}}')
+            return
+        stops = request.get("stop") or []
+        if self.max_stop_strings is not None and isinstance(stops, list) and len(stops) > self.max_stop_strings:
+            message = f"body.stop: List should have at most {self.max_stop_strings} items, not {len(stops)}"
+            await _respond(send, 400, json.dumps({"error": {"message": message, "type": "BadRequestError"}}).encode())
             return
         chat = path.endswith("chat/completions")
         n_tokens = int(request.get("max_tokens") or request.get("max_completion_tokens") or self.default_tokens)
