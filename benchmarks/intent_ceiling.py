@@ -25,14 +25,19 @@ from typing import Any
 
 import httpx
 import psutil
-from gpu_campaign import GATEWAY_PORT, bench, log, meta, start_engine, start_gateway, stop, write
+from gpu_campaign import BASE_ARGS, GATEWAY_PORT, bench, log, meta, start_engine, start_gateway, stop, write
 
 from shipyard.engine.spec import PROFILE_OVERRIDES, Profile
 
+API_SERVERS_4 = {"extra_args": (*BASE_ARGS, "--api-server-count", "4")}
 CONFIGS: dict[str, dict[str, Any]] = {
     "bf16": {},
     "latency": dict(PROFILE_OVERRIDES[Profile.LATENCY]),  # FP8 weights, prefix caching, 2,048-token chunks
+    "bf16-api4": API_SERVERS_4,  # four vLLM API server processes in front of the one engine core
+    "latency-api4": {**PROFILE_OVERRIDES[Profile.LATENCY], **API_SERVERS_4},
 }
+OVERLOADED_MS = 1000.0
+"""A sweep stops after the first level whose P99 passes this (the queue only grows from there)."""
 
 
 class Sampler:
@@ -41,7 +46,9 @@ class Sampler:
     def __init__(self, engine_url: str, engine_pid: int, gateway_pid: int, every_s: float = 0.25) -> None:
         self.engine_url, self.every_s = engine_url, every_s
         api = psutil.Process(engine_pid)
-        self.procs = {"vllm_api_server": [api], "vllm_engine_core": api.children(recursive=True)}
+        children = api.children(recursive=True)
+        core = [c for c in children if "EngineCore" in " ".join([c.name(), *c.cmdline()])]
+        self.procs = {"vllm_api_server": [api, *(c for c in children if c not in core)], "vllm_engine_core": core}
         self.procs["gateway"] = [psutil.Process(gateway_pid)]
         self.samples: list[dict[str, Any]] = []
         self.leg = "-"
@@ -100,9 +107,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--config", choices=list(CONFIGS), required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--rates", default="100,200,300,400,600,800,1000")
+    parser.add_argument("--rates", default="100,200,300,400,500,600,800,1000")
     parser.add_argument("--duration", default="5")
     parser.add_argument("--find-max-start", default="200")
+    parser.add_argument("--legs", default="gateway,direct,full,findmax")
     args = parser.parse_args()
     out = args.out / args.config
     work = out / "work"
@@ -115,38 +123,52 @@ def main() -> None:
     gateway = start_gateway(work, engine.url)
     gw_url = f"http://127.0.0.1:{GATEWAY_PORT}"
     common = ["--model", "qwen", "--duration", args.duration, "--warmup", "2", "--seed", "13"]
-    targets = {"gateway": (gw_url, "intent"), "direct": (engine.url, "intent-engine")}
     legs: dict[str, Any] = {}
     results["legs"] = legs
     assert engine.pid is not None and gateway.pid is not None
     sampler = Sampler(engine.url, engine.pid, gateway.pid)
+
+    def sweep(leg: str, url: str, *load: str) -> None:
+        """One bench per rate, stopping after the first overloaded level; the leg's summaries in a list."""
+        sampler.leg = leg
+        legs[leg] = []
+        for rate in args.rates.split(","):
+            summary = bench(work / leg / rate, url, *common, *load, "--rate", rate)
+            legs[leg].append(summary)
+            run = summary["runs"][0]
+            if run["errors"] or run["e2e_ms"]["p99"] > OVERLOADED_MS:
+                break
+        write(out, "intent_ceiling.json", {**results, "sampled": sampler.by_leg()})
+
+    wanted = args.legs.split(",")
     try:
         with sampler:
-            for name, (url, scenario) in targets.items():
-                sampler.leg = f"{name}-sweep"
+            if "gateway" in wanted:
+                sweep("gateway-sweep", gw_url, "--scenario", "intent")
+            if "direct" in wanted:
+                sweep("direct-sweep", engine.url, "--scenario", "intent-engine")
+            if "full" in wanted:
+                sampler.leg = "direct-full-200"
                 legs[sampler.leg] = bench(
-                    work / sampler.leg, url, *common, "--scenario", scenario, "--rate", args.rates
+                    work / sampler.leg, engine.url, *common, "--scenario", "intent-engine", "--intent-decode", "full",
+                    "--rate", "200",
+                )  # fmt: skip
+            if "findmax" in wanted:
+                sampler.leg = "gateway-find-max-82"
+                legs[sampler.leg] = bench(
+                    work / sampler.leg,
+                    gw_url,
+                    *common,
+                    *("--scenario", "intent", "--rate", args.find_max_start, "--find-max", "--slo", "e2e=82"),
+                    *("--max-level", "3200"),
                 )
-                write(out, "intent_ceiling.json", {**results, "sampled": sampler.by_leg()})
-            sampler.leg = "direct-full-200"
-            legs[sampler.leg] = bench(
-                work / sampler.leg, engine.url, *common, "--scenario", "intent-engine", "--intent-decode", "full",
-                "--rate", "200",
-            )  # fmt: skip
-            sampler.leg = "gateway-find-max-82"
-            legs[sampler.leg] = bench(
-                work / sampler.leg,
-                gw_url,
-                *common,
-                *("--scenario", "intent", "--rate", args.find_max_start, "--find-max", "--slo", "e2e=82"),
-                *("--max-level", "3200"),
-            )
             write(out, "intent_ceiling.json", {**results, "sampled": sampler.by_leg()})
-            stop(gateway)  # the old path for comparison: the same gateway with intent.decode=full
-            gateway = start_gateway(work, engine.url, env={"SHIPYARD_INTENT__DECODE": "full"})
-            sampler.procs["gateway"] = [psutil.Process(gateway.pid)]
-            sampler.leg = "gateway-full-200"
-            legs[sampler.leg] = bench(work / sampler.leg, gw_url, *common, "--scenario", "intent", "--rate", "200")
+            if "full" in wanted:
+                stop(gateway)  # the old path for comparison: the same gateway with intent.decode=full
+                gateway = start_gateway(work, engine.url, env={"SHIPYARD_INTENT__DECODE": "full"})
+                sampler.procs["gateway"] = [psutil.Process(gateway.pid)]
+                sampler.leg = "gateway-full-200"
+                legs[sampler.leg] = bench(work / sampler.leg, gw_url, *common, "--scenario", "intent", "--rate", "200")
     finally:
         stop(gateway)
         engine.stop(30)

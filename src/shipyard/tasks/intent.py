@@ -37,8 +37,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from shipyard.tasks.config import TaskConfigError, packaged, read_yaml_mapping
 
 MAX_LABELS = 64
-FULL_MAX_TOKENS = 32
-"""``max_tokens`` of a full decode: longer than any label the request validation lets through needs."""
+FULL_MAX_TOKENS = 128
+"""``max_tokens`` of a full decode: room for the longest label requests may bring (100 characters) spelled a
+byte per token, and the end of the answer."""
 
 
 class IntentDecode(str, Enum):
@@ -149,23 +150,42 @@ def decisive_prefix(label: str, labels: Sequence[str]) -> str | None:
     return None
 
 
+def _first_cut(label: str, stops: Mapping[str, str]) -> int | None:
+    """Where spelling ``label`` first completes one of the other labels' stop strings (None: never)."""
+    ends = [label.find(stop) + len(stop) for owner, stop in stops.items() if owner != label and stop in label]
+    return min(ends, default=None)
+
+
 @functools.lru_cache(maxsize=256)
 def decode_plan(labels: tuple[str, ...]) -> DecodePlan:
     """The shortest-decode plan of a label set (cached by the set: the default one and those requests bring).
 
+    Each label's stop string starts as its decisive prefix and grows while it would cut another label short
+    (``"a"`` of "account" inside "card"); one that cannot grow any more is dropped, and its label is decided by
+    the end of the answer. So with any spelling every answer ends decided, at its own label's stop string.
+
     >>> decode_plan(("lost_card", "activate_card", "account_access"))
     DecodePlan(stop=('l', 'act', 'acc'), max_tokens=3)
+    >>> decode_plan(("card", "card_payment", "account"))
+    DecodePlan(stop=('card_', 'ac'), max_tokens=5)
     """
-    stops: list[str] = []
-    budget = 1
-    for label in labels:
-        prefix = decisive_prefix(label, labels)
-        if prefix is None:  # the whole label, then the end-of-answer token
-            budget = max(budget, len(label.encode()) + 1)
-            continue
-        stops.append(prefix)
-        budget = max(budget, len(prefix.encode()))
-    return DecodePlan(tuple(stops), min(budget, FULL_MAX_TOKENS))
+    stops = {label: prefix for label in labels if (prefix := decisive_prefix(label, labels)) is not None}
+    changed = True
+    while changed:
+        changed = False
+        for label in labels:
+            cut = _first_cut(label, stops)
+            # a label with a stop string is decided when it reaches it; one without only by the end of the answer
+            if cut is None or (cut >= len(stops[label]) if label in stops else cut > len(label)):
+                continue
+            owner = next(o for o, stop in stops.items() if o != label and label.find(stop) + len(stop) == cut)
+            if len(stops[owner]) < len(owner):
+                stops[owner] = owner[: len(stops[owner]) + 1]
+            else:
+                del stops[owner]
+            changed = True
+    budget = max(len(stops[label].encode()) if label in stops else len(label.encode()) + 1 for label in labels)
+    return DecodePlan(tuple(stops[label] for label in labels if label in stops), min(budget, FULL_MAX_TOKENS))
 
 
 def intent_body(model: str, labels: LabelSet, text: str, plan: DecodePlan | None = None) -> dict[str, Any]:

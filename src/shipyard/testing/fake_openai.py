@@ -51,8 +51,9 @@ class FakeOpenAI:
         self.fault = fault
         self.die_after = die_after
         self.requests: list[dict[str, Any]] = []
-        self.script: deque[str] = deque()
-        """Contents for the next non-streaming chat answers, in order (then the default answer)."""
+        self.script: deque[str | tuple[str, str, str | None]] = deque()
+        """Contents for the next non-streaming chat answers, in order (then the default answer); a tuple is
+        (content, finish_reason, stop_reason)."""
         self.open_streams = 0
         self.cancelled_streams = 0
         self.max_stop_strings: int | None = None
@@ -139,7 +140,8 @@ class FakeOpenAI:
         A choice answer is cut like vLLM cuts it: at the earliest ``stop`` string (kept with
         ``include_stop_str_in_output``), else after ``max_tokens`` characters (one token each here)."""
         if self.script:
-            return self.script.popleft(), "stop", None
+            scripted = self.script.popleft()
+            return scripted if isinstance(scripted, tuple) else (scripted, "stop", None)
         choices = (request.get("structured_outputs") or {}).get("choice")
         if not choices:
             return " ".join(f"tok{i}" for i in range(n_tokens)), "length", None
