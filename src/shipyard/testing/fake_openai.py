@@ -101,8 +101,8 @@ class FakeOpenAI:
             return
         stops = request.get("stop") or []
         if self.max_stop_strings is not None and isinstance(stops, list) and len(stops) > self.max_stop_strings:
-            message = f"body.stop: List should have at most {self.max_stop_strings} items, not {len(stops)}"
-            await _respond(send, 400, json.dumps({"error": {"message": message, "type": "BadRequestError"}}).encode())
+            refusal = f"body.stop: List should have at most {self.max_stop_strings} items, not {len(stops)}"
+            await _respond(send, 400, json.dumps({"error": {"message": refusal, "type": "BadRequestError"}}).encode())
             return
         chat = path.endswith("chat/completions")
         n_tokens = int(request.get("max_tokens") or request.get("max_completion_tokens") or self.default_tokens)
