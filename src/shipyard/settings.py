@@ -9,6 +9,7 @@ Built once in ``main()`` or an app factory and passed down; never a module globa
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -52,6 +53,35 @@ def check_upstreams(urls: list[str]) -> list[str]:
     return [url.rstrip("/") for url in urls]
 
 
+_KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def named_key(entry: str, index: int) -> tuple[str, str]:
+    """``NAME:KEY`` -> (NAME, KEY); a bare key is named ``key-<index + 1>``. Names show in metrics and the audit
+    log; keys never do."""
+    name, sep, key = entry.partition(":")
+    if sep and key and _KEY_NAME.fullmatch(name):
+        return name, key
+    return f"key-{index + 1}", entry
+
+
+def _limit_name(name: str) -> str:
+    return name.lower().replace("-", "_")
+
+
+class KeyLimits(BaseSettings):
+    """What one API key may use; None means no limit."""
+
+    model_config = SettingsConfigDict(extra="forbid")
+
+    rpm: int | None = Field(default=None, ge=1)
+    """Requests per minute (a sliding 60 s window)."""
+    tpm: int | None = Field(default=None, ge=1)
+    """Tokens per minute, prompt + output, counted from each answer's ``usage``."""
+    concurrent: int | None = Field(default=None, ge=1)
+    """Requests being answered at the same time."""
+
+
 class EngineSettings(BaseSettings):
     """How the local vLLM engine is started (see ``shipyard.engine.EngineSpec``)."""
 
@@ -68,6 +98,10 @@ class EngineSettings(BaseSettings):
     data_parallel_size: int | None = Field(default=None, ge=1)
     """vLLM's own data parallelism inside one engine (one server, N model copies); replicas behind the gateway
     are the other way to use several GPUs (see the README's "Scaling out")."""
+    tool_call_parser: str = "auto"
+    """vLLM's tool-call parser (``--enable-auto-tool-choice --tool-call-parser``): ``auto`` picks it from the
+    model's chat template (Qwen2.5 and other ChatML models: ``hermes``), ``none`` turns tool calling off, any
+    other value is passed to vLLM as the parser name."""
     extra_args: list[str] = Field(default_factory=list)
     startup_timeout_s: float = Field(default=600, gt=0)
     max_lora_rank: int | None = Field(default=None, ge=1)
@@ -132,8 +166,12 @@ class Settings(BaseSettings):
     """Version name of the model served at start (default: its folder name); rollouts name theirs."""
 
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    """``NAME:KEY`` (or a bare key, named ``key-1``, ``key-2``...); comma-separated in the environment."""
     admin_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
-    """Keys for /admin (rollouts); must differ from api_keys. Empty: ``serve`` generates one."""
+    """Keys for /admin (rollouts), named like api_keys; must differ from api_keys. Empty: ``serve`` generates one."""
+    limits: dict[str, KeyLimits] = Field(default_factory=dict)
+    """Per-key limits by key name; ``default`` applies to every key without an entry of its own
+    (``SHIPYARD_LIMITS__DEFAULT__RPM=30``, ``SHIPYARD_LIMITS__TEAM_A__TPM=100000``)."""
     upstreams: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """OpenAI-compatible servers to route to instead of (or besides) a local engine: ``http(s)://host:port``, or
     ``dns+http://NAME:PORT[#deployment]`` for one replica per address NAME resolves to (a Kubernetes headless
@@ -203,11 +241,24 @@ class Settings(BaseSettings):
     def admin_key_file(self) -> Path:
         return self.data_dir / "admin_key"
 
+    def named_keys(self) -> list[tuple[str, str]]:
+        """(name, key) of every API key."""
+        return [named_key(key.get_secret_value(), i) for i, key in enumerate(self.api_keys)]
+
+    def named_admin_keys(self) -> list[tuple[str, str]]:
+        return [named_key(key.get_secret_value(), i) for i, key in enumerate(self.admin_keys)]
+
     def key_values(self) -> list[str]:
-        return [key.get_secret_value() for key in self.api_keys]
+        return [key for _, key in self.named_keys()]
 
     def admin_key_values(self) -> list[str]:
-        return [key.get_secret_value() for key in self.admin_keys]
+        return [key for _, key in self.named_admin_keys()]
+
+    def limits_for(self, name: str) -> KeyLimits:
+        """The limits of the key called ``name``: its own entry, else ``default``, else none. Names match
+        case-insensitively with ``-`` = ``_`` (environment variable names cannot hold ``-``)."""
+        by_name = {_limit_name(key): value for key, value in self.limits.items()}
+        return by_name.get(_limit_name(name)) or by_name.get("default") or KeyLimits()
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

@@ -155,6 +155,7 @@ def serve_stack(
                     data_parallel_size=e.data_parallel_size,
                     enable_lora=True if enable_lora else None,
                     max_lora_rank=e.max_lora_rank if enable_lora else None,
+                    tool_call_parser=e.tool_call_parser,
                     extra_args=e.extra_args,
                 )
             except ValueError as exc:

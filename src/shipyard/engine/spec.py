@@ -39,6 +39,42 @@ PROFILE_OVERRIDES: dict[Profile, dict[str, Any]] = {
 }
 
 
+TOOL_PARSER_AUTO = "auto"
+TOOL_PARSER_OFF = "none"
+
+
+def _chat_template(folder: Path) -> str:
+    """The model folder's chat template: ``chat_template.jinja``, else the one in ``tokenizer_config.json``."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    return template if isinstance(template, str) else ""
+
+
+def detect_tool_parser(model: str) -> str | None:
+    """vLLM's tool-call parser for a model folder, from its chat template's format; None when none fits.
+
+    ChatML templates (Qwen2/2.5/3, SmolLM2, Hermes: ``<|im_start|>``) -> ``hermes`` (``<tool_call>`` JSON, what
+    seed deployments start Qwen2.5 with); Llama 3 headers -> ``llama3_json``; Mistral's ``[INST]`` -> ``mistral``.
+
+    >>> detect_tool_parser("/models/qwen2.5-7b-instruct")  # doctest: +SKIP
+    'hermes'
+    """
+    template = _chat_template(Path(model))
+    if "<|im_start|>" in template:
+        return "hermes"
+    if "<|start_header_id|>" in template:
+        return "llama3_json"
+    if "[INST]" in template:
+        return "mistral"
+    return None
+
+
 def _prequantized(model: Any) -> bool:
     """True when ``model`` is a local folder whose config.json already names a quantization scheme."""
     if not isinstance(model, str):
@@ -80,6 +116,10 @@ class EngineSpec:
     max_lora_rank: int | None = None
     load_format: str | None = None
     seed: int | None = None
+    tool_call_parser: str | None = None
+    """vLLM's ``--tool-call-parser`` (with ``--enable-auto-tool-choice``); ``auto`` picks one from the model's chat
+    template (``detect_tool_parser``) when the engine starts, so a rollout to another family gets its own;
+    ``none`` or None: tool calling off."""
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
     @classmethod
@@ -109,7 +149,7 @@ class EngineSpec:
         """Arguments for ``python -m vllm.entrypoints.openai.api_server`` (same flags as ``vllm serve``)."""
         args = ["--model", self.model, "--host", self.host, "--port", str(port)]
         for spec_field in fields(self):
-            if spec_field.name in {"model", "host", "extra_args"}:
+            if spec_field.name in {"model", "host", "extra_args", "tool_call_parser"}:
                 continue
             value = getattr(self, spec_field.name)
             if value is None:
@@ -119,5 +159,15 @@ class EngineSpec:
                 args.append(flag if value else "--no-" + flag[2:])
             else:
                 args.extend([flag, str(value)])
+        parser = self.resolved_tool_parser()
+        if parser is not None:
+            args.extend(["--enable-auto-tool-choice", "--tool-call-parser", parser])
         args.extend(self.extra_args)
         return args
+
+    def resolved_tool_parser(self) -> str | None:
+        if self.tool_call_parser in (None, TOOL_PARSER_OFF):
+            return None
+        if self.tool_call_parser == TOOL_PARSER_AUTO:
+            return detect_tool_parser(self.model)
+        return self.tool_call_parser

@@ -16,8 +16,10 @@ from shipyard import __version__
 from shipyard.gateway.admin import install_admin_routes
 from shipyard.gateway.auth import KeyChecker
 from shipyard.gateway.errors import OpenAIError, install_error_handlers
+from shipyard.gateway.limits import KeyLimiter, LimitMiddleware
 from shipyard.gateway.metrics import GatewayMetrics
-from shipyard.gateway.proxy import Proxy
+from shipyard.gateway.openapi import ROUTE_SUMMARIES, document_api
+from shipyard.gateway.proxy import ApiRoute, Proxy
 from shipyard.gateway.tasks import install_task_routes
 from shipyard.gateway.transport import UpstreamTransport
 from shipyard.router import HealthMonitor, Replica, ReplicaPool
@@ -60,9 +62,10 @@ def create_app(
     replicas for rollouts (default: only URLs of running servers are accepted); ``managed`` maps replica
     names to the processes behind them, which are restarted when they die.
     """
-    keys = KeyChecker(settings.key_values())
+    keys = KeyChecker(settings.named_keys())
     if set(settings.admin_key_values()) & set(settings.key_values()):
         raise ValueError("admin keys must differ from API keys")
+    limiter = KeyLimiter(settings.limits_for)
     labels = load_labels(settings.intent_labels_file)
     templates = load_templates(settings.reply_templates_file)
     pool = ReplicaPool(upstreams)
@@ -76,6 +79,7 @@ def create_app(
         max_body_bytes=settings.max_body_bytes,
         max_tokens_limit=settings.max_tokens_limit,
         retry_after_s=settings.retry_after_s,
+        limiter=limiter,
     )
     monitor = HealthMonitor(pool, http, interval_s=settings.health_interval_s)
     discovery = UpstreamDiscovery(
@@ -119,6 +123,7 @@ def create_app(
                 await http.aclose()
 
     app = FastAPI(title="shipyard gateway", version=__version__, lifespan=lifespan)
+    app.add_middleware(LimitMiddleware, keys=keys, limiter=limiter, metrics=metrics)
     app.state.pool = pool
     app.state.metrics = metrics
     app.state.monitor = monitor
@@ -127,7 +132,7 @@ def create_app(
     install_error_handlers(app)
 
     def authorize(request: Request) -> None:
-        keys.check(request.headers.get("authorization"))
+        keys.check(request.headers.get("authorization"), request.headers.get("x-api-key"))
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -165,31 +170,41 @@ def create_app(
             metrics.deployment_weight.labels(name).set(shares.get(name, 0.0))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def model_card(name: str, max_len: int | None) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "shipyard", "max_model_len": max_len}
+
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
+        """The models the ready replicas serve (and aliases to them)."""
         authorize(request)
         models = pool.models()
         if not models and not pool.ready():
             raise proxy.unavailable("no replica is ready yet; retry shortly")
-        data = [
-            {"id": name, "object": "model", "created": 0, "owned_by": "shipyard", "max_model_len": max_len}
-            for name, max_len in sorted(models.items())
-        ]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [model_card(name, max_len) for name, max_len in sorted(models.items())]}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
+        """One served model (``client.models.retrieve``); 404 in OpenAI's shape for a model not served here."""
         authorize(request)
-        return await proxy.handle(request, "chat")
+        proxy.check_model(model_id, None)
+        return model_card(model_id, pool.models()[model_id])
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        authorize(request)
-        return await proxy.handle(request, "completions")
+    def forward(route: ApiRoute) -> Any:
+        async def endpoint(request: Request) -> Response:
+            authorize(request)
+            return await proxy.handle(request, route)
+
+        return endpoint
+
+    for route, summary in ROUTE_SUMMARIES.items():
+        app.add_api_route(
+            route.path, forward(route), methods=["POST"], summary=summary, name=route.name, response_class=Response
+        )
 
     install_task_routes(app, proxy, authorize, labels, templates, IntentDecode(settings.intent.decode))
     if settings.admin_keys:
-        install_admin_routes(app, proxy, KeyChecker(settings.admin_key_values()), orchestrator)
+        install_admin_routes(app, proxy, KeyChecker(settings.named_admin_keys()), orchestrator)
+    document_api(app)
     return app
 
 

@@ -54,6 +54,18 @@ class GatewayMetrics:
             buckets=_INTENT_TOKEN_BUCKETS,
             registry=r,
         )
+        self.key_requests = Counter(
+            "shipyard_key_requests",
+            "API requests by key name (never the key) and HTTP status; 429 = refused by the key's limits",
+            ["key", "status"],
+            registry=r,
+        )
+        self.key_prompt_tokens = Counter(
+            "shipyard_key_prompt_tokens", "Prompt tokens by key name (from the upstream's usage)", ["key"], registry=r
+        )
+        self.key_output_tokens = Counter(
+            "shipyard_key_output_tokens", "Output tokens by key name (from the upstream's usage)", ["key"], registry=r
+        )
         self.in_flight = Gauge(
             "shipyard_requests_in_flight",
             "Requests being answered right now",

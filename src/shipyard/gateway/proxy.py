@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -16,15 +18,20 @@ from fastapi import Request
 from starlette.responses import Response
 
 from shipyard.gateway.errors import OpenAIError
+from shipyard.gateway.limits import KeyLimiter, caller
 from shipyard.gateway.metrics import GatewayMetrics
 from shipyard.gateway.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    MessagesRequest,
+    ResponsesRequest,
+    TokenizeRequest,
     parse_json_object,
     reject_removed_fields,
     validate,
 )
-from shipyard.gateway.sse import StreamScan
+from shipyard.gateway.sse import StreamScan, usage_tokens
 from shipyard.gateway.stream import UpstreamStream
 from shipyard.router import NoReplicaError, Replica, ReplicaPool, UnknownModelError
 
@@ -45,6 +52,38 @@ _NOTHING_ANSWERED = (
 
 
 T = TypeVar("T")
+
+_OPENAI_END = (b"data: [DONE]",)
+
+
+@dataclass(frozen=True)
+class ApiRoute:
+    """One OpenAI/Anthropic/vLLM route the gateway forwards: its metrics name, the engine's path, the body schema,
+    whether ``stream_options.include_usage`` can be asked for, and the events that end a whole stream."""
+
+    name: str
+    path: str
+    schema: type[Any]
+    usage_option: bool = False
+    stream_end: tuple[bytes, ...] = _OPENAI_END
+
+
+CHAT = ApiRoute("chat", "/v1/chat/completions", ChatCompletionRequest, usage_option=True)
+COMPLETIONS = ApiRoute("completions", "/v1/completions", CompletionRequest, usage_option=True)
+RESPONSES = ApiRoute(
+    "responses",
+    "/v1/responses",
+    ResponsesRequest,
+    stream_end=(b"response.completed", b"response.incomplete", b"response.failed"),
+)
+MESSAGES = ApiRoute("messages", "/v1/messages", MessagesRequest, stream_end=(b"message_stop",))
+TOKENIZE = ApiRoute("tokenize", "/tokenize", TokenizeRequest)
+DETOKENIZE = ApiRoute("detokenize", "/detokenize", DetokenizeRequest)
+API_ROUTES = {route.name: route for route in (CHAT, COMPLETIONS, RESPONSES, MESSAGES, TOKENIZE, DETOKENIZE)}
+
+_RESPONSE_ID = re.compile(rb'"id":\s*"(resp_[^"]+)"')
+KEPT_RESPONSE_IDS = 100_000
+"""How many response ids the gateway remembers the replica of (for ``previous_response_id``)."""
 
 
 class ClientGone(Exception):
@@ -68,6 +107,8 @@ class Attempt:
     upstream_model: str
     session: str | None = None
     tried: set[str] = field(default_factory=set)
+    pinned: str | None = None
+    """The replica this request must go to (the one holding its ``previous_response_id``)."""
 
 
 def served_by(replica: Replica) -> dict[str, str]:
@@ -92,8 +133,12 @@ class Proxy:
         max_tokens_limit: int | None,
         retry_after_s: int,
         upstream_headers: dict[str, str] | None = None,
+        limiter: KeyLimiter | None = None,
     ) -> None:
         self.pool = pool
+        self.limiter = limiter
+        self.response_replicas: OrderedDict[str, str] = OrderedDict()
+        """Response id -> name of the replica that made it (most recent last)."""
         self.client = client
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
@@ -143,38 +188,42 @@ class Proxy:
                 code="max_tokens_too_large",
             )
 
-    async def handle(self, request: Request, route: str) -> Response:
+    async def handle(self, request: Request, route: ApiRoute) -> Response:
         started = time.perf_counter()
-        self.metrics.in_flight.labels(route).inc()
+        self.metrics.in_flight.labels(route.name).inc()
         model_label = "-"
         status = 500
         streaming = False
         served: Replica | None = None
         try:
-            schema = ChatCompletionRequest if route == "chat" else CompletionRequest
             body = await self.read_body(request)
             data = parse_json_object(body)
             reject_removed_fields(data)
-            parsed = validate(schema, data)
+            parsed = validate(route.schema, data)
+            if parsed.model is None:  # tokenize/detokenize may leave it out: the only model served
+                data["model"] = parsed.model = self.resolve_model(None)
+                body = json.dumps(data).encode()
             self.check_model(parsed.model, parsed.output_limit())
             model_label = parsed.model
+            stream = bool(getattr(parsed, "stream", False))
             drop_usage = False
             upstream_model = self.pool.upstream_model(parsed.model)
             if upstream_model != parsed.model:
                 data["model"] = upstream_model
-            if parsed.stream and not (parsed.stream_options or {}).get("include_usage"):
+            if route.usage_option and stream and not (parsed.stream_options or {}).get("include_usage"):
                 data["stream_options"] = {**(parsed.stream_options or {}), "include_usage": True}
                 drop_usage = True
             if drop_usage or upstream_model != parsed.model:
                 body = json.dumps(data).encode()
-            path = "/v1/chat/completions" if route == "chat" else "/v1/completions"
             session = request.headers.get("x-session-id") or (
                 data.get("user") if isinstance(data.get("user"), str) else None
             )
-            attempt = Attempt(parsed.model, path, body, upstream_model, session)
+            attempt = Attempt(parsed.model, route.path, body, upstream_model, session)
+            if route is RESPONSES and parsed.previous_response_id:
+                attempt.pinned = self._replica_of_response(parsed.previous_response_id)
             replica, upstream = await self._until_disconnect(request, self._send(attempt))
             served = replica
-            if parsed.stream and upstream.status_code == 200:
+            if stream and upstream.status_code == 200:
                 streaming = True
                 status = 200
                 return self._stream(route, model_label, attempt, replica, upstream, drop_usage, started)
@@ -182,6 +231,8 @@ class Proxy:
             status = upstream.status_code
             if status == 200:
                 self._count_usage(model_label, content)
+                if route is RESPONSES:
+                    self._remember_response(content, replica)
             return Response(content, status_code=status, media_type=_JSON, headers=served_by(replica))
         except ClientGone:
             status = 499  # nobody to answer; the engine's request was aborted with the connection
@@ -191,7 +242,31 @@ class Proxy:
             raise
         finally:
             if not streaming:
-                self._finish(route, model_label, status, started, served)
+                self._finish(route.name, model_label, status, started, served)
+
+    def _replica_of_response(self, response_id: str) -> str | None:
+        """The replica holding ``response_id``; None when this gateway never saw it (the engine decides). A
+        replica that is gone or not ready is a 400: its stored state went with it or cannot be reached."""
+        name = self.response_replicas.get(response_id)
+        if name is None:
+            return None
+        if not any(r.name == name and r.ready for r in self.pool.replicas):
+            raise OpenAIError(
+                400,
+                f"previous_response_id '{response_id}' was answered by replica '{name}', which is not serving now; "
+                "vLLM keeps a response's state in the replica that made it: send the conversation again without "
+                "previous_response_id",
+                param="previous_response_id",
+                code="previous_response_unavailable",
+            )
+        return name
+
+    def _remember_response(self, content: bytes, replica: Replica) -> None:
+        found = _RESPONSE_ID.search(content[:4096])
+        if found:
+            self.response_replicas[found.group(1).decode()] = replica.name
+            while len(self.response_replicas) > KEPT_RESPONSE_IDS:
+                self.response_replicas.popitem(last=False)
 
     @staticmethod
     async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -287,7 +362,7 @@ class Proxy:
         """
         while True:
             try:
-                replica = self.pool.choose(attempt.model, exclude=frozenset(attempt.tried), session=attempt.session)
+                replica = self._pick(attempt)
             except (NoReplicaError, UnknownModelError):
                 raise self.unavailable(f"no replica serving '{attempt.model}' is ready; retry shortly") from None
             request = self.client.build_request(
@@ -311,6 +386,14 @@ class Proxy:
                 self.pool.release(replica, attempt.upstream_model)
                 raise
 
+    def _pick(self, attempt: Attempt) -> Replica:
+        if attempt.pinned is not None:
+            for replica in self.pool.replicas:
+                if replica.name == attempt.pinned and replica.ready and replica.name not in attempt.tried:
+                    return replica
+            raise NoReplicaError(attempt.model)
+        return self.pool.choose(attempt.model, exclude=frozenset(attempt.tried), session=attempt.session)
+
     async def _resend(self, attempt: Attempt, failed: Replica, why: str) -> tuple[Replica, httpx.Response] | None:
         """Another replica for a stream whose replica failed before it produced a single byte."""
         self.pool.release(failed, attempt.upstream_model)
@@ -328,7 +411,7 @@ class Proxy:
 
     def _stream(
         self,
-        route: str,
+        route: ApiRoute,
         model: str,
         attempt: Attempt,
         replica: Replica,
@@ -339,25 +422,27 @@ class Proxy:
         def on_close(stream: UpstreamStream) -> None:
             self.pool.release(stream.replica, attempt.upstream_model)
             if stream.first_chunk_at is not None:
-                self.metrics.ttft.labels(route, model, *_version_labels(stream.replica)).observe(
+                self.metrics.ttft.labels(route.name, model, *_version_labels(stream.replica)).observe(
                     stream.first_chunk_at - started
                 )
-            if stream.scan.completion_tokens is not None:
-                self.metrics.output_tokens.labels(model).inc(stream.scan.completion_tokens)
-                self.metrics.prompt_tokens.labels(model).inc(stream.scan.prompt_tokens or 0)
+            if stream.scan.completion_tokens is not None or stream.scan.prompt_tokens is not None:
+                self._count_tokens(model, stream.scan.prompt_tokens or 0, stream.scan.completion_tokens or 0)
+            if stream.scan.response_id is not None:
+                self._remember_response(b'"id":"' + stream.scan.response_id.encode() + b'"', stream.replica)
             status = 200
             if stream.error is not None:
                 status = 502
                 self.metrics.upstream_errors.labels(stream.replica.name, "stream").inc()
             elif stream.client_gone:
                 status = 499
-            self._finish(route, model, status, started, stream.replica)
+            self._finish(route.name, model, status, started, stream.replica)
 
         async def resend(failed: Replica, why: str) -> tuple[Replica, httpx.Response] | None:
             return await self._resend(attempt, failed, why)
 
         headers = {**served_by(replica), "cache-control": "no-cache", "x-accel-buffering": "no"}
-        return UpstreamStream(replica, upstream, StreamScan(drop_usage=drop_usage), headers, on_close, resend)
+        scan = StreamScan(drop_usage=drop_usage, end_markers=route.stream_end, find_response_id=route is RESPONSES)
+        return UpstreamStream(replica, upstream, scan, headers, on_close, resend)
 
     def _finish(self, route: str, model: str, status: int, started: float, replica: Replica | None) -> None:
         labels = _version_labels(replica)
@@ -367,11 +452,22 @@ class Proxy:
 
     def _count_usage(self, model: str, content: bytes) -> None:
         try:
-            usage: dict[str, Any] = json.loads(content).get("usage") or {}
+            usage: Any = json.loads(content).get("usage") or {}
         except (ValueError, AttributeError):
             return
-        self.metrics.output_tokens.labels(model).inc(int(usage.get("completion_tokens") or 0))
-        self.metrics.prompt_tokens.labels(model).inc(int(usage.get("prompt_tokens") or 0))
+        if isinstance(usage, dict):
+            self._count_tokens(model, *usage_tokens(usage))
+
+    def _count_tokens(self, model: str, prompt: int, output: int) -> None:
+        """Tokens of one answer: per model, per key name, and against the key's tokens-per-minute limit."""
+        self.metrics.output_tokens.labels(model).inc(output)
+        self.metrics.prompt_tokens.labels(model).inc(prompt)
+        name = caller.get()
+        if name is not None:
+            self.metrics.key_prompt_tokens.labels(name).inc(prompt)
+            self.metrics.key_output_tokens.labels(name).inc(output)
+            if self.limiter is not None:
+                self.limiter.record_tokens(name, prompt + output)
 
     def _upstream_failed(self, replica: Replica, kind: str, exc: Exception) -> None:
         self.metrics.upstream_errors.labels(replica.name, kind).inc()

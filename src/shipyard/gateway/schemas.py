@@ -6,9 +6,9 @@ Only the fields the gateway must be sure of are typed; every other field passes 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
 from shipyard.gateway.errors import OpenAIError
 
@@ -27,15 +27,19 @@ class _Passthrough(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
 
+_MODEL = "A model this gateway serves (GET /v1/models); another is a 404 (model_not_found)."
+_LIMIT = "At most the served model's context length (or the gateway's max_tokens_limit); more is a 400."
+
+
 class ChatMessage(_Passthrough):
     role: Literal["system", "user", "assistant", "tool", "developer", "function"]
     content: str | list[dict[str, Any]] | None = None
 
 
 class _Sampling(_Passthrough):
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, description=_MODEL)
     stream: StrictBool = False
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, description=_LIMIT)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int | None = Field(default=None, ge=1, le=16)
@@ -48,7 +52,7 @@ class _Sampling(_Passthrough):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, description=_LIMIT)
 
     def output_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -56,6 +60,74 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
+
+
+class ResponsesRequest(_Passthrough):
+    """OpenAI's Responses API (``POST /v1/responses``)."""
+
+    model: str = Field(min_length=1, description=_MODEL)
+    input: str | list[dict[str, Any]]
+    stream: StrictBool = False
+    max_output_tokens: int | None = Field(default=None, ge=1, description=_LIMIT)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    previous_response_id: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Continues a stored response. vLLM keeps a response's state in the replica that made it "
+        "(when started with VLLM_ENABLE_RESPONSES_API_STORE=1): the gateway sends the request there, or answers "
+        "400 when that replica is not serving any more.",
+    )
+
+    def output_limit(self) -> int | None:
+        return self.max_output_tokens
+
+
+class AnthropicMessage(_Passthrough):
+    role: Literal["user", "assistant"]
+    content: str | list[dict[str, Any]]
+
+
+class MessagesRequest(_Passthrough):
+    """Anthropic's Messages API (``POST /v1/messages``), as vLLM serves it."""
+
+    model: str = Field(min_length=1, description=_MODEL)
+    messages: list[AnthropicMessage] = Field(min_length=1)
+    max_tokens: int = Field(ge=1, description=_LIMIT)
+    stream: StrictBool = False
+    system: str | list[dict[str, Any]] | None = None
+    temperature: float | None = Field(default=None, ge=0, le=1)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+
+    def output_limit(self) -> int | None:
+        return self.max_tokens
+
+
+class TokenizeRequest(_Passthrough):
+    """vLLM's ``POST /tokenize``: a ``prompt`` or chat ``messages`` (rendered with the model's template)."""
+
+    model: str | None = Field(default=None, min_length=1, description=_MODEL + " Default: the only one served.")
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        return self
+
+    def output_limit(self) -> int | None:
+        return None
+
+
+class DetokenizeRequest(_Passthrough):
+    """vLLM's ``POST /detokenize``."""
+
+    model: str | None = Field(default=None, min_length=1, description=_MODEL + " Default: the only one served.")
+    tokens: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field(max_length=1_000_000)
+
+    def output_limit(self) -> int | None:
+        return None
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
