@@ -36,7 +36,7 @@ class Stack:
 
 
 def start_stack(fake: FakeOpenAI, **settings_overrides: object) -> Iterator[Stack]:
-    settings = load_settings(api_keys=API_KEY, health_interval_s=0.2, **settings_overrides)
+    settings = load_settings(**{"api_keys": API_KEY, "health_interval_s": 0.2, **settings_overrides})
     with ServerThread(fake) as upstream:
         app = create_app(settings, [Replica(upstream.url, name="fake-0", deployment="blue", version="v1")])
         with ServerThread(app) as gateway:

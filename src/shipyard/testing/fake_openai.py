@@ -88,6 +88,15 @@ class FakeOpenAI:
         elif method == "POST" and path in ("/v1/chat/completions", "/v1/completions"):
             body = await _read_body(receive)
             await self._complete(path, json.loads(body), receive, send)
+        elif method == "POST" and path in _OTHER_ROUTES:
+            request = json.loads(await _read_body(receive))
+            self.requests.append(request)
+            if request.get("model", self.model) not in (self.model, *self.adapters):
+                await _respond(send, 404, b'{"error": {"message": "model not found", "type": "NotFoundError"}}')
+            elif request.get("stream"):
+                await _respond_sse(send, _OTHER_ROUTES[path](request, len(self.requests), True))
+            else:
+                await _respond(send, 200, json.dumps(_OTHER_ROUTES[path](request, len(self.requests), False)).encode())
         else:
             await _respond(send, 404, b'{"error": {"message": "not found", "type": "not_found_error"}}')
 
@@ -220,6 +229,75 @@ class FakeOpenAI:
         finally:
             watcher.cancel()
             self.open_streams -= 1
+
+
+def _tokenize(request: dict[str, Any], _: int, __: bool) -> dict[str, Any]:
+    text = str(request.get("prompt") or json.dumps(request.get("messages")))
+    tokens = [ord(c) for c in text]
+    return {"count": len(tokens), "max_model_len": 2048, "tokens": tokens, "token_strs": None}
+
+
+def _detokenize(request: dict[str, Any], _: int, __: bool) -> dict[str, Any]:
+    return {"prompt": "".join(chr(t) for t in request.get("tokens") or [] if 0 <= t < 0x110000)}
+
+
+def _response(request: dict[str, Any], n: int, stream: bool) -> Any:
+    """A Responses API answer ("resp-<n>" ids; a stream of created / delta / completed events when streaming)."""
+    body = {
+        "id": f"resp_fake{n}",
+        "object": "response",
+        "status": "completed",
+        "previous_response_id": request.get("previous_response_id"),
+        "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "tok0"}]}],
+        "usage": {"input_tokens": 7, "output_tokens": 1, "total_tokens": 8},
+    }
+    if not stream:
+        return body
+    return [
+        ("response.created", {"type": "response.created", "response": {**body, "status": "in_progress"}}),
+        ("response.output_text.delta", {"type": "response.output_text.delta", "delta": "tok0"}),
+        ("response.completed", {"type": "response.completed", "response": body}),
+    ]
+
+
+def _message(request: dict[str, Any], n: int, stream: bool) -> Any:
+    """An Anthropic Messages answer (events message_start ... message_stop when streaming)."""
+    body = {
+        "id": f"msg_fake{n}",
+        "type": "message",
+        "role": "assistant",
+        "model": request.get("model"),
+        "content": [{"type": "text", "text": "tok0"}],
+        "stop_reason": "max_tokens",
+        "usage": {"input_tokens": 7, "output_tokens": 1},
+    }
+    if not stream:
+        return body
+    start = {**body, "content": [], "usage": {"input_tokens": 7, "output_tokens": 0}}
+    return [
+        ("message_start", {"type": "message_start", "message": start}),
+        ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text"}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta"}}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("message_delta", {"type": "message_delta", "delta": {}, "usage": {"output_tokens": 1}}),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+
+
+_OTHER_ROUTES = {
+    "/tokenize": _tokenize,
+    "/detokenize": _detokenize,
+    "/v1/responses": _response,
+    "/v1/messages": _message,
+}
+
+
+async def _respond_sse(send: Send, events: list[tuple[str, dict[str, Any]]]) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+    for name, data in events:
+        chunk = f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def _read_body(receive: Receive) -> bytes:
