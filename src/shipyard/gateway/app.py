@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Request
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
@@ -183,7 +183,10 @@ def create_app(
         return {"object": "list", "data": [model_card(name, max_len) for name, max_len in sorted(models.items())]}
 
     @app.get("/v1/models/{model_id:path}")
-    async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
+    async def retrieve_model(
+        request: Request,
+        model_id: Annotated[str, Path(pattern=r"^[^\r\n]+$", description="A served model's id (may hold '/')")],
+    ) -> dict[str, Any]:
         """One served model (``client.models.retrieve``); 404 in OpenAI's shape for a model not served here."""
         authorize(request)
         proxy.check_model(model_id, None)

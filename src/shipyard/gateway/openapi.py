@@ -64,7 +64,7 @@ _OPERATIONS: dict[str, dict[str, tuple[type[BaseModel] | None, tuple[int, ...], 
         route.path: {"post": (route.schema, _API, route not in (TOKENIZE, DETOKENIZE))} for route in API_ROUTES.values()
     },
     "/v1/models": {"get": (None, _READ_ONLY, False)},
-    "/v1/models/{model_id}": {"get": (None, (401, 404, 429, 503), False)},
+    "/v1/models/{model_id}": {"get": (None, (401, 404, 422, 429, 503), False)},
     "/v1/intent": {"post": (IntentRequest, _API, False)},
     "/predict": {"post": (IntentRequest, _API, False)},
     "/v1/reply": {"post": (ReplyRequest, _API, False)},
@@ -124,6 +124,11 @@ def document_api(app: FastAPI) -> None:
                     responses["200"] = {
                         "description": "The engine's answer",
                         "content": {"application/json": {"schema": {"type": "object"}}},
+                    }
+                if path == "/metrics":
+                    responses["200"] = {
+                        "description": "Prometheus text exposition format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
                     }
                 for status in errors:
                     responses[str(status)] = {

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
 from shipyard.gateway.errors import OpenAIError
 
@@ -23,9 +23,29 @@ REMOVED_FIELDS = {
 }
 
 
+def _no_removed_fields(schema: dict[str, Any]) -> None:
+    """In the JSON schema: the removed ``guided_*`` fields may not appear (the gateway answers 400)."""
+    for name, replacement in REMOVED_FIELDS.items():
+        schema.setdefault("properties", {})[name] = {"not": {}, "description": f"Removed from vLLM; use {replacement}"}
+
+
 class _Passthrough(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
+
+class _ApiRequest(_Passthrough):
+    """A body forwarded to the engine: unknown fields pass through, the removed ``guided_*`` ones are refused."""
+
+    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra=_no_removed_fields)
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema counts 1.0 as an integer (and so do vLLM and the OpenAI API): take it as 1."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+JsonInt = Annotated[int, BeforeValidator(_integral)]
+PositiveInt = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
 
 _MODEL = "A model this gateway serves (GET /v1/models); another is a 404 (model_not_found)."
 _LIMIT = "At most the served model's context length (or the gateway's max_tokens_limit); more is a 400."
@@ -36,13 +56,13 @@ class ChatMessage(_Passthrough):
     content: str | list[dict[str, Any]] | None = None
 
 
-class _Sampling(_Passthrough):
+class _Sampling(_ApiRequest):
     model: str = Field(min_length=1, description=_MODEL)
     stream: StrictBool = False
-    max_tokens: int | None = Field(default=None, ge=1, description=_LIMIT)
+    max_tokens: PositiveInt | None = Field(default=None, description=_LIMIT)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int | None = Field(default=None, ge=1, le=16)
+    n: Annotated[int, Field(ge=1, le=16), BeforeValidator(_integral)] | None = None
     stream_options: dict[str, Any] | None = None
 
     def output_limit(self) -> int | None:
@@ -52,23 +72,23 @@ class _Sampling(_Passthrough):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1, description=_LIMIT)
+    max_completion_tokens: PositiveInt | None = Field(default=None, description=_LIMIT)
 
     def output_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[JsonInt] | list[list[JsonInt]]
 
 
-class ResponsesRequest(_Passthrough):
+class ResponsesRequest(_ApiRequest):
     """OpenAI's Responses API (``POST /v1/responses``)."""
 
     model: str = Field(min_length=1, description=_MODEL)
     input: str | list[dict[str, Any]]
     stream: StrictBool = False
-    max_output_tokens: int | None = Field(default=None, ge=1, description=_LIMIT)
+    max_output_tokens: PositiveInt | None = Field(default=None, description=_LIMIT)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     previous_response_id: str | None = Field(
@@ -88,12 +108,12 @@ class AnthropicMessage(_Passthrough):
     content: str | list[dict[str, Any]]
 
 
-class MessagesRequest(_Passthrough):
+class MessagesRequest(_ApiRequest):
     """Anthropic's Messages API (``POST /v1/messages``), as vLLM serves it."""
 
     model: str = Field(min_length=1, description=_MODEL)
     messages: list[AnthropicMessage] = Field(min_length=1)
-    max_tokens: int = Field(ge=1, description=_LIMIT)
+    max_tokens: PositiveInt = Field(description=_LIMIT)
     stream: StrictBool = False
     system: str | list[dict[str, Any]] | None = None
     temperature: float | None = Field(default=None, ge=0, le=1)
@@ -103,8 +123,20 @@ class MessagesRequest(_Passthrough):
         return self.max_tokens
 
 
-class TokenizeRequest(_Passthrough):
+def _exactly_one_input(schema: dict[str, Any]) -> None:
+    """In the JSON schema: exactly one of ``prompt`` / ``messages``, neither of them null."""
+    _no_removed_fields(schema)
+    for name in ("prompt", "messages"):
+        options = schema["properties"][name].pop("anyOf")
+        schema["properties"][name].update(next(o for o in options if o.get("type") != "null"))
+        schema["properties"][name].pop("default", None)
+    schema["oneOf"] = [{"required": ["prompt"]}, {"required": ["messages"]}]
+
+
+class TokenizeRequest(_ApiRequest):
     """vLLM's ``POST /tokenize``: a ``prompt`` or chat ``messages`` (rendered with the model's template)."""
+
+    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra=_exactly_one_input)
 
     model: str | None = Field(default=None, min_length=1, description=_MODEL + " Default: the only one served.")
     prompt: str | None = None
@@ -112,7 +144,9 @@ class TokenizeRequest(_Passthrough):
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
-        if (self.prompt is None) == (self.messages is None):
+        if ("prompt" in self.model_fields_set) == ("messages" in self.model_fields_set) or (
+            self.prompt is None and self.messages is None
+        ):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
         return self
 
@@ -120,11 +154,11 @@ class TokenizeRequest(_Passthrough):
         return None
 
 
-class DetokenizeRequest(_Passthrough):
+class DetokenizeRequest(_ApiRequest):
     """vLLM's ``POST /detokenize``."""
 
     model: str | None = Field(default=None, min_length=1, description=_MODEL + " Default: the only one served.")
-    tokens: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field(max_length=1_000_000)
+    tokens: list[Annotated[int, Field(ge=0, lt=2**31), BeforeValidator(_integral)]] = Field(max_length=1_000_000)
 
     def output_limit(self) -> int | None:
         return None

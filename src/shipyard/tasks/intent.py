@@ -81,8 +81,18 @@ def load_labels(path: Path | None = None) -> LabelSet:
     return LabelSet(descriptions)
 
 
+def _intent_schema(schema: dict[str, Any]) -> None:
+    """What the validators below check, in the JSON schema too: a text with something in it; labels on one line,
+    without surrounding spaces, distinct."""
+    visible = r"[^\s\x1c-\x1f\x85]"  # not whitespace for Python's str.strip() either
+    schema["properties"]["text"]["pattern"] = visible
+    labels = schema["properties"]["labels"]["anyOf"][0]
+    labels["uniqueItems"] = True
+    labels["items"] = {"type": "string", "minLength": 1, "maxLength": 100, "pattern": f"^{visible}(?:.*{visible})?$"}
+
+
 class IntentRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_intent_schema)
 
     text: str = Field(min_length=1, max_length=4000)
     labels: list[str] | None = Field(default=None, min_length=2, max_length=MAX_LABELS)

@@ -49,11 +49,18 @@ class Message(BaseModel):
     content: str = Field(min_length=1, max_length=8000)
 
 
+def _reply_schema(schema: dict[str, Any]) -> None:
+    """The JSON schema says what the validator checks: at least one customer (user) message."""
+    schema["properties"]["messages"]["contains"] = {"type": "object", "properties": {"role": {"const": "user"}}}
+
+
 class ReplyRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_reply_schema)
 
     messages: list[Message] = Field(min_length=1, max_length=50)
-    template: str | None = None
+    template: str | None = Field(
+        default=None, description="One of the gateway's configured templates; another is a 400 (unknown_template)."
+    )
     model: str | None = None
 
     @field_validator("messages")

@@ -56,6 +56,9 @@ class FakeOpenAI:
         (content, finish_reason, stop_reason)."""
         self.open_streams = 0
         self.cancelled_streams = 0
+        self.json_answer: str | None = None
+        """The answer to every request with a ``json_schema`` response format (a real engine would fill the
+        schema); None: the default answer."""
         self.max_stop_strings: int | None = None
         """Refuse requests with more stop strings than this, as vLLM does (its ``VLLM_MAX_STOP_STRINGS``)."""
         self.adapters: dict[str, str] = {}
@@ -151,6 +154,8 @@ class FakeOpenAI:
         if self.script:
             scripted = self.script.popleft()
             return scripted if isinstance(scripted, tuple) else (scripted, "stop", None)
+        if self.json_answer is not None and (request.get("response_format") or {}).get("type") == "json_schema":
+            return self.json_answer, "stop", None
         choices = (request.get("structured_outputs") or {}).get("choice")
         if not choices:
             return " ".join(f"tok{i}" for i in range(n_tokens)), "length", None
@@ -238,7 +243,7 @@ def _tokenize(request: dict[str, Any], _: int, __: bool) -> dict[str, Any]:
 
 
 def _detokenize(request: dict[str, Any], _: int, __: bool) -> dict[str, Any]:
-    return {"prompt": "".join(chr(t) for t in request.get("tokens") or [] if 0 <= t < 0x110000)}
+    return {"prompt": "".join(chr(int(t)) for t in request.get("tokens") or [] if 0 <= t < 0x110000)}
 
 
 def _response(request: dict[str, Any], n: int, stream: bool) -> Any:
