@@ -29,8 +29,11 @@ def default_model_dir() -> Path:
 # already take 2 x 0.3 of the machine's memory in the rollout test).
 @pytest.fixture(scope="module")
 def engine(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineProcess]:
-    spec = EngineSpec.from_profile("cpu", model=str(default_model_dir), served_model_name=MODEL, max_model_len=2048)
+    spec = EngineSpec.from_profile(
+        "cpu", model=str(default_model_dir), served_model_name=MODEL, max_model_len=2048, tool_call_parser="auto"
+    )
     log = tmp_path_factory.mktemp("engine") / "engine.log"
-    with EngineProcess(spec, log) as process:
+    # The Responses API's store (off by default in vLLM: it keeps every response in memory) for previous_response_id
+    with EngineProcess(spec, log, env={"VLLM_ENABLE_RESPONSES_API_STORE": "1"}) as process:
         process.wait_ready(timeout=600)
         yield process
