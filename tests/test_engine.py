@@ -49,7 +49,7 @@ def test_only_set_fields_become_flags() -> None:
 
 def test_profile_fills_unset_fields_and_explicit_values_win() -> None:
     cpu = EngineSpec.from_profile("cpu", model="/m")
-    assert cpu.enforce_eager is True and cpu.gpu_memory_utilization == 0.3
+    assert cpu.enforce_eager is True and cpu.gpu_memory_utilization == 0.3 and cpu.dtype == "float32"
     assert EngineSpec.from_profile(Profile.CPU, model="/m", gpu_memory_utilization=0.5).gpu_memory_utilization == 0.5
     assert EngineSpec.from_profile("default", model="/m").vllm_args(1) == [
         "--model",

