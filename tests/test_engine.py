@@ -80,6 +80,8 @@ def test_measured_gpu_profiles_and_prequantized_checkpoints(tmp_path: Path) -> N
     quantized = EngineSpec.from_profile("throughput", model=str(tmp_path))
     assert quantized.quantization is None and quantized.enable_prefix_caching
     assert EngineSpec.from_profile("throughput", model=str(tmp_path), quantization="fp8").quantization == "fp8"
+    cpu_quantized = EngineSpec.from_profile("cpu", model=str(tmp_path))  # its own dtype, not the profile's float32
+    assert cpu_quantized.dtype is None and EngineSpec.from_profile("cpu", model="/m").dtype == "float32"
 
 
 def test_unknown_profile_names_the_choices() -> None:

