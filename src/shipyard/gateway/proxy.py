@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable
@@ -31,7 +30,7 @@ from shipyard.gateway.schemas import (
     reject_removed_fields,
     validate,
 )
-from shipyard.gateway.sse import StreamScan, usage_tokens
+from shipyard.gateway.sse import StreamScan, find_response_id, usage_tokens
 from shipyard.gateway.stream import UpstreamStream
 from shipyard.router import NoReplicaError, Replica, ReplicaPool, UnknownModelError
 
@@ -81,7 +80,6 @@ TOKENIZE = ApiRoute("tokenize", "/tokenize", TokenizeRequest)
 DETOKENIZE = ApiRoute("detokenize", "/detokenize", DetokenizeRequest)
 API_ROUTES = {route.name: route for route in (CHAT, COMPLETIONS, RESPONSES, MESSAGES, TOKENIZE, DETOKENIZE)}
 
-_RESPONSE_ID = re.compile(rb'"id":\s*"(resp_[^"]+)"')
 KEPT_RESPONSE_IDS = 100_000
 """How many response ids the gateway remembers the replica of (for ``previous_response_id``)."""
 
@@ -231,8 +229,8 @@ class Proxy:
             status = upstream.status_code
             if status == 200:
                 self._count_usage(model_label, content)
-                if route is RESPONSES:
-                    self._remember_response(content, replica)
+                if route is RESPONSES and (response_id := find_response_id(content[:4096])):
+                    self._remember_response(response_id, replica)
             return Response(content, status_code=status, media_type=_JSON, headers=served_by(replica))
         except ClientGone:
             status = 499  # nobody to answer; the engine's request was aborted with the connection
@@ -261,12 +259,10 @@ class Proxy:
             )
         return name
 
-    def _remember_response(self, content: bytes, replica: Replica) -> None:
-        found = _RESPONSE_ID.search(content[:4096])
-        if found:
-            self.response_replicas[found.group(1).decode()] = replica.name
-            while len(self.response_replicas) > KEPT_RESPONSE_IDS:
-                self.response_replicas.popitem(last=False)
+    def _remember_response(self, response_id: str, replica: Replica) -> None:
+        self.response_replicas[response_id] = replica.name
+        while len(self.response_replicas) > KEPT_RESPONSE_IDS:
+            self.response_replicas.popitem(last=False)
 
     @staticmethod
     async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -428,7 +424,7 @@ class Proxy:
             if stream.scan.completion_tokens is not None or stream.scan.prompt_tokens is not None:
                 self._count_tokens(model, stream.scan.prompt_tokens or 0, stream.scan.completion_tokens or 0)
             if stream.scan.response_id is not None:
-                self._remember_response(b'"id":"' + stream.scan.response_id.encode() + b'"', stream.replica)
+                self._remember_response(stream.scan.response_id, stream.replica)
             status = 200
             if stream.error is not None:
                 status = 502

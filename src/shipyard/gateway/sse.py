@@ -13,6 +13,12 @@ _DONE = b"data: [DONE]"
 _RESPONSE_ID = re.compile(rb'"id":\s*"(resp_[^"]+)"')
 
 
+def find_response_id(data: bytes) -> str | None:
+    """The first Responses API id (``resp_...``) in ``data``."""
+    found = _RESPONSE_ID.search(data)
+    return found.group(1).decode() if found else None
+
+
 def usage_tokens(usage: dict[str, Any]) -> tuple[int, int]:
     """(prompt, output) tokens of a usage block: OpenAI's ``prompt/completion_tokens`` or the Responses and
     Anthropic ``input/output_tokens``."""
@@ -58,8 +64,8 @@ class StreamScan:
             self._pending = data
             return b""
         whole, self._pending = data[: end + 2], data[end + 2 :]
-        if self.find_response_id and self.response_id is None and (found := _RESPONSE_ID.search(whole)):
-            self.response_id = found.group(1).decode()
+        if self.find_response_id and self.response_id is None:
+            self.response_id = find_response_id(whole)
         if self.done or not (b'"usage"' in whole or any(marker in whole for marker in self.end_markers)):
             self.events += whole.count(b"\n\n")
             return whole
