@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from shipyard.gateway.errors import OpenAIError
 from shipyard.gateway.proxy import Proxy
 from shipyard.gateway.schemas import parse_json_object, validate
+from shipyard.gateway.sse import usage_tokens
 from shipyard.tasks.intent import (
     IntentAnswerError,
     IntentDecode,
@@ -42,7 +43,7 @@ log = logging.getLogger("shipyard.gateway")
 
 def _completion_tokens(answer: dict[str, Any]) -> int:
     usage = answer.get("usage")
-    return int(usage.get("completion_tokens") or 0) if isinstance(usage, dict) else 0
+    return usage_tokens(usage)[1] if isinstance(usage, dict) else 0
 
 
 def install_task_routes(
