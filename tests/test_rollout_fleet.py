@@ -60,7 +60,7 @@ class Fleet:
         raise AssertionError(f"rollout still {current['phase']}: {current}")
 
     def processes(self) -> list[EngineProcess]:
-        handles = self.app_state.orchestrator.handles.values()  # type: ignore[attr-defined]
+        handles = self.app_state.control.supervisor.handles.values()  # type: ignore[attr-defined]
         return [h.process for h in handles]
 
 
@@ -92,7 +92,7 @@ def start_fleet(tmp: Path, blue_replicas: int = 1, **overrides: object) -> Itera
             assert wait_for(lambda: httpx.get(f"{server.url}/ready").status_code == 200)
             yield Fleet(server.url, launcher, app.state, tmp)
     finally:
-        for handle in list(app.state.orchestrator.handles.values()):
+        for handle in list(app.state.control.supervisor.handles.values()):
             handle.process.stop(grace_s=2)
         for process in processes:
             process.stop(grace_s=2)

@@ -200,6 +200,17 @@ class Settings(BaseSettings):
     restart_backoff_s: float = Field(default=1.0, gt=0)
     """First wait before restarting a crashed engine; doubles per failed attempt, up to 30 s."""
 
+    state_url: str | None = None
+    """Where the deployment state lives: None (default) = the file ``data_dir/state/state.json``, for one gateway;
+    ``file:///DIR``; or ``redis://[:PASSWORD@]HOST:PORT/DB[?prefix=NAME]`` for several gateways sharing it."""
+    gateway_id: str | None = None
+    """This gateway's name in leases and load reports (default: host-pid-random)."""
+    lease_ttl_s: float = Field(default=10.0, gt=0)
+    """A rollout's lease lasts this long unless its gateway renews it; a dead gateway's rollout is resolved
+    by another one after at most this long."""
+    state_watch_interval_s: float = Field(default=0.2, gt=0)
+    """How often the state is read for changes made by other gateways."""
+
     engine: EngineSettings = Field(default_factory=EngineSettings)
     intent: IntentSettings = Field(default_factory=IntentSettings)
     ui: UISettings = Field(default_factory=UISettings)
@@ -208,6 +219,13 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @field_validator("state_url")
+    @classmethod
+    def _state_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("file://", "redis://", "rediss://", "unix://")):
+            raise ValueError(f"state_url {value!r} must be file:///DIR or redis://HOST:PORT/DB")
+        return value
 
     @field_validator("upstreams")
     @classmethod

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -12,9 +14,7 @@ from pydantic import SecretStr
 
 from shipyard.cli.app import ConfigOption, app, fail, port_is_free, settings_from
 from shipyard.cli.ui import start_page
-from shipyard.engine import EngineProcess, EngineSpec, EngineStartError, Profile
-from shipyard.engine.launcher import EngineHandle, EngineLauncher, cpu_halves
-from shipyard.gateway import create_app
+from shipyard.engine import Profile
 from shipyard.gateway.auth import ensure_api_key
 from shipyard.gateway.server import run_gateway
 from shipyard.prepare.default_model import DEFAULT_MODEL_NAME, DefaultModelError, pull_default
@@ -22,6 +22,7 @@ from shipyard.prepare.registry import RegistryError, resolve_input
 from shipyard.router import Replica
 from shipyard.router.discovery import is_discovery
 from shipyard.settings import Settings, check_upstreams
+from shipyard.stack import EngineChoice, StackError, build_stack, engine_spec, gateway_pid_file, stop_everything
 from shipyard.tasks import load_labels, load_templates
 from shipyard.tasks.config import TaskConfigError
 
@@ -130,83 +131,46 @@ def serve_stack(
     except ValueError as exc:
         raise fail(str(exc)) from None
     static = [url for url in settings.upstreams if not is_discovery(url)]
-    discovered = [url for url in settings.upstreams if is_discovery(url)]
     replicas = [Replica(url, name=f"upstream-{i}", deployment="blue") for i, url in enumerate(static)]
-    process: EngineProcess | None = None
-    launcher: EngineLauncher | None = None
-    gateway = None
-    served = ", ".join([*(r.url for r in replicas), *discovered])
+    profile_name = resolve_profile(profile or settings.engine.profile)
+
+    def choose_engine() -> EngineChoice:
+        folder, served = resolve_model(settings)
+        spec = engine_spec(settings, folder, served, profile_name, enable_lora)
+        return EngineChoice(folder, served, spec, settings.version_label or Path(folder).name)
+
+    def say(line: str) -> None:
+        typer.echo(line, err=True)
+
     try:
-        if engine:
-            folder, served = resolve_model(settings)
-            e = settings.engine
-            profile_name = resolve_profile(profile or e.profile)
-            try:
-                spec = EngineSpec.from_profile(
-                    profile_name,
-                    model=folder,
-                    served_model_name=served,
-                    dtype=None if e.dtype == "auto" else e.dtype,
-                    max_model_len=e.max_model_len,
-                    quantization=e.quantization,
-                    gpu_memory_utilization=e.gpu_memory_utilization,
-                    enforce_eager=e.enforce_eager,
-                    tensor_parallel_size=e.tensor_parallel_size,
-                    data_parallel_size=e.data_parallel_size,
-                    enable_lora=True if enable_lora else None,
-                    max_lora_rank=e.max_lora_rank if enable_lora else None,
-                    tool_call_parser=e.tool_call_parser,
-                    extra_args=e.extra_args,
-                )
-            except ValueError as exc:
-                raise fail(str(exc)) from None
-            env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if enable_lora else {}
-            halves = cpu_halves() if profile_name == Profile.CPU.value else None
-            launcher = EngineLauncher(
-                spec,
-                settings.data_dir / "logs",
-                command=e.vllm_command or None,
-                env=env,
-                ready_timeout_s=e.startup_timeout_s,
-                cpu_binds=[halves[1], halves[0]] if halves else None,
-            )
-            first_env = {**env, "VLLM_CPU_OMP_THREADS_BIND": halves[0]} if halves else env
-            process = EngineProcess(
-                spec,
-                settings.data_dir / "logs" / "engine.log",
-                port=e.port,
-                command=e.vllm_command or None,
-                env=first_env or None,
-            )
-            typer.echo(f"starting vLLM for {folder} (log: {process.log_file}) ...", err=True)
-            process.start()
-            try:
-                process.wait_ready(timeout=e.startup_timeout_s)
-            except EngineStartError as exc:
-                raise fail(str(exc)) from None
-            typer.echo(f"vLLM ready at {process.url} (its own metrics: {process.url}/metrics)", err=True)
-            version = settings.version_label or Path(folder).name
-            replicas.insert(0, Replica(process.url, name=f"blue-{version}", deployment="blue", version=version))
-        if not replicas and not discovered:
-            raise fail("nothing to serve: give a model, or --upstream URL with --no-engine")
-        managed = {replicas[0].name: launcher.handle(process)} if launcher and process else None
-        gateway = create_app(settings, replicas, launcher=launcher, managed=managed)
-        typer.echo(banner(f"http://{settings.host}:{settings.port}", served, new_key, settings))
+        stack = build_stack(
+            settings,
+            upstreams=replicas,
+            choose_engine=choose_engine if engine else None,
+            profile=profile_name,
+            enable_lora=enable_lora,
+            say=say,
+        )
+    except StackError as exc:
+        raise fail(str(exc)) from None
+    pid_file = gateway_pid_file(settings)
+    try:
+        pid_file.parent.mkdir(parents=True, exist_ok=True)
+        pid_file.write_text(f"{os.getpid()}\n")
+        typer.echo(banner(f"http://{settings.host}:{settings.port}", stack.served, new_key, settings))
         if new_admin_key:
             typer.echo(f"admin key for rollouts (shown once, stored in {settings.admin_key_file}): {new_admin_key}\n")
         if ui:
             typer.echo(f"chat page: {start_page(settings, block=False)}\n")
-        run_gateway(gateway, settings.host, settings.port)
+        run_gateway(stack.app, settings.host, settings.port)
     finally:
-        engines = [process] if process is not None else []
-        if gateway is not None:  # rollouts may have replaced or added engines
-            for handle in gateway.state.orchestrator.handles.values():
-                if isinstance(handle, EngineHandle) and handle.process not in engines:
-                    engines.append(handle.process)
-        if engines:
+        # A deliberate stop (Ctrl-C, SIGTERM, shipyard stop) ends here and stops the engines; a crash does not
+        # get here, and the next start adopts them.
+        if stack.engines():
             typer.echo("stopping vLLM ...", err=True)
-        for engine_process in engines:
-            engine_process.stop()
+        stack.stop_engines()
+        with contextlib.suppress(OSError):
+            pid_file.unlink()
 
 
 ModelOption = Annotated[
@@ -266,3 +230,11 @@ def up(
     if engine_port is not None:
         settings.engine.port = engine_port
     serve_stack(settings, profile, [], engine=True, ui=ui)
+
+
+@app.command()
+def stop(config: ConfigOption = None) -> None:
+    """Stop the gateway of this data_dir and every engine shipyard started for it (also after a crash)."""
+    settings = settings_from(config)
+    count = stop_everything(settings, lambda line: typer.echo(line, err=True))
+    typer.echo(f"stopped {count} process(es)" if count else f"nothing of shipyard runs for {settings.data_dir}")

@@ -1,19 +1,22 @@
-"""Starting engines for new model versions (rollouts) and restarting crashed ones."""
+"""Starting engines for new model versions (rollouts), restarting crashed ones, adopting running ones."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
-from shipyard.engine.process import EngineProcess
+from shipyard.engine.process import MARKER_ENV, EngineProcess
 from shipyard.engine.spec import EngineSpec
-from shipyard.router.launcher import ExternalReplica, ReplicaHandle
+
+CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 
 
 class EngineHandle:
-    """An :class:`EngineProcess` as the router sees it; blocking waits run in a worker thread."""
+    """An :class:`EngineProcess` as the router sees it (a ``ReplicaHandle``); blocking waits run in a thread."""
 
     def __init__(self, process: EngineProcess, ready_timeout_s: float) -> None:
         self.process = process
@@ -23,13 +26,30 @@ class EngineHandle:
     def alive(self) -> bool:
         return self.process.alive()
 
-    async def start(self) -> None:
+    def identity(self) -> dict[str, Any]:
+        """What a restarted gateway needs to adopt this engine, or start it again the same way."""
+        return {
+            "engine": dataclasses.asdict(self.process.spec),
+            "pid": self.process.pid,
+            "started_at": self.process.started_at,
+            "cpu_bind": (self.process.env or {}).get(CPU_BIND_ENV),
+            "log_file": str(self.process.log_file),
+        }
+
+    def spawn(self) -> None:
+        """Start the process without waiting for it (its identity can be recorded before it is ready)."""
         self.process.start()
+
+    async def wait_ready(self) -> None:
         try:
             await asyncio.to_thread(self.process.wait_ready, self.ready_timeout_s)
         except BaseException:
             await asyncio.to_thread(self.process.stop, 5.0)
             raise
+
+    async def start(self) -> None:
+        self.spawn()
+        await self.wait_ready()
 
     async def restart(self) -> None:
         await asyncio.to_thread(self.process.stop, 5.0)
@@ -60,7 +80,10 @@ def cpu_halves(cpus: int | None = None) -> tuple[str, str] | None:
 class EngineLauncher:
     """Starts ``vllm`` for a model folder with the same flags (and served name) as the running version.
 
-    ``cpu_binds``: values of ``VLLM_CPU_OMP_THREADS_BIND`` handed to successive launches in turn (vLLM-CPU).
+    ``cpu_binds``: values of ``VLLM_CPU_OMP_THREADS_BIND`` (vLLM-CPU); each launch takes the first one no
+    running engine of this launcher's ``busy_binds`` uses. ``marker``: set as ``SHIPYARD_ENGINE_OF`` in each
+    engine's environment (``shipyard stop`` finds engines by it). ``die_with_parent``: see
+    :class:`EngineProcess` (the serving stack's engines outlive the gateway).
     """
 
     def __init__(
@@ -72,6 +95,8 @@ class EngineLauncher:
         env: dict[str, str] | None = None,
         ready_timeout_s: float = 600.0,
         cpu_binds: list[str] | None = None,
+        marker: str | None = None,
+        die_with_parent: bool = True,
     ) -> None:
         self.base = base
         self.log_dir = log_dir
@@ -79,7 +104,8 @@ class EngineLauncher:
         self.env = env
         self.ready_timeout_s = ready_timeout_s
         self.cpu_binds = cpu_binds or []
-        self._launches = 0
+        self.marker = marker
+        self.die_with_parent = die_with_parent
 
     def check(self, target: str) -> None:
         if target.startswith(("http://", "https://")):
@@ -93,16 +119,54 @@ class EngineLauncher:
     def handle(self, process: EngineProcess) -> EngineHandle:
         return EngineHandle(process, self.ready_timeout_s)
 
-    async def launch(self, target: str, name: str) -> ReplicaHandle:
-        self.check(target)
-        if target.startswith(("http://", "https://")):
-            return ExternalReplica(target)
-        spec = dataclasses.replace(self.base, model=os.path.abspath(target))
+    def process_env(self, cpu_bind: str | None) -> dict[str, str]:
         env = dict(self.env or {})
-        if self.cpu_binds:
-            env["VLLM_CPU_OMP_THREADS_BIND"] = self.cpu_binds[self._launches % len(self.cpu_binds)]
-        self._launches += 1
-        process = EngineProcess(spec, self.log_dir / f"engine-{name}.log", command=self.command, env=env or None)
-        handle = self.handle(process)
-        await handle.start()
-        return handle
+        if self.marker:
+            env[MARKER_ENV] = self.marker
+        if cpu_bind:
+            env[CPU_BIND_ENV] = cpu_bind
+        return env
+
+    def free_bind(self, busy: set[str]) -> str | None:
+        return next((b for b in self.cpu_binds if b not in busy), self.cpu_binds[0] if self.cpu_binds else None)
+
+    def prepare(
+        self,
+        target: str,
+        name: str,
+        *,
+        busy_binds: Iterable[str] = (),
+        port: int | None = None,
+    ) -> EngineHandle:
+        """A handle for an engine serving ``target`` (not started yet: ``spawn`` or ``start`` it)."""
+        self.check(target)
+        spec = dataclasses.replace(self.base, model=os.path.abspath(target))
+        return self.handle_for(spec, name, cpu_bind=self.free_bind(set(busy_binds)), port=port)
+
+    def handle_for(
+        self, spec: EngineSpec, name: str, *, cpu_bind: str | None = None, port: int | None = None
+    ) -> EngineHandle:
+        process = EngineProcess(
+            spec,
+            self.log_dir / f"engine-{name}.log",
+            port=port,
+            command=self.command,
+            env=self.process_env(cpu_bind) or None,
+            die_with_parent=self.die_with_parent,
+        )
+        return self.handle(process)
+
+    def adopt(self, identity: Mapping[str, Any], url_port: int, name: str) -> EngineHandle:
+        """The running engine ``identity`` describes (ProcessLookupError when it is gone)."""
+        fields = dict(identity["engine"])
+        spec = EngineSpec(**{**fields, "extra_args": tuple(fields.get("extra_args") or ())})
+        process = EngineProcess.adopt(
+            spec,
+            Path(identity.get("log_file") or self.log_dir / f"engine-{name}.log"),
+            port=url_port,
+            pid=int(identity["pid"]),
+            started_at=identity.get("started_at"),
+            command=self.command,
+            env=self.process_env(identity.get("cpu_bind")) or None,
+        )
+        return self.handle(process)

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import TracebackType
 
 import httpx
+import psutil
 
 from shipyard.engine.spec import EngineSpec
 
@@ -32,6 +33,11 @@ _ERROR_MARKERS = (
     "Exception",
     "CUDA out of memory",
 )
+
+
+MARKER_ENV = "SHIPYARD_ENGINE_OF"
+"""Set in every engine's environment to the data dir of the shipyard that started it: `shipyard stop` finds
+them by it, also engines whose gateway crashed."""
 
 
 class EngineStartError(RuntimeError):
@@ -76,9 +82,10 @@ def parse_cpu_list(text: str) -> set[int] | None:
     return cpus or None
 
 
-def _child_setup(cpus: set[int] | None) -> Callable[[], None]:
+def _child_setup(cpus: set[int] | None, die_with_parent: bool) -> Callable[[], None]:
     def setup() -> None:  # pragma: no cover - runs in the child between fork and exec
-        _die_with_parent()
+        if die_with_parent:
+            _die_with_parent()
         if cpus:
             # The whole engine (API server, engine core, workers) stays on its cores, so a second engine
             # starting beside it is not starved by the first one's busy loops.
@@ -94,6 +101,10 @@ class EngineProcess:
     >>> with EngineProcess(spec, log_file=Path("engine.log")) as engine:   # doctest: +SKIP
     ...     engine.wait_ready(timeout=300)
     ...     print(engine.url)          # http://127.0.0.1:38211
+
+    ``die_with_parent``: the kernel stops the engine when the process that started it dies (tests, one-off
+    runs). The serving stack turns it off: its engines outlive a crashed gateway, which adopts them again
+    (:meth:`adopt`) when it restarts.
     """
 
     def __init__(
@@ -104,13 +115,53 @@ class EngineProcess:
         port: int | None = None,
         command: Sequence[str] | None = None,
         env: dict[str, str] | None = None,
+        die_with_parent: bool = True,
     ) -> None:
         self.spec = spec
         self.log_file = log_file
         self.port = port or free_port(spec.host)
         self.command = list(command) if command else [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
         self.env = env
+        self.die_with_parent = die_with_parent
         self._proc: subprocess.Popen[bytes] | None = None
+        self._adopted: psutil.Process | None = None
+
+    @classmethod
+    def adopt(
+        cls,
+        spec: EngineSpec,
+        log_file: Path,
+        *,
+        port: int,
+        pid: int,
+        started_at: float | None,
+        command: Sequence[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> EngineProcess:
+        """The engine already running as ``pid`` (started by an earlier gateway); ProcessLookupError when that
+        process is gone or is another one that reuses the pid (its start time differs from ``started_at``)."""
+        engine = cls(spec, log_file, port=port, command=command, env=env, die_with_parent=False)
+        try:
+            process = psutil.Process(pid)
+            created = process.create_time()
+            running = process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            raise ProcessLookupError(f"engine pid {pid} is gone") from None
+        if not running or (started_at is not None and abs(created - started_at) > 2.0):
+            raise ProcessLookupError(f"pid {pid} is no longer the engine started at {started_at}")
+        engine._adopted = process
+        return engine
+
+    @property
+    def started_at(self) -> float | None:
+        """The process's start time (epoch seconds), which with the pid identifies it across restarts."""
+        pid = self.pid
+        if pid is None:
+            return None
+        try:
+            return float(psutil.Process(pid).create_time())
+        except psutil.Error:
+            return None
 
     @property
     def cpus(self) -> set[int] | None:
@@ -124,14 +175,17 @@ class EngineProcess:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
+        if self._proc is not None:
+            return self._proc.pid
+        return self._adopted.pid if self._adopted is not None else None
 
     def argv(self) -> list[str]:
         return [*self.command, *self.spec.vllm_args(self.port)]
 
     def start(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            raise RuntimeError(f"engine already running (pid {self._proc.pid})")
+        if self.alive():
+            raise RuntimeError(f"engine already running (pid {self.pid})")
+        self._adopted = None
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **ENGINE_ENV, **(self.env or {})}
         with open(self.log_file, "ab") as log:
@@ -144,10 +198,15 @@ class EngineProcess:
                 stdin=subprocess.DEVNULL,
                 env=env,
                 start_new_session=True,  # own process group: stop() reaches vLLM's engine-core children too
-                preexec_fn=_child_setup(self.cpus) if sys.platform == "linux" else None,
+                preexec_fn=_child_setup(self.cpus, self.die_with_parent) if sys.platform == "linux" else None,
             )
 
     def alive(self) -> bool:
+        if self._adopted is not None:
+            try:
+                return self._adopted.is_running() and self._adopted.status() != psutil.STATUS_ZOMBIE
+            except psutil.Error:
+                return False
         return self._proc is not None and self._proc.poll() is None
 
     def health(self, timeout: float = 2.0) -> bool:
@@ -177,6 +236,8 @@ class EngineProcess:
 
     def stop(self, grace_s: float = 15.0) -> int | None:
         """SIGTERM the whole process group, then SIGKILL what is left after ``grace_s``. Returns the exit code."""
+        if self._adopted is not None:
+            return self._stop_adopted(self._adopted, grace_s)
         proc = self._proc
         if proc is None:
             return None
@@ -190,6 +251,20 @@ class EngineProcess:
         # Children of the group (engine core, workers) may outlive the leader briefly.
         self._signal_group(proc.pid, signal.SIGKILL)
         return proc.returncode
+
+    def _stop_adopted(self, process: psutil.Process, grace_s: float) -> int | None:
+        self._signal_group(process.pid, signal.SIGTERM)
+        code: int | None = None
+        try:
+            code = process.wait(timeout=grace_s)
+        except psutil.TimeoutExpired:
+            self._signal_group(process.pid, signal.SIGKILL)
+            with contextlib.suppress(psutil.Error):
+                code = process.wait(timeout=10)
+        except psutil.Error:
+            pass
+        self._signal_group(process.pid, signal.SIGKILL)
+        return code
 
     def kill(self) -> None:
         """Hard-kill the server process only (as a crash would), leaving its group to fend for itself."""

@@ -12,7 +12,8 @@ from shipyard.gateway.auth import KeyChecker
 from shipyard.gateway.errors import OpenAIError
 from shipyard.gateway.proxy import Proxy
 from shipyard.gateway.schemas import parse_json_object, validate
-from shipyard.router.orchestrator import Orchestrator, RolloutRejected
+from shipyard.router.commands import RolloutCommand, RolloutRejected
+from shipyard.router.control import ControlPlane
 
 
 class RolloutRequest(BaseModel):
@@ -25,7 +26,7 @@ class RolloutRequest(BaseModel):
     lora: bool = False
 
 
-def install_admin_routes(app: FastAPI, proxy: Proxy, keys: KeyChecker, orchestrator: Orchestrator) -> None:
+def install_admin_routes(app: FastAPI, proxy: Proxy, keys: KeyChecker, control: ControlPlane) -> None:
     def authorize(request: Request) -> str:
         """The admin's identity for the audit log: ``admin:<key name>``, never the key."""
         return "admin:" + keys.check(request.headers.get("authorization"))
@@ -36,43 +37,45 @@ def install_admin_routes(app: FastAPI, proxy: Proxy, keys: KeyChecker, orchestra
     @app.get("/admin/deployments")
     async def deployments(request: Request) -> dict[str, Any]:
         authorize(request)
-        return orchestrator.describe()
+        return control.describe()
 
     @app.post("/admin/rollouts", status_code=202)
     async def start_rollout(request: Request) -> JSONResponse:
         admin = authorize(request)
         parsed = validate(RolloutRequest, parse_json_object(await proxy.read_body(request)))
         try:
-            rollout = orchestrator.request(
-                parsed.target,
-                version=parsed.version,
-                canary_percent=parsed.canary_percent,
-                gate=parsed.gate,
-                lora=parsed.lora,
-                who=admin,
+            rollout = await control.request(
+                RolloutCommand(
+                    parsed.target,
+                    version=parsed.version,
+                    canary_percent=parsed.canary_percent,
+                    gate=parsed.gate,
+                    lora=parsed.lora,
+                    who=admin,
+                )
             )
         except RolloutRejected as exc:
-            orchestrator.audit.record(admin, "rollout_rejected", target=parsed.target, reason=str(exc))
+            control.audit.record(admin, "rollout_rejected", target=parsed.target, reason=str(exc))
             raise rejected(exc) from None
         return JSONResponse(rollout.to_dict(), status_code=202)
 
     @app.get("/admin/rollouts")
     async def list_rollouts(request: Request) -> dict[str, Any]:
         authorize(request)
-        return {"rollouts": [r.to_dict() for r in orchestrator.history]}
+        return {"rollouts": control.history()}
 
     @app.get("/admin/rollouts/current")
     async def current_rollout(request: Request) -> dict[str, Any]:
         authorize(request)
-        if orchestrator.current is None:
+        if control.current is None:
             raise OpenAIError(404, "no rollout has been requested on this gateway", code="no_rollout")
-        return orchestrator.current.to_dict()
+        return control.current.to_dict()
 
     @app.post("/admin/rollouts/current/promote")
     async def promote(request: Request) -> dict[str, Any]:
         admin = authorize(request)
         try:
-            return orchestrator.promote(admin).to_dict()
+            return (await control.promote(admin)).to_dict()
         except RolloutRejected as exc:
             raise rejected(exc) from None
 
@@ -80,6 +83,6 @@ def install_admin_routes(app: FastAPI, proxy: Proxy, keys: KeyChecker, orchestra
     async def rollback(request: Request) -> dict[str, Any]:
         admin = authorize(request)
         try:
-            return orchestrator.rollback(admin).to_dict()
+            return (await control.rollback(admin)).to_dict()
         except RolloutRejected as exc:
             raise rejected(exc) from None

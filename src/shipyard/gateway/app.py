@@ -24,12 +24,14 @@ from shipyard.gateway.tasks import install_task_routes
 from shipyard.gateway.transport import UpstreamTransport
 from shipyard.router import HealthMonitor, Replica, ReplicaPool
 from shipyard.router.audit import AuditLog
+from shipyard.router.control import ControlConfig, ControlPlane
 from shipyard.router.discovery import UpstreamDiscovery, is_discovery, parse_target
 from shipyard.router.launcher import Launcher, ReplicaHandle, UrlLauncher
-from shipyard.router.orchestrator import Orchestrator, OrchestratorConfig
 from shipyard.router.policy import deployment_shares
+from shipyard.router.store import MemoryStateStore, StateStore
 from shipyard.settings import Settings
 from shipyard.tasks import IntentDecode, load_labels, load_templates
+from shipyard.tasks.warmup import TaskWarmUp
 
 
 def upstream_client(settings: Settings) -> httpx.AsyncClient:
@@ -51,6 +53,7 @@ def create_app(
     client: httpx.AsyncClient | None = None,
     launcher: Launcher | None = None,
     managed: Mapping[str, ReplicaHandle] | None = None,
+    store: StateStore | None = None,
 ) -> FastAPI:
     """Build the gateway.
 
@@ -60,7 +63,9 @@ def create_app(
     ``client`` is the HTTP client used to reach the replicas (inject ``httpx.MockTransport`` or an
     ``ASGITransport`` in tests); by default one is created and closed with the app. ``launcher`` starts
     replicas for rollouts (default: only URLs of running servers are accepted); ``managed`` maps replica
-    names to the processes behind them, which are restarted when they die.
+    names to the processes behind them, which are restarted when they die. ``store`` holds the deployment
+    state (default: in memory; ``shipyard serve`` passes the file or Redis store of ``settings.state_url``):
+    when it already holds a state, that state says what is served and ``upstreams`` only seed an empty one.
     """
     keys = KeyChecker(settings.named_keys())
     if set(settings.admin_key_values()) & set(settings.key_values()):
@@ -85,38 +90,42 @@ def create_app(
     discovery = UpstreamDiscovery(
         pool, [parse_target(u) for u in settings.upstreams if is_discovery(u)], settings.discovery_interval_s
     )
-    orchestrator = Orchestrator(
+    from shipyard.evaluate.gate import IntentGate
+
+    for name in managed or {}:
+        if not any(r.name == name for r in upstreams):
+            raise ValueError(f"managed replica {name!r} is not among the upstreams")
+    control = ControlPlane(
         pool,
         http,
+        store or MemoryStateStore(),
         launcher or UrlLauncher(),
-        labels=labels,
-        templates=templates,
         audit=AuditLog(settings.data_dir / "audit.jsonl"),
-        config=OrchestratorConfig(
+        warm_up=TaskWarmUp(labels, templates),
+        gate=IntentGate(settings.gate_dataset, labels),
+        managed=managed,
+        config=ControlConfig(
             drain_timeout_s=settings.drain_timeout_s,
             ready_timeout_s=settings.engine.startup_timeout_s,
             warmup_requests=settings.warmup_requests,
-            gate_dataset=settings.gate_dataset,
             restart_backoff_s=settings.restart_backoff_s,
+            watch_interval_s=settings.state_watch_interval_s,
+            lease_ttl_s=settings.lease_ttl_s,
+            gateway_id=settings.gateway_id or "",
         ),
     )
-    for name, handle in (managed or {}).items():
-        replica = next((r for r in upstreams if r.name == name), None)
-        if replica is None:
-            raise ValueError(f"managed replica {name!r} is not among the upstreams")
-        orchestrator.manage(replica, handle)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await discovery.refresh()
         await monitor.check_all()
+        await control.start()
         monitor.start()
         discovery.start()
-        orchestrator.start()
         try:
             yield
         finally:
-            await orchestrator.stop()
+            await control.stop()
             await discovery.stop()
             await monitor.stop()
             if own_client:
@@ -128,7 +137,7 @@ def create_app(
     app.state.metrics = metrics
     app.state.monitor = monitor
     app.state.discovery = discovery
-    app.state.orchestrator = orchestrator
+    app.state.control = control
     install_error_handlers(app)
 
     def authorize(request: Request) -> None:
@@ -206,7 +215,7 @@ def create_app(
 
     install_task_routes(app, proxy, authorize, labels, templates, IntentDecode(settings.intent.decode))
     if settings.admin_keys:
-        install_admin_routes(app, proxy, KeyChecker(settings.named_admin_keys()), orchestrator)
+        install_admin_routes(app, proxy, KeyChecker(settings.named_admin_keys()), control)
     document_api(app)
     return app
 

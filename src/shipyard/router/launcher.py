@@ -1,16 +1,26 @@
-"""How the router gets new replicas: a small seam between rollout decisions and processes."""
+"""How the router gets replicas: a small seam between rollout decisions and processes."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
 
 
 class ReplicaHandle(Protocol):
-    """A running replica the router may restart or stop (an engine process, or a server run by others)."""
+    """A replica the router may restart or stop (an engine process, or a server run by others)."""
 
     url: str
 
     def alive(self) -> bool: ...
+
+    def identity(self) -> dict[str, Any]:
+        """What the state records to adopt the process again (``engine``, ``pid``, ...); empty when external."""
+
+    def spawn(self) -> None:
+        """Start it without waiting (so its identity is recorded before a crash could orphan it)."""
+
+    async def wait_ready(self) -> None:
+        """Return once it answers ``/health``; raise (and leave nothing running) when it cannot start."""
 
     async def restart(self) -> None: ...
 
@@ -21,8 +31,13 @@ class Launcher(Protocol):
     def check(self, target: str) -> None:
         """Raise ValueError (with a reason for people) if ``target`` cannot be launched."""
 
-    async def launch(self, target: str, name: str) -> ReplicaHandle:
-        """Start a replica for ``target`` and return once it answers ``/health``."""
+    def prepare(
+        self, target: str, name: str, *, busy_binds: Iterable[str] = ..., port: int | None = None
+    ) -> ReplicaHandle:
+        """A handle for a new replica serving ``target``, not started yet."""
+
+    def adopt(self, identity: Mapping[str, Any], url_port: int, name: str) -> ReplicaHandle:
+        """The running process ``identity`` names; ProcessLookupError when it is gone."""
 
 
 class ExternalReplica:
@@ -34,6 +49,15 @@ class ExternalReplica:
     def alive(self) -> bool:
         return True
 
+    def identity(self) -> dict[str, Any]:
+        return {}
+
+    def spawn(self) -> None:
+        return None
+
+    async def wait_ready(self) -> None:
+        return None
+
     async def restart(self) -> None:
         return None
 
@@ -41,15 +65,24 @@ class ExternalReplica:
         return None
 
 
+def is_url(target: str) -> bool:
+    return target.startswith(("http://", "https://"))
+
+
 class UrlLauncher:
     """Accepts only URLs of running OpenAI-compatible servers (a gateway without a local engine)."""
 
     def check(self, target: str) -> None:
-        if not target.startswith(("http://", "https://")):
+        if not is_url(target):
             raise ValueError(
                 f"{target!r} is not a URL, and this gateway starts no engines (it was started with --no-engine)"
             )
 
-    async def launch(self, target: str, name: str) -> ReplicaHandle:
+    def prepare(
+        self, target: str, name: str, *, busy_binds: Iterable[str] = (), port: int | None = None
+    ) -> ReplicaHandle:
         self.check(target)
         return ExternalReplica(target)
+
+    def adopt(self, identity: Mapping[str, Any], url_port: int, name: str) -> ReplicaHandle:
+        raise ProcessLookupError("this gateway starts no engines, so it adopts none")

@@ -141,6 +141,10 @@ class ReplicaPool:
         replica.in_flight -= 1
         self._model_in_flight[upstream_model] = self._model_in_flight.get(upstream_model, 1) - 1
 
+    def model_load(self) -> dict[str, int]:
+        """Requests in flight per upstream model."""
+        return dict(self._model_in_flight)
+
     def in_flight_for(self, upstream_model: str) -> int:
         return self._model_in_flight.get(upstream_model, 0)
 

@@ -1,15 +1,20 @@
-"""The rollout state machine and its traffic decisions: pure, no processes, no I/O.
+"""The rollout state machine, its traffic decisions and ``next_action``: pure, no processes, no I/O.
 
 pending → starting → warming → [gating] → [canary ⇄ promote] → switching → draining → done
              ╰──────────╰─────────╰───────────╰→ failed (old version keeps serving)
 canary / draining → rolled_back (traffic back to the old version in one step)
+
+Times are wall-clock seconds from an injected clock, so a rollout saved by one gateway process reads the same
+in the next one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -87,6 +92,15 @@ def parse_gate(spec: str) -> Gate:
     return Gate("intent", min_acc, n)
 
 
+class Strategy(str, Enum):
+    """How a new version reaches users (``RolloutStrategy`` implementations, in ``router.strategies``)."""
+
+    BLUE_GREEN = "blue-green"
+    """A new engine beside the old one; traffic moves once it is warm; the old one drains and stops."""
+    LORA = "lora"
+    """A LoRA adapter hot-loaded into the running engines; the served alias moves to it."""
+
+
 @dataclass(frozen=True)
 class RolloutPlan:
     target: str
@@ -98,6 +112,12 @@ class RolloutPlan:
     gate: Gate | None = None
     lora: bool = False
     requested_by: str = ""
+    strategy: Strategy = Strategy.BLUE_GREEN
+    reason: str = ""
+    """Why this strategy (shown in the status)."""
+
+
+Clock = Callable[[], float]
 
 
 @dataclass
@@ -107,13 +127,18 @@ class Rollout:
     phase: Phase = Phase.PENDING
     error: str | None = None
     history: list[tuple[Phase, float, str]] = field(default_factory=list)
-    """(phase, monotonic time entered, note)."""
+    """(phase, wall-clock time entered, note)."""
     facts: dict[str, Any] = field(default_factory=dict)
     """Measurements taken along the way (switch time, gate accuracy, drained requests, ...)."""
-    started_wall: float = field(default_factory=time.time)
+    clock: Clock = field(default=time.time, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.history.append((self.phase, time.monotonic(), "requested"))
+        if not self.history:
+            self.history.append((self.phase, self.clock(), "requested"))
+
+    @property
+    def started_wall(self) -> float:
+        return self.history[0][1]
 
     @property
     def active(self) -> bool:
@@ -123,7 +148,7 @@ class Rollout:
         if phase not in ALLOWED[self.phase]:
             raise IllegalTransition(f"rollout {self.id} cannot go from {self.phase.value} to {phase.value}")
         self.phase = phase
-        self.history.append((phase, time.monotonic(), note))
+        self.history.append((phase, self.clock(), note))
 
     def fail(self, reason: str) -> None:
         self.error = reason
@@ -133,7 +158,7 @@ class Rollout:
         """Seconds spent in each phase so far (the current one up to now)."""
         spans: dict[str, float] = {}
         for (phase, entered, _), nxt in zip(self.history, [*self.history[1:], None], strict=True):
-            end = nxt[1] if nxt else (entered if phase in TERMINAL else time.monotonic())
+            end = nxt[1] if nxt else (entered if phase in TERMINAL else self.clock())
             spans[phase.value] = round(spans.get(phase.value, 0.0) + end - entered, 3)
         return spans
 
@@ -149,12 +174,43 @@ class Rollout:
             "canary_percent": self.plan.canary_percent,
             "gate": None if self.plan.gate is None else vars(self.plan.gate),
             "lora": self.plan.lora,
+            "strategy": self.plan.strategy.value,
+            "strategy_reason": self.plan.reason,
             "requested_by": self.plan.requested_by,
             "error": self.error,
             "durations_s": self.durations(),
             "history": [{"phase": p.value, "at_s": round(t - origin, 3), "note": n} for p, t, n in self.history],
             "facts": self.facts,
         }
+
+    def to_record(self) -> dict[str, Any]:
+        """Everything needed to rebuild this rollout in another process (:meth:`from_record`)."""
+        plan = dataclasses.asdict(self.plan)
+        plan["strategy"] = self.plan.strategy.value
+        return {
+            "id": self.id,
+            "phase": self.phase.value,
+            "error": self.error,
+            "plan": plan,
+            "history": [[p.value, t, n] for p, t, n in self.history],
+            "facts": dict(self.facts),
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], clock: Clock = time.time) -> Rollout:
+        plan = dict(record["plan"])
+        gate = plan.get("gate")
+        plan["gate"] = Gate(**gate) if gate else None
+        plan["strategy"] = Strategy(plan.get("strategy", Strategy.BLUE_GREEN.value))
+        return cls(
+            RolloutPlan(**plan),
+            id=str(record["id"]),
+            phase=Phase(record["phase"]),
+            error=record.get("error"),
+            history=[(Phase(p), float(t), str(n)) for p, t, n in record["history"]],
+            facts=dict(record.get("facts", {})),
+            clock=clock,
+        )
 
 
 def traffic_weights(rollout: Rollout) -> dict[str, float] | None:
@@ -176,3 +232,69 @@ def traffic_weights(rollout: Rollout) -> dict[str, float] | None:
 def other_color(current: str | None) -> str:
     """Deployments alternate blue and green; anything else is followed by blue."""
     return "green" if current == "blue" else "blue"
+
+
+class Action(str, Enum):
+    """What the rollout executor does next (``next_action`` decides; the executor performs)."""
+
+    PREPARE = "prepare"
+    """Start the new version (an engine, or an adapter load)."""
+    WARM_UP = "warm_up"
+    GATE = "gate"
+    OPEN_CANARY = "open_canary"
+    AWAIT_PROMOTE = "await_promote"
+    SWITCH = "switch"
+    DRAIN = "drain"
+    FINISH = "finish"
+    ABORT = "abort"
+    """Put the old version back (traffic, aliases), retire the new one, end ``failed``."""
+    RETIRE_NEW = "retire_new"
+    """After a rollback: retire the new version (its requests finish first)."""
+    NOTHING = "nothing"
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the executor knows of the current phase's work (reset to nothing when a gateway restarts)."""
+
+    done: bool = False
+    """The current phase's step completed."""
+    error: str | None = None
+    promoted: bool = False
+    interrupted: bool = False
+    """The rollout was found in the saved state by a gateway that did not run it (restart or lease takeover)."""
+    retired: bool = False
+
+
+def next_action(rollout: Rollout, seen: Observation) -> Action:
+    """The next step of ``rollout`` given what was observed of its current phase.
+
+    The rule for a rollout interrupted by a gateway crash (written in the README): before traffic moved
+    (pending, starting, warming, gating) it is rolled back — the new version may be half started, half warm or
+    ungated, and the old one still serves everything; in canary it stays in canary (both versions run; an
+    admin promotes or rolls back); once switching or draining, it is finished (users are on the new version).
+    """
+    phase, plan = rollout.phase, rollout.plan
+    if phase is Phase.ROLLED_BACK:
+        return Action.NOTHING if seen.retired else Action.RETIRE_NEW
+    if phase in TERMINAL:
+        return Action.NOTHING
+    before_switch = phase in (Phase.PENDING, Phase.STARTING, Phase.WARMING, Phase.GATING)
+    if before_switch and (seen.error is not None or seen.interrupted):
+        return Action.ABORT
+    after_checks = Action.OPEN_CANARY if plan.canary_percent is not None else Action.SWITCH
+    if phase is Phase.PENDING:
+        return Action.PREPARE
+    if phase is Phase.STARTING:
+        return Action.WARM_UP if seen.done else Action.PREPARE
+    if phase is Phase.WARMING:
+        if not seen.done:
+            return Action.WARM_UP
+        return Action.GATE if plan.gate is not None else after_checks
+    if phase is Phase.GATING:
+        return after_checks if seen.done else Action.GATE
+    if phase is Phase.CANARY:
+        return Action.SWITCH if seen.promoted else Action.AWAIT_PROMOTE
+    if phase is Phase.SWITCHING:
+        return Action.DRAIN if seen.done or seen.interrupted else Action.SWITCH
+    return Action.FINISH if seen.done else Action.DRAIN  # draining

@@ -1,0 +1,503 @@
+"""The control plane: the persisted deployment state, applied to this gateway's pool, and the rollout executor.
+
+Every change is saved to the :class:`StateStore` before it takes effect here; other gateways on the same store
+apply it within ``watch_interval_s``. One rollout at a time across them all: the gateway running it holds the
+store's lease and renews it; a rollout whose owner died (its lease expired) is resolved by whichever gateway
+notices, by the rule of :func:`~shipyard.router.rollout.next_action` (written in the README).
+
+>>> control = ControlPlane(pool, client, MemoryStateStore(), UrlLauncher(), audit=AuditLog(None))  # doctest: +SKIP
+>>> await control.start(); rollout = await control.request(RolloutCommand("http://10.0.0.7:8000"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from shipyard.router.audit import AuditLog
+from shipyard.router.checks import GateFailed, NoGate, PlainWarmUp, QualityGate, WarmUp
+from shipyard.router.commands import RolloutCommand, RolloutRejected, plan_rollout
+from shipyard.router.health import probe
+from shipyard.router.launcher import Launcher, ReplicaHandle
+from shipyard.router.replica import Replica, ReplicaPool
+from shipyard.router.rollout import TERMINAL, Action, Observation, Phase, Rollout, next_action
+from shipyard.router.state import DeploymentState, ReplicaRecord
+from shipyard.router.store import LoadReport, StateConflict, StateStore
+from shipyard.router.strategies import RolloutStrategy, default_strategies, reload_adapters
+from shipyard.router.supervisor import Supervisor
+
+log = logging.getLogger("shipyard.router")
+
+
+@dataclass
+class ControlConfig:
+    drain_timeout_s: float = 120.0
+    ready_timeout_s: float = 600.0
+    warmup_requests: int = 3
+    restart_backoff_s: float = 1.0
+    restart_backoff_max_s: float = 30.0
+    watch_interval_s: float = 0.2
+    """How often the store is read for other gateways' changes (and this gateway's load reported)."""
+    lease_ttl_s: float = 10.0
+    gateway_id: str = ""
+    """This gateway's name in leases, load reports and the state's ``updated_by`` (default: host-pid-random)."""
+
+
+def default_gateway_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+
+
+class ControlPlane:
+    def __init__(
+        self,
+        pool: ReplicaPool,
+        client: httpx.AsyncClient,
+        store: StateStore,
+        launcher: Launcher,
+        *,
+        audit: AuditLog,
+        warm_up: WarmUp | None = None,
+        gate: QualityGate | None = None,
+        config: ControlConfig | None = None,
+        managed: Mapping[str, ReplicaHandle] | None = None,
+        strategies: Mapping[Any, RolloutStrategy] | None = None,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    ) -> None:
+        self.pool = pool
+        self.client = client
+        self.store = store
+        self.launcher = launcher
+        self.audit = audit
+        self.warm_up = warm_up or PlainWarmUp()
+        self.gate = gate or NoGate()
+        self.config = config or ControlConfig()
+        self.gateway_id = self.config.gateway_id or default_gateway_id()
+        self.strategies = dict(strategies or default_strategies())
+        self.clock = clock
+        self.sleep = sleep
+        self.supervisor = Supervisor(
+            pool,
+            audit,
+            on_restart=self._restarted,
+            backoff_s=self.config.restart_backoff_s,
+            backoff_max_s=self.config.restart_backoff_max_s,
+            interval_s=self.config.watch_interval_s,
+            sleep=sleep,
+        )
+        for name, handle in (managed or {}).items():
+            self.supervisor.manage(name, handle)
+        self.drain_timeout_s = self.config.drain_timeout_s
+        self.ready_timeout_s = self.config.ready_timeout_s
+        self.current: Rollout | None = None
+        self._state = DeploymentState()
+        self._from_state: set[str] = set()
+        self._promote = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._lock = asyncio.Lock()
+
+    # ----- the state ---------------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> DeploymentState:
+        return self._state
+
+    @property
+    def restarts(self) -> dict[str, int]:
+        return self.supervisor.restarts
+
+    async def start(self) -> None:
+        """Read the state (or seed it from the pool), apply it, resolve an interrupted rollout, start watching."""
+        stored = await self.store.load()
+        if stored is None:
+            replicas = [self._seed_record(r) for r in self.pool.replicas]
+            stored = DeploymentState().evolve(
+                by=self.gateway_id, at=self.clock(), replicas=replicas, weights=self.pool.weights
+            )
+            with contextlib.suppress(StateConflict):  # another gateway seeded it first: take theirs
+                await self.store.save(stored)
+            stored = await self.store.load() or stored
+        self._apply(stored)
+        self.supervisor.start()
+        self._spawn(self._follow())
+        if (
+            self.current is not None
+            and self.current.active
+            and await self.store.acquire_lease(self.gateway_id, self.config.lease_ttl_s)
+        ):
+            self._resume(self.current)
+
+    def _seed_record(self, replica: Replica) -> ReplicaRecord:
+        handle = self.supervisor.handles.get(replica.name)
+        fields = handle.identity() if handle is not None else {}
+        return ReplicaRecord(
+            name=replica.name,
+            url=replica.url,
+            deployment=replica.deployment,
+            version=replica.version,
+            target=str((fields.get("engine") or {}).get("model", replica.url)),
+            host=socket.gethostname() if fields else "",
+            **{k: v for k, v in fields.items() if k in {"engine", "pid", "started_at", "cpu_bind", "log_file"}},
+        )
+
+    def record(self, name: str, handle: ReplicaHandle, **fields: Any) -> ReplicaRecord:
+        identity = handle.identity()
+        return ReplicaRecord(
+            name=name, url=handle.url, host=socket.gethostname() if identity else "", **fields, **identity
+        )
+
+    async def commit(self, **changes: Any) -> DeploymentState:
+        """Save the current state with ``changes`` (and the current rollout) as the next revision, then apply it."""
+        async with self._lock:
+            for _ in range(5):
+                if self.current is not None and "rollout" not in changes:
+                    changes["rollout"] = self.current.to_record()
+                state = self._state.evolve(by=self.gateway_id, at=self.clock(), **changes)
+                try:
+                    await self.store.save(state)
+                except StateConflict:
+                    latest = await self.store.load()
+                    if latest is not None:
+                        self._apply(latest, adopt_rollout=False)
+                    continue
+                self._apply(state, adopt_rollout=False)
+                return state
+            raise StateConflict("the state kept changing under this gateway; try again")
+
+    def _apply(self, state: DeploymentState, adopt_rollout: bool = True) -> None:
+        """Make this gateway's pool what ``state`` says: replicas, weights, aliases."""
+        self._state = state
+        by_name = {r.name: r for r in self.pool.replicas}
+        wanted = {record.name: record for record in state.replicas}
+        for name in self._from_state | set(by_name):
+            if name not in wanted and name in by_name and name in self._from_state:
+                self.pool.remove(by_name[name])
+        for name, record in wanted.items():
+            if name not in by_name:
+                replica = Replica(record.url, name=name, deployment=record.deployment, version=record.version)
+                self.pool.add(replica)
+                self._spawn(probe(self.client, replica))
+        self._from_state = set(wanted)
+        self.pool.set_weights(state.weights)
+        for alias in set(self.pool.aliases) - set(state.aliases):
+            self.pool.set_alias(alias, None)
+        for alias, target in state.aliases.items():
+            self.pool.set_alias(alias, target)
+        if adopt_rollout and state.rollout is not None:
+            mine = self.current is not None and self.current.id == state.rollout["id"]
+            if not mine or self.current is None or not self.current.active:
+                self.current = Rollout.from_record(state.rollout, clock=self.clock)
+
+    async def _follow(self) -> None:
+        """Apply other gateways' changes, report this gateway's load, take over a rollout whose owner died."""
+        while True:
+            with contextlib.suppress(Exception):
+                stored = await self.store.load()
+                if stored is not None and stored.revision > self._state.revision:
+                    running_here = self._running_here()
+                    self._apply(stored, adopt_rollout=not running_here)
+                await self.store.report_load(
+                    LoadReport(self.gateway_id, self._state.revision, self._local_load(), self.clock()),
+                    ttl_s=max(self.config.watch_interval_s * 10, 2.0),
+                )
+                rollout = self.current
+                if rollout is not None and rollout.active and not self._running_here():
+                    if await self.store.lease_owner() is None and await self.store.acquire_lease(
+                        self.gateway_id, self.config.lease_ttl_s
+                    ):
+                        self.audit.record(self.gateway_id, "rollout_taken_over", rollout=rollout.id)
+                        self._resume(rollout)
+                elif self._running_here():
+                    await self.store.acquire_lease(self.gateway_id, self.config.lease_ttl_s)
+            await self.sleep(self.config.watch_interval_s)
+
+    def _running_here(self) -> bool:
+        return any(t.get_name() == "shipyard-rollout" and not t.done() for t in self._tasks)
+
+    def _local_load(self) -> dict[str, int]:
+        load = {f"replica:{r.name}": r.in_flight for r in self.pool.replicas if r.in_flight}
+        load.update({f"model:{m}": n for m, n in self.pool.model_load().items() if n})
+        return load
+
+    async def in_flight(self, replicas: set[str] = frozenset(), model: str | None = None) -> int:  # type: ignore[assignment]
+        """Requests in flight on this gateway and on every other one that reported recently."""
+        keys = {f"replica:{n}" for n in replicas} | ({f"model:{model}"} if model else set())
+        total = sum(n for k, n in self._local_load().items() if k in keys)
+        with contextlib.suppress(Exception):
+            for report in await self.store.load_reports():
+                if report.gateway != self.gateway_id:
+                    total += sum(int(n) for k, n in report.in_flight.items() if k in keys)
+        return total
+
+    async def pause(self, seconds: float) -> None:
+        await self.sleep(seconds)
+
+    def now(self) -> float:
+        return self.clock()
+
+    async def stop(self, *, stop_engines: bool = False) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if stop_engines:
+            await self.supervisor.stop_all()
+        else:
+            await self.supervisor.stop()
+        with contextlib.suppress(Exception):
+            await self.store.release_lease(self.gateway_id)
+
+    def _spawn(self, coro: Any, name: str | None = None) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _restarted(self, name: str, handle: ReplicaHandle) -> None:
+        record = self._state.replica(name)
+        if record is not None and handle.identity():
+            identity = handle.identity()
+            await self.commit(replicas=self._state.with_replica(dataclasses.replace(record, **identity)))
+        replica = next((r for r in self.pool.replicas if r.name == name), None)
+        if replica is not None:
+            await reload_adapters(self.client, replica, self._state.adapters)
+            await probe(self.client, replica)
+
+    # ----- commands ----------------------------------------------------------------------------------------
+
+    async def request(self, command: RolloutCommand) -> Rollout:
+        """Validate and start a rollout in the background; RolloutRejected with nothing changed."""
+        plan = plan_rollout(
+            command,
+            current=self.current,
+            pool=self.pool,
+            adapters=set(self._state.adapters),
+            launcher=self.launcher,
+            gate=self.gate,
+        )
+        if not await self.store.acquire_lease(self.gateway_id, self.config.lease_ttl_s):
+            owner = await self.store.lease_owner()
+            raise RolloutRejected(409, f"gateway {owner} is running a rollout; one at a time across all gateways")
+        rollout = Rollout(plan, clock=self.clock)
+        self.current = rollout
+        self._promote = asyncio.Event()
+        await self.commit()
+        self.audit.record(
+            command.who,
+            "rollout_requested",
+            rollout=rollout.id,
+            target=command.target,
+            version=plan.version,
+            canary_percent=command.canary_percent,
+            gate=command.gate,
+            lora=command.lora,
+            strategy=plan.strategy.value,
+        )
+        self._spawn(self._drive(rollout, Observation()), name="shipyard-rollout")
+        return rollout
+
+    def _owned(self, verb: str) -> Rollout:
+        rollout = self.current
+        if rollout is not None and rollout.active and not self._running_here():
+            raise RolloutRejected(409, f"rollout {rollout.id} runs on another gateway; {verb} it there")
+        if rollout is None:
+            raise RolloutRejected(409, f"no rollout to {verb}")
+        return rollout
+
+    async def promote(self, who: str) -> Rollout:
+        rollout = self.current
+        if rollout is None or rollout.phase is not Phase.CANARY:
+            raise RolloutRejected(409, "no canary to promote (promote applies to a rollout in its canary phase)")
+        self._owned("promote")
+        self.audit.record(who, "promote", rollout=rollout.id)
+        self._promote.set()
+        return rollout
+
+    async def rollback(self, who: str) -> Rollout:
+        rollout = self.current
+        if rollout is None or rollout.phase not in (Phase.CANARY, Phase.DRAINING):
+            raise RolloutRejected(
+                409,
+                "nothing to roll back: the previous version is no longer running (roll back while the "
+                "rollout is in its canary or draining phase, or deploy the old version again)",
+            )
+        self._owned("roll back")
+        strategy = self.strategies[rollout.plan.strategy]
+        rollout.advance(Phase.ROLLED_BACK, f"by {who}")
+        await self.commit(**strategy.restore(self, rollout))
+        self.audit.record(who, "rollback", rollout=rollout.id, phase=rollout.phase.value)
+        self._promote.set()
+        return rollout
+
+    # ----- the executor ------------------------------------------------------------------------------------
+
+    def _resume(self, rollout: Rollout) -> None:
+        self.audit.record(self.gateway_id, "rollout_resumed", rollout=rollout.id, phase=rollout.phase.value)
+        self._promote = asyncio.Event()
+        self._spawn(self._drive(rollout, Observation(interrupted=True)), name="shipyard-rollout")
+
+    async def _enter(self, rollout: Rollout, phase: Phase, note: str = "", **changes: Any) -> None:
+        if rollout.phase is not phase:
+            rollout.advance(phase, note)
+        await self.commit(**changes)
+        self.audit.record("rollout", "phase", rollout=rollout.id, phase=phase.value)
+
+    async def _drive(self, rollout: Rollout, seen: Observation) -> None:
+        strategy = self.strategies[rollout.plan.strategy]
+        try:
+            while (action := next_action(rollout, seen)) is not Action.NOTHING:
+                seen = await self._perform(action, strategy, rollout, seen)
+        finally:
+            if rollout.phase in TERMINAL:
+                with contextlib.suppress(Exception):
+                    await self.store.release_lease(self.gateway_id)
+
+    async def _perform(
+        self, action: Action, strategy: RolloutStrategy, rollout: Rollout, seen: Observation
+    ) -> Observation:
+        try:
+            return await self._step(action, strategy, rollout, seen)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # before the switch: the old version keeps serving; after: note it and go on
+            if rollout.phase in (Phase.PENDING, Phase.STARTING, Phase.WARMING, Phase.GATING):
+                rollout.facts.update(getattr(exc, "facts", {}))
+                return Observation(error=str(exc) if isinstance(exc, GateFailed) else f"{type(exc).__name__}: {exc}")
+            log.exception("rollout %s: %s failed in %s", rollout.id, action.value, rollout.phase.value)
+            rollout.error = f"{type(exc).__name__}: {exc}"
+            return dataclasses.replace(seen, done=True, retired=True)
+
+    async def _step(
+        self, action: Action, strategy: RolloutStrategy, rollout: Rollout, seen: Observation
+    ) -> Observation:
+        if action is Action.PREPARE:
+            await self._enter(rollout, Phase.STARTING)
+            await strategy.prepare(self, rollout)
+        elif action is Action.WARM_UP:
+            await self._enter(rollout, Phase.WARMING)
+            await strategy.warm_up(self, rollout)
+        elif action is Action.GATE:
+            await self._enter(rollout, Phase.GATING)
+            replica = strategy.new_replicas(self, rollout)[0]
+            assert rollout.plan.gate is not None
+            rollout.facts.update(
+                await self.gate.check(self.client, replica.url, strategy.model(self, rollout), rollout.plan.gate)
+            )
+        elif action is Action.OPEN_CANARY:
+            await self._enter(rollout, Phase.CANARY, **strategy.canary(self, rollout))
+            return Observation()
+        elif action is Action.AWAIT_PROMOTE:
+            await self._promote.wait()
+            return Observation(promoted=rollout.phase is Phase.CANARY)
+        elif action is Action.SWITCH:
+            ready_at = self.clock()
+            await self._enter(rollout, Phase.SWITCHING, **strategy.switch(self, rollout))
+            rollout.facts["switch_s"] = round(self.clock() - ready_at, 6)
+        elif action is Action.DRAIN:
+            await self._enter(rollout, Phase.DRAINING)
+            await strategy.drain(self, rollout)
+        elif action is Action.FINISH:
+            await self._finish(rollout, Phase.DONE)
+            return Observation()
+        elif action is Action.ABORT:
+            reason = seen.error or f"interrupted in phase {rollout.phase.value} (the gateway running it stopped)"
+            rollout.error = reason
+            rollout.advance(Phase.FAILED, reason)
+            self.audit.record("rollout", "rollout_failed", rollout=rollout.id, error=reason)
+            await self.commit(**strategy.restore(self, rollout))
+            await strategy.retire_new(self, rollout)
+            await self._finish(rollout, Phase.FAILED)
+            return Observation(retired=True)
+        elif action is Action.RETIRE_NEW:
+            await strategy.retire_new(self, rollout)
+            await self._finish(rollout, Phase.ROLLED_BACK)
+            return Observation(retired=True)
+        return Observation(done=True)
+
+    async def _finish(self, rollout: Rollout, phase: Phase) -> None:
+        if rollout.phase is not phase:
+            rollout.advance(phase)
+        history = [*(h for h in self._state.history if h.get("id") != rollout.id), rollout.to_record()]
+        await self.commit(history=history)
+        self.audit.record("rollout", "phase", rollout=rollout.id, phase=phase.value)
+
+    # ----- what strategies use ------------------------------------------------------------------------------
+
+    async def wait_ready(self, replica: Replica, deadline_s: float) -> None:
+        deadline = self.clock() + deadline_s
+        while not replica.ready:
+            await probe(self.client, replica)
+            if replica.ready:
+                return
+            if self.clock() > deadline:
+                raise TimeoutError(f"new replica not ready after {deadline_s}s: {replica.last_error}")
+            await self.sleep(0.2)
+
+    async def warm(self, replicas: list[Replica], model: str, light: bool) -> None:
+        """Real requests so first users do not pay for warm-up; ``light``: one 1-token request each (a LoRA
+        adapter runs in an engine whose kernels and grammars are already warm)."""
+        light_body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+        bodies = [light_body] if light else self.warm_up.bodies(model)
+        count = 1 if light else max(self.config.warmup_requests, 1)
+        for replica in replicas:
+            for i in range(count):
+                response = await self.client.post(
+                    f"{replica.url}/v1/chat/completions", json=bodies[i % len(bodies)], timeout=300
+                )
+                if response.status_code != 200:
+                    what = "does not answer" if light else "warm-up request failed"
+                    raise RuntimeError(
+                        f"{model} {what} on {replica.name}: HTTP {response.status_code} {response.text[:200]}"
+                    )
+
+    # ----- status ------------------------------------------------------------------------------------------
+
+    def history(self) -> list[dict[str, Any]]:
+        finished = [Rollout.from_record(h, clock=self.clock).to_dict() for h in self._state.history]
+        current = self.current
+        if current is not None and not any(h["id"] == current.id for h in finished):
+            finished.append(current.to_dict())
+        return finished
+
+    def describe(self) -> dict[str, Any]:
+        deployments = {
+            name: {
+                "weight": self.pool.weights.get(name, 0.0),
+                "replicas": [
+                    {
+                        "name": r.name,
+                        "url": r.url,
+                        "version": r.version,
+                        "ready": r.ready,
+                        "in_flight": r.in_flight,
+                        "restarts": self.restarts.get(r.name, 0),
+                        "models": sorted(r.models),
+                        "error": r.last_error or None,
+                        "pid": getattr(self._state.replica(r.name), "pid", None),
+                    }
+                    for r in replicas
+                ],
+            }
+            for name, replicas in self.pool.deployments().items()
+        }
+        return {
+            "deployments": deployments,
+            "aliases": self.pool.aliases,
+            "rollout": self.current.to_dict() if self.current else None,
+            "state": {
+                "store": self.store.description,
+                "revision": self._state.revision,
+                "updated_by": self._state.updated_by,
+                "gateway": self.gateway_id,
+            },
+        }

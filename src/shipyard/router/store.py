@@ -1,0 +1,337 @@
+"""Where the deployment state lives: a file under ``data_dir`` (one gateway) or Redis (several gateways).
+
+Every store keeps the last few states, refuses a save that does not follow the stored revision (two writers
+never interleave silently), and offers what several gateways need to cooperate: a rollout **lease** (one
+rollout at a time, with a TTL the owner renews) and **load reports** (each gateway's in-flight requests per
+replica, so a drain waits for requests on every gateway, not only on the one running the rollout).
+
+>>> store = open_store(None, Path("~/.cache/shipyard"))        # doctest: +SKIP
+>>> state = await store.load()                                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shipyard.router.state import DeploymentState, StateError
+
+KEEP = 5
+"""States kept: the current one and the four before it."""
+
+
+class StateUnreadable(RuntimeError):
+    """The stored state cannot be read; the message names it and the last good copy (for people)."""
+
+
+class StateConflict(RuntimeError):
+    """Another writer saved a newer state first; nothing was written."""
+
+
+class StoreLocked(RuntimeError):
+    """Another gateway already uses this file store (a file store serves one gateway; use Redis for more)."""
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What one gateway reported: the state revision it applied and its requests in flight per replica."""
+
+    gateway: str
+    revision: int
+    in_flight: Mapping[str, int]
+    at: float
+
+
+class StateStore(ABC):
+    """Load, save and watch one :class:`DeploymentState`; lease the right to run a rollout."""
+
+    description = "state"
+
+    @abstractmethod
+    async def load(self) -> DeploymentState | None:
+        """The current state, None when none was ever saved; :class:`StateUnreadable` when it cannot be read."""
+
+    @abstractmethod
+    async def save(self, state: DeploymentState) -> None:
+        """Store ``state`` if it follows the stored revision, else raise :class:`StateConflict`."""
+
+    @abstractmethod
+    async def acquire_lease(self, owner: str, ttl_s: float) -> bool:
+        """Take (or renew, when ``owner`` holds it) the rollout lease; False when another owner holds it."""
+
+    @abstractmethod
+    async def release_lease(self, owner: str) -> None: ...
+
+    @abstractmethod
+    async def lease_owner(self) -> str | None: ...
+
+    @abstractmethod
+    async def report_load(self, report: LoadReport, ttl_s: float) -> None: ...
+
+    @abstractmethod
+    async def load_reports(self) -> list[LoadReport]:
+        """Reports of every gateway that reported within its TTL."""
+
+    async def watch(self, interval_s: float = 0.2) -> AsyncIterator[DeploymentState]:
+        """Each state newer than the last one seen (polled every ``interval_s``; a read error is skipped)."""
+        seen = -1
+        while True:
+            with contextlib.suppress(StateUnreadable, OSError, ConnectionError):
+                state = await self.load()
+                if state is not None and state.revision > seen:
+                    seen = state.revision
+                    yield state
+            await asyncio.sleep(interval_s)
+
+    async def close(self) -> None:
+        return None
+
+
+class MemoryStateStore(StateStore):
+    """A state in this process only (library use and tests); gone with the process."""
+
+    description = "memory"
+
+    def __init__(self) -> None:
+        self._state: DeploymentState | None = None
+        self._lease: tuple[str, float] | None = None
+        self._reports: dict[str, tuple[LoadReport, float]] = {}
+
+    async def load(self) -> DeploymentState | None:
+        return self._state
+
+    async def save(self, state: DeploymentState) -> None:
+        _check_follows(self._state, state)
+        self._state = state
+
+    async def acquire_lease(self, owner: str, ttl_s: float) -> bool:
+        now = time.monotonic()
+        if self._lease is not None and self._lease[0] != owner and self._lease[1] > now:
+            return False
+        self._lease = (owner, now + ttl_s)
+        return True
+
+    async def release_lease(self, owner: str) -> None:
+        if self._lease is not None and self._lease[0] == owner:
+            self._lease = None
+
+    async def lease_owner(self) -> str | None:
+        if self._lease is None or self._lease[1] <= time.monotonic():
+            return None
+        return self._lease[0]
+
+    async def report_load(self, report: LoadReport, ttl_s: float) -> None:
+        self._reports[report.gateway] = (report, time.monotonic() + ttl_s)
+
+    async def load_reports(self) -> list[LoadReport]:
+        now = time.monotonic()
+        return [report for report, until in self._reports.values() if until > now]
+
+
+def _check_follows(stored: DeploymentState | None, state: DeploymentState) -> None:
+    current = stored.revision if stored is not None else 0
+    if state.revision != current + 1:
+        raise StateConflict(f"state revision {state.revision} does not follow the stored revision {current}")
+
+
+class FileStateStore(MemoryStateStore):
+    """``DIR/state.json``, written as the registry writes manifests (temp file, fsync, rename, fsync the folder),
+    with the previous states beside it as ``state.json.1`` … ``.4``.
+
+    One gateway per file: opening takes an exclusive lock (``DIR/gateway.lock``) that the kernel drops when the
+    process dies, so a crashed gateway never blocks its own restart. Lease and load reports are this process's.
+    """
+
+    description = "file"
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.folder = folder
+        self.path = folder / "state.json"
+        self.description = f"file {self.path}"
+        self._lock: int | None = None
+
+    def lock(self) -> None:
+        """Take the one-gateway lock; :class:`StoreLocked` names the process holding it."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder / "gateway.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StoreLocked(
+                f"another gateway (pid {holder}) uses the state in {self.folder}; a file state serves one gateway "
+                "(stop it, give this one another data_dir, or point both at Redis with state_url)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock = fd
+
+    async def load(self) -> DeploymentState | None:
+        try:
+            text = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StateUnreadable(self._unreadable(f"cannot be read ({exc})")) from None
+        try:
+            state = DeploymentState.from_json(text)
+        except StateError as exc:
+            raise StateUnreadable(self._unreadable(str(exc))) from None
+        self._state = state
+        return state
+
+    def _unreadable(self, why: str) -> str:
+        good = self._last_good()
+        where = (
+            f"the last good copy is {good[0]} (revision {good[1].revision}); check it and copy it over the state "
+            "file to go on from there"
+            if good
+            else f"no earlier copy is readable; remove {self.path} to start again from the configuration"
+        )
+        return f"state file {self.path} {why}: {where}"
+
+    def _last_good(self) -> tuple[Path, DeploymentState] | None:
+        for i in range(1, KEEP):
+            older = self.path.with_name(f"{self.path.name}.{i}")
+            with contextlib.suppress(OSError, StateError):
+                return older, DeploymentState.from_json(older.read_bytes())
+        return None
+
+    async def save(self, state: DeploymentState) -> None:
+        _check_follows(self._state, state)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for i in range(KEEP - 1, 0, -1):
+            newer = self.path if i == 1 else self.path.with_name(f"{self.path.name}.{i - 1}")
+            if newer.exists():
+                os.replace(newer, self.path.with_name(f"{self.path.name}.{i}"))
+        staged = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with open(staged, "w") as handle:
+            handle.write(state.to_json())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(staged, self.path)
+        directory = os.open(self.folder, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        self._state = state
+
+    async def close(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+
+_RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"""
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+_SAVE = """
+local stored = tonumber(redis.call('hget', KEYS[1], 'revision') or '0')
+if stored + 1 ~= tonumber(ARGV[1]) then return stored end
+redis.call('hset', KEYS[1], 'revision', ARGV[1], 'state', ARGV[2])
+redis.call('lpush', KEYS[2], ARGV[2])
+redis.call('ltrim', KEYS[2], 0, tonumber(ARGV[3]) - 2)
+return -1
+"""
+
+
+class RedisStateStore(StateStore):
+    """The state in Redis, shared by every gateway pointed at the same ``redis://`` URL and ``prefix``.
+
+    Keys: ``PREFIX:state`` (a hash: revision + JSON, written by one Lua script so a save is atomic and checked
+    against the stored revision), ``PREFIX:previous`` (the last states before it), ``PREFIX:lease`` (the
+    rollout lease, with a TTL), ``PREFIX:load:GATEWAY`` (load reports, with a TTL).
+    """
+
+    def __init__(self, url: str, prefix: str = "shipyard") -> None:
+        import redis.asyncio
+
+        self.url = url
+        self.prefix = prefix
+        self.description = f"redis {_redact(url)} (prefix {prefix})"
+        self.redis = redis.asyncio.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+
+    async def load(self) -> DeploymentState | None:
+        raw = await self.redis.hget(f"{self.prefix}:state", "state")
+        if raw is None:
+            return None
+        try:
+            return DeploymentState.from_json(raw)
+        except StateError as exc:
+            raise StateUnreadable(
+                f"the state in {self.description} {exc}: the last good copies are in the list "
+                f"{self.prefix}:previous (LINDEX {self.prefix}:previous 1)"
+            ) from None
+
+    async def save(self, state: DeploymentState) -> None:
+        result = await self.redis.eval(
+            _SAVE, 2, f"{self.prefix}:state", f"{self.prefix}:previous", state.revision, state.to_json(), KEEP
+        )
+        if int(result) != -1:
+            raise StateConflict(f"state revision {state.revision} does not follow the stored revision {result}")
+
+    async def acquire_lease(self, owner: str, ttl_s: float) -> bool:
+        ttl_ms = max(int(ttl_s * 1000), 1)
+        return bool(await self.redis.eval(_RENEW, 1, f"{self.prefix}:lease", owner, ttl_ms))
+
+    async def release_lease(self, owner: str) -> None:
+        await self.redis.eval(_RELEASE, 1, f"{self.prefix}:lease", owner)
+
+    async def lease_owner(self) -> str | None:
+        raw = await self.redis.get(f"{self.prefix}:lease")
+        return raw.decode() if isinstance(raw, bytes) else raw
+
+    async def report_load(self, report: LoadReport, ttl_s: float) -> None:
+        body = json.dumps({"revision": report.revision, "in_flight": dict(report.in_flight), "at": report.at})
+        await self.redis.set(f"{self.prefix}:load:{report.gateway}", body, px=max(int(ttl_s * 1000), 1))
+
+    async def load_reports(self) -> list[LoadReport]:
+        reports = []
+        async for key in self.redis.scan_iter(match=f"{self.prefix}:load:*"):
+            raw = await self.redis.get(key)
+            if raw is None:
+                continue
+            body: dict[str, Any] = json.loads(raw)
+            gateway = (key.decode() if isinstance(key, bytes) else key).rpartition(":load:")[2]
+            reports.append(LoadReport(gateway, int(body["revision"]), body["in_flight"], float(body["at"])))
+        return reports
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
+def _redact(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    return f"{scheme}{sep}{'***@' if at else ''}{host}" if userinfo else url
+
+
+def open_store(state_url: str | None, data_dir: Path) -> StateStore:
+    """``None`` → the file ``data_dir/state/state.json``; ``file:///DIR`` → ``DIR/state.json``;
+    ``redis://[:password@]host:port/db[?prefix=NAME]`` (or ``rediss://``) → Redis. ValueError otherwise."""
+    if state_url is None:
+        return FileStateStore(data_dir / "state")
+    if state_url.startswith("file://"):
+        return FileStateStore(Path(state_url[len("file://") :]))
+    if state_url.startswith(("redis://", "rediss://", "unix://")):
+        base, _, query = state_url.partition("?")
+        params = dict(part.partition("=")[::2] for part in query.split("&") if part)
+        prefix = params.pop("prefix", "shipyard")
+        rest = "&".join(f"{k}={v}" for k, v in params.items())
+        return RedisStateStore(base + (f"?{rest}" if rest else ""), prefix=prefix)
+    raise ValueError(f"state_url {state_url!r} must be file:///DIR or redis://HOST:PORT/DB")

@@ -1,0 +1,295 @@
+"""Rollout strategies: how a new version is prepared, switched to, and how the old one is retired.
+
+Each is a small class over a :class:`Deployer` (the control plane, as the strategy needs it). A strategy never
+moves traffic itself: ``canary``/``switch``/``restore`` return the state changes, which the executor saves
+before they take effect, so a gateway that dies between two steps leaves a state another one can finish.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+
+from shipyard.router.launcher import ExternalReplica, Launcher, ReplicaHandle, is_url
+from shipyard.router.replica import Replica, ReplicaPool
+from shipyard.router.rollout import Phase, Rollout, Strategy
+from shipyard.router.state import DeploymentState, ReplicaRecord
+from shipyard.router.supervisor import Supervisor
+
+
+class Deployer(Protocol):
+    """What strategies use of the control plane."""
+
+    pool: ReplicaPool
+    client: httpx.AsyncClient
+    launcher: Launcher
+    supervisor: Supervisor
+    drain_timeout_s: float
+    ready_timeout_s: float
+
+    @property
+    def state(self) -> DeploymentState: ...
+
+    async def commit(self, **changes: Any) -> DeploymentState: ...
+
+    def record(self, name: str, handle: ReplicaHandle, **fields: Any) -> ReplicaRecord: ...
+
+    async def wait_ready(self, replica: Replica, deadline_s: float) -> None: ...
+
+    async def warm(self, replicas: list[Replica], model: str, light: bool) -> None: ...
+
+    async def in_flight(self, replicas: set[str] = frozenset(), model: str | None = None) -> int:  # type: ignore[assignment]
+        """Requests in flight on every gateway, to these replicas or for this upstream model."""
+
+    async def pause(self, seconds: float) -> None: ...
+
+    def now(self) -> float: ...
+
+
+class RolloutStrategy(ABC):
+    """prepare → warm up → (gate) → [canary] → switch → drain; ``restore`` and ``retire_new`` undo."""
+
+    kind: Strategy
+
+    @abstractmethod
+    async def prepare(self, d: Deployer, rollout: Rollout) -> None:
+        """Make the new version serve somewhere users do not reach yet."""
+
+    @abstractmethod
+    def new_replicas(self, d: Deployer, rollout: Rollout) -> list[Replica]: ...
+
+    @abstractmethod
+    def model(self, d: Deployer, rollout: Rollout) -> str:
+        """The upstream model name of the new version (for warm-up and the gate)."""
+
+    async def warm_up(self, d: Deployer, rollout: Rollout) -> None:
+        await d.warm(self.new_replicas(d, rollout), self.model(d, rollout), light=False)
+
+    def canary(self, d: Deployer, rollout: Rollout) -> dict[str, Any]:
+        raise NotImplementedError(f"{self.kind.value} has no canary phase")
+
+    @abstractmethod
+    def switch(self, d: Deployer, rollout: Rollout) -> dict[str, Any]:
+        """State changes that send users to the new version."""
+
+    @abstractmethod
+    def restore(self, d: Deployer, rollout: Rollout) -> dict[str, Any]:
+        """State changes that send users back to the old version."""
+
+    @abstractmethod
+    async def drain(self, d: Deployer, rollout: Rollout) -> None:
+        """Wait for the old version's requests, then retire it."""
+
+    @abstractmethod
+    async def retire_new(self, d: Deployer, rollout: Rollout) -> None:
+        """Retire the new version (failed, rolled back, or interrupted before the switch)."""
+
+
+async def wait_idle(
+    d: Deployer,
+    rollout: Rollout,
+    *,
+    replicas: set[str] = frozenset(),  # type: ignore[assignment]
+    model: str | None = None,
+    phase: Phase | None = None,
+) -> bool:
+    """Wait until nothing is in flight (on any gateway) for these replicas/model, or the rollout leaves ``phase``
+    (a rollback during the drain); False when the drain timed out."""
+    deadline = d.now() + d.drain_timeout_s
+    while await d.in_flight(replicas, model) > 0:
+        if d.now() > deadline:
+            return False
+        if phase is not None and rollout.phase is not phase:
+            return True
+        await d.pause(0.05)
+    return True
+
+
+class BlueGreen(RolloutStrategy):
+    """A new engine (or a running server, for a URL target) beside the old one, then traffic moves in one step."""
+
+    kind = Strategy.BLUE_GREEN
+
+    def _name(self, rollout: Rollout) -> str:
+        return f"{rollout.plan.new_deployment}-{rollout.plan.version}"
+
+    async def prepare(self, d: Deployer, rollout: Rollout) -> None:
+        plan = rollout.plan
+        name = self._name(rollout)
+        existing = d.state.replica(name)
+        if existing is None:
+            busy = {r.cpu_bind for r in d.state.replicas if r.cpu_bind}
+            handle: ReplicaHandle = (
+                ExternalReplica(plan.target)
+                if is_url(plan.target)
+                else d.launcher.prepare(plan.target, name, busy_binds=busy)
+            )
+            handle.spawn()
+            record = d.record(name, handle, deployment=plan.new_deployment, version=plan.version, target=plan.target)
+            weights = dict(d.state.weights)
+            if plan.old_deployment is not None and not weights.get(plan.new_deployment):
+                weights[plan.new_deployment] = 0.0
+            rollout.facts["replica"] = name
+            d.supervisor.handles.pop(name, None)
+            await d.commit(replicas=d.state.with_replica(record), weights=weights)
+            await handle.wait_ready()
+            d.supervisor.manage(name, handle)
+            with_identity = d.record(
+                name, handle, deployment=plan.new_deployment, version=plan.version, target=plan.target
+            )
+            if with_identity != record:
+                await d.commit(replicas=d.state.with_replica(with_identity))
+        replica = next(r for r in d.pool.replicas if r.name == name)
+        await d.wait_ready(replica, d.ready_timeout_s)
+
+    def new_replicas(self, d: Deployer, rollout: Rollout) -> list[Replica]:
+        return [r for r in d.pool.replicas if r.deployment == rollout.plan.new_deployment]
+
+    def model(self, d: Deployer, rollout: Rollout) -> str:
+        replicas = self.new_replicas(d, rollout)
+        return next(iter(replicas[0].models)) if replicas and replicas[0].models else rollout.plan.version
+
+    def canary(self, d: Deployer, rollout: Rollout) -> dict[str, Any]:
+        plan = rollout.plan
+        share = (plan.canary_percent or 0) / 100
+        weights = (
+            {plan.new_deployment: share, plan.old_deployment: 1 - share}
+            if plan.old_deployment
+            else {plan.new_deployment: 1.0}
+        )
+        return {"weights": weights}
+
+    def switch(self, d: Deployer, rollout: Rollout) -> dict[str, Any]:
+        plan = rollout.plan
+        weights = {plan.new_deployment: 1.0, **({plan.old_deployment: 0.0} if plan.old_deployment else {})}
+        return {"weights": weights}
+
+    def restore(self, d: Deployer, rollout: Rollout) -> dict[str, Any]:
+        plan = rollout.plan
+        if plan.old_deployment is None:
+            return {}
+        return {"weights": {plan.old_deployment: 1.0, plan.new_deployment: 0.0}}
+
+    async def _retire(
+        self, d: Deployer, rollout: Rollout, deployment: str | None, keep: str, phase: Phase | None = None
+    ) -> None:
+        names = {r.name for r in d.state.replicas if r.deployment == deployment}
+        names |= {r.name for r in d.pool.replicas if r.deployment == deployment}
+        if phase is not None:
+            rollout.facts["drained_in_flight"] = await d.in_flight(names)
+        timed_out = not await wait_idle(d, rollout, replicas=names, phase=phase)
+        if phase is not None:
+            rollout.facts["drain_timed_out"] = timed_out
+            if rollout.phase is not phase:
+                return  # rolled back during the drain: the old version stays
+        for name in sorted(names):
+            await d.supervisor.stop_process(name)
+        weights = {k: v for k, v in d.state.weights.items() if k != deployment}
+        await d.commit(replicas=d.state.without_replicas(names), weights=weights or {keep: 1.0})
+        for replica in [r for r in d.pool.replicas if r.name in names]:
+            d.pool.remove(replica)  # replicas found by DNS are not in the state; they leave the pool here
+
+    async def drain(self, d: Deployer, rollout: Rollout) -> None:
+        await self._retire(d, rollout, rollout.plan.old_deployment, rollout.plan.new_deployment, Phase.DRAINING)
+
+    async def retire_new(self, d: Deployer, rollout: Rollout) -> None:
+        name = rollout.facts.get("replica") or self._name(rollout)
+        if d.state.replica(name) is None and name not in d.supervisor.handles:
+            return
+        await self._retire(d, rollout, rollout.plan.new_deployment, rollout.plan.old_deployment or "blue")
+
+
+class LoraAlias(RolloutStrategy):
+    """A LoRA adapter loaded into the running engines under ``ALIAS@VERSION``; the alias users call moves to it."""
+
+    kind = Strategy.LORA
+
+    def _replicas(self, d: Deployer, rollout: Rollout) -> list[Replica]:
+        return d.pool.deployments().get(rollout.plan.new_deployment, [])
+
+    async def prepare(self, d: Deployer, rollout: Rollout) -> None:
+        plan = rollout.plan
+        replicas = self._replicas(d, rollout)
+        if not replicas:
+            raise RuntimeError(f"deployment {plan.new_deployment} has no replicas")
+        base = next(iter(replicas[0].models))
+        alias = next((a for a, target in d.pool.aliases.items() if target == base), base)
+        new_model = f"{alias}@{plan.version}"
+        rollout.facts.update(alias=alias, old_model=d.pool.upstream_model(alias), new_model=new_model)
+        path = str(Path(plan.target).resolve())
+        await d.commit(adapters={**d.state.adapters, new_model: path})
+        for replica in replicas:
+            await load_adapter(d.client, replica, new_model, path)
+
+    def new_replicas(self, d: Deployer, rollout: Rollout) -> list[Replica]:
+        return self._replicas(d, rollout)
+
+    def model(self, d: Deployer, rollout: Rollout) -> str:
+        return str(rollout.facts["new_model"])
+
+    async def warm_up(self, d: Deployer, rollout: Rollout) -> None:
+        await d.warm(self._replicas(d, rollout), self.model(d, rollout), light=True)
+
+    def _aliases(self, d: Deployer, alias: str, target: str | None) -> dict[str, Any]:
+        aliases = dict(d.state.aliases)
+        if target is None or target == alias:
+            aliases.pop(alias, None)
+        else:
+            aliases[alias] = target
+        return {"aliases": aliases}
+
+    def switch(self, d: Deployer, rollout: Rollout) -> dict[str, Any]:
+        return self._aliases(d, rollout.facts["alias"], rollout.facts["new_model"])
+
+    def restore(self, d: Deployer, rollout: Rollout) -> dict[str, Any]:
+        if "alias" not in rollout.facts:
+            return {}
+        return self._aliases(d, rollout.facts["alias"], rollout.facts.get("old_model"))
+
+    async def _unload(self, d: Deployer, rollout: Rollout, model: str) -> None:
+        if model not in d.state.adapters:
+            return
+        for replica in self._replicas(d, rollout):
+            with contextlib.suppress(httpx.HTTPError):
+                await d.client.post(f"{replica.url}/v1/unload_lora_adapter", json={"lora_name": model}, timeout=60)
+        await d.commit(adapters={k: v for k, v in d.state.adapters.items() if k != model})
+
+    async def drain(self, d: Deployer, rollout: Rollout) -> None:
+        old_model = str(rollout.facts["old_model"])
+        rollout.facts["drained_in_flight"] = await d.in_flight(model=old_model)
+        rollout.facts["drain_timed_out"] = not await wait_idle(d, rollout, model=old_model, phase=Phase.DRAINING)
+        if rollout.phase is Phase.DRAINING:
+            await self._unload(d, rollout, old_model)
+
+    async def retire_new(self, d: Deployer, rollout: Rollout) -> None:
+        new_model = rollout.facts.get("new_model")
+        if new_model:
+            await wait_idle(d, rollout, model=new_model)
+            await self._unload(d, rollout, new_model)
+
+
+async def load_adapter(client: httpx.AsyncClient, replica: Replica, name: str, path: str) -> None:
+    response = await client.post(
+        f"{replica.url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}, timeout=120
+    )
+    if response.status_code != 200 and "already" not in response.text:
+        raise RuntimeError(
+            f"{replica.name} refused the adapter ({response.status_code}): {response.text[:300]} "
+            "(engines need --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)"
+        )
+
+
+async def reload_adapters(client: httpx.AsyncClient, replica: Replica, adapters: Mapping[str, str]) -> None:
+    """Load the deployment's adapters into an engine that restarted (errors are left to the health probe)."""
+    for name, path in adapters.items():
+        with contextlib.suppress(httpx.HTTPError, RuntimeError):
+            await load_adapter(client, replica, name, path)
+
+
+def default_strategies() -> dict[Strategy, RolloutStrategy]:
+    return {s.kind: s for s in (BlueGreen(), LoraAlias())}

@@ -1,0 +1,349 @@
+"""The serving stack for one settings object: the deployment state, the engines it names, the gateway.
+
+``build_stack`` reads the state (file or Redis), **adopts** every engine it records that still runs here and
+answers ``/health`` with its model, starts again those that do not, and builds the gateway on that state —
+so a gateway restarted after a crash serves what was live, from the same engine processes, in seconds.
+With no state yet it starts the configured model (or the embedded default) and the gateway seeds the state.
+
+>>> stack = build_stack(settings, engine=True, say=print)    # doctest: +SKIP
+>>> run_gateway(stack.app, settings.host, settings.port); stack.stop_engines()   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import signal
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+from fastapi import FastAPI
+
+from shipyard.engine import EngineProcess, EngineSpec, EngineStartError, Profile
+from shipyard.engine.launcher import EngineHandle, EngineLauncher, cpu_halves
+from shipyard.engine.process import MARKER_ENV
+from shipyard.gateway import create_app
+from shipyard.router import Replica
+from shipyard.router.launcher import ReplicaHandle
+from shipyard.router.rollout import Phase
+from shipyard.router.state import DeploymentState, ReplicaRecord
+from shipyard.router.store import FileStateStore, StateStore, StateUnreadable, StoreLocked, open_store
+from shipyard.settings import Settings
+
+Say = Callable[[str], None]
+PRE_SWITCH = {Phase.PENDING.value, Phase.STARTING.value, Phase.WARMING.value, Phase.GATING.value}
+
+
+class StackError(RuntimeError):
+    """The stack cannot start; the message is one line for people."""
+
+
+@dataclass
+class EngineChoice:
+    """The engine to start when the state is empty: a model folder, its served name, and how to run it."""
+
+    folder: str
+    served: str
+    spec: EngineSpec
+    version: str
+
+
+@dataclass
+class Stack:
+    app: FastAPI
+    store: StateStore
+    served: str
+    handles: dict[str, ReplicaHandle] = field(default_factory=dict)
+    adopted: list[str] = field(default_factory=list)
+    """Replicas whose running engine was adopted (no cold start)."""
+
+    def engines(self) -> list[EngineProcess]:
+        """Every engine process this stack owns now (rollouts may have replaced or added some)."""
+        control = self.app.state.control
+        handles = {**self.handles, **control.supervisor.handles}
+        return [h.process for h in handles.values() if isinstance(h, EngineHandle)]
+
+    def stop_engines(self) -> int:
+        """Stop every engine (a deliberate stop); returns how many were running."""
+        engines = [e for e in self.engines() if e.alive()]
+        for engine in engines:
+            engine.stop()
+        return len(engines)
+
+
+def engine_spec(settings: Settings, folder: str, served: str, profile: str, enable_lora: bool) -> EngineSpec:
+    e = settings.engine
+    try:
+        return EngineSpec.from_profile(
+            profile,
+            model=folder,
+            served_model_name=served,
+            dtype=None if e.dtype == "auto" else e.dtype,
+            max_model_len=e.max_model_len,
+            quantization=e.quantization,
+            gpu_memory_utilization=e.gpu_memory_utilization,
+            enforce_eager=e.enforce_eager,
+            tensor_parallel_size=e.tensor_parallel_size,
+            data_parallel_size=e.data_parallel_size,
+            enable_lora=True if enable_lora else None,
+            max_lora_rank=e.max_lora_rank if enable_lora else None,
+            tool_call_parser=e.tool_call_parser,
+            extra_args=e.extra_args,
+        )
+    except ValueError as exc:
+        raise StackError(str(exc)) from None
+
+
+def engine_launcher(settings: Settings, spec: EngineSpec, profile: str, enable_lora: bool) -> EngineLauncher:
+    halves = cpu_halves() if profile == Profile.CPU.value else None
+    return EngineLauncher(
+        spec,
+        settings.data_dir / "logs",
+        command=settings.engine.vllm_command or None,
+        env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if enable_lora else {},
+        ready_timeout_s=settings.engine.startup_timeout_s,
+        cpu_binds=list(halves) if halves else None,
+        marker=str(settings.data_dir.resolve()),
+        die_with_parent=False,
+    )
+
+
+def serves(url: str, model: str, timeout: float = 3.0) -> bool:
+    """True when the server at ``url`` is healthy and serves ``model``."""
+    try:
+        if httpx.get(f"{url}/health", timeout=timeout).status_code != 200:
+            return False
+        listing = httpx.get(f"{url}/v1/models", timeout=timeout).json()
+    except (httpx.HTTPError, ValueError):
+        return False
+    return any(card.get("id") == model for card in listing.get("data", []))
+
+
+def _open_store(settings: Settings) -> StateStore:
+    try:
+        store = open_store(settings.state_url, settings.data_dir)
+        if isinstance(store, FileStateStore):
+            store.lock()
+    except (ValueError, StoreLocked) as exc:
+        raise StackError(str(exc)) from None
+    return store
+
+
+async def _load(store: StateStore) -> DeploymentState | None:
+    try:
+        return await store.load()
+    except StateUnreadable as exc:
+        raise StackError(str(exc)) from None
+    except (OSError, ConnectionError) as exc:
+        raise StackError(f"cannot read the deployment state from {store.description}: {exc}") from None
+
+
+class _Engines:
+    """Adopts or starts the engines a state records (the part of ``build_stack`` that touches processes)."""
+
+    def __init__(self, launcher: EngineLauncher, say: Say) -> None:
+        self.launcher = launcher
+        self.say = say
+        self.handles: dict[str, ReplicaHandle] = {}
+        self.adopted: list[str] = []
+
+    def bring_up(self, state: DeploymentState) -> tuple[ReplicaRecord, ...]:
+        """Every record with a live engine: adopted, or started again; records of an interrupted rollout's new
+        version are only adopted (the rollout is rolled back, see ``next_action``)."""
+        rollout = state.rollout or {}
+        interrupted_new = (
+            rollout.get("plan", {}).get("new_deployment")
+            if rollout.get("phase") in PRE_SWITCH and rollout.get("plan", {}).get("strategy") != "lora"
+            else None
+        )
+        here = socket.gethostname()
+        records = []
+        for record in state.replicas:
+            if not record.managed or (record.host and record.host != here):
+                records.append(record)
+                continue
+            adopted = self._adopt(record, check=record.deployment != interrupted_new)
+            if adopted is not None:
+                records.append(record)
+            elif record.deployment == interrupted_new:
+                records.append(dataclasses.replace(record, pid=None))
+            else:
+                records.append(self._restart(record))
+        return tuple(records)
+
+    def _adopt(self, record: ReplicaRecord, check: bool) -> ReplicaHandle | None:
+        port = int(record.url.rsplit(":", 1)[1])
+        try:
+            handle = self.launcher.adopt(dataclasses.asdict(record), port, record.name)
+        except (ProcessLookupError, KeyError, TypeError, ValueError):
+            return None
+        served = (record.engine or {}).get("served_model_name") or (record.engine or {}).get("model", "")
+        if check and not serves(record.url, str(served)):
+            self.say(f"engine {record.name} (pid {record.pid}) runs but does not serve {served}; replacing it")
+            asyncio.run(handle.stop())
+            return None
+        self.handles[record.name] = handle
+        self.adopted.append(record.name)
+        self.say(f"adopted the running engine of {record.name} (version {record.version}, pid {record.pid})")
+        return handle
+
+    def _restart(self, record: ReplicaRecord) -> ReplicaRecord:
+        fields = dict(record.engine or {})
+        spec = EngineSpec(**{**fields, "extra_args": tuple(fields.get("extra_args") or ())})
+        port = int(record.url.rsplit(":", 1)[1])
+        handle = self.launcher.handle_for(spec, record.name, cpu_bind=record.cpu_bind, port=port)
+        self.say(f"the engine of {record.name} (version {record.version}) is gone; starting it again ...")
+        start(handle)
+        self.handles[record.name] = handle
+        identity = handle.identity()
+        return dataclasses.replace(record, **identity)
+
+
+def start(handle: EngineHandle) -> None:
+    try:
+        asyncio.run(handle.start())
+    except EngineStartError as exc:
+        raise StackError(str(exc)) from None
+
+
+def build_stack(
+    settings: Settings,
+    *,
+    upstreams: list[Replica],
+    choose_engine: Callable[[], EngineChoice] | None,
+    profile: str,
+    enable_lora: bool = False,
+    say: Say = print,
+) -> Stack:
+    """Read the state, adopt or start its engines (or start ``choose_engine()`` for an empty state), build the app.
+
+    ``choose_engine`` None: a gateway without engines (``--no-engine``), routing to ``upstreams`` and to what
+    the state names.
+    """
+    store = _open_store(settings)
+    try:
+        state = asyncio.run(_load_fresh(settings, store))
+        replicas = list(upstreams)
+        launcher: EngineLauncher | None = None
+        handles: dict[str, ReplicaHandle] = {}
+        adopted: list[str] = []
+        served = ", ".join(r.url for r in upstreams)
+        if choose_engine is not None:
+            choice = choose_engine()
+            served = choice.served
+            launcher = engine_launcher(settings, choice.spec, profile, enable_lora)
+        if state is not None and state.replicas:
+            say(f"serving the deployment state from {store.description} (revision {state.revision})")
+            if launcher is not None:
+                engines = _Engines(launcher, say)
+                records = engines.bring_up(state)
+                handles, adopted = engines.handles, engines.adopted
+                if records != state.replicas:
+                    state = state.evolve(by="shipyard-serve", replicas=records)
+                    asyncio.run(_save(settings, store, state))
+            replicas = [Replica(r.url, name=r.name, deployment=r.deployment, version=r.version) for r in state.replicas]
+            served = ", ".join(sorted({m for m in _served_names(state)})) or served
+        elif choose_engine is not None and launcher is not None:
+            name = f"blue-{choice.version}"
+            handle = launcher.handle_for(
+                choice.spec, name, cpu_bind=launcher.free_bind(set()), port=settings.engine.port
+            )
+            say(f"starting vLLM for {choice.folder} (log: {handle.process.log_file}) ...")
+            start(handle)
+            say(f"vLLM ready at {handle.url} (its own metrics: {handle.url}/metrics)")
+            handles[name] = handle
+            replicas.insert(0, Replica(handle.url, name=name, deployment="blue", version=choice.version))
+        if not replicas and settings.state_url is None and not any(u.startswith("dns+") for u in settings.upstreams):
+            raise StackError("nothing to serve: give a model, or --upstream URL with --no-engine")
+        app = create_app(settings, replicas, launcher=launcher, managed=handles, store=_app_store(settings, store))
+    except BaseException:
+        asyncio.run(store.close()) if isinstance(store, FileStateStore) else None
+        raise
+    return Stack(app, store, served, handles, adopted)
+
+
+def _served_names(state: DeploymentState) -> list[str]:
+    names = []
+    for record in state.replicas:
+        engine: Mapping[str, Any] = record.engine or {}
+        name = engine.get("served_model_name") or engine.get("model")
+        if name:
+            names.append(str(name))
+    return names
+
+
+async def _load_fresh(settings: Settings, store: StateStore) -> DeploymentState | None:
+    """Load with a store made for this event loop (a Redis client is bound to the loop it was made in)."""
+    if isinstance(store, FileStateStore):
+        return await _load(store)
+    temporary = open_store(settings.state_url, settings.data_dir)
+    try:
+        return await _load(temporary)
+    finally:
+        await temporary.close()
+
+
+async def _save(settings: Settings, store: StateStore, state: DeploymentState) -> None:
+    if isinstance(store, FileStateStore):
+        await store.save(state)
+        return
+    temporary = open_store(settings.state_url, settings.data_dir)
+    try:
+        await temporary.save(state)
+    finally:
+        await temporary.close()
+
+
+def _app_store(settings: Settings, store: StateStore) -> StateStore:
+    return store if isinstance(store, FileStateStore) else open_store(settings.state_url, settings.data_dir)
+
+
+def gateway_pid_file(settings: Settings) -> Path:
+    return settings.data_dir / "gateway.pid"
+
+
+def shipyard_engines(data_dir: Path) -> list[psutil.Process]:
+    """Every engine process started by a shipyard using ``data_dir`` (found by its ``SHIPYARD_ENGINE_OF``)."""
+    marker = str(data_dir.resolve())
+    found = []
+    for process in psutil.process_iter(["pid"]):
+        try:
+            if process.environ().get(MARKER_ENV) == marker and process.pid == os.getpgid(process.pid):
+                found.append(process)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def stop_everything(settings: Settings, say: Say, grace_s: float = 30.0) -> int:
+    """``shipyard stop``: the gateway (which stops its engines), then any engine left (also after a crash).
+    Returns how many processes were stopped."""
+    stopped = 0
+    pid_file = gateway_pid_file(settings)
+    with contextlib.suppress(OSError, ValueError, psutil.Error):
+        gateway = psutil.Process(int(pid_file.read_text().split()[0]))
+        if "shipyard" in " ".join(gateway.cmdline()):
+            say(f"stopping the gateway (pid {gateway.pid}) ...")
+            gateway.terminate()
+            with contextlib.suppress(psutil.TimeoutExpired):
+                gateway.wait(timeout=grace_s)
+            if gateway.is_running():
+                gateway.kill()
+            stopped += 1
+    engines = shipyard_engines(settings.data_dir)
+    for engine in engines:
+        say(f"stopping engine pid {engine.pid} ...")
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(engine.pid, signal.SIGTERM)
+    _gone, alive = psutil.wait_procs(engines, timeout=grace_s)
+    for engine in alive:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(engine.pid, signal.SIGKILL)
+    return stopped + len(engines)
