@@ -8,7 +8,6 @@ import copy
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,21 +20,12 @@ from typer.testing import CliRunner
 from shipyard.cli import app
 from shipyard.ops import NginxConfig, render_nginx
 from shipyard.router.discovery import parse_target
+from tests.services import tool
 from tests.stack import Stack
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S_VERSION = "1.31.0"
-
-
-def tool(name: str, hint: str) -> str:
-    """A command the test needs; in CI (scripts/test installs them) its absence is a failure, not a skip."""
-    found = shutil.which(name, path=f"{os.environ.get('PATH', '')}:/usr/sbin:{Path(sys.executable).parent}")
-    if found:
-        return found
-    if os.environ.get("CI"):
-        pytest.fail(f"{name} is missing in CI: {hint}")
-    pytest.skip(f"{name} is not installed ({hint})")
 
 
 # --- nginx --------------------------------------------------------------------------------------------------

@@ -169,6 +169,7 @@ def nginx_config(
     cert: Annotated[str, typer.Option(help="TLS certificate path on the nginx host.")] = "/etc/nginx/tls/tls.crt",
     key: Annotated[str, typer.Option(help="TLS key path on the nginx host.")] = "/etc/nginx/tls/tls.key",
     no_tls: Annotated[bool, typer.Option("--no-tls", help="Plain HTTP on :80 (TLS ends elsewhere).")] = False,
+    http_port: Annotated[int, typer.Option(help="Plain-HTTP port (the one served with --no-tls).")] = 80,
     max_body: Annotated[str, typer.Option(help="client_max_body_size.")] = "2m",
     read_timeout: Annotated[int, typer.Option(help="Seconds a generation may take (proxy_read_timeout).")] = 600,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write here instead of stdout.")] = None,
@@ -185,6 +186,7 @@ def nginx_config(
             tls_certificate_key=None if no_tls else key,
             max_body=max_body,
             read_timeout_s=read_timeout,
+            http_port=http_port,
         )
     except ValueError as exc:
         raise fail(str(exc)) from None

@@ -6,9 +6,12 @@ import contextlib
 import importlib.metadata
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 from pydantic import SecretStr
 
@@ -160,9 +163,12 @@ def serve_stack(
         typer.echo(banner(f"http://{settings.host}:{settings.port}", stack.served, new_key, settings))
         if new_admin_key:
             typer.echo(f"admin key for rollouts (shown once, stored in {settings.admin_key_file}): {new_admin_key}\n")
-        if ui:
-            typer.echo(f"chat page: {start_page(settings, block=False)}\n")
+        page_failed = threading.Event()
+        if ui:  # beside the gateway, so the gateway is ready before the page's libraries have even loaded
+            threading.Thread(target=_serve_page, args=(settings, page_failed), daemon=True).start()
         run_gateway(stack.app, settings.host, settings.port)
+        if page_failed.is_set():
+            raise typer.Exit(1)
     finally:
         # A deliberate stop (Ctrl-C, SIGTERM, shipyard stop) ends here and stops the engines; a crash does not
         # get here, and the next start adopts them.
@@ -171,6 +177,17 @@ def serve_stack(
         stack.stop_engines()
         with contextlib.suppress(OSError):
             pid_file.unlink()
+
+
+def _serve_page(settings: Settings, failed: threading.Event) -> None:
+    """The chat page, in a thread; if it cannot start, the error is printed and the whole stack stops."""
+    try:
+        typer.echo(f"chat page: {start_page(settings, block=False)}\n")
+    except (typer.Exit, click.exceptions.Exit, Exception) as exc:  # fail() already printed its line
+        if not isinstance(exc, (typer.Exit, click.exceptions.Exit)):
+            typer.echo(f"error: the chat page cannot start: {exc}", err=True)
+        failed.set()
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 ModelOption = Annotated[

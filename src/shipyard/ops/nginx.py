@@ -22,6 +22,8 @@ class NginxConfig:
     """None for both: plain HTTP on port 80 (behind another TLS terminator)."""
     max_body: str = "2m"
     read_timeout_s: int = 600
+    http_port: int = 80
+    """The plain-HTTP port (without TLS: the one nginx serves on; with TLS: the one that redirects to 443)."""
     extra_server_names: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -37,6 +39,8 @@ class NginxConfig:
             raise ValueError("give both the TLS certificate and its key, or neither")
         if self.read_timeout_s < 1:
             raise ValueError("read timeout must be at least 1 s")
+        if not 0 < self.http_port < 65536:
+            raise ValueError(f"port {self.http_port} is not a TCP port")
 
 
 def render_nginx(config: NginxConfig) -> str:
@@ -62,8 +66,8 @@ def render_nginx(config: NginxConfig) -> str:
     if config.tls_certificate:
         lines += [
             "server {",
-            "    listen 80;",
-            "    listen [::]:80;",
+            f"    listen {config.http_port};",
+            f"    listen [::]:{config.http_port};",
             f"    server_name {names};",
             "    return 301 https://$host$request_uri;",
             "}",
@@ -80,7 +84,12 @@ def render_nginx(config: NginxConfig) -> str:
             '    add_header Strict-Transport-Security "max-age=31536000" always;',
         ]
     else:
-        lines += ["server {", "    listen 80;", "    listen [::]:80;", f"    server_name {names};"]
+        lines += [
+            "server {",
+            f"    listen {config.http_port};",
+            f"    listen [::]:{config.http_port};",
+            f"    server_name {names};",
+        ]
     lines += [
         f"    client_max_body_size {config.max_body};",
         "",

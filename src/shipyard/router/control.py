@@ -195,9 +195,7 @@ class ControlPlane:
         for alias, target in state.aliases.items():
             self.pool.set_alias(alias, target)
         if adopt_rollout and state.rollout is not None:
-            mine = self.current is not None and self.current.id == state.rollout["id"]
-            if not mine or self.current is None or not self.current.active:
-                self.current = Rollout.from_record(state.rollout, clock=self.clock)
+            self.current = Rollout.from_record(state.rollout, clock=self.clock)
 
     async def _follow(self) -> None:
         """Apply other gateways' changes, report this gateway's load, take over a rollout whose owner died."""
