@@ -22,12 +22,12 @@ from shipyard.router.store import (
     StoreLocked,
     open_store,
 )
-from tests.services import RedisServer
+from tests.services import RedisServer, start_redis
 
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+    with start_redis(tmp_path_factory.mktemp("redis")) as server:
         yield server
 
 

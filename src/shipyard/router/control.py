@@ -102,6 +102,8 @@ class ControlPlane:
         self.ready_timeout_s = self.config.ready_timeout_s
         self.current: Rollout | None = None
         self._state = DeploymentState()
+        self.applied_at = 0.0
+        """When this gateway applied the current revision (wall clock)."""
         self._from_state: set[str] = set()
         self._promote = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -178,6 +180,7 @@ class ControlPlane:
     def _apply(self, state: DeploymentState, adopt_rollout: bool = True) -> None:
         """Make this gateway's pool what ``state`` says: replicas, weights, aliases."""
         self._state = state
+        self.applied_at = self.clock()
         by_name = {r.name: r for r in self.pool.replicas}
         wanted = {record.name: record for record in state.replicas}
         for name in self._from_state | set(by_name):
@@ -496,6 +499,8 @@ class ControlPlane:
                 "store": self.store.description,
                 "revision": self._state.revision,
                 "updated_by": self._state.updated_by,
+                "updated_at": self._state.updated_at,
+                "applied_at": self.applied_at,
                 "gateway": self.gateway_id,
             },
         }

@@ -177,6 +177,7 @@ class Rollout:
             "strategy": self.plan.strategy.value,
             "strategy_reason": self.plan.reason,
             "requested_by": self.plan.requested_by,
+            "requested_at": origin,
             "error": self.error,
             "durations_s": self.durations(),
             "history": [{"phase": p.value, "at_s": round(t - origin, 3), "note": n} for p, t, n in self.history],

@@ -8,8 +8,10 @@ import time
 import httpx
 
 
-def wait_until_ready(proc: subprocess.Popen[bytes], url: str, timeout_s: float, log_hint: str) -> None:
-    """Poll ``url``/ready once a second until it answers 200; RuntimeError (naming ``log_hint``) if the process
+def wait_until_ready(
+    proc: subprocess.Popen[bytes], url: str, timeout_s: float, log_hint: str, poll_s: float = 1.0
+) -> None:
+    """Poll ``url``/ready every ``poll_s`` until it answers 200; RuntimeError (naming ``log_hint``) if the process
     exits first or ``timeout_s`` passes. A refused or dropped connection is simply "not yet"."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -20,5 +22,5 @@ def wait_until_ready(proc: subprocess.Popen[bytes], url: str, timeout_s: float, 
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(1)
+        time.sleep(poll_s)
     raise RuntimeError(f"shipyard serve at {url} not ready after {timeout_s:.0f} s; see {log_hint}")
