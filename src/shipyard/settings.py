@@ -208,6 +208,8 @@ class Settings(BaseSettings):
     lease_ttl_s: float = Field(default=10.0, gt=0)
     """A rollout's lease lasts this long unless its gateway renews it; a dead gateway's rollout is resolved
     by another one after at most this long."""
+    reload_timeout_s: float = Field(default=300.0, gt=0)
+    """Longest an in-place weight reload may take before the previous weights are put back."""
     state_watch_interval_s: float = Field(default=0.2, gt=0)
     """How often the state is read for changes made by other gateways."""
 

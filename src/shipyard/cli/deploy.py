@@ -78,7 +78,10 @@ def _line(rollout: dict[str, Any]) -> str:
 @deploy_app.command("start")
 def deploy(
     target: Annotated[
-        str, typer.Argument(help="Model folder, http(s) URL of a running server, or LoRA adapter folder.")
+        str,
+        typer.Argument(
+            help="Model folder, registered NAME[:VERSION], http(s) URL of a running server, or LoRA adapter folder."
+        ),
     ],
     gateway: GatewayOption = "http://127.0.0.1:8080",
     admin_key: AdminKeyOption = None,
@@ -86,17 +89,31 @@ def deploy(
     canary: Annotated[float | None, typer.Option(help="Send this percent of traffic to the new version first.")] = None,
     gate: Annotated[str | None, typer.Option(help="Quality gate, e.g. intent:min_acc=0.8[,n=32].")] = None,
     lora: Annotated[bool, typer.Option(help="TARGET is a LoRA adapter for the served base: hot-load it.")] = False,
+    strategy: Annotated[
+        str,
+        typer.Option(
+            help="auto: reload the weights in place when they fit the running engines, else blue-green; "
+            "inplace; or blue-green."
+        ),
+    ] = "auto",
     wait: Annotated[bool, typer.Option(help="Follow the rollout until it is done, failed or in canary.")] = True,
     timeout: Annotated[float, typer.Option(help="Seconds to follow it.")] = 900,
     config: ConfigOption = None,
 ) -> None:
-    """Roll a new version out with no downtime (blue-green, canary, or LoRA hot-load)."""
+    """Roll a new version out with no downtime (in place, blue-green, canary, or LoRA hot-load)."""
     key = _admin_key(admin_key, config)
-    body = {"target": target, "version": version, "canary_percent": canary, "gate": gate, "lora": lora}
+    body = {
+        "target": target,
+        "version": version,
+        "canary_percent": canary,
+        "gate": gate,
+        "lora": lora,
+        "strategy": strategy,
+    }
     rollout = _call("POST", gateway, "/admin/rollouts", key, body)
     typer.echo(
         f"rollout {rollout['id']} accepted: {target} as version {rollout['version']} "
-        f"-> deployment {rollout['new_deployment']}"
+        f"-> deployment {rollout['new_deployment']}, {rollout['strategy']}: {rollout['strategy_reason']}"
     )
     if not wait:
         return

@@ -36,6 +36,10 @@ class EngineHandle:
             "log_file": str(self.process.log_file),
         }
 
+    def serve_from(self, folder: str) -> None:
+        """After an in-place weight reload: start from ``folder`` if the engine must be started again."""
+        self.process.spec = dataclasses.replace(self.process.spec, model=folder)
+
     def spawn(self) -> None:
         """Start the process without waiting for it (its identity can be recorded before it is ready)."""
         self.process.start()

@@ -21,9 +21,17 @@ from shipyard.engine.spec import EngineSpec
 
 _PR_SET_PDEATHSIG = 1
 
-ENGINE_ENV = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "VLLM_MAX_STOP_STRINGS": "64"}
-"""Environment of every engine shipyard starts (the deploy images set the same). vLLM accepts 4 stop strings
-per request by default; /v1/intent's shortest decode sends one per label, and a label set has at most 64."""
+ENGINE_ENV = {
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "VLLM_MAX_STOP_STRINGS": "64",
+    "VLLM_SERVER_DEV_MODE": "1",
+}
+"""Environment of every engine shipyard starts. vLLM accepts 4 stop strings per request by default;
+/v1/intent's shortest decode sends one per label, and a label set has at most 64 (the deploy images set the
+same). Dev mode turns on the routes an in-place update drives (``/pause``, ``/collective_rpc``,
+``/reset_prefix_cache``, ``/resume``): shipyard's engines listen on loopback only, and the gateway forwards
+none of those routes."""
 _ERROR_MARKERS = (
     "Error",
     "error:",

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -24,9 +25,18 @@ class RolloutRequest(BaseModel):
     canary_percent: float | None = None
     gate: str | None = None
     lora: bool = False
+    strategy: Literal["auto", "inplace", "blue-green"] = "auto"
 
 
-def install_admin_routes(app: FastAPI, proxy: Proxy, keys: KeyChecker, control: ControlPlane) -> None:
+def install_admin_routes(
+    app: FastAPI,
+    proxy: Proxy,
+    keys: KeyChecker,
+    control: ControlPlane,
+    resolve: Callable[[str], tuple[str, str | None]] | None = None,
+) -> None:
+    """``resolve``: a registry reference ``NAME[:VERSION]`` -> (folder, version) for rollout targets."""
+
     def authorize(request: Request) -> str:
         """The admin's identity for the audit log: ``admin:<key name>``, never the key."""
         return "admin:" + keys.check(request.headers.get("authorization"))
@@ -43,15 +53,23 @@ def install_admin_routes(app: FastAPI, proxy: Proxy, keys: KeyChecker, control: 
     async def start_rollout(request: Request) -> JSONResponse:
         admin = authorize(request)
         parsed = validate(RolloutRequest, parse_json_object(await proxy.read_body(request)))
+        target, version = parsed.target, parsed.version
+        if resolve is not None and not parsed.lora:
+            try:
+                target, registered = resolve(parsed.target)
+            except ValueError as exc:
+                raise OpenAIError(400, str(exc), param="target", code="rollout_rejected") from None
+            version = version or registered
         try:
             rollout = await control.request(
                 RolloutCommand(
-                    parsed.target,
-                    version=parsed.version,
+                    target,
+                    version=version,
                     canary_percent=parsed.canary_percent,
                     gate=parsed.gate,
                     lora=parsed.lora,
                     who=admin,
+                    strategy=parsed.strategy,
                 )
             )
         except RolloutRejected as exc:

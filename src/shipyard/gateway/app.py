@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path as PathLib
 from typing import Annotated, Any
 
 import httpx
@@ -22,6 +23,7 @@ from shipyard.gateway.openapi import ROUTE_SUMMARIES, document_api
 from shipyard.gateway.proxy import ApiRoute, Proxy
 from shipyard.gateway.tasks import install_task_routes
 from shipyard.gateway.transport import UpstreamTransport
+from shipyard.prepare.registry import resolve_input
 from shipyard.router import HealthMonitor, Replica, ReplicaPool
 from shipyard.router.audit import AuditLog
 from shipyard.router.control import ControlConfig, ControlPlane
@@ -111,8 +113,10 @@ def create_app(
             restart_backoff_s=settings.restart_backoff_s,
             watch_interval_s=settings.state_watch_interval_s,
             lease_ttl_s=settings.lease_ttl_s,
+            reload_timeout_s=settings.reload_timeout_s,
             gateway_id=settings.gateway_id or "",
         ),
+        on_pause=lambda seconds, strategy: metrics.rollout_pause.labels(strategy).observe(seconds),
     )
 
     @asynccontextmanager
@@ -214,8 +218,16 @@ def create_app(
         )
 
     install_task_routes(app, proxy, authorize, labels, templates, IntentDecode(settings.intent.decode))
+
+    def resolve_target(target: str) -> tuple[str, str | None]:
+        """A registered ``NAME[:VERSION]`` -> its folder and version; anything else as it is."""
+        if target.startswith(("http://", "https://")) or "/" in target or PathLib(target).exists():
+            return target, None
+        folder, ref = resolve_input(target, settings.models_dir)
+        return str(folder), ref.partition(":")[2] if ref else None
+
     if settings.admin_keys:
-        install_admin_routes(app, proxy, KeyChecker(settings.named_admin_keys()), control)
+        install_admin_routes(app, proxy, KeyChecker(settings.named_admin_keys()), control, resolve_target)
     document_api(app)
     return app
 

@@ -54,6 +54,14 @@ class GatewayMetrics:
             buckets=_INTENT_TOKEN_BUCKETS,
             registry=r,
         )
+        self.rollout_pause = Histogram(
+            "shipyard_rollout_pause_seconds",
+            "How long new requests for a replica waited while a rollout changed its weights in place (from the "
+            "hold to the release: its running requests finishing, the reload, the check and the gate)",
+            ["strategy"],
+            buckets=(0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 60),
+            registry=r,
+        )
         self.key_requests = Counter(
             "shipyard_key_requests",
             "API requests by key name (never the key) and HTTP status; 429 = refused by the key's limits",

@@ -132,8 +132,11 @@ class Proxy:
         retry_after_s: int,
         upstream_headers: dict[str, str] | None = None,
         limiter: KeyLimiter | None = None,
+        hold_timeout_s: float = 300.0,
     ) -> None:
         self.pool = pool
+        self.hold_timeout_s = hold_timeout_s
+        """Longest a request waits for a replica whose weights are being replaced (then 503)."""
         self.limiter = limiter
         self.response_replicas: OrderedDict[str, str] = OrderedDict()
         """Response id -> name of the replica that made it (most recent last)."""
@@ -361,6 +364,12 @@ class Proxy:
                 replica = self._pick(attempt)
             except (NoReplicaError, UnknownModelError):
                 raise self.unavailable(f"no replica serving '{attempt.model}' is ready; retry shortly") from None
+            if replica.hold is not None:  # its weights are being replaced: wait, then pick again
+                try:
+                    await asyncio.wait_for(replica.hold.wait(), timeout=self.hold_timeout_s)
+                except asyncio.TimeoutError:
+                    raise self.unavailable(f"'{attempt.model}' is being updated; retry shortly") from None
+                continue
             request = self.client.build_request(
                 "POST", replica.url + attempt.path, content=attempt.body, headers=self.upstream_headers
             )

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from shipyard.engine.checkpoint import first_difference
 from shipyard.router.checks import QualityGate
-from shipyard.router.launcher import Launcher
+from shipyard.router.launcher import Launcher, is_url
 from shipyard.router.replica import ReplicaPool
 from shipyard.router.rollout import Rollout, RolloutPlan, Strategy, other_color, parse_gate
+from shipyard.router.state import ReplicaRecord
 
 
 class RolloutRejected(Exception):
@@ -27,6 +29,28 @@ class RolloutCommand:
     gate: str | None = None
     lora: bool = False
     who: str = ""
+    strategy: str = "auto"
+    """``auto`` (in place when the new weights fit the running engines, else blue-green), ``inplace`` or
+    ``blue-green``."""
+
+
+STRATEGY_CHOICES = ("auto", Strategy.IN_PLACE.value, Strategy.BLUE_GREEN.value)
+
+
+def in_place_blocker(records: list[ReplicaRecord], target: str) -> str | None:
+    """Why ``target`` cannot be reloaded into these replicas' engines, or None when it can."""
+    if is_url(target):
+        return "the target is a running server (a URL), not weights to load"
+    if not records:
+        return "nothing is deployed to update"
+    for record in records:
+        if record.engine is None:
+            return f"replica {record.name} is a server shipyard did not start (its weights cannot be reloaded)"
+        running = str(record.engine.get("model") or record.target)
+        difference = first_difference(Path(running), Path(target))
+        if difference is not None:
+            return difference
+    return None
 
 
 def active_deployment(pool: ReplicaPool) -> str | None:
@@ -44,6 +68,7 @@ def plan_rollout(
     adapters: set[str],
     launcher: Launcher,
     gate: QualityGate,
+    records: list[ReplicaRecord] | None = None,
 ) -> RolloutPlan:
     """The plan for ``command``, or :class:`RolloutRejected` (409: not now; 400: never as asked)."""
     if current is not None and current.active:
@@ -65,6 +90,12 @@ def plan_rollout(
         )
     if command.canary_percent is not None and not 0 < command.canary_percent < 100:
         raise RolloutRejected(400, "canary percent must be between 0 and 100 (exclusive)")
+    if command.strategy not in STRATEGY_CHOICES:
+        raise RolloutRejected(400, f"strategy {command.strategy!r} is not one of {', '.join(STRATEGY_CHOICES)}")
+    if command.strategy == Strategy.IN_PLACE.value and (command.canary_percent is not None or command.lora):
+        raise RolloutRejected(
+            400, "an in-place update has no canary and takes full weights; use --strategy blue-green or --lora"
+        )
     try:
         parsed_gate = parse_gate(command.gate) if command.gate else None
     except ValueError as exc:
@@ -86,6 +117,19 @@ def plan_rollout(
     known = {r.version for r in pool.replicas} | {a.rpartition("@")[2] for a in adapters}
     if name in known:
         raise RolloutRejected(409, f"version {name!r} is already served; give the new one another --version")
+    if not command.lora and command.canary_percent is None and command.strategy != Strategy.BLUE_GREEN.value:
+        serving = [r for r in (records or []) if r.deployment == old]
+        blocker = in_place_blocker(serving, command.target)
+        if blocker is None:
+            return RolloutPlan(
+                command.target, name, old or "blue", old, None, parsed_gate, False, command.who, Strategy.IN_PLACE,
+                "the new weights fit the running engines: reloaded in place",
+            )  # fmt: skip
+        if command.strategy == Strategy.IN_PLACE.value:
+            raise RolloutRejected(400, f"cannot update in place: {blocker}")
+        reason = f"a new engine beside the running one (not in place: {blocker})"
+    else:
+        reason = "a new engine beside the running one" + (" (a canary)" if command.canary_percent else "")
     if command.lora:
         return RolloutPlan(
             command.target, name, old or "default", old, None, parsed_gate, True, command.who, Strategy.LORA,
@@ -93,5 +137,5 @@ def plan_rollout(
         )  # fmt: skip
     return RolloutPlan(
         command.target, name, other_color(old), old, command.canary_percent, parsed_gate, False, command.who,
-        Strategy.BLUE_GREEN, "a new engine beside the running one",
+        Strategy.BLUE_GREEN, reason,
     )  # fmt: skip

@@ -29,12 +29,13 @@ from shipyard.router.audit import AuditLog
 from shipyard.router.checks import GateFailed, NoGate, PlainWarmUp, QualityGate, WarmUp
 from shipyard.router.commands import RolloutCommand, RolloutRejected, plan_rollout
 from shipyard.router.health import probe
+from shipyard.router.inplace import InPlace
 from shipyard.router.launcher import Launcher, ReplicaHandle
 from shipyard.router.replica import Replica, ReplicaPool
-from shipyard.router.rollout import TERMINAL, Action, Observation, Phase, Rollout, next_action
+from shipyard.router.rollout import TERMINAL, Action, Observation, Phase, Rollout, Strategy, next_action
 from shipyard.router.state import DeploymentState, ReplicaRecord
 from shipyard.router.store import LoadReport, StateConflict, StateStore
-from shipyard.router.strategies import RolloutStrategy, default_strategies, reload_adapters
+from shipyard.router.strategies import BlueGreen, LoraAlias, RolloutStrategy, reload_adapters
 from shipyard.router.supervisor import Supervisor
 
 log = logging.getLogger("shipyard.router")
@@ -50,8 +51,14 @@ class ControlConfig:
     watch_interval_s: float = 0.2
     """How often the store is read for other gateways' changes (and this gateway's load reported)."""
     lease_ttl_s: float = 10.0
+    reload_timeout_s: float = 300.0
+    """Longest an in-place weight reload may take before the previous weights are put back."""
     gateway_id: str = ""
     """This gateway's name in leases, load reports and the state's ``updated_by`` (default: host-pid-random)."""
+
+
+def default_strategies() -> dict[Strategy, RolloutStrategy]:
+    return {s.kind: s for s in (BlueGreen(), LoraAlias(), InPlace())}
 
 
 def default_gateway_id() -> str:
@@ -74,6 +81,7 @@ class ControlPlane:
         strategies: Mapping[Any, RolloutStrategy] | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        on_pause: Callable[[float, str], None] | None = None,
     ) -> None:
         self.pool = pool
         self.client = client
@@ -100,6 +108,8 @@ class ControlPlane:
             self.supervisor.manage(name, handle)
         self.drain_timeout_s = self.config.drain_timeout_s
         self.ready_timeout_s = self.config.ready_timeout_s
+        self.reload_timeout_s = self.config.reload_timeout_s
+        self.on_pause = on_pause
         self.current: Rollout | None = None
         self._state = DeploymentState()
         self.applied_at = 0.0
@@ -187,10 +197,16 @@ class ControlPlane:
             if name not in wanted and name in by_name and name in self._from_state:
                 self.pool.remove(by_name[name])
         for name, record in wanted.items():
-            if name not in by_name:
+            replica = by_name.get(name)
+            if replica is None:
                 replica = Replica(record.url, name=name, deployment=record.deployment, version=record.version)
                 self.pool.add(replica)
                 self._spawn(probe(self.client, replica))
+            replica.version = record.version
+            if record.held:
+                self.pool.hold(replica)
+            else:
+                self.pool.release_hold(replica)
         self._from_state = set(wanted)
         self.pool.set_weights(state.weights)
         for alias in set(self.pool.aliases) - set(state.aliases):
@@ -244,6 +260,24 @@ class ControlPlane:
     async def pause(self, seconds: float) -> None:
         await self.sleep(seconds)
 
+    async def settle(self, timeout_s: float = 3.0) -> None:
+        """Wait until every gateway that reported recently has applied this gateway's current revision."""
+        deadline = self.clock() + timeout_s
+        while self.clock() < deadline:
+            try:
+                reports = await self.store.load_reports()
+            except Exception:
+                return
+            fresh = [r for r in reports if r.gateway != self.gateway_id and self.clock() - r.at < timeout_s]
+            if all(r.revision >= self._state.revision for r in fresh):
+                return
+            await self.sleep(self.config.watch_interval_s / 2)
+
+    def paused(self, seconds: float, strategy: str) -> None:
+        self.audit.record("rollout", "replica_paused", seconds=seconds, strategy=strategy)
+        if self.on_pause is not None:
+            self.on_pause(seconds, strategy)
+
     def now(self) -> float:
         return self.clock()
 
@@ -285,6 +319,7 @@ class ControlPlane:
             adapters=set(self._state.adapters),
             launcher=self.launcher,
             gate=self.gate,
+            records=list(self._state.replicas),
         )
         if not await self.store.acquire_lease(self.gateway_id, self.config.lease_ttl_s):
             owner = await self.store.lease_owner()
@@ -326,11 +361,23 @@ class ControlPlane:
 
     async def rollback(self, who: str) -> Rollout:
         rollout = self.current
+        if (
+            rollout is not None
+            and rollout.phase is Phase.DONE
+            and rollout.plan.strategy is Strategy.IN_PLACE
+            and rollout.facts.get("previous")
+        ):
+            previous = next(iter(rollout.facts["previous"].values()))
+            self.audit.record(who, "rollback", rollout=rollout.id, phase=rollout.phase.value, strategy="inplace")
+            return await self.request(
+                RolloutCommand(previous["target"], version=previous["version"], who=who, strategy="inplace")
+            )
         if rollout is None or rollout.phase not in (Phase.CANARY, Phase.DRAINING):
             raise RolloutRejected(
                 409,
                 "nothing to roll back: the previous version is no longer running (roll back while the "
-                "rollout is in its canary or draining phase, or deploy the old version again)",
+                "rollout is in its canary or draining phase, after an in-place update, or deploy the old "
+                "version again)",
             )
         self._owned("roll back")
         strategy = self.strategies[rollout.plan.strategy]
@@ -371,7 +418,8 @@ class ControlPlane:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # before the switch: the old version keeps serving; after: note it and go on
-            if rollout.phase in (Phase.PENDING, Phase.STARTING, Phase.WARMING, Phase.GATING):
+            in_place_switch = rollout.plan.strategy is Strategy.IN_PLACE and rollout.phase is Phase.SWITCHING
+            if in_place_switch or rollout.phase in (Phase.PENDING, Phase.STARTING, Phase.WARMING, Phase.GATING):
                 rollout.facts.update(getattr(exc, "facts", {}))
                 return Observation(error=str(exc) if isinstance(exc, GateFailed) else f"{type(exc).__name__}: {exc}")
             log.exception("rollout %s: %s failed in %s", rollout.id, action.value, rollout.phase.value)
@@ -403,6 +451,7 @@ class ControlPlane:
         elif action is Action.SWITCH:
             ready_at = self.clock()
             await self._enter(rollout, Phase.SWITCHING, **strategy.switch(self, rollout))
+            await strategy.after_switch(self, rollout)
             rollout.facts["switch_s"] = round(self.clock() - ready_at, 6)
         elif action is Action.DRAIN:
             await self._enter(rollout, Phase.DRAINING)

@@ -19,6 +19,9 @@ class ReplicaHandle(Protocol):
     def spawn(self) -> None:
         """Start it without waiting (so its identity is recorded before a crash could orphan it)."""
 
+    def serve_from(self, folder: str) -> None:
+        """Its weights now come from ``folder`` (an in-place update): a restart must load those."""
+
     async def wait_ready(self) -> None:
         """Return once it answers ``/health``; raise (and leave nothing running) when it cannot start."""
 
@@ -53,6 +56,9 @@ class ExternalReplica:
         return {}
 
     def spawn(self) -> None:
+        return None
+
+    def serve_from(self, folder: str) -> None:
         return None
 
     async def wait_ready(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -27,6 +28,9 @@ class Replica:
     last_error: str = ""
     slow_probes: int = 0
     """Health probes in a row that timed out (a busy server answers late; a dead one refuses at once)."""
+    hold: asyncio.Event | None = field(default=None, repr=False, compare=False)
+    """Set while new requests must wait before reaching this replica (its weights are being replaced); the
+    event fires when they may go."""
 
     def __post_init__(self) -> None:
         self.url = self.url.rstrip("/")
@@ -122,6 +126,8 @@ class ReplicaPool:
         if not serving:
             raise UnknownModelError(model)
         candidates = [r for r in serving if r.ready and r.name not in exclude]
+        free = [r for r in candidates if r.hold is None]
+        candidates = free or candidates  # a held replica only when every other one is held too (it waits)
         by_deployment: dict[str, list[Replica]] = {}
         for replica in candidates:
             by_deployment.setdefault(replica.deployment, []).append(replica)
@@ -147,6 +153,17 @@ class ReplicaPool:
 
     def in_flight_for(self, upstream_model: str) -> int:
         return self._model_in_flight.get(upstream_model, 0)
+
+    @staticmethod
+    def hold(replica: Replica) -> None:
+        if replica.hold is None:
+            replica.hold = asyncio.Event()
+
+    @staticmethod
+    def release_hold(replica: Replica) -> None:
+        if replica.hold is not None:
+            replica.hold.set()
+            replica.hold = None
 
     def mark_unready(self, replica: Replica, reason: str) -> None:
         if replica.ready:

@@ -39,7 +39,7 @@ ALLOWED: dict[Phase, frozenset[Phase]] = {
     Phase.WARMING: frozenset({Phase.GATING, Phase.CANARY, Phase.SWITCHING, Phase.FAILED}),
     Phase.GATING: frozenset({Phase.CANARY, Phase.SWITCHING, Phase.FAILED}),
     Phase.CANARY: frozenset({Phase.SWITCHING, Phase.ROLLED_BACK}),
-    Phase.SWITCHING: frozenset({Phase.DRAINING}),
+    Phase.SWITCHING: frozenset({Phase.DRAINING, Phase.FAILED}),
     Phase.DRAINING: frozenset({Phase.DONE, Phase.ROLLED_BACK}),
     Phase.DONE: frozenset(),
     Phase.FAILED: frozenset(),
@@ -99,6 +99,8 @@ class Strategy(str, Enum):
     """A new engine beside the old one; traffic moves once it is warm; the old one drains and stops."""
     LORA = "lora"
     """A LoRA adapter hot-loaded into the running engines; the served alias moves to it."""
+    IN_PLACE = "inplace"
+    """New weights reloaded into the running engines (same architecture and tensor shapes), one at a time."""
 
 
 @dataclass(frozen=True)
@@ -274,6 +276,8 @@ def next_action(rollout: Rollout, seen: Observation) -> Action:
     (pending, starting, warming, gating) it is rolled back — the new version may be half started, half warm or
     ungated, and the old one still serves everything; in canary it stays in canary (both versions run; an
     admin promotes or rolls back); once switching or draining, it is finished (users are on the new version).
+    An in-place update is rolled back until it is done: its switch is the reload itself, and a replica caught
+    mid-reload gets its previous weights back.
     """
     phase, plan = rollout.phase, rollout.plan
     if phase is Phase.ROLLED_BACK:
@@ -281,6 +285,8 @@ def next_action(rollout: Rollout, seen: Observation) -> Action:
     if phase in TERMINAL:
         return Action.NOTHING
     before_switch = phase in (Phase.PENDING, Phase.STARTING, Phase.WARMING, Phase.GATING)
+    if plan.strategy is Strategy.IN_PLACE and phase is Phase.SWITCHING:
+        before_switch = True  # the switch is the reload, replica by replica: a failure there puts the old back
     if before_switch and (seen.error is not None or seen.interrupted):
         return Action.ABORT
     after_checks = Action.OPEN_CANARY if plan.canary_percent is not None else Action.SWITCH
@@ -291,7 +297,8 @@ def next_action(rollout: Rollout, seen: Observation) -> Action:
     if phase is Phase.WARMING:
         if not seen.done:
             return Action.WARM_UP
-        return Action.GATE if plan.gate is not None else after_checks
+        gated_here = plan.gate is not None and plan.strategy is not Strategy.IN_PLACE  # in place: per replica
+        return Action.GATE if gated_here else after_checks
     if phase is Phase.GATING:
         return after_checks if seen.done else Action.GATE
     if phase is Phase.CANARY:

@@ -49,6 +49,8 @@ class ReplicaRecord:
     host: str = ""
     cpu_bind: str | None = None
     log_file: str | None = None
+    held: bool = False
+    """New requests for this replica wait at every gateway (an in-place update is changing its weights)."""
 
     @property
     def managed(self) -> bool:

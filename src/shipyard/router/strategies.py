@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import httpx
 
+from shipyard.router.checks import QualityGate
 from shipyard.router.launcher import ExternalReplica, Launcher, ReplicaHandle, is_url
 from shipyard.router.replica import Replica, ReplicaPool
 from shipyard.router.rollout import Phase, Rollout, Strategy
@@ -31,6 +32,8 @@ class Deployer(Protocol):
     supervisor: Supervisor
     drain_timeout_s: float
     ready_timeout_s: float
+    reload_timeout_s: float
+    gate: QualityGate
 
     @property
     def state(self) -> DeploymentState: ...
@@ -49,6 +52,12 @@ class Deployer(Protocol):
     async def pause(self, seconds: float) -> None: ...
 
     def now(self) -> float: ...
+
+    async def settle(self) -> None:
+        """Return once every live gateway has applied the current state (e.g. holds a replica)."""
+
+    def paused(self, seconds: float, strategy: str) -> None:
+        """Report how long users of a replica waited for an update (metrics, audit)."""
 
 
 class RolloutStrategy(ABC):
@@ -76,6 +85,10 @@ class RolloutStrategy(ABC):
     @abstractmethod
     def switch(self, d: Deployer, rollout: Rollout) -> dict[str, Any]:
         """State changes that send users to the new version."""
+
+    async def after_switch(self, d: Deployer, rollout: Rollout) -> None:
+        """Work done once the switch is saved (the in-place reload); nothing for most strategies."""
+        return None
 
     @abstractmethod
     def restore(self, d: Deployer, rollout: Rollout) -> dict[str, Any]:
@@ -289,7 +302,3 @@ async def reload_adapters(client: httpx.AsyncClient, replica: Replica, adapters:
     for name, path in adapters.items():
         with contextlib.suppress(httpx.HTTPError, RuntimeError):
             await load_adapter(client, replica, name, path)
-
-
-def default_strategies() -> dict[Strategy, RolloutStrategy]:
-    return {s.kind: s for s in (BlueGreen(), LoraAlias())}

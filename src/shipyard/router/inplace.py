@@ -1,0 +1,159 @@
+"""The in-place strategy: new weights reloaded into the running engines, one replica at a time.
+
+For each replica: hold it (new requests wait at every gateway, or go to the other replicas), wait for its
+running requests to finish on the old weights, then vLLM's ``/pause?mode=wait`` → ``/collective_rpc
+reload_weights`` → ``/reset_prefix_cache`` → ``/resume``; one request proves it answers and the quality gate
+runs straight at the engine, before any user request sees the new weights; then the replica is released with its
+new version. A failure puts the previous weights back and the old version keeps serving. Seconds instead of a
+cold start, and one copy of the model in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import httpx
+
+from shipyard.router.replica import Replica
+from shipyard.router.rollout import Gate, Rollout, Strategy
+from shipyard.router.state import ReplicaRecord
+from shipyard.router.strategies import Deployer, RolloutStrategy, wait_idle
+
+
+class EngineRefused(RuntimeError):
+    """An engine's dev route answered with an error (the message carries its answer)."""
+
+
+async def _engine_call(client: httpx.AsyncClient, url: str, path: str, timeout: float, body: Any = None) -> None:
+    response = await client.post(f"{url}{path}", json=body, timeout=timeout)
+    if response.status_code != 200:
+        raise EngineRefused(f"{path} answered {response.status_code}: {response.text[:300]}")
+
+
+async def reload_weights(client: httpx.AsyncClient, url: str, folder: str, timeout_s: float) -> dict[str, float]:
+    """pause (running requests finish) → reload from ``folder`` → reset the prefix cache → resume; step times.
+
+    The engine is resumed whatever happens after the pause, so a failed reload never leaves it paused."""
+    times: dict[str, float] = {}
+    clock = _Stopwatch()
+    await _engine_call(client, url, "/pause?mode=wait", timeout_s)
+    times["pause_s"] = clock.lap()
+    try:
+        await _engine_call(
+            client,
+            url,
+            "/collective_rpc",
+            timeout_s + 5,
+            {"method": "reload_weights", "kwargs": {"weights_path": folder}, "timeout": timeout_s},
+        )
+        times["reload_s"] = clock.lap()
+        await _engine_call(client, url, "/reset_prefix_cache", 60)
+        times["reset_prefix_cache_s"] = clock.lap()
+    finally:
+        await _engine_call(client, url, "/resume", 60)
+        times["resume_s"] = clock.lap()
+    return times
+
+
+class _Stopwatch:
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        lap, self._last = round(now - self._last, 4), now
+        return lap
+
+
+class InPlace(RolloutStrategy):
+    kind = Strategy.IN_PLACE
+
+    def _records(self, d: Deployer, rollout: Rollout) -> list[ReplicaRecord]:
+        return [r for r in d.state.replicas if r.deployment == rollout.plan.new_deployment]
+
+    async def prepare(self, d: Deployer, rollout: Rollout) -> None:
+        records = self._records(d, rollout)
+        if not records:
+            raise RuntimeError(f"deployment {rollout.plan.new_deployment} has no replicas to update")
+        rollout.facts["previous"] = {
+            r.name: {"target": str((r.engine or {}).get("model") or r.target), "version": r.version} for r in records
+        }
+        rollout.facts["pause_s"] = {}
+
+    def new_replicas(self, d: Deployer, rollout: Rollout) -> list[Replica]:
+        return d.pool.deployments().get(rollout.plan.new_deployment, [])
+
+    def model(self, d: Deployer, rollout: Rollout) -> str:
+        replicas = self.new_replicas(d, rollout)
+        return next(iter(replicas[0].models)) if replicas and replicas[0].models else rollout.plan.version
+
+    async def warm_up(self, d: Deployer, rollout: Rollout) -> None:
+        return None  # the kernels and grammars stay warm; each replica is checked right after its reload
+
+    def switch(self, d: Deployer, rollout: Rollout) -> dict[str, Any]:
+        return {}
+
+    async def after_switch(self, d: Deployer, rollout: Rollout) -> None:
+        target = os.path.abspath(rollout.plan.target)
+        for name in list(rollout.facts["previous"]):
+            await self._update(d, rollout, name, target, rollout.plan.version, rollout.plan.gate)
+
+    def restore(self, d: Deployer, rollout: Rollout) -> dict[str, Any]:
+        return {}
+
+    async def drain(self, d: Deployer, rollout: Rollout) -> None:
+        rollout.facts.setdefault("drain_timed_out", False)
+
+    async def retire_new(self, d: Deployer, rollout: Rollout) -> None:
+        """Put the previous weights back on every replica that has the new ones (or was caught holding)."""
+        for name, previous in (rollout.facts.get("previous") or {}).items():
+            record = d.state.replica(name)
+            if record is None or (record.version != rollout.plan.version and not record.held):
+                continue
+            await self._update(d, rollout, name, previous["target"], previous["version"], None, reverting=True)
+
+    async def _update(
+        self,
+        d: Deployer,
+        rollout: Rollout,
+        name: str,
+        folder: str,
+        version: str,
+        gate: Gate | None,
+        reverting: bool = False,
+    ) -> None:
+        record = d.state.replica(name)
+        replica = next((r for r in d.pool.replicas if r.name == name), None)
+        if record is None or replica is None:
+            raise RuntimeError(f"replica {name} left the deployment during the update")
+        held_at = d.now()
+        await d.commit(replicas=d.state.with_replica(dataclasses.replace(record, held=True)))
+        await d.settle()
+        if not await wait_idle(d, rollout, replicas={name}):
+            rollout.facts["drain_timed_out"] = True  # vLLM's pause?mode=wait still lets them finish
+        previous = str((record.engine or {}).get("model") or record.target)
+        try:
+            steps = await reload_weights(d.client, record.url, folder, d.reload_timeout_s)
+            await d.warm([replica], self.model(d, rollout), light=True)
+            if gate is not None:
+                rollout.facts.update(await d.gate.check(d.client, record.url, self.model(d, rollout), gate))
+        except Exception:
+            if not reverting:
+                try:
+                    await reload_weights(d.client, record.url, previous, d.reload_timeout_s)
+                finally:
+                    await d.commit(replicas=d.state.with_replica(dataclasses.replace(record, held=False)))
+            raise
+        engine = {**record.engine, "model": folder} if record.engine is not None else None
+        updated = dataclasses.replace(record, held=False, version=version, target=folder, engine=engine)
+        await d.commit(replicas=d.state.with_replica(updated))
+        handle = d.supervisor.handles.get(name)
+        if handle is not None:
+            handle.serve_from(folder)
+        paused = round(d.now() - held_at, 4)
+        rollout.facts.setdefault("pause_s", {})[name] = paused
+        rollout.facts.setdefault("steps_s", {})[name] = steps
+        d.paused(paused, rollout.plan.strategy.value)
