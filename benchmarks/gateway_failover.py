@@ -220,9 +220,7 @@ def run(out: Path, streams: int) -> dict[str, Any]:
         finally:
             one.stop()
             two.stop()
-            subprocess.run(
-                [sys.executable, "-m", "shipyard.cli", "stop"], env=one.env, capture_output=True, timeout=60
-            )
+            subprocess.run([sys.executable, "-m", "shipyard.cli", "stop"], env=one.env, capture_output=True, timeout=60)
     report = {
         "command": "benchmarks/gateway_failover.py",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from shipyard.cli import app
 from shipyard.ops import NginxConfig, render_nginx
 from shipyard.router.discovery import parse_target
+from shipyard.router.store import RedisStateStore, open_store
 from tests.services import tool
 from tests.stack import Stack
 
@@ -205,6 +206,12 @@ def test_kubernetes_manifests_validate_against_the_api_schemas() -> None:
     target = parse_target(upstreams)  # the gateway's discovery target is a headless Service of the manifests
     assert services[target.host]["spec"]["clusterIP"] == "None" and target.port == 8000
     assert "preStop" in gateway["lifecycle"]
+    # several gateways share one state: Redis, reached by the Service the manifests define
+    assert deployments["shipyard-gateway"]["spec"]["replicas"] == 2
+    state_url = next(e["value"] for e in gateway["env"] if e["name"] == "SHIPYARD_STATE_URL")
+    assert isinstance(open_store(state_url, Path("/data")), RedisStateStore)
+    assert state_url.startswith("redis://shipyard-redis:") and "shipyard-redis" in services
+    assert "--appendonly" in deployments["shipyard-redis"]["spec"]["template"]["spec"]["containers"][0]["args"]
     for color in ("blue", "green"):
         engine = deployments[f"shipyard-engine-{color}"]["spec"]["template"]["spec"]["containers"][0]
         assert engine["resources"]["requests"]["nvidia.com/gpu"] == 1

@@ -55,14 +55,17 @@ class Admin:
         return httpx.post(self.gateway + "/v1/chat/completions", json=body, headers=headers, timeout=120)
 
 
-def blue_green(admin: Admin, target: str, version: str, clients: int = 16) -> dict[str, Any]:
+def blue_green(
+    admin: Admin, target: str, version: str, clients: int = 16, strategy: str = "blue-green"
+) -> dict[str, Any]:
+    """A full-model update under ``clients`` streams (blue-green by default; ``strategy="inplace"`` reloads)."""
     with StreamingClients(admin.gateway, admin.api_key, admin.model, clients=clients, max_tokens=24) as load:
         time.sleep(3)
-        admin.post("/admin/rollouts", {"target": target, "version": version})
+        admin.post("/admin/rollouts", {"target": target, "version": version, "strategy": strategy})
         rollout = admin.wait("done", "failed")
         time.sleep(3)
     if rollout["phase"] == "failed":
-        raise RuntimeError(f"blue-green rollout failed: {rollout['error']}")
+        raise RuntimeError(f"{strategy} rollout failed: {rollout['error']}")
     return {"rollout": rollout, "load": load.summary()}
 
 

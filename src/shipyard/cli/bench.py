@@ -143,6 +143,9 @@ def bench(
     deploy_version: Annotated[str | None, typer.Option(help="rollout: its version name.")] = None,
     canary: Annotated[float | None, typer.Option(help="rollout: canary percent.")] = None,
     lora: Annotated[bool, typer.Option(help="rollout: --deploy is a LoRA adapter to hot-load.")] = False,
+    deploy_strategy: Annotated[
+        str, typer.Option(help="rollout: auto, inplace or blue-green (as `shipyard deploy --strategy`).")
+    ] = "auto",
     rollout_at: Annotated[float, typer.Option(min=0, help="rollout: seconds into the window to start it.")] = 5,
     admin_key: Annotated[str | None, typer.Option(envvar="SHIPYARD_ADMIN_KEY", help="rollout: admin key.")] = None,
     timeout: Annotated[float, typer.Option(min=1, help="Seconds before one request counts as timed out.")] = 300,
@@ -223,7 +226,7 @@ def bench(
         if not admin_key:
             raise fail("--scenario rollout needs --admin-key (or SHIPYARD_ADMIN_KEY)")
         result, rollout, events = _rollout_run(
-            url, admin_key, deploy, deploy_version, canary, lora, rollout_at, warmup,
+            url, admin_key, deploy, deploy_version, canary, lora, deploy_strategy, rollout_at, warmup,
             lambda origin: _measured(url, resources, lambda: run_closed_loop(
                 url, api_key=api_key, workload=workload, concurrency=int(levels_c[0]), duration_s=duration_s,
                 warmup_s=warmup, slo=objective, timeout_s=timeout, progress=progress, origin=origin,
@@ -265,8 +268,8 @@ def bench(
 
 
 def _rollout_run(
-    url: str, admin_key: str, target: str, version: str | None, canary: float | None, lora: bool, at_s: float,
-    warmup: float, run_load: Callable[[float], LoadResult],
+    url: str, admin_key: str, target: str, version: str | None, canary: float | None, lora: bool, strategy: str,
+    at_s: float, warmup: float, run_load: Callable[[float], LoadResult],
 ) -> tuple[LoadResult, dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
     """Run the load; ``at_s`` into its window, start the rollout on the admin API and follow it to its end.
     Events (accepted, each phase) are returned on the load's clock."""
@@ -279,7 +282,7 @@ def _rollout_run(
     def drive() -> tuple[dict[str, Any], list[dict[str, Any]]]:
         time.sleep(max(0.0, origin + at_s - time.perf_counter()))
         posted = time.perf_counter() - origin
-        body = {"target": target, "version": version, "canary_percent": canary, "lora": lora}
+        body = {"target": target, "version": version, "canary_percent": canary, "lora": lora, "strategy": strategy}
         answer = httpx.post(base + "/admin/rollouts", json=body, headers=headers, timeout=60)
         if answer.status_code >= 400:
             return {"phase": "refused", "error": answer.text[:300]}, [{"at_s": posted, "label": "refused"}]

@@ -166,9 +166,11 @@ def serve_stack(
         page_failed = threading.Event()
         if ui:  # beside the gateway, so the gateway is ready before the page's libraries have even loaded
             threading.Thread(target=_serve_page, args=(settings, page_failed), daemon=True).start()
-        run_gateway(stack.app, settings.host, settings.port)
+        stopped_by = run_gateway(stack.app, settings.host, settings.port)
         if page_failed.is_set():
             raise typer.Exit(1)
+        if stopped_by == signal.SIGINT:
+            raise typer.Exit(130)  # the shell's "ended by Ctrl-C"
     finally:
         # A deliberate stop (Ctrl-C, SIGTERM, shipyard stop) ends here and stops the engines; a crash does not
         # get here, and the next start adopts them.

@@ -361,17 +361,14 @@ class ControlPlane:
 
     async def rollback(self, who: str) -> Rollout:
         rollout = self.current
-        if (
-            rollout is not None
-            and rollout.phase is Phase.DONE
-            and rollout.plan.strategy is Strategy.IN_PLACE
-            and rollout.facts.get("previous")
-        ):
-            previous = next(iter(rollout.facts["previous"].values()))
-            self.audit.record(who, "rollback", rollout=rollout.id, phase=rollout.phase.value, strategy="inplace")
-            return await self.request(
-                RolloutCommand(previous["target"], version=previous["version"], who=who, strategy="inplace")
-            )
+        if rollout is None or not rollout.active:
+            update = self._last_in_place_update()
+            if update is not None:
+                previous = next(iter(update.facts["previous"].values()))
+                self.audit.record(who, "rollback", rollout=update.id, phase=update.phase.value, strategy="inplace")
+                return await self.request(
+                    RolloutCommand(previous["target"], version=previous["version"], who=who, strategy="inplace")
+                )
         if rollout is None or rollout.phase not in (Phase.CANARY, Phase.DRAINING):
             raise RolloutRejected(
                 409,
@@ -386,6 +383,17 @@ class ControlPlane:
         self.audit.record(who, "rollback", rollout=rollout.id, phase=rollout.phase.value)
         self._promote.set()
         return rollout
+
+    def _last_in_place_update(self) -> Rollout | None:
+        """The last rollout that completed, if it was an in-place update whose version is still served."""
+        done = [h for h in self._state.history if h.get("phase") == Phase.DONE.value]
+        if not done:
+            return None
+        last = Rollout.from_record(done[-1], clock=self.clock)
+        served = {r.version for r in self._state.replicas}
+        if last.plan.strategy is not Strategy.IN_PLACE or served != {last.plan.version}:
+            return None
+        return last if last.facts.get("previous") else None
 
     # ----- the executor ------------------------------------------------------------------------------------
 
