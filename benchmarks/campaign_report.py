@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from shipyard.bench.stats import summarize
+from shipyard.stats import summarize
 
 TARGET_ADDED_TTFT_P50_MS, TARGET_ADDED_TTFT_P99_MS, TARGET_RATIO, TARGET_INTENT_P99_MS = 2.0, 5.0, 0.98, 40.0
 

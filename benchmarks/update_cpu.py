@@ -135,7 +135,8 @@ def around(load: StreamingClients, start: float, end: float) -> dict[str, Any]:
 
 
 class Stack:
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, command: str = "up") -> None:
+        self.command = command
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = work / "up.log"
@@ -156,7 +157,7 @@ class Stack:
         started = time.monotonic()
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "shipyard.cli", "up", "--port", str(self.port)],
+                [sys.executable, "-m", "shipyard.cli", self.command, "--port", str(self.port)],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -196,9 +197,18 @@ class Stack:
 
 
 def update_under_load(
-    stack: Stack, target: Path, version: str, expected: dict[str, str], *extra: str
+    stack: Stack,
+    target: Path,
+    version: str,
+    expected: dict[str, str],
+    *extra: str,
+    streams: int = 8,
+    max_tokens: int = 24,
 ) -> dict[str, Any]:
-    with StreamingClients(stack.url, API_KEY, MODEL, clients=8, max_tokens=24) as load, Checkers(stack.url) as check:
+    with (
+        StreamingClients(stack.url, API_KEY, MODEL, clients=streams, max_tokens=max_tokens) as load,
+        Checkers(stack.url) as check,
+    ):
         time.sleep(3)
         began = load.now()
         result = stack.deploy(target, version, *extra)

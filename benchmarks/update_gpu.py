@@ -78,7 +78,7 @@ def main() -> None:
     work.mkdir(parents=True)
     update_cpu.MODEL = "qwen"
     update_cpu.PROMPTS = ["Tell me about ships."]
-    stack = Stack(work)
+    stack = Stack(work, command="serve")  # no chat page on the device (no gradio there)
     stack.env.update(
         {
             "SHIPYARD_MODEL": str(versions[0]),

@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 
 from shipyard.cli import app
 from shipyard.ops import NginxConfig, render_nginx
-from shipyard.router.discovery import parse_target
 from shipyard.router.store import RedisStateStore, open_store
+from shipyard.upstreams import parse_target
 from tests.services import tool
 from tests.stack import Stack
 

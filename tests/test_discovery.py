@@ -12,9 +12,10 @@ from typer.testing import CliRunner
 from shipyard.cli import app
 from shipyard.gateway import create_app
 from shipyard.router import Replica, ReplicaPool
-from shipyard.router.discovery import DiscoveryTarget, UpstreamDiscovery, parse_target
+from shipyard.router.discovery import UpstreamDiscovery
 from shipyard.settings import SettingsError, load_settings
 from shipyard.testing import FakeOpenAI
+from shipyard.upstreams import DiscoveryTarget, parse_target
 from tests.helpers import ServerThread, wait_for
 from tests.stack import API_KEY
 

@@ -22,6 +22,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from shipyard.upstreams import check_upstreams
+
 DEFAULT_CONFIG_FILE = Path("shipyard.yaml")
 CONFIG_ENV = "SHIPYARD_CONFIG"
 
@@ -39,18 +41,6 @@ def _split_csv(value: Any) -> Any:
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
     return value
-
-
-def check_upstreams(urls: list[str]) -> list[str]:
-    """Upstream URLs as given, checked (ValueError naming the bad one) and without trailing slashes."""
-    from shipyard.router.discovery import is_discovery, parse_target
-
-    for url in urls:
-        if is_discovery(url):
-            parse_target(url)
-        elif not url.startswith(("http://", "https://")):
-            raise ValueError(f"upstream {url!r} must start with http://, https:// or dns+http(s)://")
-    return [url.rstrip("/") for url in urls]
 
 
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")

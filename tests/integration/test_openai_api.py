@@ -10,11 +10,11 @@ import openai
 import pytest
 
 from shipyard.engine import EngineProcess
-from shipyard.evaluate.datasets import IntentExample, load_jsonl, project_data
 from shipyard.gateway import create_app
 from shipyard.router import Replica
 from shipyard.settings import load_settings
 from shipyard.tasks import load_labels, load_templates
+from shipyard.tasks.datasets import IntentExample, load_jsonl, project_data
 from tests.helpers import ServerThread, wait_for
 from tests.integration.conftest import MODEL
 

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -15,12 +14,11 @@ import psutil
 import pytest
 
 from shipyard.engine import free_port
-from shipyard.stack import shipyard_engines
 from tests.helpers import outcomes_when_killed, wait_for
 from tests.integration.conftest import MODEL, shared_models_dir
 
 pytestmark = pytest.mark.integration
-KEY, ADMIN = "sk-serve-test", "sk-serve-admin"
+KEY = "sk-serve-test"
 
 
 def test_serve_survives_engine_death_and_stops_cleanly(default_model_dir: Path, tmp_path: Path) -> None:
@@ -110,73 +108,3 @@ def _drain(proc: subprocess.Popen[str]) -> str:
         proc.kill()
     out, _ = proc.communicate(timeout=10)
     return out[-3000:]
-
-
-def test_up_killed_after_a_rollout_is_back_in_seconds_on_the_same_engine(
-    default_model_dir: Path, tmp_path: Path
-) -> None:
-    """SIGKILL of `shipyard up` after a rollout to v2, then the same command again: v2 from the same engine."""
-    port = free_port()
-    model = shared_models_dir() / MODEL
-    env = {
-        **os.environ,
-        "SHIPYARD_MODEL": str(model),
-        "SHIPYARD_SERVED_MODEL_NAME": MODEL,
-        "SHIPYARD_UI__PORT": str(free_port()),
-        "SHIPYARD_API_KEYS": KEY,
-        "SHIPYARD_ADMIN_KEYS": ADMIN,
-        "SHIPYARD_DATA_DIR": str(tmp_path),
-        "SHIPYARD_HEALTH_INTERVAL_S": "0.5",
-        "SHIPYARD_WARMUP_REQUESTS": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
-    command = [sys.executable, "-m", "shipyard.cli", "up", "--port", str(port)]
-    url = f"http://127.0.0.1:{port}"
-    admin = {"Authorization": f"Bearer {ADMIN}"}
-    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    second: subprocess.Popen[str] | None = None
-    try:
-        assert wait_for(lambda: _status(f"{url}/ready") == 200, timeout=400), _drain(first)
-        deployed = subprocess.run(
-            [sys.executable, "-m", "shipyard.cli", "deploy", str(model), "--version", "v2", "--gateway", url],
-            env={**env, "SHIPYARD_ADMIN_KEY": ADMIN},
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert deployed.returncode == 0 and "[done]" in deployed.stdout, deployed.stdout + deployed.stderr
-        (green,) = httpx.get(f"{url}/admin/deployments", headers=admin).json()["deployments"]["green"]["replicas"]
-        assert green["version"] == "v2" and green["pid"]
-
-        first.kill()  # as an OOM kill or a crash would
-        first.wait(timeout=30)
-        assert psutil.pid_exists(green["pid"]), "the engine outlives its gateway"
-
-        restarted = time.monotonic()
-        second = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        assert wait_for(lambda: _status(f"{url}/ready") == 200, timeout=60, interval=0.05), _drain(second)
-        ready_after = time.monotonic() - restarted
-        assert ready_after <= 5.0, f"ready again after {ready_after:.1f} s"
-        answer = httpx.post(
-            f"{url}/v1/chat/completions",
-            headers={"Authorization": f"Bearer {KEY}"},
-            json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
-            timeout=60,
-        )
-        assert answer.status_code == 200 and answer.headers["x-shipyard-version"] == "v2"
-        (adopted,) = httpx.get(f"{url}/admin/deployments", headers=admin).json()["deployments"]["green"]["replicas"]
-        assert adopted["pid"] == green["pid"], "the same engine process, no cold start"
-
-        stopped = subprocess.run(
-            [sys.executable, "-m", "shipyard.cli", "stop"], env=env, capture_output=True, text=True, timeout=120
-        )
-        assert stopped.returncode == 0, stopped.stderr
-        second.wait(timeout=60)
-        assert wait_for(lambda: not psutil.pid_exists(green["pid"]), timeout=30), "shipyard stop left the engine"
-        assert not shipyard_engines(tmp_path)
-    finally:
-        for proc in (first, second):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        subprocess.run([sys.executable, "-m", "shipyard.cli", "stop"], env=env, capture_output=True, timeout=120)

@@ -2,7 +2,7 @@
 
 from shipyard.bench.load import LoadResult, RequestRecord, Slo, find_max, run_closed_loop, run_open_loop
 from shipyard.bench.scenarios import ChatWorkload, DatasetWorkload, RandomWorkload, Workload
-from shipyard.bench.stats import percentile, summarize
+from shipyard.stats import percentile, summarize
 
 __all__ = [
     "ChatWorkload",

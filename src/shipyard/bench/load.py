@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 
 from shipyard.bench.scenarios import RequestSpec, Workload
-from shipyard.bench.stats import summarize
+from shipyard.stats import summarize
 
 Progress = Callable[[str], None]
 

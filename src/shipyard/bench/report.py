@@ -7,8 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from shipyard import plots
 from shipyard.bench.load import LoadResult
-from shipyard.evaluate import plots
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:

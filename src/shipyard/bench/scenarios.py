@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from shipyard.evaluate.datasets import IntentExample, ReplyExample, load_jsonl
+from shipyard.tasks.datasets import IntentExample, ReplyExample, load_jsonl
 from shipyard.tasks.intent import IntentDecode, LabelSet, decode_plan, intent_body, load_labels
 
 # Common English words (one token each for the usual BPE vocabularies when preceded by a space).

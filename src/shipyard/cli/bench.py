@@ -22,7 +22,7 @@ from shipyard.bench.report import compare, compare_markdown, load_summary, write
 from shipyard.bench.resources import ResourceSampler
 from shipyard.bench.scenarios import SCENARIOS, ChatWorkload, DatasetWorkload, RandomWorkload, Workload
 from shipyard.cli.app import app, fail
-from shipyard.evaluate.datasets import project_data
+from shipyard.tasks.datasets import project_data
 from shipyard.tasks.intent import IntentDecode
 
 bench_app = typer.Typer(

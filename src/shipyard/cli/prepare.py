@@ -70,8 +70,8 @@ def quantize_command(
     """Quantize with llm-compressor into compressed-tensors (what vLLM loads natively); calibration defaults to
     the intent train set rendered with the chat template. llm-compressor runs in its own virtualenv, made on first
     use under data_dir/venvs."""
-    from shipyard.evaluate.datasets import project_data
     from shipyard.prepare.quantize import CALIBRATED, SCHEMES, QuantizeError, quantize
+    from shipyard.tasks.datasets import project_data
 
     settings = settings_from(config)
     if scheme not in SCHEMES:
@@ -115,8 +115,8 @@ def finetune_command(
     config: ConfigOption = None,
 ) -> None:
     """Train a small LoRA adapter (peft, CPU, seeded) on the intent train set, as /v1/intent asks its questions."""
-    from shipyard.evaluate.datasets import project_data
     from shipyard.prepare.finetune import FinetuneError, finetune_lora, intent_examples
+    from shipyard.tasks.datasets import project_data
 
     settings = settings_from(config)
     dataset = data or project_data("data/intent/train.jsonl")

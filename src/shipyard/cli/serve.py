@@ -23,11 +23,11 @@ from shipyard.gateway.server import run_gateway
 from shipyard.prepare.default_model import DEFAULT_MODEL_NAME, DefaultModelError, pull_default
 from shipyard.prepare.registry import RegistryError, resolve_input
 from shipyard.router import Replica
-from shipyard.router.discovery import is_discovery
-from shipyard.settings import Settings, check_upstreams
+from shipyard.settings import Settings
 from shipyard.stack import EngineChoice, StackError, build_stack, engine_spec, gateway_pid_file, stop_everything
 from shipyard.tasks import load_labels, load_templates
 from shipyard.tasks.config import TaskConfigError
+from shipyard.upstreams import check_upstreams, is_discovery
 
 AUTO_PROFILE = "auto"
 

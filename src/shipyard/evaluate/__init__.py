@@ -1,8 +1,8 @@
 """Offline evaluation through the gateway: task datasets, metrics, runs and comparisons."""
 
-from shipyard.evaluate.datasets import DatasetError, load_intent_dataset, load_reply_dataset
 from shipyard.evaluate.metrics import PASS_THRESHOLD, classification_report, cosine, reply_report
 from shipyard.evaluate.tasks import EvalRun, evaluate_intent, evaluate_reply
+from shipyard.tasks.datasets import DatasetError, load_intent_dataset, load_reply_dataset
 
 __all__ = [
     "PASS_THRESHOLD",

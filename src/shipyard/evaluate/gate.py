@@ -7,9 +7,9 @@ from typing import Any
 
 import httpx
 
-from shipyard.evaluate.datasets import load_intent_dataset
 from shipyard.router.checks import GateFailed
 from shipyard.router.rollout import Gate
+from shipyard.tasks.datasets import load_intent_dataset
 from shipyard.tasks.intent import LabelSet, intent_body, parse_intent
 
 

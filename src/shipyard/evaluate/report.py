@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from shipyard.evaluate import plots
+from shipyard import plots
 from shipyard.evaluate.tasks import EvalRun
 
 

@@ -12,10 +12,10 @@ from typing import Any
 
 import httpx
 
-from shipyard.bench.stats import summarize
-from shipyard.evaluate.datasets import IntentExample, ReplyExample
 from shipyard.evaluate.metrics import PASS_THRESHOLD, classification_report, cosine, reply_report
 from shipyard.evaluate.runner import Outcome, post_all, prefix_cache_delta, read_prefix_cache
+from shipyard.stats import summarize
+from shipyard.tasks.datasets import IntentExample, ReplyExample
 
 
 @dataclass

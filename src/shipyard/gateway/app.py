@@ -27,13 +27,14 @@ from shipyard.prepare.registry import resolve_input
 from shipyard.router import HealthMonitor, Replica, ReplicaPool
 from shipyard.router.audit import AuditLog
 from shipyard.router.control import ControlConfig, ControlPlane
-from shipyard.router.discovery import UpstreamDiscovery, is_discovery, parse_target
+from shipyard.router.discovery import UpstreamDiscovery
 from shipyard.router.launcher import Launcher, ReplicaHandle, UrlLauncher
 from shipyard.router.policy import deployment_shares
 from shipyard.router.store import MemoryStateStore, StateStore
 from shipyard.settings import Settings
 from shipyard.tasks import IntentDecode, load_labels, load_templates
 from shipyard.tasks.warmup import TaskWarmUp
+from shipyard.upstreams import is_discovery, parse_target
 
 
 def upstream_client(settings: Settings) -> httpx.AsyncClient:

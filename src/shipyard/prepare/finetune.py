@@ -23,7 +23,7 @@ class FinetuneError(ValueError):
 
 def intent_examples(path: Path, labels_file: Path | None = None) -> list[tuple[list[dict[str, str]], str]]:
     """(prompt messages, answer) per line of an intent JSONL, rendered as the intent endpoint asks."""
-    from shipyard.evaluate.datasets import DatasetError, load_intent_dataset
+    from shipyard.tasks.datasets import DatasetError, load_intent_dataset
     from shipyard.tasks.intent import load_labels, system_prompt
 
     labels = load_labels(labels_file)

@@ -13,52 +13,14 @@ import asyncio
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from shipyard.router.loop import BackgroundLoop
 from shipyard.router.replica import Replica, ReplicaPool
+from shipyard.upstreams import DiscoveryTarget
 
 log = logging.getLogger("shipyard.router")
 
-PREFIX = "dns+"
 Resolver = Callable[[str, int], Awaitable[list[str]]]
-
-
-@dataclass(frozen=True)
-class DiscoveryTarget:
-    scheme: str
-    host: str
-    port: int
-    deployment: str = "blue"
-
-    @property
-    def label(self) -> str:
-        return f"{PREFIX}{self.scheme}://{self.host}:{self.port}#{self.deployment}"
-
-    def url(self, address: str) -> str:
-        host = f"[{address}]" if ":" in address else address
-        return f"{self.scheme}://{host}:{self.port}"
-
-
-def is_discovery(upstream: str) -> bool:
-    return upstream.startswith(PREFIX)
-
-
-def parse_target(upstream: str) -> DiscoveryTarget:
-    """``dns+http://host:port[#deployment]`` -> target; ValueError naming what is wrong."""
-    if not is_discovery(upstream):
-        raise ValueError(f"{upstream!r} is not a dns+http(s):// upstream")
-    parts = urlsplit(upstream[len(PREFIX) :])
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"upstream {upstream!r} must look like dns+http://NAME:PORT[#deployment]")
-    if parts.path not in ("", "/") or parts.query:
-        raise ValueError(f"upstream {upstream!r}: no path or query (replicas are OpenAI servers at their root)")
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        raise ValueError(f"upstream {upstream!r} has an invalid port") from None
-    return DiscoveryTarget(parts.scheme, parts.hostname, port, parts.fragment or "blue")
 
 
 async def resolve(host: str, port: int) -> list[str]:
