@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 from shipyard.router.audit import AuditLog
@@ -262,6 +265,171 @@ def test_bad_commands_change_nothing() -> None:
                 await control.request(command)
             assert caught.value.status == status
         assert len(store.saved) == before and await store.lease_owner() is None
+        await control.stop()
+
+    run(body)
+
+
+class EngineLog:
+    """A MockTransport engine that records the dev routes it is called on (and can fail or hang a reload)."""
+
+    def __init__(self, fail_reload_of: str | None = None, hang_reload_of: str | None = None) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.fail_reload_of = fail_reload_of
+        self.hang_reload_of = hang_reload_of
+        self.paused: set[str] = set()
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        host, path = request.url.host, request.url.path
+        if path == "/collective_rpc":
+            folder = json.loads(request.content)["kwargs"]["weights_path"]
+            self.calls.append((host, f"reload {Path(folder).name}"))
+            await asyncio.sleep(30 if folder == self.hang_reload_of else 0.05)
+            if folder == self.fail_reload_of:
+                return httpx.Response(500, json={"error": {"message": "Error while deserializing header"}})
+            return httpx.Response(200, json={"results": [None]})
+        if path in ("/pause", "/resume", "/reset_prefix_cache"):
+            self.calls.append((host, path[1:]))
+            (self.paused.add if path == "/pause" else self.paused.discard)(host)
+            return httpx.Response(200, json={})
+        return engines(request)
+
+
+def checkpoint_folder(root: Path, name: str, shape: tuple[int, ...] = (4, 4), layers: int = 2) -> str:
+    from safetensors.numpy import save_file
+
+    folder = root / name
+    folder.mkdir()
+    (folder / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": layers})
+    )
+    (folder / "tokenizer.json").write_text("{}")
+    save_file(
+        {f"layer.{i}.weight": np.zeros(shape, dtype=np.float32) for i in range(layers)},
+        str(folder / "model.safetensors"),
+    )
+    return str(folder)
+
+
+def in_place_plane(
+    store: MemoryStateStore, engine: EngineLog, names: list[str], v1: str, **config: Any
+) -> ControlPlane:
+    client = httpx.AsyncClient(transport=httpx.MockTransport(engine))
+    records = [
+        ReplicaRecord(n, f"http://{n}.test", "blue", "v1", v1, engine={"model": v1, "served_model_name": "m"})
+        for n in names
+    ]
+    paused: list[tuple[float, str]] = []
+    control = ControlPlane(
+        ReplicaPool([]),
+        client,
+        store,
+        FakeLauncher(),
+        audit=AuditLog(None),
+        config=ControlConfig(watch_interval_s=0.01, drain_timeout_s=1, **config),
+        on_pause=lambda seconds, strategy: paused.append((seconds, strategy)),
+    )
+    control.paused_seen = paused  # type: ignore[attr-defined]
+    control._seed = DeploymentState().evolve(by="t", replicas=records, weights={"blue": 1.0})  # type: ignore[attr-defined]
+    return control
+
+
+def test_in_place_updates_replicas_one_at_a_time_while_the_others_serve(tmp_path: Path) -> None:
+    v1, v2 = checkpoint_folder(tmp_path, "v1"), checkpoint_folder(tmp_path, "v2")
+
+    async def body() -> None:
+        store, engine = MemoryStateStore(), EngineLog()
+        control = in_place_plane(store, engine, ["blue-a", "blue-b"], v1)
+        await store.save(control._seed)  # type: ignore[attr-defined]
+        await control.start()
+        await until(lambda: all(r.ready for r in control.pool.replicas))
+        seen_free: list[str] = []
+
+        async def watch() -> None:  # while one replica is held, requests go to the other one
+            while True:
+                held = [r.name for r in control.pool.replicas if r.hold is not None]
+                assert len(held) <= 1, held
+                if held:
+                    seen_free.append(control.pool.choose("m").name)
+                await asyncio.sleep(0.001)
+
+        watcher = asyncio.get_running_loop().create_task(watch())
+        rollout = await control.request(RolloutCommand(v2, version="v2"))
+        assert rollout.plan.strategy.value == "inplace"
+        await until(lambda: rollout.phase is Phase.DONE)
+        watcher.cancel()
+        assert engine.calls == [
+            (host, step)
+            for host in ("blue-a.test", "blue-b.test")
+            for step in ("pause", "reload v2", "reset_prefix_cache", "resume")
+        ]
+        assert set(seen_free) == {"blue-a", "blue-b"}  # each served while the other was held
+        state = await store.load()
+        assert state is not None and {r.version for r in state.replicas} == {"v2"}
+        assert {r.engine["model"] for r in state.replicas if r.engine} == {v2}  # a restart loads v2
+        assert [strategy for _, strategy in control.paused_seen] == ["inplace", "inplace"]  # type: ignore[attr-defined]
+        assert set(rollout.facts["pause_s"]) == {"blue-a", "blue-b"}
+        await control.stop()
+
+    run(body)
+
+
+@pytest.mark.parametrize("failure", ["reload error", "reload timeout"])
+def test_a_failed_reload_puts_the_previous_weights_back(tmp_path: Path, failure: str) -> None:
+    v1, v2 = checkpoint_folder(tmp_path, "v1"), checkpoint_folder(tmp_path, "v2")
+
+    async def body() -> None:
+        engine = EngineLog(**({"fail_reload_of": v2} if failure == "reload error" else {"hang_reload_of": v2}))
+        store = MemoryStateStore()
+        control = in_place_plane(store, engine, ["blue-a"], v1, reload_timeout_s=0.2)
+        await store.save(control._seed)  # type: ignore[attr-defined]
+        await control.start()
+        await until(lambda: all(r.ready for r in control.pool.replicas))
+        rollout = await control.request(RolloutCommand(v2, version="v2", strategy="inplace"))
+        await until(lambda: rollout.phase is Phase.FAILED, timeout=10)
+        assert [step for _, step in engine.calls][-4:] == ["pause", "reload v1", "reset_prefix_cache", "resume"]
+        assert not engine.paused  # never left paused
+        replica = control.pool.replicas[0]
+        assert replica.version == "v1" and replica.hold is None
+        assert ("Error while deserializing" if failure == "reload error" else "Timeout") in (rollout.error or "")
+        await control.stop()
+
+    run(body)
+
+
+def test_in_place_only_when_the_weights_fit(tmp_path: Path) -> None:
+    from shipyard.engine.checkpoint import first_difference
+
+    v1 = checkpoint_folder(tmp_path, "v1")
+    wider = checkpoint_folder(tmp_path, "wider", shape=(4, 8))
+    deeper = checkpoint_folder(tmp_path, "deeper", layers=3)
+    other_tokenizer = checkpoint_folder(tmp_path, "tok")
+    (Path(other_tokenizer) / "tokenizer.json").write_text('{"added": 1}')
+    assert first_difference(Path(v1), Path(checkpoint_folder(tmp_path, "same"))) is None
+    assert "tensor layer.0.weight: F32 [4, 4] in the running version, F32 [4, 8]" in str(
+        first_difference(Path(v1), Path(wider))
+    )
+    assert "config num_hidden_layers: 2 in the running version, 3" in str(first_difference(Path(v1), Path(deeper)))
+    assert "tokenizer file tokenizer.json differs" in str(first_difference(Path(v1), Path(other_tokenizer)))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (bare / name).write_text((Path(v1) / name).read_text())
+    assert "has no *.safetensors files" in str(first_difference(Path(v1), bare))
+
+    async def body() -> None:
+        store = MemoryStateStore()
+        control = in_place_plane(store, EngineLog(), ["blue-a"], v1)
+        await store.save(control._seed)  # type: ignore[attr-defined]
+        await control.start()
+        await until(lambda: all(r.ready for r in control.pool.replicas))
+        with pytest.raises(RolloutRejected, match="cannot update in place: tensor layer.0.weight") as caught:
+            await control.request(RolloutCommand(wider, version="v2", strategy="inplace"))
+        assert caught.value.status == 400
+        with pytest.raises(RolloutRejected, match="no canary"):
+            await control.request(RolloutCommand(v1, version="v2", strategy="inplace", canary_percent=10))
+        auto = await control.request(RolloutCommand(wider, version="v2"))  # auto: blue-green, and says why
+        assert auto.plan.strategy.value == "blue-green" and "not in place: tensor layer.0.weight" in auto.plan.reason
         await control.stop()
 
     run(body)

@@ -173,6 +173,16 @@ def test_unknown_route_is_openai_shaped_404(stack: Stack) -> None:
     assert r.status_code == 404 and "no such route" in str(error_of(r)["message"])
 
 
+@pytest.mark.parametrize(
+    "path",
+    ["/pause", "/resume", "/collective_rpc", "/reset_prefix_cache", "/sleep", "/wake_up", "/is_sleeping"],
+)
+def test_engine_dev_routes_are_not_reachable_through_the_gateway(stack: Stack, path: str) -> None:
+    """In-place updates drive these on the engine's loopback port; users (even with a key) get a 404."""
+    r = httpx.post(f"{stack.url}{path}", headers={"Authorization": "Bearer sk-test-key"}, json={"method": "x"})
+    assert r.status_code == 404 and "no such route" in str(error_of(r)["message"])
+
+
 def test_upstream_error_status_passes_through(stack: Stack) -> None:
     stack.fake.fault = Fault.SERVER_ERROR
     with pytest.raises(openai.InternalServerError):

@@ -1,17 +1,24 @@
-"""PNG plots for evaluation reports (matplotlib, headless)."""
+"""PNG plots for evaluation and bench reports (matplotlib, headless; imported on first use, so commands that
+draw nothing do not pay its ~0.7 s import)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def confusion_png(confusion: Mapping[str, Mapping[str, int]], labels: Sequence[str], path: Path) -> None:
+    plt = _pyplot()
     columns = list(labels) + (["<error>"] if any("<error>" in row for row in confusion.values()) else [])
     grid = [[confusion.get(g, {}).get(p, 0) for p in columns] for g in labels]
     fig, ax = plt.subplots(figsize=(1.0 + 0.45 * len(columns), 1.0 + 0.45 * len(labels)))
@@ -40,6 +47,7 @@ def confusion_png(confusion: Mapping[str, Mapping[str, int]], labels: Sequence[s
 
 
 def histogram_png(values: Sequence[float], threshold: float, path: Path, title: str) -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(values, bins=20, range=(min([0.0, *values]), 1.0), color="#4878d0", edgecolor="white")
     ax.axvline(threshold, color="#d65f5f", linestyle="--", label=f"pass ≥ {threshold}")
@@ -53,6 +61,7 @@ def histogram_png(values: Sequence[float], threshold: float, path: Path, title: 
 
 
 def latency_cdf_png(series: Mapping[str, Sequence[float]], path: Path, title: str = "latency CDF") -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, values in series.items():
         ordered = sorted(values)
@@ -70,6 +79,7 @@ def latency_cdf_png(series: Mapping[str, Sequence[float]], path: Path, title: st
 
 
 def bars_png(names: Sequence[str], metrics: Mapping[str, Sequence[float]], path: Path, title: str) -> None:
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.5), squeeze=False)
     for ax, (metric, values) in zip(axes[0], metrics.items(), strict=True):
         ax.bar(range(len(names)), values, color="#4878d0")
@@ -89,6 +99,7 @@ def latency_throughput_png(
     path: Path,
 ) -> None:
     """The latency–throughput curve of a sweep: one point per load level."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.8))
     ax.plot(throughput, e2e_p99, marker="o", label="E2E p99")
     ax.plot(throughput, ttft_p99, marker="s", label="TTFT p99")
@@ -115,6 +126,7 @@ def timeline_png(
 ) -> None:
     """Per-request latency over time (one colour per series, e.g. per version that served it), vertical marks
     for events (a rollout's phases) and red crosses on the time axis for failed requests."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.8))
     for name, (xs, ys) in points.items():
         ax.scatter(xs, ys, s=6, label=name, alpha=0.7)
@@ -135,6 +147,7 @@ def timeline_png(
 
 def series_png(samples: Sequence[Mapping[str, float]], path: Path, title: str = "resources") -> None:
     """Resource timeline: one panel per kind of series (CPU %, memory MiB, GPU %), ``t`` on the x axis."""
+    plt = _pyplot()
     keys = sorted({k for s in samples for k in s if k != "t"})
     kinds = [("_pct", "percent"), ("_mib", "MiB")]
     fig, axes = plt.subplots(len(kinds), 1, figsize=(8, 5), sharex=True)

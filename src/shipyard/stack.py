@@ -195,8 +195,7 @@ class _Engines:
         return handle
 
     def _restart(self, record: ReplicaRecord) -> ReplicaRecord:
-        fields = dict(record.engine or {})
-        spec = EngineSpec(**{**fields, "extra_args": tuple(fields.get("extra_args") or ())})
+        spec = EngineSpec.from_record(record.engine or {})
         port = int(record.url.rsplit(":", 1)[1])
         handle = self.launcher.handle_for(spec, record.name, cpu_bind=record.cpu_bind, port=port)
         self.say(f"the engine of {record.name} (version {record.version}) is gone; starting it again ...")

@@ -70,7 +70,8 @@ def _call(method: str, gateway: str, path: str, key: str, body: dict[str, Any] |
 def _line(rollout: dict[str, Any]) -> str:
     spans = ", ".join(f"{phase} {seconds:.2f}s" for phase, seconds in rollout["durations_s"].items())
     facts = " ".join(f"{k}={v}" for k, v in rollout["facts"].items())
-    return f"rollout {rollout['id']} [{rollout['phase']}] {rollout['version']}: {spans}" + (
+    strategy = rollout.get("strategy", "")
+    return f"rollout {rollout['id']} [{rollout['phase']}] {rollout['version']} ({strategy}): {spans}" + (
         f" | {facts}" if facts else ""
     )
 
@@ -172,7 +173,8 @@ def promote(
 def rollback(
     gateway: GatewayOption = "http://127.0.0.1:8080", admin_key: AdminKeyOption = None, config: ConfigOption = None
 ) -> None:
-    """Return all traffic to the previous version in one step (while it is still running)."""
+    """Return all traffic to the previous version in one step (while it is still running), or reload the
+    previous weights after an in-place update."""
     typer.echo(_line(_call("POST", gateway, "/admin/rollouts/current/rollback", _admin_key(admin_key, config))))
 
 

@@ -162,8 +162,7 @@ class EngineLauncher:
 
     def adopt(self, identity: Mapping[str, Any], url_port: int, name: str) -> EngineHandle:
         """The running engine ``identity`` describes (ProcessLookupError when it is gone)."""
-        fields = dict(identity["engine"])
-        spec = EngineSpec(**{**fields, "extra_args": tuple(fields.get("extra_args") or ())})
+        spec = EngineSpec.from_record(identity["engine"])
         process = EngineProcess.adopt(
             spec,
             Path(identity.get("log_file") or self.log_dir / f"engine-{name}.log"),

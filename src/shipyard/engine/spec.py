@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from enum import Enum
 from pathlib import Path
@@ -142,6 +143,11 @@ class EngineSpec:
         if "extra_args" in merged:
             merged["extra_args"] = tuple(merged["extra_args"])
         return cls(**merged)
+
+    @classmethod
+    def from_record(cls, fields: Mapping[str, Any]) -> EngineSpec:
+        """The spec a deployment state recorded (``dataclasses.asdict`` of one, read back from JSON)."""
+        return cls(**{**fields, "extra_args": tuple(fields.get("extra_args") or ())})
 
     def with_overrides(self, **values: Any) -> EngineSpec:
         return replace(self, **{k: v for k, v in values.items() if v is not None})

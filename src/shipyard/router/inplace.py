@@ -10,6 +10,7 @@ cold start, and one copy of the model in memory.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import time
@@ -42,12 +43,16 @@ async def reload_weights(client: httpx.AsyncClient, url: str, folder: str, timeo
     await _engine_call(client, url, "/pause?mode=wait", timeout_s)
     times["pause_s"] = clock.lap()
     try:
-        await _engine_call(
-            client,
-            url,
-            "/collective_rpc",
-            timeout_s + 5,
-            {"method": "reload_weights", "kwargs": {"weights_path": folder}, "timeout": timeout_s},
+        # the engine gives up after timeout_s (its own answer says why); this side waits a little longer
+        await asyncio.wait_for(
+            _engine_call(
+                client,
+                url,
+                "/collective_rpc",
+                timeout_s + min(5.0, timeout_s),
+                {"method": "reload_weights", "kwargs": {"weights_path": folder}, "timeout": timeout_s},
+            ),
+            timeout_s + min(5.0, timeout_s),
         )
         times["reload_s"] = clock.lap()
         await _engine_call(client, url, "/reset_prefix_cache", 60)
