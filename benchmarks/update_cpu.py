@@ -174,6 +174,9 @@ class Stack:
 
     def deploy(self, target: Path, version: str, *extra: str) -> dict[str, Any]:
         done, seconds = self.cli("deploy", str(target), "--version", version, "--gateway", self.url, *extra)
+        if "accepted" not in done.stdout:  # refused before it started: no rollout of its own to read
+            return {"exit_code": done.returncode, "cli_s": round(seconds, 3), "phase": "refused",
+                    "strategy": None, "error": done.stderr.strip()[-300:], "facts": {}, "durations_s": {}}  # fmt: skip
         rollout = self.current()
         return {
             "exit_code": done.returncode,

@@ -240,7 +240,7 @@ def test_two_gateways_follow_one_state_and_a_dead_owners_rollout_is_taken_over()
         for task in list(one._tasks):  # gateway one dies: no release, no more renewals
             task.cancel()
         await asyncio.sleep(0.3)
-        await until(lambda: two.current is not None and two._running_here())
+        await until(lambda: two.current is not None and two.running_here())
         await two.promote("admin:ops")
         await until(lambda: two.current is not None and two.current.phase is Phase.DONE)
         assert [r.name for r in two.pool.replicas] == ["green-v2"] and two.pool.weights == {"green": 1.0}

@@ -71,11 +71,13 @@ class Stack:
         return [h.process for h in handles.values() if isinstance(h, EngineHandle)]
 
     def stop_engines(self) -> int:
-        """Stop every engine (a deliberate stop); returns how many were running."""
-        engines = [e for e in self.engines() if e.alive()]
+        """Stop every engine (a deliberate stop); returns how many were running. Also those whose server process
+        died: ``stop`` then ends what is left of its process group (vLLM's engine-core children)."""
+        engines = self.engines()
+        running = sum(1 for e in engines if e.alive())
         for engine in engines:
             engine.stop()
-        return len(engines)
+        return running
 
 
 def engine_spec(settings: Settings, folder: str, served: str, profile: str, enable_lora: bool) -> EngineSpec:

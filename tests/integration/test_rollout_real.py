@@ -1,4 +1,5 @@
-"""Zero-downtime updates with two real vLLM-CPU engines of the default model (benchmarks/rollout_cpu.py)."""
+"""Canary, engine crash and LoRA hot-load with two real vLLM-CPU engines of the default model
+(benchmarks/rollout_cpu.py; its blue-green scenario is covered beside in place by test_update_real.py)."""
 
 from __future__ import annotations
 
@@ -17,19 +18,21 @@ pytestmark = pytest.mark.integration
 def test_rollouts_under_load_with_real_engines(default_model_dir: Path, tmp_path: Path, repo_root: Path) -> None:
     script = repo_root / "benchmarks" / "rollout_cpu.py"
     done = subprocess.run(
-        [sys.executable, str(script), "--out", str(tmp_path), "--models-dir", str(shared_models_dir())],
+        [
+            sys.executable,
+            str(script),
+            "--out",
+            str(tmp_path),
+            "--models-dir",
+            str(shared_models_dir()),
+            "--no-blue-green",
+        ],
         capture_output=True,
         text=True,
         timeout=1500,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "rollout.json").read_text())
-
-    blue_green = report["blue_green"]
-    assert blue_green["rollout"]["phase"] == "done", blue_green["rollout"]
-    assert blue_green["load"]["failed"] == 0 and blue_green["load"]["truncated"] == 0, blue_green["load"]
-    assert set(blue_green["load"]["served_by_version"]) == {"v1", "v2"}
-    assert blue_green["rollout"]["facts"]["switch_s"] <= 1.0
 
     canary = report["canary"]
     assert canary["errors"] == 0 and 0.07 <= canary["canary_share"] <= 0.13, canary

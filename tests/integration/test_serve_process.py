@@ -83,6 +83,8 @@ def test_serve_survives_engine_death_and_stops_cleanly(default_model_dir: Path, 
         if serve.poll() is None:
             serve.kill()
             serve.wait()
+        # engines outlive a killed gateway (they are adopted on restart): leave none running for later tests
+        subprocess.run([sys.executable, "-m", "shipyard.cli", "stop"], env=env, capture_output=True, timeout=120)
 
 
 def _status(url: str) -> int:

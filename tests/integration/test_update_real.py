@@ -46,6 +46,8 @@ def test_updates_and_restarts_with_a_real_engine(default_model_dir: Path, tmp_pa
     blue_green = report["blue_green"]
     assert blue_green["phase"] == "done" and blue_green["strategy"] == "blue-green", blue_green
     assert blue_green["load"]["failed"] == 0 and blue_green["checkers"]["answers_not_of_their_version"] == 0
+    assert set(blue_green["load"]["served_by_version"]) == {"v2", "v2-fresh"} and blue_green["load"]["truncated"] == 0
+    assert blue_green["facts"]["switch_s"] <= 1.0 and not blue_green["facts"]["drain_timed_out"]
     stale = report["no_stale_cache"]  # a fresh engine of the merged weights answers as the reloaded one did
     assert stale["inplace_answers_equal_a_fresh_engine"] and stale["v2_differs_from_v1"], stale["answers"]
 

@@ -174,7 +174,7 @@ def serve_stack(
     finally:
         # A deliberate stop (Ctrl-C, SIGTERM, shipyard stop) ends here and stops the engines; a crash does not
         # get here, and the next start adopts them.
-        if stack.engines():
+        if any(engine.alive() for engine in stack.engines()):
             typer.echo("stopping vLLM ...", err=True)
         stack.stop_engines()
         with contextlib.suppress(OSError):

@@ -9,7 +9,7 @@ import httpx
 
 from shipyard.router.checks import GateFailed
 from shipyard.router.rollout import Gate
-from shipyard.tasks.datasets import load_intent_dataset
+from shipyard.tasks.datasets import load_intent_dataset, project_data
 from shipyard.tasks.intent import LabelSet, intent_body, parse_intent
 
 
@@ -18,7 +18,8 @@ class IntentGate:
     first ``n`` examples of ``dataset`` with the served label set, straight at its engine (no user sees it)."""
 
     def __init__(self, dataset: Path | None, labels: LabelSet) -> None:
-        self.dataset = dataset
+        """A relative ``dataset`` is looked up in the working directory, then in the checkout (``project_data``)."""
+        self.dataset = project_data(str(dataset)) if dataset is not None and not dataset.is_absolute() else dataset
         self.labels = labels
 
     def unavailable(self) -> str | None:

@@ -26,13 +26,14 @@ from typing import Any
 import httpx
 
 from shipyard.router.audit import AuditLog
-from shipyard.router.checks import GateFailed, NoGate, PlainWarmUp, QualityGate, WarmUp
-from shipyard.router.commands import RolloutCommand, RolloutRejected, plan_rollout
+from shipyard.router.checks import NoGate, PlainWarmUp, QualityGate, WarmUp
+from shipyard.router.commands import RolloutCommand
+from shipyard.router.executor import RolloutExecutor
 from shipyard.router.health import probe
 from shipyard.router.inplace import InPlace
 from shipyard.router.launcher import Launcher, ReplicaHandle
 from shipyard.router.replica import Replica, ReplicaPool
-from shipyard.router.rollout import TERMINAL, Action, Observation, Phase, Rollout, Strategy, next_action
+from shipyard.router.rollout import Rollout, Strategy
 from shipyard.router.state import DeploymentState, ReplicaRecord
 from shipyard.router.store import LoadReport, StateConflict, StateStore
 from shipyard.router.strategies import BlueGreen, LoraAlias, RolloutStrategy, reload_adapters
@@ -115,7 +116,7 @@ class ControlPlane:
         self.applied_at = 0.0
         """When this gateway applied the current revision (wall clock)."""
         self._from_state: set[str] = set()
-        self._promote = asyncio.Event()
+        self.executor = RolloutExecutor(self)
         self._tasks: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
 
@@ -142,13 +143,13 @@ class ControlPlane:
             stored = await self.store.load() or stored
         self._apply(stored)
         self.supervisor.start()
-        self._spawn(self._follow())
+        self.spawn(self._follow())
         if (
             self.current is not None
             and self.current.active
             and await self.store.acquire_lease(self.gateway_id, self.config.lease_ttl_s)
         ):
-            self._resume(self.current)
+            self.executor.resume(self.current)
 
     def _seed_record(self, replica: Replica) -> ReplicaRecord:
         handle = self.supervisor.handles.get(replica.name)
@@ -201,7 +202,7 @@ class ControlPlane:
             if replica is None:
                 replica = Replica(record.url, name=name, deployment=record.deployment, version=record.version)
                 self.pool.add(replica)
-                self._spawn(probe(self.client, replica))
+                self.spawn(probe(self.client, replica))
             replica.version = record.version
             if record.held:
                 self.pool.hold(replica)
@@ -222,24 +223,24 @@ class ControlPlane:
             with contextlib.suppress(Exception):
                 stored = await self.store.load()
                 if stored is not None and stored.revision > self._state.revision:
-                    running_here = self._running_here()
+                    running_here = self.running_here()
                     self._apply(stored, adopt_rollout=not running_here)
                 await self.store.report_load(
                     LoadReport(self.gateway_id, self._state.revision, self._local_load(), self.clock()),
                     ttl_s=max(self.config.watch_interval_s * 10, 2.0),
                 )
                 rollout = self.current
-                if rollout is not None and rollout.active and not self._running_here():
+                if rollout is not None and rollout.active and not self.running_here():
                     if await self.store.lease_owner() is None and await self.store.acquire_lease(
                         self.gateway_id, self.config.lease_ttl_s
                     ):
                         self.audit.record(self.gateway_id, "rollout_taken_over", rollout=rollout.id)
-                        self._resume(rollout)
-                elif self._running_here():
+                        self.executor.resume(rollout)
+                elif self.running_here():
                     await self.store.acquire_lease(self.gateway_id, self.config.lease_ttl_s)
             await self.sleep(self.config.watch_interval_s)
 
-    def _running_here(self) -> bool:
+    def running_here(self) -> bool:
         return any(t.get_name() == "shipyard-rollout" and not t.done() for t in self._tasks)
 
     def _local_load(self) -> dict[str, int]:
@@ -293,7 +294,7 @@ class ControlPlane:
         with contextlib.suppress(Exception):
             await self.store.release_lease(self.gateway_id)
 
-    def _spawn(self, coro: Any, name: str | None = None) -> None:
+    def spawn(self, coro: Any, name: str | None = None) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -308,186 +309,17 @@ class ControlPlane:
             await reload_adapters(self.client, replica, self._state.adapters)
             await probe(self.client, replica)
 
-    # ----- commands ----------------------------------------------------------------------------------------
+    # ----- commands (carried out by the executor) -----------------------------------------------------------
 
     async def request(self, command: RolloutCommand) -> Rollout:
         """Validate and start a rollout in the background; RolloutRejected with nothing changed."""
-        plan = plan_rollout(
-            command,
-            current=self.current,
-            pool=self.pool,
-            adapters=set(self._state.adapters),
-            launcher=self.launcher,
-            gate=self.gate,
-            records=list(self._state.replicas),
-        )
-        if not await self.store.acquire_lease(self.gateway_id, self.config.lease_ttl_s):
-            owner = await self.store.lease_owner()
-            raise RolloutRejected(409, f"gateway {owner} is running a rollout; one at a time across all gateways")
-        rollout = Rollout(plan, clock=self.clock)
-        self.current = rollout
-        self._promote = asyncio.Event()
-        await self.commit()
-        self.audit.record(
-            command.who,
-            "rollout_requested",
-            rollout=rollout.id,
-            target=command.target,
-            version=plan.version,
-            canary_percent=command.canary_percent,
-            gate=command.gate,
-            lora=command.lora,
-            strategy=plan.strategy.value,
-        )
-        self._spawn(self._drive(rollout, Observation()), name="shipyard-rollout")
-        return rollout
-
-    def _owned(self, verb: str) -> Rollout:
-        rollout = self.current
-        if rollout is not None and rollout.active and not self._running_here():
-            raise RolloutRejected(409, f"rollout {rollout.id} runs on another gateway; {verb} it there")
-        if rollout is None:
-            raise RolloutRejected(409, f"no rollout to {verb}")
-        return rollout
+        return await self.executor.request(command)
 
     async def promote(self, who: str) -> Rollout:
-        rollout = self.current
-        if rollout is None or rollout.phase is not Phase.CANARY:
-            raise RolloutRejected(409, "no canary to promote (promote applies to a rollout in its canary phase)")
-        self._owned("promote")
-        self.audit.record(who, "promote", rollout=rollout.id)
-        self._promote.set()
-        return rollout
+        return await self.executor.promote(who)
 
     async def rollback(self, who: str) -> Rollout:
-        rollout = self.current
-        if rollout is None or not rollout.active:
-            update = self._last_in_place_update()
-            if update is not None:
-                previous = next(iter(update.facts["previous"].values()))
-                self.audit.record(who, "rollback", rollout=update.id, phase=update.phase.value, strategy="inplace")
-                return await self.request(
-                    RolloutCommand(previous["target"], version=previous["version"], who=who, strategy="inplace")
-                )
-        if rollout is None or rollout.phase not in (Phase.CANARY, Phase.DRAINING):
-            raise RolloutRejected(
-                409,
-                "nothing to roll back: the previous version is no longer running (roll back while the "
-                "rollout is in its canary or draining phase, after an in-place update, or deploy the old "
-                "version again)",
-            )
-        self._owned("roll back")
-        strategy = self.strategies[rollout.plan.strategy]
-        rollout.advance(Phase.ROLLED_BACK, f"by {who}")
-        await self.commit(**strategy.restore(self, rollout))
-        self.audit.record(who, "rollback", rollout=rollout.id, phase=rollout.phase.value)
-        self._promote.set()
-        return rollout
-
-    def _last_in_place_update(self) -> Rollout | None:
-        """The last rollout that completed, if it was an in-place update whose version is still served."""
-        done = [h for h in self._state.history if h.get("phase") == Phase.DONE.value]
-        if not done:
-            return None
-        last = Rollout.from_record(done[-1], clock=self.clock)
-        served = {r.version for r in self._state.replicas}
-        if last.plan.strategy is not Strategy.IN_PLACE or served != {last.plan.version}:
-            return None
-        return last if last.facts.get("previous") else None
-
-    # ----- the executor ------------------------------------------------------------------------------------
-
-    def _resume(self, rollout: Rollout) -> None:
-        self.audit.record(self.gateway_id, "rollout_resumed", rollout=rollout.id, phase=rollout.phase.value)
-        self._promote = asyncio.Event()
-        self._spawn(self._drive(rollout, Observation(interrupted=True)), name="shipyard-rollout")
-
-    async def _enter(self, rollout: Rollout, phase: Phase, note: str = "", **changes: Any) -> None:
-        if rollout.phase is not phase:
-            rollout.advance(phase, note)
-        await self.commit(**changes)
-        self.audit.record("rollout", "phase", rollout=rollout.id, phase=phase.value)
-
-    async def _drive(self, rollout: Rollout, seen: Observation) -> None:
-        strategy = self.strategies[rollout.plan.strategy]
-        try:
-            while (action := next_action(rollout, seen)) is not Action.NOTHING:
-                seen = await self._perform(action, strategy, rollout, seen)
-        finally:
-            if rollout.phase in TERMINAL:
-                with contextlib.suppress(Exception):
-                    await self.store.release_lease(self.gateway_id)
-
-    async def _perform(
-        self, action: Action, strategy: RolloutStrategy, rollout: Rollout, seen: Observation
-    ) -> Observation:
-        try:
-            return await self._step(action, strategy, rollout, seen)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # before the switch: the old version keeps serving; after: note it and go on
-            in_place_switch = rollout.plan.strategy is Strategy.IN_PLACE and rollout.phase is Phase.SWITCHING
-            if in_place_switch or rollout.phase in (Phase.PENDING, Phase.STARTING, Phase.WARMING, Phase.GATING):
-                rollout.facts.update(getattr(exc, "facts", {}))
-                return Observation(error=str(exc) if isinstance(exc, GateFailed) else f"{type(exc).__name__}: {exc}")
-            log.exception("rollout %s: %s failed in %s", rollout.id, action.value, rollout.phase.value)
-            rollout.error = f"{type(exc).__name__}: {exc}"
-            return dataclasses.replace(seen, done=True, retired=True)
-
-    async def _step(
-        self, action: Action, strategy: RolloutStrategy, rollout: Rollout, seen: Observation
-    ) -> Observation:
-        if action is Action.PREPARE:
-            await self._enter(rollout, Phase.STARTING)
-            await strategy.prepare(self, rollout)
-        elif action is Action.WARM_UP:
-            await self._enter(rollout, Phase.WARMING)
-            await strategy.warm_up(self, rollout)
-        elif action is Action.GATE:
-            await self._enter(rollout, Phase.GATING)
-            replica = strategy.new_replicas(self, rollout)[0]
-            assert rollout.plan.gate is not None
-            rollout.facts.update(
-                await self.gate.check(self.client, replica.url, strategy.model(self, rollout), rollout.plan.gate)
-            )
-        elif action is Action.OPEN_CANARY:
-            await self._enter(rollout, Phase.CANARY, **strategy.canary(self, rollout))
-            return Observation()
-        elif action is Action.AWAIT_PROMOTE:
-            await self._promote.wait()
-            return Observation(promoted=rollout.phase is Phase.CANARY)
-        elif action is Action.SWITCH:
-            ready_at = self.clock()
-            await self._enter(rollout, Phase.SWITCHING, **strategy.switch(self, rollout))
-            await strategy.after_switch(self, rollout)
-            rollout.facts["switch_s"] = round(self.clock() - ready_at, 6)
-        elif action is Action.DRAIN:
-            await self._enter(rollout, Phase.DRAINING)
-            await strategy.drain(self, rollout)
-        elif action is Action.FINISH:
-            await self._finish(rollout, Phase.DONE)
-            return Observation()
-        elif action is Action.ABORT:
-            reason = seen.error or f"interrupted in phase {rollout.phase.value} (the gateway running it stopped)"
-            rollout.error = reason
-            rollout.advance(Phase.FAILED, reason)
-            self.audit.record("rollout", "rollout_failed", rollout=rollout.id, error=reason)
-            await self.commit(**strategy.restore(self, rollout))
-            await strategy.retire_new(self, rollout)
-            await self._finish(rollout, Phase.FAILED)
-            return Observation(retired=True)
-        elif action is Action.RETIRE_NEW:
-            await strategy.retire_new(self, rollout)
-            await self._finish(rollout, Phase.ROLLED_BACK)
-            return Observation(retired=True)
-        return Observation(done=True)
-
-    async def _finish(self, rollout: Rollout, phase: Phase) -> None:
-        if rollout.phase is not phase:
-            rollout.advance(phase)
-        history = [*(h for h in self._state.history if h.get("id") != rollout.id), rollout.to_record()]
-        await self.commit(history=history)
-        self.audit.record("rollout", "phase", rollout=rollout.id, phase=phase.value)
+        return await self.executor.rollback(who)
 
     # ----- what strategies use ------------------------------------------------------------------------------
 
