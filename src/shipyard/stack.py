@@ -311,12 +311,13 @@ def gateway_pid_file(settings: Settings) -> Path:
 
 
 def shipyard_engines(data_dir: Path) -> list[psutil.Process]:
-    """Every engine process started by a shipyard using ``data_dir`` (found by its ``SHIPYARD_ENGINE_OF``)."""
+    """Every process of an engine started by a shipyard using ``data_dir`` (found by its ``SHIPYARD_ENGINE_OF``,
+    which vLLM's engine-core and worker processes inherit: also those whose server process is gone)."""
     marker = str(data_dir.resolve())
     found = []
     for process in psutil.process_iter(["pid"]):
         try:
-            if process.environ().get(MARKER_ENV) == marker and process.pid == os.getpgid(process.pid):
+            if process.environ().get(MARKER_ENV) == marker:
                 found.append(process)
         except (psutil.Error, OSError):
             continue
@@ -338,13 +339,18 @@ def stop_everything(settings: Settings, say: Say, grace_s: float = 30.0) -> int:
             if gateway.is_running():
                 gateway.kill()
             stopped += 1
-    engines = shipyard_engines(settings.data_dir)
-    for engine in engines:
-        say(f"stopping engine pid {engine.pid} ...")
+    processes = shipyard_engines(settings.data_dir)
+    groups = set()
+    for process in processes:
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(engine.pid, signal.SIGTERM)
-    _gone, alive = psutil.wait_procs(engines, timeout=grace_s)
-    for engine in alive:
+            groups.add(os.getpgid(process.pid))
+    for group in sorted(groups):
+        say(f"stopping engine process group {group} ...")
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(engine.pid, signal.SIGKILL)
-    return stopped + len(engines)
+            os.killpg(group, signal.SIGTERM)
+    _gone, alive = psutil.wait_procs(processes, timeout=grace_s)
+    for process in alive:
+        with contextlib.suppress(ProcessLookupError, PermissionError, psutil.Error):
+            os.killpg(os.getpgid(process.pid), signal.SIGKILL)
+            process.kill()
+    return stopped + len(groups)
