@@ -285,3 +285,20 @@ def test_bench_rollout_scenario_records_a_blue_green_under_load(fleet: Fleet) ->
     assert summary["rollout_phase"] == "done" and run["errors"] == 0, run["error_samples"]
     assert set(run["served_by"]) == {"blue/v1", "green/v2"}
     assert (out / "timeline.png").stat().st_size > 0 and "timeline.png" in (out / "report.md").read_text()
+
+
+def test_a_registered_name_and_version_is_a_rollout_target(fleet: Fleet) -> None:
+    from shipyard.prepare.registry import Registry
+
+    registry = Registry(fleet.tmp / "data" / "models")
+    with registry.new_version("bot", "v7", scheme="bf16") as folder:
+        (folder / "config.json").write_text("{}")
+    unknown = fleet.admin("POST", "/admin/rollouts", {"target": "bot:v9"})
+    assert unknown.status_code == 400 and "bot" in unknown.json()["error"]["message"], unknown.text
+    accepted = fleet.admin("POST", "/admin/rollouts", {"target": "bot:v7"})
+    assert accepted.status_code == 202, accepted.text
+    rollout = accepted.json()
+    assert rollout["version"] == "v7" and rollout["target"] == str(registry.resolve("bot:v7"))
+    assert rollout["strategy"] == "blue-green" and "not in place" in rollout["strategy_reason"]
+    assert fleet.wait_phase("done", "failed")["phase"] == "done"
+    assert fleet.chat().headers["x-shipyard-version"] == "v7"
