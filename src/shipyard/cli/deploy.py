@@ -126,7 +126,7 @@ def deploy(
             typer.echo(_line(rollout))
         if seen in FINAL or seen == "canary":
             break
-        time.sleep(0.5)
+        time.sleep(0.1)
     if rollout["phase"] == "failed":
         raise fail(f"rollout failed, the previous version keeps serving: {rollout['error']}")
     if rollout["phase"] == "canary":
