@@ -53,7 +53,8 @@ def test_responses_route_counts_usage_and_streams_to_the_end(stack: Stack) -> No
 
 def test_previous_response_id_goes_to_the_replica_that_made_it() -> None:
     fakes = [FakeOpenAI(MODEL), FakeOpenAI(MODEL)]
-    settings = load_settings(api_keys=API_KEY, health_interval_s=0.2)
+    # probed once at start only: a probe between "mark it not ready" and the request would undo the mark
+    settings = load_settings(api_keys=API_KEY, health_interval_s=60)
     with ServerThread(fakes[0]) as one, ServerThread(fakes[1]) as two:
         replicas = [Replica(one.url, name="r1"), Replica(two.url, name="r2")]
         with ServerThread(create_app(settings, replicas)) as gw:
