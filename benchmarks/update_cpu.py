@@ -221,6 +221,13 @@ def update_under_load(
     return {**result, "load": load.summary(), "around_the_switch": around(load, began, ended), "checkers": check}
 
 
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def run(out: Path, models_dir: Path) -> dict[str, Any]:
     base = pull_default(models_dir).path
     work = Path(tempfile.mkdtemp(prefix="shipyard-update-"))
@@ -245,6 +252,11 @@ def run(out: Path, models_dir: Path) -> dict[str, Any]:
     }
     try:
         report["cold_start_s"] = round(stack.up(600), 3)
+        page = f"http://127.0.0.1:{stack.env['SHIPYARD_UI__PORT']}/"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not _answers(page):
+            time.sleep(0.5)
+        report["chat_page_up"] = _answers(page)
         v1_name = next(iter(stack.replicas().values()))["version"]
         v1 = answers(stack.url)
         expected = {v1_name: v1[0]}

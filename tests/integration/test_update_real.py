@@ -27,6 +27,7 @@ def test_updates_and_restarts_with_a_real_engine(default_model_dir: Path, tmp_pa
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "update.json").read_text())
 
+    assert report["chat_page_up"], "shipyard up serves the chat page beside the gateway"
     inplace = report["inplace"]  # `shipyard deploy MERGED --version v2`, strategy auto
     assert inplace["exit_code"] == 0 and inplace["phase"] == "done" and inplace["strategy"] == "inplace", inplace
     assert inplace["load"]["failed"] == 0 and inplace["load"]["truncated"] == 0, inplace["load"]
