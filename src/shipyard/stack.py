@@ -14,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import signal
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import psutil
@@ -38,6 +39,7 @@ from shipyard.router.store import FileStateStore, StateStore, StateUnreadable, S
 from shipyard.settings import Settings
 
 Say = Callable[[str], None]
+T = TypeVar("T")
 PRE_SWITCH = {Phase.PENDING.value, Phase.STARTING.value, Phase.WARMING.value, Phase.GATING.value}
 
 
@@ -181,9 +183,8 @@ class _Engines:
         return tuple(records)
 
     def _adopt(self, record: ReplicaRecord, check: bool) -> ReplicaHandle | None:
-        port = int(record.url.rsplit(":", 1)[1])
         try:
-            handle = self.launcher.adopt(dataclasses.asdict(record), port, record.name)
+            handle = self.launcher.adopt(dataclasses.asdict(record), record.port, record.name)
         except (ProcessLookupError, KeyError, TypeError, ValueError):
             return None
         served = (record.engine or {}).get("served_model_name") or (record.engine or {}).get("model", "")
@@ -198,8 +199,7 @@ class _Engines:
 
     def _restart(self, record: ReplicaRecord) -> ReplicaRecord:
         spec = EngineSpec.from_record(record.engine or {})
-        port = int(record.url.rsplit(":", 1)[1])
-        handle = self.launcher.handle_for(spec, record.name, cpu_bind=record.cpu_bind, port=port)
+        handle = self.launcher.handle_for(spec, record.name, cpu_bind=record.cpu_bind, port=record.port)
         self.say(f"the engine of {record.name} (version {record.version}) is gone; starting it again ...")
         start(handle)
         self.handles[record.name] = handle
@@ -230,7 +230,7 @@ def build_stack(
     """
     store = _open_store(settings)
     try:
-        state = asyncio.run(_load_fresh(settings, store))
+        state = asyncio.run(_in_this_loop(settings, store, _load))
         replicas = list(upstreams)
         launcher: EngineLauncher | None = None
         handles: dict[str, ReplicaHandle] = {}
@@ -248,9 +248,9 @@ def build_stack(
                 handles, adopted = engines.handles, engines.adopted
                 if records != state.replicas:
                     state = state.evolve(by="shipyard-serve", replicas=records)
-                    asyncio.run(_save(settings, store, state))
+                    asyncio.run(_in_this_loop(settings, store, functools.partial(_save, state)))
             replicas = [Replica(r.url, name=r.name, deployment=r.deployment, version=r.version) for r in state.replicas]
-            served = ", ".join(sorted({m for m in _served_names(state)})) or served
+            served = ", ".join(sorted(set(_served_names(state)))) or served
         elif choose_engine is not None and launcher is not None:
             name = f"blue-{choice.version}"
             handle = launcher.handle_for(
@@ -263,9 +263,10 @@ def build_stack(
             replicas.insert(0, Replica(handle.url, name=name, deployment="blue", version=choice.version))
         if not replicas and settings.state_url is None and not any(u.startswith("dns+") for u in settings.upstreams):
             raise StackError("nothing to serve: give a model, or --upstream URL with --no-engine")
-        app = create_app(settings, replicas, launcher=launcher, managed=handles, store=_app_store(settings, store))
+        app = create_app(settings, replicas, launcher=launcher, managed=handles, store=store)
     except BaseException:
-        asyncio.run(store.close()) if isinstance(store, FileStateStore) else None
+        if isinstance(store, FileStateStore):
+            asyncio.run(store.close())  # its lock
         raise
     return Stack(app, store, served, handles, adopted)
 
@@ -280,30 +281,20 @@ def _served_names(state: DeploymentState) -> list[str]:
     return names
 
 
-async def _load_fresh(settings: Settings, store: StateStore) -> DeploymentState | None:
-    """Load with a store made for this event loop (a Redis client is bound to the loop it was made in)."""
+async def _save(state: DeploymentState, store: StateStore) -> None:
+    await store.save(state)
+
+
+async def _in_this_loop(settings: Settings, store: StateStore, work: Callable[[StateStore], Awaitable[T]]) -> T:
+    """``work`` on ``store`` before the gateway runs. A Redis client binds its connections to the event loop that
+    first uses them, so that work gets a store of its own and ``store`` stays unused for the gateway's loop."""
     if isinstance(store, FileStateStore):
-        return await _load(store)
+        return await work(store)
     temporary = open_store(settings.state_url, settings.data_dir)
     try:
-        return await _load(temporary)
+        return await work(temporary)
     finally:
         await temporary.close()
-
-
-async def _save(settings: Settings, store: StateStore, state: DeploymentState) -> None:
-    if isinstance(store, FileStateStore):
-        await store.save(state)
-        return
-    temporary = open_store(settings.state_url, settings.data_dir)
-    try:
-        await temporary.save(state)
-    finally:
-        await temporary.close()
-
-
-def _app_store(settings: Settings, store: StateStore) -> StateStore:
-    return store if isinstance(store, FileStateStore) else open_store(settings.state_url, settings.data_dir)
 
 
 def gateway_pid_file(settings: Settings) -> Path:

@@ -153,16 +153,11 @@ class ControlPlane:
 
     def _seed_record(self, replica: Replica) -> ReplicaRecord:
         handle = self.supervisor.handles.get(replica.name)
-        fields = handle.identity() if handle is not None else {}
-        return ReplicaRecord(
-            name=replica.name,
-            url=replica.url,
-            deployment=replica.deployment,
-            version=replica.version,
-            target=str((fields.get("engine") or {}).get("model", replica.url)),
-            host=socket.gethostname() if fields else "",
-            **{k: v for k, v in fields.items() if k in {"engine", "pid", "started_at", "cpu_bind", "log_file"}},
-        )
+        if handle is None:  # a server someone else runs
+            return ReplicaRecord(replica.name, replica.url, replica.deployment, replica.version, target=replica.url)
+        engine = handle.identity().get("engine") or {}
+        target = str(engine.get("model", replica.url))
+        return self.record(replica.name, handle, deployment=replica.deployment, version=replica.version, target=target)
 
     def record(self, name: str, handle: ReplicaHandle, **fields: Any) -> ReplicaRecord:
         identity = handle.identity()
@@ -194,8 +189,8 @@ class ControlPlane:
         self.applied_at = self.clock()
         by_name = {r.name: r for r in self.pool.replicas}
         wanted = {record.name: record for record in state.replicas}
-        for name in self._from_state | set(by_name):
-            if name not in wanted and name in by_name and name in self._from_state:
+        for name in self._from_state - set(wanted):  # gone from the state (replicas found by DNS are not in it)
+            if name in by_name:
                 self.pool.remove(by_name[name])
         for name, record in wanted.items():
             replica = by_name.get(name)

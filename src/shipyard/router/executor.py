@@ -34,10 +34,10 @@ class RolloutExecutor:
             command,
             current=self.control.current,
             pool=self.control.pool,
-            adapters=set(self.control._state.adapters),
+            adapters=set(self.control.state.adapters),
             launcher=self.control.launcher,
             gate=self.control.gate,
-            records=list(self.control._state.replicas),
+            records=list(self.control.state.replicas),
         )
         if not await self.control.store.acquire_lease(self.control.gateway_id, self.control.config.lease_ttl_s):
             owner = await self.control.store.lease_owner()
@@ -106,11 +106,11 @@ class RolloutExecutor:
 
     def _last_in_place_update(self) -> Rollout | None:
         """The last rollout that completed, if it was an in-place update whose version is still served."""
-        done = [h for h in self.control._state.history if h.get("phase") == Phase.DONE.value]
+        done = [h for h in self.control.state.history if h.get("phase") == Phase.DONE.value]
         if not done:
             return None
         last = Rollout.from_record(done[-1], clock=self.control.clock)
-        served = {r.version for r in self.control._state.replicas}
+        served = {r.version for r in self.control.state.replicas}
         if last.plan.strategy is not Strategy.IN_PLACE or served != {last.plan.version}:
             return None
         return last if last.facts.get("previous") else None
@@ -207,6 +207,6 @@ class RolloutExecutor:
     async def _finish(self, rollout: Rollout, phase: Phase) -> None:
         if rollout.phase is not phase:
             rollout.advance(phase)
-        history = [*(h for h in self.control._state.history if h.get("id") != rollout.id), rollout.to_record()]
+        history = [*(h for h in self.control.state.history if h.get("id") != rollout.id), rollout.to_record()]
         await self.control.commit(history=history)
         self.control.audit.record("rollout", "phase", rollout=rollout.id, phase=phase.value)

@@ -18,7 +18,6 @@ from typing import Any
 
 import httpx
 
-from shipyard.router.replica import Replica
 from shipyard.router.rollout import Gate, Rollout, Strategy
 from shipyard.router.state import ReplicaRecord
 from shipyard.router.strategies import Deployer, RolloutStrategy, wait_idle
@@ -88,13 +87,6 @@ class InPlace(RolloutStrategy):
         }
         rollout.facts["pause_s"] = {}
 
-    def new_replicas(self, d: Deployer, rollout: Rollout) -> list[Replica]:
-        return d.pool.deployments().get(rollout.plan.new_deployment, [])
-
-    def model(self, d: Deployer, rollout: Rollout) -> str:
-        replicas = self.new_replicas(d, rollout)
-        return next(iter(replicas[0].models)) if replicas and replicas[0].models else rollout.plan.version
-
     async def warm_up(self, d: Deployer, rollout: Rollout) -> None:
         return None  # the kernels and grammars stay warm; each replica is checked right after its reload
 
@@ -142,9 +134,10 @@ class InPlace(RolloutStrategy):
         previous = str((record.engine or {}).get("model") or record.target)
         try:
             steps = await reload_weights(d.client, record.url, folder, d.reload_timeout_s)
-            await d.warm([replica], self.model(d, rollout), light=True)
+            model = self.model(d, rollout)
+            await d.warm([replica], model, light=True)
             if gate is not None:
-                rollout.facts.update(await d.gate.check(d.client, record.url, self.model(d, rollout), gate))
+                rollout.facts.update(await d.gate.check(d.client, record.url, model, gate))
         except Exception:
             if not reverting:
                 try:

@@ -216,18 +216,19 @@ class Rollout:
         )
 
 
-def traffic_weights(rollout: Rollout) -> dict[str, float] | None:
-    """The deployment weights a rollout's phase calls for (None: leave the weights as they are)."""
+def traffic_weights(rollout: Rollout, phase: Phase | None = None) -> dict[str, float] | None:
+    """The deployment weights ``phase`` (default: the rollout's own) calls for (None: leave them as they are)."""
     plan = rollout.plan
     old, new = plan.old_deployment, plan.new_deployment
+    phase = rollout.phase if phase is None else phase
     if plan.lora:
         return None  # a LoRA rollout switches a model alias, not deployment weights
-    if rollout.phase is Phase.CANARY and plan.canary_percent is not None:
+    if phase is Phase.CANARY and plan.canary_percent is not None:
         share = plan.canary_percent / 100
         return {new: share, old: 1 - share} if old else {new: 1.0}
-    if rollout.phase in (Phase.SWITCHING, Phase.DRAINING, Phase.DONE):
+    if phase in (Phase.SWITCHING, Phase.DRAINING, Phase.DONE):
         return {new: 1.0, old: 0.0} if old else {new: 1.0}
-    if rollout.phase in (Phase.FAILED, Phase.ROLLED_BACK) and old:
+    if phase in (Phase.FAILED, Phase.ROLLED_BACK) and old:
         return {old: 1.0, new: 0.0}
     return None
 

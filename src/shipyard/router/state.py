@@ -53,6 +53,11 @@ class ReplicaRecord:
     """New requests for this replica wait at every gateway (an in-place update is changing its weights)."""
 
     @property
+    def port(self) -> int:
+        """The port of ``url`` (an engine shipyard started listens on loopback at this port)."""
+        return int(self.url.rstrip("/").rsplit(":", 1)[1])
+
+    @property
     def managed(self) -> bool:
         """True when shipyard started (and so supervises and stops) the engine behind this replica."""
         return self.engine is not None

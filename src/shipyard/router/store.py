@@ -159,6 +159,8 @@ class FileStateStore(MemoryStateStore):
         self.path = folder / "state.json"
         self.description = f"file {self.path}"
         self._lock: int | None = None
+        self._parsed: tuple[int, int, int] | None = None
+        """(inode, mtime, size) of the file ``_state`` was read from or written to."""
 
     def lock(self) -> None:
         """Take the one-gateway lock; :class:`StoreLocked` names the process holding it."""
@@ -178,7 +180,11 @@ class FileStateStore(MemoryStateStore):
         self._lock = fd
 
     async def load(self) -> DeploymentState | None:
+        """The state in the file; parsed again only when the file changed (``watch`` polls this)."""
         try:
+            seen = _file_identity(self.path)
+            if self._state is not None and seen == self._parsed:
+                return self._state
             text = self.path.read_bytes()
         except FileNotFoundError:
             return None
@@ -188,7 +194,7 @@ class FileStateStore(MemoryStateStore):
             state = DeploymentState.from_json(text)
         except StateError as exc:
             raise StateUnreadable(self._unreadable(str(exc))) from None
-        self._state = state
+        self._state, self._parsed = state, seen
         return state
 
     def _unreadable(self, why: str) -> str:
@@ -226,12 +232,18 @@ class FileStateStore(MemoryStateStore):
             os.fsync(directory)
         finally:
             os.close(directory)
-        self._state = state
+        self._state, self._parsed = state, _file_identity(self.path)
 
     async def close(self) -> None:
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
+
+
+def _file_identity(path: Path) -> tuple[int, int, int]:
+    """Changes whenever the file is replaced (a new inode) or edited in place (mtime, size)."""
+    stat = path.stat()
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
 _RENEW = """

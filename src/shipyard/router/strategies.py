@@ -18,7 +18,7 @@ import httpx
 from shipyard.router.checks import QualityGate
 from shipyard.router.launcher import ExternalReplica, Launcher, ReplicaHandle, is_url
 from shipyard.router.replica import Replica, ReplicaPool
-from shipyard.router.rollout import Phase, Rollout, Strategy
+from shipyard.router.rollout import Phase, Rollout, Strategy, traffic_weights
 from shipyard.router.state import DeploymentState, ReplicaRecord
 from shipyard.router.supervisor import Supervisor
 
@@ -69,18 +69,22 @@ class RolloutStrategy(ABC):
     async def prepare(self, d: Deployer, rollout: Rollout) -> None:
         """Make the new version serve somewhere users do not reach yet."""
 
-    @abstractmethod
-    def new_replicas(self, d: Deployer, rollout: Rollout) -> list[Replica]: ...
+    def new_replicas(self, d: Deployer, rollout: Rollout) -> list[Replica]:
+        """The replicas that serve (or will serve) the new version: those of the plan's new deployment."""
+        return d.pool.deployments().get(rollout.plan.new_deployment, [])
 
-    @abstractmethod
     def model(self, d: Deployer, rollout: Rollout) -> str:
         """The upstream model name of the new version (for warm-up and the gate)."""
+        replicas = self.new_replicas(d, rollout)
+        return next(iter(replicas[0].models)) if replicas and replicas[0].models else rollout.plan.version
 
     async def warm_up(self, d: Deployer, rollout: Rollout) -> None:
         await d.warm(self.new_replicas(d, rollout), self.model(d, rollout), light=False)
 
     def canary(self, d: Deployer, rollout: Rollout) -> dict[str, Any]:
-        raise NotImplementedError(f"{self.kind.value} has no canary phase")
+        """State changes for the canary share; only blue-green has one (``plan_rollout`` refuses ``--canary``
+        for the others, so reaching this is a bug)."""
+        raise RuntimeError(f"a {self.kind.value} rollout has no canary phase")
 
     @abstractmethod
     def switch(self, d: Deployer, rollout: Rollout) -> dict[str, Any]:
@@ -134,59 +138,40 @@ class BlueGreen(RolloutStrategy):
     async def prepare(self, d: Deployer, rollout: Rollout) -> None:
         plan = rollout.plan
         name = self._name(rollout)
-        existing = d.state.replica(name)
-        if existing is None:
-            busy = {r.cpu_bind for r in d.state.replicas if r.cpu_bind}
-            handle: ReplicaHandle = (
-                ExternalReplica(plan.target)
-                if is_url(plan.target)
-                else d.launcher.prepare(plan.target, name, busy_binds=busy)
-            )
-            handle.spawn()
-            record = d.record(name, handle, deployment=plan.new_deployment, version=plan.version, target=plan.target)
-            weights = dict(d.state.weights)
-            if plan.old_deployment is not None and not weights.get(plan.new_deployment):
-                weights[plan.new_deployment] = 0.0
-            rollout.facts["replica"] = name
-            d.supervisor.handles.pop(name, None)
-            await d.commit(replicas=d.state.with_replica(record), weights=weights)
-            await handle.wait_ready()
-            d.supervisor.manage(name, handle)
-            with_identity = d.record(
-                name, handle, deployment=plan.new_deployment, version=plan.version, target=plan.target
-            )
-            if with_identity != record:
-                await d.commit(replicas=d.state.with_replica(with_identity))
+        busy = {r.cpu_bind for r in d.state.replicas if r.cpu_bind}
+        handle: ReplicaHandle = (
+            ExternalReplica(plan.target)
+            if is_url(plan.target)
+            else d.launcher.prepare(plan.target, name, busy_binds=busy)
+        )
+        handle.spawn()
+        record = d.record(name, handle, deployment=plan.new_deployment, version=plan.version, target=plan.target)
+        weights = dict(d.state.weights)
+        if plan.old_deployment is not None and not weights.get(plan.new_deployment):
+            weights[plan.new_deployment] = 0.0
+        rollout.facts["replica"] = name
+        await d.commit(replicas=d.state.with_replica(record), weights=weights)  # recorded before it is ready
+        await handle.wait_ready()
+        d.supervisor.manage(name, handle)
+        with_identity = d.record(name, handle, deployment=plan.new_deployment, version=plan.version, target=plan.target)
+        if with_identity != record:
+            await d.commit(replicas=d.state.with_replica(with_identity))
         replica = next(r for r in d.pool.replicas if r.name == name)
         await d.wait_ready(replica, d.ready_timeout_s)
 
-    def new_replicas(self, d: Deployer, rollout: Rollout) -> list[Replica]:
-        return [r for r in d.pool.replicas if r.deployment == rollout.plan.new_deployment]
-
-    def model(self, d: Deployer, rollout: Rollout) -> str:
-        replicas = self.new_replicas(d, rollout)
-        return next(iter(replicas[0].models)) if replicas and replicas[0].models else rollout.plan.version
+    @staticmethod
+    def _weights(rollout: Rollout, phase: Phase) -> dict[str, Any]:
+        weights = traffic_weights(rollout, phase)
+        return {} if weights is None else {"weights": weights}
 
     def canary(self, d: Deployer, rollout: Rollout) -> dict[str, Any]:
-        plan = rollout.plan
-        share = (plan.canary_percent or 0) / 100
-        weights = (
-            {plan.new_deployment: share, plan.old_deployment: 1 - share}
-            if plan.old_deployment
-            else {plan.new_deployment: 1.0}
-        )
-        return {"weights": weights}
+        return self._weights(rollout, Phase.CANARY)
 
     def switch(self, d: Deployer, rollout: Rollout) -> dict[str, Any]:
-        plan = rollout.plan
-        weights = {plan.new_deployment: 1.0, **({plan.old_deployment: 0.0} if plan.old_deployment else {})}
-        return {"weights": weights}
+        return self._weights(rollout, Phase.SWITCHING)
 
     def restore(self, d: Deployer, rollout: Rollout) -> dict[str, Any]:
-        plan = rollout.plan
-        if plan.old_deployment is None:
-            return {}
-        return {"weights": {plan.old_deployment: 1.0, plan.new_deployment: 0.0}}
+        return self._weights(rollout, Phase.FAILED)
 
     async def _retire(
         self, d: Deployer, rollout: Rollout, deployment: str | None, keep: str, phase: Phase | None = None
@@ -222,12 +207,9 @@ class LoraAlias(RolloutStrategy):
 
     kind = Strategy.LORA
 
-    def _replicas(self, d: Deployer, rollout: Rollout) -> list[Replica]:
-        return d.pool.deployments().get(rollout.plan.new_deployment, [])
-
     async def prepare(self, d: Deployer, rollout: Rollout) -> None:
         plan = rollout.plan
-        replicas = self._replicas(d, rollout)
+        replicas = self.new_replicas(d, rollout)
         if not replicas:
             raise RuntimeError(f"deployment {plan.new_deployment} has no replicas")
         base = next(iter(replicas[0].models))
@@ -239,14 +221,11 @@ class LoraAlias(RolloutStrategy):
         for replica in replicas:
             await load_adapter(d.client, replica, new_model, path)
 
-    def new_replicas(self, d: Deployer, rollout: Rollout) -> list[Replica]:
-        return self._replicas(d, rollout)
-
     def model(self, d: Deployer, rollout: Rollout) -> str:
         return str(rollout.facts["new_model"])
 
     async def warm_up(self, d: Deployer, rollout: Rollout) -> None:
-        await d.warm(self._replicas(d, rollout), self.model(d, rollout), light=True)
+        await d.warm(self.new_replicas(d, rollout), self.model(d, rollout), light=True)
 
     def _aliases(self, d: Deployer, alias: str, target: str | None) -> dict[str, Any]:
         aliases = dict(d.state.aliases)
@@ -267,7 +246,7 @@ class LoraAlias(RolloutStrategy):
     async def _unload(self, d: Deployer, rollout: Rollout, model: str) -> None:
         if model not in d.state.adapters:
             return
-        for replica in self._replicas(d, rollout):
+        for replica in self.new_replicas(d, rollout):
             with contextlib.suppress(httpx.HTTPError):
                 await d.client.post(f"{replica.url}/v1/unload_lora_adapter", json={"lora_name": model}, timeout=60)
         await d.commit(adapters={k: v for k, v in d.state.adapters.items() if k != model})
