@@ -214,7 +214,7 @@ def test_lora_hot_load_switches_the_alias_in_place(fleet: Fleet) -> None:
         time.sleep(0.5)
     assert done["phase"] == "done", done["error"]
     assert serving_after < 2.0
-    assert load.summary()["failed"] == 0
+    assert load.summary()["failed"] == 0, load.summary()
     assert fleet.admin("GET", "/admin/deployments").json()["aliases"] == {"m": "m@v2"}
     response = fleet.chat()
     assert response.status_code == 200 and response.json()["model"] == "m@v2"

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import httpx
 
 from shipyard.router.checks import QualityGate
+from shipyard.router.health import probe
 from shipyard.router.launcher import ExternalReplica, Launcher, ReplicaHandle, is_url
 from shipyard.router.replica import Replica, ReplicaPool
 from shipyard.router.rollout import Phase, Rollout, Strategy, traffic_weights
@@ -220,6 +221,7 @@ class LoraAlias(RolloutStrategy):
         await d.commit(adapters={**d.state.adapters, new_model: path})
         for replica in replicas:
             await load_adapter(d.client, replica, new_model, path)
+            await probe(d.client, replica)  # it now lists the adapter: the alias may point at it
 
     def model(self, d: Deployer, rollout: Rollout) -> str:
         return str(rollout.facts["new_model"])
