@@ -2,12 +2,13 @@
 gateway and straight to vLLM in the same run, for one engine configuration per call.
 
 Uses the campaign's helpers (staged vLLM 0.26.0 kit, Qwen2.5-7B shape with dummy weights, ``shipyard serve`` as
-users run it, ``shipyard bench`` as the load). Per configuration: one engine, one gateway (shortest decode, the
-default), then open-loop rate sweeps of ``--scenario intent`` (gateway) and ``--scenario intent-engine`` (the
-same chat completions straight to vLLM), the full-decode path at 200 req/s on both for comparison, and
-``--find-max --slo e2e=82`` through the gateway. A sampler records, every 0.25 s, vLLM's running/waiting
-requests and the CPU of vLLM's API server, its engine core and the gateway, so the bottleneck at the ceiling
-can be named; ``shipyard bench`` itself reports its achieved rate, send lag and CPU.
+users run it, ``shipyard bench`` as the load). Per configuration: one engine, one gateway (``intent.decode``
+shortest, the default: one token), then open-loop rate sweeps of ``--scenario intent`` (gateway) and
+``--scenario intent-engine`` (the same first chat completion straight to vLLM), the stop-string and full decodes
+straight to vLLM at 200 req/s for comparison, and ``--find-max --slo e2e=82`` and ``e2e=40`` through the gateway;
+legs that would start past ``--budget-s`` are skipped (and listed). A sampler records, every 0.25 s, vLLM's
+running/waiting requests and the CPU of vLLM's API server, its engine core and the gateway, so the bottleneck at
+the ceiling can be named; ``shipyard bench`` itself reports its achieved rate, send lag and CPU.
 
     bash .gpu/bin/stage.sh && source .gpu/bin/env.sh && export PYTHONPATH=$PWD/src:$PYTHONPATH
     python3 benchmarks/intent_ceiling.py --config bf16    --out $OUT/intent
@@ -26,6 +27,7 @@ from typing import Any
 import httpx
 import psutil
 from gpu_campaign import BASE_ARGS, GATEWAY_PORT, bench, log, meta, start_engine, start_gateway, stop, write
+from intent_decode_cpu import intent_tokens
 
 from shipyard.engine.spec import PROFILE_OVERRIDES, Profile
 
@@ -107,10 +109,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--config", choices=list(CONFIGS), required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--rates", default="100,200,300,400,500,600,800,1000")
+    parser.add_argument("--rates", default="100,200,300,400,500,600,800,1000,1200")
     parser.add_argument("--duration", default="5")
-    parser.add_argument("--find-max-start", default="200")
-    parser.add_argument("--legs", default="gateway,direct,full,findmax")
+    parser.add_argument("--legs", default="gateway,direct,compare,findmax82,findmax40")
+    parser.add_argument("--compare-rate", default="200")
+    parser.add_argument(
+        "--budget-s", type=float, default=540, help="legs that would start after this many seconds are skipped"
+    )
     args = parser.parse_args()
     out = args.out / args.config
     work = out / "work"
@@ -125,50 +130,57 @@ def main() -> None:
     common = ["--model", "qwen", "--duration", args.duration, "--warmup", "2", "--seed", "13"]
     legs: dict[str, Any] = {}
     results["legs"] = legs
+    results["skipped"] = []
     assert engine.pid is not None and gateway.pid is not None
     sampler = Sampler(engine.url, engine.pid, gateway.pid)
 
-    def sweep(leg: str, url: str, *load: str) -> None:
-        """One bench per rate, stopping after the first overloaded level; the leg's summaries in a list."""
+    def run_leg(leg: str, body: Any) -> None:
+        if time.monotonic() - started > args.budget_s:
+            results["skipped"].append(leg)
+            log(f"skipped {leg}: past the {args.budget_s:.0f} s budget")
+            return
         sampler.leg = leg
-        legs[leg] = []
+        legs[leg] = body()
+        write(out, "intent_ceiling.json", {**results, "sampled": sampler.by_leg()})
+
+    def sweep(leg: str, url: str, *load: str) -> list[dict[str, Any]]:
+        """One bench per rate, stopping after the first overloaded level."""
+        summaries: list[dict[str, Any]] = []
         for rate in args.rates.split(","):
             summary = bench(work / leg / rate, url, *common, *load, "--rate", rate)
-            legs[leg].append(summary)
+            summaries.append(summary)
             run = summary["runs"][0]
             if run["errors"] or run["e2e_ms"]["p99"] > OVERLOADED_MS:
                 break
-        write(out, "intent_ceiling.json", {**results, "sampled": sampler.by_leg()})
+        return summaries
+
+    def find_max(bound: str, start: str) -> Any:
+        load = ("--scenario", "intent", "--rate", start, "--find-max", "--slo", f"e2e={bound}", "--max-level", "3200")
+        return bench(work / f"find-max-{bound}", gw_url, *common, *load)
 
     wanted = args.legs.split(",")
+    engine_leg = ("--scenario", "intent-engine")
     try:
         with sampler:
+            # the gateway first: it reads the engine's tokenizer on its first requests (the sweep's warm-up)
             if "gateway" in wanted:
-                sweep("gateway-sweep", gw_url, "--scenario", "intent")
+                run_leg("gateway-sweep", lambda: sweep("gateway-sweep", gw_url, "--scenario", "intent"))
             if "direct" in wanted:
-                sweep("direct-sweep", engine.url, "--scenario", "intent-engine")
-            if "full" in wanted:
-                sampler.leg = "direct-full-200"
-                legs[sampler.leg] = bench(
-                    work / sampler.leg, engine.url, *common, "--scenario", "intent-engine", "--intent-decode", "full",
-                    "--rate", "200",
-                )  # fmt: skip
-            if "findmax" in wanted:
-                sampler.leg = "gateway-find-max-82"
-                legs[sampler.leg] = bench(
-                    work / sampler.leg,
-                    gw_url,
-                    *common,
-                    *("--scenario", "intent", "--rate", args.find_max_start, "--find-max", "--slo", "e2e=82"),
-                    *("--max-level", "3200"),
-                )
-            write(out, "intent_ceiling.json", {**results, "sampled": sampler.by_leg()})
-            if "full" in wanted:
-                stop(gateway)  # the old path for comparison: the same gateway with intent.decode=full
-                gateway = start_gateway(work, engine.url, env={"SHIPYARD_INTENT__DECODE": "full"})
-                sampler.procs["gateway"] = [psutil.Process(gateway.pid)]
-                sampler.leg = "gateway-full-200"
-                legs[sampler.leg] = bench(work / sampler.leg, gw_url, *common, "--scenario", "intent", "--rate", "200")
+                run_leg("direct-sweep", lambda: sweep("direct-sweep", engine.url, *engine_leg))
+            if "compare" in wanted:  # the other decodes, straight to vLLM, at one rate
+                for mode in ("stop-strings", "full"):
+                    leg = f"direct-{mode}-{args.compare_rate}"
+                    run_leg(
+                        leg,
+                        lambda m=mode, leg=leg: bench(
+                            work / leg, engine.url, *common, *engine_leg, "--intent-decode", m,
+                            "--rate", args.compare_rate,
+                        ),
+                    )  # fmt: skip
+            for bound, start in (("82", "400"), ("40", "200")):
+                if f"findmax{bound}" in wanted:
+                    run_leg(f"gateway-find-max-{bound}", lambda b=bound, s=start: find_max(b, s))
+        results["gateway_intent_tokens"] = intent_tokens(gw_url)  # every classification the gateway made
     finally:
         stop(gateway)
         engine.stop(30)

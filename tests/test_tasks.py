@@ -277,8 +277,8 @@ def test_intent_asks_only_for_the_tokens_that_decide_the_label(stack: Stack) -> 
     assert sent["stop"] == list(plan.stop) and sent["include_stop_str_in_output"] is True
     assert sent["max_tokens"] == plan.max_tokens and len(stack.fake.requests) == 1
     metrics = intent_histogram(stack)
-    assert metrics['shipyard_intent_output_tokens_count{decode="shortest",outcome="decided"}'] == 1
-    assert metrics['shipyard_intent_output_tokens_sum{decode="shortest",outcome="decided"}'] == 1  # "l"
+    assert metrics['shipyard_intent_output_tokens_count{decode="shortest",outcome="stop_strings"}'] == 1
+    assert metrics['shipyard_intent_output_tokens_sum{decode="shortest",outcome="stop_strings"}'] == 1  # "l"
 
 
 def test_an_undecided_short_answer_is_continued_as_a_full_decode(stack: Stack) -> None:
@@ -290,10 +290,8 @@ def test_an_undecided_short_answer_is_continued_as_a_full_decode(stack: Stack) -
     assert short["stop"] and "stop" not in full and full["max_tokens"] == FULL_MAX_TOKENS
     assert full["messages"] == short["messages"] and full["structured_outputs"] == short["structured_outputs"]
     metrics = intent_histogram(stack)
-    assert metrics['shipyard_intent_output_tokens_count{decode="shortest",outcome="continued"}'] == 1
-    assert (
-        metrics['shipyard_intent_output_tokens_sum{decode="shortest",outcome="continued"}'] == 1 + 2
-    )  # "x", then "xa"
+    assert metrics['shipyard_intent_output_tokens_count{decode="shortest",outcome="full"}'] == 1
+    assert metrics['shipyard_intent_output_tokens_sum{decode="shortest",outcome="full"}'] == 1 + 2  # "x", then "xa"
 
 
 def test_full_decode_setting_spells_the_whole_label(fake: FakeOpenAI) -> None:
@@ -314,7 +312,7 @@ def test_an_engine_that_refuses_many_stop_strings_gets_full_decodes(stack: Stack
     refused, full, again = stack.fake.requests
     assert len(refused["stop"]) == 16 and "stop" not in full and "stop" not in again  # asked once, then remembered
     metrics = intent_histogram(stack)
-    assert metrics['shipyard_intent_output_tokens_count{decode="shortest",outcome="stop_refused"}'] == 2
+    assert metrics['shipyard_intent_output_tokens_count{decode="shortest",outcome="full"}'] == 2
 
 
 def test_engines_shipyard_starts_accept_a_stop_string_per_label() -> None:

@@ -106,9 +106,10 @@ class IntentSettings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="forbid")
 
-    decode: Literal["shortest", "full"] = "shortest"
-    """``shortest``: generate only until the label is decided (same answers, fewer engine steps); ``full``:
-    spell the whole label."""
+    decode: Literal["shortest", "stop-strings", "full"] = "shortest"
+    """All give the same labels. ``shortest``: one token when the served model's tokenizer folder (vLLM's
+    ``root``) is readable here, else as ``stop-strings``: the constrained answer, stopped once the label is
+    decided; ``full``: spell the whole label."""
 
 
 class UISettings(BaseSettings):

@@ -138,25 +138,34 @@ def test_intent_scores_are_a_distribution(client: openai.OpenAI) -> None:
 
 
 def test_shortest_decode_answers_as_full_decoding_does_with_fewer_tokens(engine: EngineProcess, gateway: str) -> None:
-    """The default shortest decode against a gateway with ``intent.decode: full``, on the same real engine: the
-    same label for every text (packaged labels and a zero-shot set where one label is a prefix of another),
-    fewer output tokens. The whole test set is compared by benchmarks/intent_decode_cpu.py."""
+    """The default shortest decode (one token: the engine lists its tokenizer folder) against gateways with
+    ``intent.decode: stop-strings`` and ``full``, on the same real engine: the same label for every text (packaged
+    labels and a zero-shot set where one label is a prefix of another), fewer output tokens. The whole test set
+    is compared by benchmarks/intent_decode_cpu.py."""
     examples = load_jsonl(project_data("data/intent/test.jsonl"), IntentExample).examples[:24]
-    settings = load_settings(api_keys=KEY, health_interval_s=0.5, intent={"decode": "full"})
-    app = create_app(settings, [Replica(engine.url, name="engine-0", deployment="default", version=MODEL)])
+    replica = [Replica(engine.url, name="engine-0", deployment="default", version=MODEL)]
+    apps = [
+        create_app(load_settings(api_keys=KEY, health_interval_s=0.5, intent={"decode": mode}), replica)
+        for mode in ("stop-strings", "full")
+    ]
     headers = {"Authorization": f"Bearer {KEY}"}
-    with ServerThread(app) as full, httpx.Client(headers=headers, timeout=120) as http:
-        assert wait_for(lambda: httpx.get(f"{full.url}/ready").status_code == 200, timeout=30)
+    with (
+        ServerThread(apps[0]) as stops,
+        ServerThread(apps[1]) as full,
+        httpx.Client(headers=headers, timeout=120) as http,
+    ):
+        urls = (gateway, stops.url, full.url)
+        assert all(wait_for(lambda u=u: httpx.get(f"{u}/ready").status_code == 200, timeout=30) for u in urls)
         for labels in (None, ["card", "card_payment", "order", "delivery", "account", "other"]):
             extra = {"labels": labels} if labels else {}
             for example in examples:
                 answers = [
-                    http.post(f"{url}/v1/intent", json={"text": example.text, **extra}).json()["intent"]
-                    for url in (gateway, full.url)
+                    http.post(f"{url}/v1/intent", json={"text": example.text, **extra}).json()["intent"] for url in urls
                 ]
-                assert answers[0] == answers[1], (example.text, labels, answers)
-        shortest, whole = (tokens_per_classification(httpx.get(f"{url}/metrics").text) for url in (gateway, full.url))
-    assert shortest < whole / 2, (shortest, whole)
+                assert len(set(answers)) == 1, (example.text, labels, answers)
+        metrics = [httpx.get(f"{url}/metrics").text for url in urls]
+    one, short, whole = (tokens_per_classification(text) for text in metrics)
+    assert 'outcome="first_token"' in metrics[0] and one < short < whole / 2, (one, short, whole)
 
 
 def tokens_per_classification(metrics: str) -> float:

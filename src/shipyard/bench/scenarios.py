@@ -6,8 +6,10 @@
 - ``chat``: multi-turn conversations that share one long system prompt and their own history, the case prefix
   caching is for.
 - ``intent`` / ``reply``: the task endpoints with texts from the task datasets.
-- ``intent-engine``: the chat completion the gateway sends for each ``intent`` request (packaged labels, the
-  ``--intent-decode`` mode), straight to a vLLM server: the same classifications without the gateway.
+- ``intent-engine``: the chat completion the gateway sends first for each ``intent`` request (packaged labels, the
+  ``--intent-decode`` mode; ``shortest`` is the one-token request when the server's tokenizer folder is
+  readable here), straight to a vLLM server: the same classifications without the gateway (an answer that
+  leaves the label open is not continued).
 
 Workloads are deterministic for a seed: request ``i`` is the same request on every run.
 """
@@ -21,7 +23,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from shipyard.tasks.datasets import IntentExample, ReplyExample, load_jsonl
-from shipyard.tasks.intent import IntentDecode, LabelSet, decode_plan, intent_body, load_labels
+from shipyard.tasks.intent import (
+    IntentDecode,
+    LabelSet,
+    decode_plan,
+    first_token_body,
+    first_token_plan,
+    intent_body,
+    load_labels,
+)
+from shipyard.tasks.vocab import Vocabulary
 
 # Common English words (one token each for the usual BPE vocabularies when preceded by a space).
 _WORDS = (
@@ -148,6 +159,8 @@ class DatasetWorkload:
     model: str | None = None
     decode: IntentDecode = IntentDecode.SHORTEST
     """``intent-engine`` only: the decode mode of the chat completions it sends."""
+    vocabulary: Vocabulary | None = field(default=None, repr=False)
+    """``intent-engine`` with ``shortest``: the server's vocabulary (None: stop strings, as the gateway does)."""
     labels: LabelSet = field(default_factory=load_labels, repr=False)
 
     def __post_init__(self) -> None:
@@ -160,19 +173,30 @@ class DatasetWorkload:
 
     @classmethod
     def from_file(
-        cls, name: str, path: Path, model: str | None = None, decode: IntentDecode = IntentDecode.SHORTEST
+        cls,
+        name: str,
+        path: Path,
+        model: str | None = None,
+        decode: IntentDecode = IntentDecode.SHORTEST,
+        vocabulary: Vocabulary | None = None,
     ) -> DatasetWorkload:
         """Rows of a task dataset (malformed lines are left out, as ``shipyard eval`` does)."""
         schema: type[IntentExample] | type[ReplyExample] = ReplyExample if name == "reply" else IntentExample
         examples = load_jsonl(path, schema).examples
-        return cls(name, [e.model_dump() for e in examples], model, decode)
+        return cls(name, [e.model_dump() for e in examples], model, decode, vocabulary)
 
     def request(self, index: int) -> RequestSpec:
         row = self.rows[index % len(self.rows)]
         model = {"model": self.model} if self.model else {}
         if self.name == "intent-engine":
-            plan = decode_plan(tuple(self.labels.labels)) if self.decode is IntentDecode.SHORTEST else None
-            body = intent_body(str(self.model), self.labels, row["text"], plan)
+            labels = tuple(self.labels.labels)
+            if self.decode is IntentDecode.SHORTEST and self.vocabulary is not None:
+                body = first_token_body(
+                    str(self.model), self.labels, row["text"], first_token_plan(labels, self.vocabulary)
+                )
+            else:
+                plan = decode_plan(labels) if self.decode is not IntentDecode.FULL else None
+                body = intent_body(str(self.model), self.labels, row["text"], plan)
             return RequestSpec("/v1/chat/completions", body, False)
         if self.name == "intent":
             return RequestSpec("/v1/intent", {"text": row["text"], **model}, False)

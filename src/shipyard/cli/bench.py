@@ -22,8 +22,10 @@ from shipyard.bench.report import compare, compare_markdown, load_summary, write
 from shipyard.bench.resources import ResourceSampler
 from shipyard.bench.scenarios import SCENARIOS, ChatWorkload, DatasetWorkload, RandomWorkload, Workload
 from shipyard.cli.app import app, fail
+from shipyard.router.health import tokenizer_roots
 from shipyard.tasks.datasets import project_data
 from shipyard.tasks.intent import IntentDecode
+from shipyard.tasks.vocab import UnsupportedVocabulary, Vocabulary
 
 bench_app = typer.Typer(
     help="Load-test a gateway or engine: TTFT/TPOT/ITL/E2E percentiles, throughput, goodput, resources.",
@@ -49,19 +51,38 @@ def _numbers(text: str | None, name: str) -> list[float]:
     return values
 
 
-def _served_model(url: str, api_key: str) -> str:
+def _model_cards(url: str, api_key: str) -> list[dict[str, Any]]:
     try:
         models = httpx.get(f"{url.rstrip('/')}/v1/models", headers={"Authorization": f"Bearer {api_key}"}, timeout=10)
         models.raise_for_status()
-        return str(models.json()["data"][0]["id"])
-    except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
+        return list(models.json()["data"])
+    except (httpx.HTTPError, KeyError, TypeError, ValueError) as exc:
         raise fail(f"cannot list models at {url} (pass --model): {exc}") from None
+
+
+def _served_model(url: str, api_key: str) -> str:
+    cards = _model_cards(url, api_key)
+    if not cards:
+        raise fail(f"{url} serves no model yet (pass --model)")
+    return str(cards[0]["id"])
+
+
+def _engine_vocabulary(url: str, api_key: str, model: str) -> Vocabulary | None:
+    """The vocabulary of the tokenizer folder the server lists for ``model``, as the gateway reads it."""
+    root = tokenizer_roots(_model_cards(url, api_key)).get(model)
+    try:
+        if root is None:
+            raise OSError(f"{url} lists no tokenizer folder (root) for {model!r}")
+        return Vocabulary.from_folder(Path(root))
+    except (OSError, UnsupportedVocabulary) as exc:
+        typer.echo(f"intent-engine: stop-string decodes, as the gateway would send: {exc}")
+        return None
 
 
 def _workload(
     scenario: str, model: str, *, input_tokens: int, output_tokens: int, endpoint: str, stream: bool,
     system_tokens: int, turns: int, dataset: Path | None, seed: int, task_model: str | None,
-    intent_decode: IntentDecode = IntentDecode.SHORTEST,
+    intent_decode: IntentDecode = IntentDecode.SHORTEST, vocabulary: Vocabulary | None = None,
 ) -> Workload:  # fmt: skip
     try:
         if scenario == "random":
@@ -78,7 +99,7 @@ def _workload(
             )
         if scenario == "intent-engine":
             path = dataset or project_data("data/intent/test.jsonl")
-            return DatasetWorkload.from_file(scenario, path, model, intent_decode)
+            return DatasetWorkload.from_file(scenario, path, model, intent_decode, vocabulary)
         path = dataset or project_data(f"data/{scenario}/test.jsonl")
         return DatasetWorkload.from_file(scenario, path, task_model)
     except ValueError as exc:  # DatasetError included
@@ -132,7 +153,8 @@ def bench(
     turns: Annotated[int, typer.Option(min=1, help="chat: user turns per conversation.")] = 4,
     dataset: Annotated[Path | None, typer.Option(help="intent/reply: JSONL (default: data/<task>/test.jsonl).")] = None,
     intent_decode: Annotated[
-        IntentDecode, typer.Option(help="intent-engine: shortest (stop once decided) or full (the whole label).")
+        IntentDecode,
+        typer.Option(help="intent-engine: shortest (one token, else stop strings), stop-strings or full (the label)."),
     ] = IntentDecode.SHORTEST,
     slo: Annotated[str | None, typer.Option(help="Objective, e.g. ttft=200,e2e=2000 (ms).")] = None,
     find_max_level: Annotated[
@@ -190,6 +212,8 @@ def bench(
         scenario, model_name, input_tokens=input_tokens, output_tokens=output_tokens, endpoint=endpoint,
         stream=streaming, system_tokens=system_tokens, turns=turns, dataset=dataset, seed=seed, task_model=model,
         intent_decode=intent_decode,
+        vocabulary=_engine_vocabulary(url, api_key, model_name)
+        if scenario == "intent-engine" and intent_decode is IntentDecode.SHORTEST else None,
     )  # fmt: skip
 
     next_index = 0
@@ -253,7 +277,11 @@ def bench(
         "scenario": scenario,
         "url": url,
         "model": model_name,
-        "workload": {k: v for k, v in vars(workload).items() if not k.startswith("_") and k not in ("rows", "labels")},
+        "workload": {
+            k: f"tokenizer sha256 {v.key[:12]}" if isinstance(v, Vocabulary) else v
+            for k, v in vars(workload).items()
+            if not k.startswith("_") and k not in ("rows", "labels")
+        },
         "seed": seed,
         "slo": slo,
         "arrival": arrival if levels_r else None,

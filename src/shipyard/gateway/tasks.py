@@ -3,27 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from typing import Any
 
 from fastapi import FastAPI, Request
 
 from shipyard.gateway.errors import OpenAIError
+from shipyard.gateway.intent import Classifier
 from shipyard.gateway.proxy import Proxy
 from shipyard.gateway.schemas import parse_json_object, validate
-from shipyard.gateway.sse import usage_tokens
 from shipyard.tasks.intent import (
-    IntentAnswerError,
     IntentDecode,
     IntentRequest,
     IntentResponse,
     LabelSet,
-    decide_label,
-    decode_plan,
-    intent_body,
     label_probabilities,
-    parse_intent,
     score_bodies,
 )
 from shipyard.tasks.reply import (
@@ -38,12 +32,6 @@ from shipyard.tasks.reply import (
 )
 
 REPLY_ATTEMPTS = 2
-log = logging.getLogger("shipyard.gateway")
-
-
-def _completion_tokens(answer: dict[str, Any]) -> int:
-    usage = answer.get("usage")
-    return usage_tokens(usage)[1] if isinstance(usage, dict) else 0
 
 
 def install_task_routes(
@@ -54,52 +42,7 @@ def install_task_routes(
     templates: dict[str, ReplyTemplate],
     decode: IntentDecode = IntentDecode.SHORTEST,
 ) -> None:
-    refused_stop_strings: set[str] = set()
-    """Models whose engine refused a shortest decode's stop strings (a vLLM started without
-    ``VLLM_MAX_STOP_STRINGS``, see ``shipyard.engine.ENGINE_ENV``): they get full decodes, said once in the log."""
-
-    async def first_answer(
-        model: str, label_set: LabelSet, text: str
-    ) -> tuple[tuple[Any, dict[str, Any]], IntentDecode]:
-        if decode is IntentDecode.FULL or model in refused_stop_strings:
-            return await proxy.call_json(model, intent_body(model, label_set, text)), IntentDecode.FULL
-        plan = decode_plan(tuple(label_set.labels))
-        try:
-            return await proxy.call_json(model, intent_body(model, label_set, text, plan)), IntentDecode.SHORTEST
-        except OpenAIError as exc:
-            if exc.status != 400 or "stop" not in exc.message:
-                raise
-            refused_stop_strings.add(model)
-            log.warning(
-                "the engine of %r refused %d stop strings (%s); /v1/intent falls back to full decoding for it: "
-                "start vLLM with VLLM_MAX_STOP_STRINGS=64",
-                model,
-                len(plan.stop),
-                exc.message[:200],
-            )
-            return await proxy.call_json(model, intent_body(model, label_set, text)), IntentDecode.FULL
-
-    async def label_of(model: str, label_set: LabelSet, text: str) -> tuple[Any, str]:
-        """(replica, label) of one classification; a shortest decode that did not decide the label is continued
-        as a full decode. Counts the output tokens it took."""
-        (replica, answer), used = await first_answer(model, label_set, text)
-        tokens = _completion_tokens(answer)
-        outcome = "full" if decode is IntentDecode.FULL else "stop_refused"
-        try:
-            if used is IntentDecode.FULL:
-                return replica, parse_intent(label_set, answer)
-            intent = decide_label(label_set, answer)
-            outcome = "decided"
-            if intent is None:
-                outcome = "continued"
-                _, answer = await proxy.call_json(model, intent_body(model, label_set, text))
-                tokens += _completion_tokens(answer)
-                intent = parse_intent(label_set, answer)
-            return replica, intent
-        except (IntentAnswerError, KeyError, IndexError, TypeError, AttributeError) as exc:
-            raise OpenAIError(502, f"invalid answer from the engine: {exc}", code="invalid_engine_answer") from None
-        finally:
-            proxy.metrics.intent_output_tokens.labels(decode.value, outcome).observe(tokens)
+    classifier = Classifier(proxy, decode)
 
     async def classify(request: Request, route: str) -> IntentResponse:
         authorize(request)
@@ -111,7 +54,7 @@ def install_task_routes(
             model = outcome.model = proxy.resolve_model(parsed.model)
             scoring = score_bodies(model, label_set, parsed.text) if parsed.scores else []
             (outcome.replica, intent), *scored = await asyncio.gather(
-                label_of(model, label_set, parsed.text), *(proxy.call_json(model, body) for body in scoring)
+                classifier.label_of(model, label_set, parsed.text), *(proxy.call_json(model, body) for body in scoring)
             )
             scores = label_probabilities(label_set.labels, [a for _, a in scored]) if parsed.scores else None
             return IntentResponse(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import httpx
 
@@ -39,7 +40,9 @@ async def _probe(client: httpx.AsyncClient, replica: Replica, timeout: float) ->
             return
         listing = await client.get(f"{replica.url}/v1/models", timeout=timeout)
         listing.raise_for_status()
-        replica.models = {str(card["id"]): card.get("max_model_len") for card in listing.json().get("data", [])}
+        cards = listing.json().get("data", [])
+        replica.models = {str(card["id"]): card.get("max_model_len") for card in cards}
+        replica.roots = tokenizer_roots(cards)
         replica.ready, replica.last_error = bool(replica.models), "" if replica.models else "serves no model"
     except httpx.TimeoutException as exc:
         replica.slow_probes += 1
@@ -50,6 +53,16 @@ async def _probe(client: httpx.AsyncClient, replica: Replica, timeout: float) ->
             log.info("replica %s answered its health probe late (%d in a row)", replica.name, replica.slow_probes)
     except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
         replica.ready, replica.last_error = False, f"{type(exc).__name__}: {exc}"
+
+
+def tokenizer_roots(cards: list[dict[str, Any]]) -> dict[str, str]:
+    """Model id -> the folder of its tokenizer, from vLLM's model cards (``root``; a LoRA card names its base in
+    ``parent``). Servers that list no ``root`` give none."""
+    roots = {str(card["id"]): str(card["root"]) for card in cards if card.get("root") and not card.get("parent")}
+    for card in cards:
+        if card.get("parent") and str(card["parent"]) in roots:
+            roots[str(card["id"])] = roots[str(card["parent"])]
+    return roots
 
 
 class HealthMonitor(BackgroundLoop):

@@ -25,6 +25,8 @@ class Replica:
     in_flight: int = 0
     models: dict[str, int | None] = field(default_factory=dict)
     """Served model id -> its context length (``max_model_len``), as last read from ``/v1/models``."""
+    roots: dict[str, str] = field(default_factory=dict)
+    """Served model id -> the folder its engine loaded the tokenizer from (``root``; a LoRA adapter's base's)."""
     last_error: str = ""
     slow_probes: int = 0
     """Health probes in a row that timed out (a busy server answers late; a dead one refuses at once)."""

@@ -35,6 +35,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shipyard.tasks.config import TaskConfigError, packaged, read_yaml_mapping
+from shipyard.tasks.vocab import Vocabulary
 
 MAX_LABELS = 64
 FULL_MAX_TOKENS = 128
@@ -43,10 +44,15 @@ byte per token, and the end of the answer."""
 
 
 class IntentDecode(str, Enum):
-    """How many tokens a classification generates: ``shortest`` stops once the label is decided, ``full`` spells
-    the whole label (the old path, kept for comparison: ``intent.decode: full``)."""
+    """How a classification is decoded; all three give the same label.
+
+    ``shortest``: one token, from the tokens that may start an answer under the constraint, when the served model's
+    vocabulary is readable (``first_token_plan``), else as ``stop-strings``; ``stop-strings``: the constrained
+    answer, stopped once decided (``decode_plan``); ``full``: the whole label (the old path, for comparison).
+    """
 
     SHORTEST = "shortest"
+    STOP_STRINGS = "stop-strings"
     FULL = "full"
 
 
@@ -198,15 +204,63 @@ def decode_plan(labels: tuple[str, ...]) -> DecodePlan:
     return DecodePlan(tuple(stops[label] for label in labels if label in stops), min(budget, FULL_MAX_TOKENS))
 
 
+@dataclass(frozen=True)
+class FirstTokenPlan:
+    """A one-token classification for one label set and vocabulary: ``allowed`` are the tokens the ``choice``
+    constraint lets an answer start with."""
+
+    vocabulary: str
+    allowed: tuple[int, ...]
+
+
+@functools.lru_cache(maxsize=256)
+def first_token_plan(labels: tuple[str, ...], vocabulary: Vocabulary) -> FirstTokenPlan:
+    """Greedy decoding under ``choice`` takes the likeliest of the tokens whose bytes begin a label (what vLLM's
+    grammar backend allows first); ``allowed_token_ids`` with those tokens and ``max_tokens: 1`` gets the same
+    token without the grammar. When one label only starts with it, the constraint can only finish that label
+    (``decide_first_token``); otherwise the caller continues with the constrained decode.
+
+    >>> vocab = Vocabulary.from_tokens("t", [(0, b"re"), (1, b"refund"), (2, b"return"), (3, b"x"), (4, b"r")])
+    >>> first_token_plan(("refund", "return_item"), vocab)
+    FirstTokenPlan(vocabulary='t', allowed=(0, 1, 2, 4))
+    """
+    allowed: set[int] = set()
+    for label in labels:
+        spelled = label.encode()
+        for end in range(1, len(spelled) + 1):
+            allowed.update(vocabulary.ids_of(spelled[:end]))
+    return FirstTokenPlan(vocabulary.key, tuple(sorted(allowed)))
+
+
+def first_token_body(model: str, labels: LabelSet, text: str, plan: FirstTokenPlan) -> dict[str, Any]:
+    """The one-token chat-completions body of a classification (same prompt as ``intent_body``, no grammar)."""
+    return {
+        "model": model,
+        "messages": _messages(labels, text),
+        "temperature": 0,
+        "max_tokens": 1,
+        "allowed_token_ids": list(plan.allowed),
+    }
+
+
+def decide_first_token(labels: LabelSet, completion: Mapping[str, Any]) -> str | None:
+    """The label a one-token answer decides, or None (several labels start with it; a token cut inside a
+    character): continue with a constrained decode."""
+    text = str(completion["choices"][0]["message"].get("content") or "")
+    matching = [label for label in labels.labels if label.startswith(text)] if text else []
+    return matching[0] if len(matching) == 1 else None
+
+
+def _messages(labels: LabelSet, text: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": system_prompt(labels)}, {"role": "user", "content": text}]
+
+
 def intent_body(model: str, labels: LabelSet, text: str, plan: DecodePlan | None = None) -> dict[str, Any]:
     """The chat-completions body for one classification (greedy, constrained to the labels): the whole label,
     or with ``plan`` only until it is decided."""
     body: dict[str, Any] = {
         "model": model,
-        "messages": [
-            {"role": "system", "content": system_prompt(labels)},
-            {"role": "user", "content": text},
-        ],
+        "messages": _messages(labels, text),
         "temperature": 0,
         "max_tokens": FULL_MAX_TOKENS,
         "structured_outputs": {"choice": labels.labels},

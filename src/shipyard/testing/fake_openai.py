@@ -63,6 +63,12 @@ class FakeOpenAI:
         """Refuse requests with more stop strings than this, as vLLM does (its ``VLLM_MAX_STOP_STRINGS``)."""
         self.adapters: dict[str, str] = {}
         """LoRA adapters loaded at run time (name -> path), served like vLLM serves them."""
+        self.root: str | None = None
+        """The folder listed as the model's ``root`` in ``/v1/models`` (vLLM lists the path it loaded)."""
+        self.token_texts: dict[int, str] = {}
+        """What each token id spells: a request with ``allowed_token_ids`` is answered with the first allowed
+        token (one token, ``finish_reason`` length); ids outside these are refused, as vLLM refuses ids outside
+        its vocabulary."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -75,10 +81,14 @@ class FakeOpenAI:
             status = 503 if self.fault is Fault.UNHEALTHY else 200
             await _respond(send, status, b"")
         elif path == "/v1/models":
-            cards = [
+            cards: list[dict[str, Any]] = [
                 {"id": name, "object": "model", "owned_by": "fake", "max_model_len": self.max_model_len}
                 for name in [self.model, *self.adapters]
             ]
+            if self.root is not None:
+                cards[0]["root"] = self.root
+                for card in cards[1:]:
+                    card.update(root=self.adapters[card["id"]], parent=self.model)
             await _respond(send, 200, json.dumps({"object": "list", "data": cards}).encode())
         elif method == "POST" and path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
             request = json.loads(await _read_body(receive))
@@ -114,6 +124,11 @@ class FakeOpenAI:
         stops = request.get("stop") or []
         if self.max_stop_strings is not None and isinstance(stops, list) and len(stops) > self.max_stop_strings:
             refusal = f"body.stop: List should have at most {self.max_stop_strings} items, not {len(stops)}"
+            await _respond(send, 400, json.dumps({"error": {"message": refusal, "type": "BadRequestError"}}).encode())
+            return
+        allowed = request.get("allowed_token_ids")
+        if allowed is not None and not set(allowed) <= set(self.token_texts):
+            refusal = "allowed_token_ids contains out-of-vocab token id"
             await _respond(send, 400, json.dumps({"error": {"message": refusal, "type": "BadRequestError"}}).encode())
             return
         chat = path.endswith("chat/completions")
@@ -154,6 +169,8 @@ class FakeOpenAI:
         if self.script:
             scripted = self.script.popleft()
             return scripted if isinstance(scripted, tuple) else (scripted, "stop", None)
+        if request.get("allowed_token_ids"):
+            return self.token_texts[min(request["allowed_token_ids"])], "length", None
         if self.json_answer is not None and (request.get("response_format") or {}).get("type") == "json_schema":
             return self.json_answer, "stop", None
         choices = (request.get("structured_outputs") or {}).get("choice")
