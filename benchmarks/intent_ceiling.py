@@ -114,6 +114,9 @@ def main() -> None:
     parser.add_argument("--legs", default="gateway,direct,compare,findmax82,findmax40")
     parser.add_argument("--compare-rate", default="200")
     parser.add_argument(
+        "--labels", type=Path, help="labels YAML for the gateway (intent_labels_file) and the direct legs [packaged]"
+    )
+    parser.add_argument(
         "--budget-s", type=float, default=540, help="legs that would start after this many seconds are skipped"
     )
     args = parser.parse_args()
@@ -125,7 +128,11 @@ def main() -> None:
     started = time.monotonic()
     engine = start_engine(work, args.config, **flags)
     results["engine_start_s"] = round(time.monotonic() - started, 1)
-    gateway = start_gateway(work, engine.url)
+    labels = ["--intent-labels", str(args.labels.resolve())] if args.labels else []
+    gateway = start_gateway(
+        work, engine.url, env={"SHIPYARD_INTENT_LABELS_FILE": str(args.labels.resolve())} if args.labels else None
+    )
+    results["labels"] = str(args.labels) if args.labels else "packaged"
     gw_url = f"http://127.0.0.1:{GATEWAY_PORT}"
     common = ["--model", "qwen", "--duration", args.duration, "--warmup", "2", "--seed", "13"]
     legs: dict[str, Any] = {}
@@ -159,7 +166,7 @@ def main() -> None:
         return bench(work / f"find-max-{bound}", gw_url, *common, *load)
 
     wanted = args.legs.split(",")
-    engine_leg = ("--scenario", "intent-engine")
+    engine_leg = ("--scenario", "intent-engine", *labels)
     try:
         with sampler:
             # the gateway first: it reads the engine's tokenizer on its first requests (the sweep's warm-up)
@@ -177,8 +184,14 @@ def main() -> None:
                             "--rate", args.compare_rate,
                         ),
                     )  # fmt: skip
-            for bound, start in (("82", "400"), ("40", "200")):
-                if f"findmax{bound}" in wanted:
+            for bound in ("82", "40"):
+                if f"findmax{bound}" in wanted:  # from the sweep's best rate within the bound (else 50 req/s)
+                    passed = [
+                        s["runs"][0]["rate"]
+                        for s in legs.get("gateway-sweep", [])
+                        if not s["runs"][0]["errors"] and s["runs"][0]["e2e_ms"]["p99"] <= float(bound)
+                    ]
+                    start = f"{max(passed, default=50):g}"
                     run_leg(f"gateway-find-max-{bound}", lambda b=bound, s=start: find_max(b, s))
         results["gateway_intent_tokens"] = intent_tokens(gw_url)  # every classification the gateway made
     finally:

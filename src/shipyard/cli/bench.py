@@ -24,7 +24,7 @@ from shipyard.bench.scenarios import SCENARIOS, ChatWorkload, DatasetWorkload, R
 from shipyard.cli.app import app, fail
 from shipyard.router.health import tokenizer_roots
 from shipyard.tasks.datasets import project_data
-from shipyard.tasks.intent import IntentDecode
+from shipyard.tasks.intent import IntentDecode, load_labels
 from shipyard.tasks.vocab import UnsupportedVocabulary, Vocabulary
 
 bench_app = typer.Typer(
@@ -83,6 +83,7 @@ def _workload(
     scenario: str, model: str, *, input_tokens: int, output_tokens: int, endpoint: str, stream: bool,
     system_tokens: int, turns: int, dataset: Path | None, seed: int, task_model: str | None,
     intent_decode: IntentDecode = IntentDecode.SHORTEST, vocabulary: Vocabulary | None = None,
+    intent_labels: Path | None = None,
 ) -> Workload:  # fmt: skip
     try:
         if scenario == "random":
@@ -99,10 +100,13 @@ def _workload(
             )
         if scenario == "intent-engine":
             path = dataset or project_data("data/intent/test.jsonl")
-            return DatasetWorkload.from_file(scenario, path, model, intent_decode, vocabulary)
+            workload = DatasetWorkload.from_file(scenario, path, model, intent_decode, vocabulary)
+            if intent_labels is not None:
+                workload.labels = load_labels(intent_labels)
+            return workload
         path = dataset or project_data(f"data/{scenario}/test.jsonl")
         return DatasetWorkload.from_file(scenario, path, task_model)
-    except ValueError as exc:  # DatasetError included
+    except ValueError as exc:  # DatasetError and TaskConfigError included
         raise fail(str(exc)) from None
 
 
@@ -156,6 +160,9 @@ def bench(
         IntentDecode,
         typer.Option(help="intent-engine: shortest (one token, else stop strings), stop-strings or full (the label)."),
     ] = IntentDecode.SHORTEST,
+    intent_labels: Annotated[
+        Path | None, typer.Option(help="intent-engine: labels YAML, as the gateway's intent_labels_file [packaged].")
+    ] = None,
     slo: Annotated[str | None, typer.Option(help="Objective, e.g. ttft=200,e2e=2000 (ms).")] = None,
     find_max_level: Annotated[
         bool, typer.Option("--find-max", help="Search the highest level meeting --slo at P99 with no errors.")
@@ -214,6 +221,7 @@ def bench(
         intent_decode=intent_decode,
         vocabulary=_engine_vocabulary(url, api_key, model_name)
         if scenario == "intent-engine" and intent_decode is IntentDecode.SHORTEST else None,
+        intent_labels=intent_labels,
     )  # fmt: skip
 
     next_index = 0
@@ -281,7 +289,8 @@ def bench(
             k: f"tokenizer sha256 {v.key[:12]}" if isinstance(v, Vocabulary) else v
             for k, v in vars(workload).items()
             if not k.startswith("_") and k not in ("rows", "labels")
-        },
+        }
+        | ({"intent_labels": str(intent_labels)} if intent_labels else {}),
         "seed": seed,
         "slo": slo,
         "arrival": arrival if levels_r else None,
