@@ -1,6 +1,6 @@
 """Tables of the /v1/intent ceiling runs (benchmarks/intent_ceiling.py), from their raw files.
 
-python3 benchmarks/intent_report.py benchmarks/results/2026-12-02-h200 > benchmarks/results/2026-12-02-h200/README.md
+python3 benchmarks/intent_report.py benchmarks/results/DIR > benchmarks/results/DIR/README.md
 """
 
 from __future__ import annotations
@@ -23,38 +23,66 @@ def best_rate(leg_runs: list[dict[str, Any]], bound: float) -> str:
     return f"{max(passing):g} req/s" if passing else "none of the rates tried"
 
 
+def find_max_cell(leg: Any) -> str:
+    if not leg:
+        return "not run"
+    found = leg.get("find_max", {}).get("max_rate")
+    tried = ", ".join(f"{r['rate']:g}" for r in leg["runs"])
+    return f"{'none' if found is None else f'{found:g} req/s'} (tried {tried})"
+
+
 def main() -> None:
     folder = Path(sys.argv[1])
     files = sorted(folder.glob("*/intent_ceiling.json"))
-    configs = [json.loads(f.read_text()) for f in files]
+    configs = [{**json.loads(f.read_text()), "run": f.parent.name} for f in files]
     first = configs[0]
-    print("# /v1/intent on one H200: shortest decode, the P99 ceiling, gateway vs straight to vLLM\n")
+    print("# /v1/intent on one H200: the one-token decode, the P99 ceiling, gateway vs straight to vLLM\n")
     print(
         f"Device: {first['device']['gpu']} ({first['device']['memory']}, driver {first['device']['driver']}), "
-        f"torch {first['torch']}, vLLM {first['vllm']}; {first['model']}; dates {first['date']} and after."
+        f"torch {first['torch']}, vLLM {first['vllm']}; {first['model']}. One device call per run, engine "
+        "started fresh (the run's folder name is its label below):\n"
     )
-    print("Command per configuration (one device call each, engine started fresh):\n")
     for c in configs:
-        print(f"- `{c['command']}` — flags `{c['flags']}`, engine ready in {c['engine_start_s']:.0f} s")
+        print(
+            f"- **{c['run']}** ({c['date']}): `{c['command']}` — flags `{c['flags']}`, "
+            f"labels {c.get('labels', 'packaged')}, engine ready in {c['engine_start_s']:.0f} s"
+            + (f"; skipped for time: {', '.join(c['skipped'])}" if c.get("skipped") else "")
+        )
     print(
         "\nLoad: `shipyard bench` open loop (Poisson), 5 s measured after 2 s warm-up per level, texts of "
-        "data/intent/test.jsonl; `gateway` = `--scenario intent` through `shipyard serve`, `direct` = "
-        "`--scenario intent-engine` (the same chat completion the gateway sends) straight to vLLM. Sweeps stop "
-        "after the first level whose P99 passes 1 s. Legs ran one after the other in this order: gateway sweep, "
-        "direct sweep, direct full decode, gateway find-max, gateway full decode.\n"
+        "data/intent/test.jsonl; `gateway` = `--scenario intent` through `shipyard serve` (`intent.decode` "
+        "shortest, the default), `direct` = `--scenario intent-engine` (the first chat completion the gateway "
+        "sends: one token, `allowed_token_ids`) straight to vLLM; `direct-stop-strings-200` / `direct-full-200` "
+        "are the other decodes straight to vLLM in the same run. Sweeps stop after the first level whose P99 "
+        "passes 1 s. Legs ran in this order: gateway sweep, direct sweep, the two other decodes, find-max 82 ms "
+        "and 40 ms through the gateway (each from the sweep's best rate within its bound, else 50 req/s).\n"
     )
-    print("## Highest rate meeting each P99 bound (from the sweeps; no errors)\n")
-    print("| config | target | P99 ≤ 82 ms | P99 ≤ 40 ms |")
-    print("| --- | --- | ---: | ---: |")
+    print("## Highest rate meeting each P99 bound (no errors)\n")
+    print("| run | target | sweep: P99 ≤ 82 ms | sweep: P99 ≤ 40 ms | find-max 82 ms | find-max 40 ms |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
     for c in configs:
         for target in ("gateway", "direct"):
             leg = c["legs"].get(f"{target}-sweep")
             if leg:
                 r = runs(leg)
-                print(f"| {c['config']} | {target} | {best_rate(r, 82)} | {best_rate(r, 40)} |")
+                fm = (
+                    (
+                        find_max_cell(c["legs"].get("gateway-find-max-82")),
+                        find_max_cell(c["legs"].get("gateway-find-max-40")),
+                    )
+                    if target == "gateway"
+                    else ("—", "—")
+                )
+                print(f"| {c['run']} | {target} | {best_rate(r, 82)} | {best_rate(r, 40)} | {fm[0]} | {fm[1]} |")
+    print("\n## How the gateway's classifications were decoded (its `shipyard_intent_output_tokens`, whole run)\n")
+    print("| run | path that gave the label | classifications | output tokens each |")
+    print("| --- | --- | ---: | ---: |")
+    for c in configs:
+        for key, row in sorted(c.get("gateway_intent_tokens", {}).items()):
+            print(f"| {c['run']} | {key.split('/')[1]} | {row['count']:.0f} | {row['per_request']:.2f} |")
     print("\n## Every level\n")
     print(
-        "| config | leg | asked req/s | achieved req/s | send lag p99 ms | load-gen CPU | requests | errors | "
+        "| run | leg | asked req/s | achieved req/s | send lag p99 ms | load-gen CPU | requests | errors | "
         "E2E p50 ms | E2E p99 ms | gateway CPU % | GPU util % |"
     )
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -65,14 +93,14 @@ def main() -> None:
                 gw = res.get("gateway_cpu_pct", {}).get("mean")
                 gpu = res.get("gpu0_util_pct", {}).get("mean")
                 print(
-                    f"| {c['config']} | {name} | {r['rate']:g} | {r['achieved_rate']:.1f} | "
+                    f"| {c['run']} | {name} | {r['rate']:g} | {r['achieved_rate']:.1f} | "
                     f"{r['send_lag_ms']['p99']:.1f} | {r['loadgen_cpu_cores']:.2f} | {r['requests']} | {r['errors']} | "
                     f"{r['e2e_ms']['p50']:.1f} | {r['e2e_ms']['p99']:.1f} | "
                     f"{'—' if gw is None else f'{gw:.0f}'} | {'—' if gpu is None else f'{gpu:.0f}'} |"
                 )
     print("\n## Where the time goes (sampled every 0.25 s per leg: mean / peak)\n")
     print(
-        "| config | leg | vLLM API server(s) CPU cores | vLLM engine core CPU cores | gateway CPU cores | "
+        "| run | leg | vLLM API server(s) CPU cores | vLLM engine core CPU cores | gateway CPU cores | "
         "running | waiting |"
     )
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
@@ -83,7 +111,7 @@ def main() -> None:
                 return f"{s[key]['mean']:.2f} / {s[key]['max']:.2f}" if key in s else "—"
 
             print(
-                f"| {c['config']} | {name} | {cell('vllm_api_server_cpu')} | {cell('vllm_engine_core_cpu')} | "
+                f"| {c['run']} | {name} | {cell('vllm_api_server_cpu')} | {cell('vllm_engine_core_cpu')} | "
                 f"{cell('gateway_cpu')} | {cell('num_requests_running')} | {cell('num_requests_waiting')} |"
             )
 

@@ -112,8 +112,8 @@ class Classifier:
 
     async def label_of(self, model: str, labels: LabelSet, text: str) -> tuple[Replica, str]:
         """(replica, label) of one classification. Counts the output tokens it took, by the path that gave the
-        label (``first_token``, ``stop_strings``, ``full``)."""
-        tokens, path = 0, "full"
+        label (``first_token``, ``stop_strings``, ``full``; ``failed`` when none did)."""
+        tokens, path = 0, "failed"
         upstream = self.proxy.pool.upstream_model(model)
         try:
             plan = self._first_token_plan(model, labels)
@@ -137,7 +137,9 @@ class Classifier:
                         return replica, intent
             replica, answer = await self.proxy.call_json(model, intent_body(model, labels, text))
             tokens += _completion_tokens(answer)
-            return replica, parse_intent(labels, answer)
+            intent = parse_intent(labels, answer)
+            path = "full"
+            return replica, intent
         except (IntentAnswerError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise OpenAIError(502, f"invalid answer from the engine: {exc}", code="invalid_engine_answer") from None
         finally:
