@@ -8,7 +8,8 @@ its token histogram read after that, so the figures cover the measured requests 
    sent to every gateway one after the other (order rotating): predictions compared with full decoding one by
    one, latency of each call, output tokens per classification and the path that gave the label from each
    gateway's `shipyard_intent_output_tokens` histogram.
-2. Load: `shipyard bench --scenario intent --rate R` against each gateway, A B C A B C.
+2. Load: `shipyard bench --scenario intent --rate R` against each gateway, A B C A B C, the engine's prefix cache
+   emptied before each (the legs send the same texts: a later leg would find the earlier one's prompts cached).
 
     .venv/bin/python benchmarks/intent_decode_cpu.py --out reports/intent/2026-12-02-cpu
 """
@@ -170,7 +171,8 @@ def main() -> None:
             result["output_tokens"] = {mode: since(before[mode], intent_tokens(url)) for mode, url in urls.items()}
             load: dict[str, Any] = {}
             for leg in (1, 2):
-                for mode in MODES:  # A B C A B C
+                for mode in MODES:  # A B C A B C, each from an empty prefix cache (the legs send the same texts)
+                    httpx.post(f"{engine.url}/reset_prefix_cache", timeout=60).raise_for_status()
                     load[f"{mode}-{leg}"] = bench(urls[mode], work / f"bench-{mode}-{leg}", args.rate, args.duration)
             result["load"] = load
         finally:
