@@ -121,14 +121,7 @@ class FakeOpenAI:
         if self.fault is Fault.SERVER_ERROR:
             await _respond(send, 500, b'{"error": {"message": "injected failure", "type": "server_error"}}')
             return
-        stops = request.get("stop") or []
-        if self.max_stop_strings is not None and isinstance(stops, list) and len(stops) > self.max_stop_strings:
-            refusal = f"body.stop: List should have at most {self.max_stop_strings} items, not {len(stops)}"
-            await _respond(send, 400, json.dumps({"error": {"message": refusal, "type": "BadRequestError"}}).encode())
-            return
-        allowed = request.get("allowed_token_ids")
-        if allowed is not None and not set(allowed) <= set(self.token_texts):
-            refusal = "allowed_token_ids contains out-of-vocab token id"
+        if refusal := self._refusal(request):
             await _respond(send, 400, json.dumps({"error": {"message": refusal, "type": "BadRequestError"}}).encode())
             return
         chat = path.endswith("chat/completions")
@@ -160,6 +153,16 @@ class FakeOpenAI:
             await _respond(send, 200, json.dumps(payload).encode())
             return
         await self._stream(rid, chat, n_tokens, usage, request, receive, send)
+
+    def _refusal(self, request: dict[str, Any]) -> str | None:
+        """Why vLLM would refuse the request with a 400 (too many stop strings, token ids outside its vocabulary)."""
+        stops = request.get("stop") or []
+        if self.max_stop_strings is not None and isinstance(stops, list) and len(stops) > self.max_stop_strings:
+            return f"body.stop: List should have at most {self.max_stop_strings} items, not {len(stops)}"
+        allowed = request.get("allowed_token_ids")
+        if allowed is not None and not set(allowed) <= set(self.token_texts):
+            return "allowed_token_ids contains out-of-vocab token id"
+        return None
 
     def _answer(self, request: dict[str, Any], n_tokens: int) -> tuple[str, str, str | None]:
         """(content, finish_reason, stop_reason): a scripted answer, the first allowed choice, or n_tokens tokens.
