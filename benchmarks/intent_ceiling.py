@@ -51,11 +51,18 @@ class Sampler:
         children = api.children(recursive=True)
         core = [c for c in children if "EngineCore" in " ".join([c.name(), *c.cmdline()])]
         self.procs = {"vllm_api_server": [api, *(c for c in children if c not in core)], "vllm_engine_core": core}
-        self.procs["gateway"] = [psutil.Process(gateway_pid)]
+        self.gateway(gateway_pid)
         self.samples: list[dict[str, Any]] = []
         self.leg = "-"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def gateway(self, pid: int) -> None:
+        """Sample the gateway ``pid`` from now on: its process and its serving workers (``--workers``)."""
+        primary = psutil.Process(pid)
+        self.procs["gateway"] = [primary, *primary.children(recursive=True)]
+        for proc in self.procs["gateway"]:
+            proc.cpu_percent(None)
 
     def _queue(self, http: httpx.Client) -> dict[str, float]:
         values: dict[str, float] = {}
@@ -114,6 +121,11 @@ def main() -> None:
     parser.add_argument("--legs", default="gateway,direct,compare,findmax82,findmax40")
     parser.add_argument("--compare-rate", default="200")
     parser.add_argument(
+        "--workers",
+        default="1",
+        help="gateway processes to sweep, comma-separated (shipyard serve --workers); find-max uses the best",
+    )
+    parser.add_argument(
         "--labels", type=Path, help="labels YAML for the gateway (intent_labels_file) and the direct legs [packaged]"
     )
     parser.add_argument(
@@ -129,9 +141,22 @@ def main() -> None:
     engine = start_engine(work, args.config, **flags)
     results["engine_start_s"] = round(time.monotonic() - started, 1)
     labels = ["--intent-labels", str(args.labels.resolve())] if args.labels else []
-    gateway = start_gateway(
-        work, engine.url, env={"SHIPYARD_INTENT_LABELS_FILE": str(args.labels.resolve())} if args.labels else None
-    )
+    worker_counts = [int(n) for n in args.workers.split(",")]
+
+    def gateway_with(workers: int) -> Any:
+        env = {"SHIPYARD_WORKERS": str(workers)}
+        if args.labels:
+            env["SHIPYARD_INTENT_LABELS_FILE"] = str(args.labels.resolve())
+        started_gw = time.monotonic()
+        proc = start_gateway(work, engine.url, env=env)
+        while len(psutil.Process(proc.pid).children()) < workers - 1 and time.monotonic() - started_gw < 60:
+            time.sleep(0.2)
+        time.sleep(5 if workers > 1 else 0)  # the serving workers' own start-up (imports, the state, probes)
+        log(f"gateway with {workers} process(es) ready in {time.monotonic() - started_gw:.1f} s")
+        return proc
+
+    gateway = gateway_with(worker_counts[0])
+    results["workers"] = worker_counts
     results["labels"] = str(args.labels) if args.labels else "packaged"
     gw_url = f"http://127.0.0.1:{GATEWAY_PORT}"
     common = ["--model", "qwen", "--duration", args.duration, "--warmup", "2", "--seed", "13"]
@@ -165,13 +190,30 @@ def main() -> None:
         load = ("--scenario", "intent", "--rate", start, "--find-max", "--slo", f"e2e={bound}", "--max-level", "3200")
         return bench(work / f"find-max-{bound}", gw_url, *common, *load)
 
+    def gateway_leg(workers: int) -> str:
+        return "gateway-sweep" if workers == 1 else f"gateway-w{workers}-sweep"
+
+    def best_rate(leg: str, bound: str) -> float | None:
+        passed = [
+            s["runs"][0]["rate"]
+            for s in legs.get(leg, [])
+            if not s["runs"][0]["errors"] and s["runs"][0]["e2e_ms"]["p99"] <= float(bound)
+        ]
+        return max(passed, default=None)
+
     wanted = args.legs.split(",")
     engine_leg = ("--scenario", "intent-engine", *labels)
     try:
         with sampler:
             # the gateway first: it reads the engine's tokenizer on its first requests (the sweep's warm-up)
             if "gateway" in wanted:
-                run_leg("gateway-sweep", lambda: sweep("gateway-sweep", gw_url, "--scenario", "intent"))
+                for i, workers in enumerate(worker_counts):
+                    if i:
+                        stop(gateway)
+                        gateway = gateway_with(workers)
+                        sampler.gateway(gateway.pid)
+                    leg = gateway_leg(workers)
+                    run_leg(leg, lambda leg=leg: sweep(leg, gw_url, "--scenario", "intent"))
             if "direct" in wanted:
                 run_leg("direct-sweep", lambda: sweep("direct-sweep", engine.url, *engine_leg))
             if "compare" in wanted:  # the other decodes, straight to vLLM, at one rate
@@ -184,14 +226,16 @@ def main() -> None:
                             "--rate", args.compare_rate,
                         ),
                     )  # fmt: skip
+            # find-max runs on the worker count whose sweep held the bound at the highest rate
+            best = max(worker_counts, key=lambda w: (best_rate(gateway_leg(w), "82") or 0, -w))
+            if any(f"findmax{b}" in wanted for b in ("82", "40")) and best != worker_counts[-1]:
+                stop(gateway)
+                gateway = gateway_with(best)
+                sampler.gateway(gateway.pid)
+            results["find_max_workers"] = best
             for bound in ("82", "40"):
                 if f"findmax{bound}" in wanted:  # from the sweep's best rate within the bound (else 50 req/s)
-                    passed = [
-                        s["runs"][0]["rate"]
-                        for s in legs.get("gateway-sweep", [])
-                        if not s["runs"][0]["errors"] and s["runs"][0]["e2e_ms"]["p99"] <= float(bound)
-                    ]
-                    start = f"{max(passed, default=50):g}"
+                    start = f"{best_rate(gateway_leg(best), bound) or 50:g}"
                     run_leg(f"gateway-find-max-{bound}", lambda b=bound, s=start: find_max(b, s))
         results["gateway_intent_tokens"] = intent_tokens(gw_url)  # every classification the gateway made
     finally:

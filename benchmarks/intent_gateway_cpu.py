@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rate", default="300")
     parser.add_argument("--duration", default="10")
+    parser.add_argument("--workers", default="1", help="gateway processes (shipyard serve --workers)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     model_dir = pull_default(Path.home() / ".cache/shipyard/models").path
@@ -76,6 +77,7 @@ def main() -> None:
     }
     log = open(args.out / "gateway.log", "ab")  # noqa: SIM115 - lives as long as the process
     command = [sys.executable, "-m", "shipyard.cli", "serve", "--no-engine", "--upstream", engine_url]
+    command += ["--workers", args.workers]
     gateway = subprocess.Popen([*command, "--port", str(port)], env=env, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -196,6 +196,9 @@ class Settings(BaseSettings):
     ``file:///DIR``; or ``redis://[:PASSWORD@]HOST:PORT/DB[?prefix=NAME]`` for several gateways sharing it."""
     gateway_id: str | None = None
     """This gateway's name in leases and load reports (default: host-pid-random)."""
+    workers: int = Field(default=1, ge=1, le=64)
+    """Processes serving the gateway's port (``shipyard serve --workers N``): the primary (engines, state,
+    rollouts, admin API) and N - 1 serving workers that follow its state and forward the admin API to it."""
     lease_ttl_s: float = Field(default=10.0, gt=0)
     """A rollout's lease lasts this long unless its gateway renews it; a dead gateway's rollout is resolved
     by another one after at most this long."""

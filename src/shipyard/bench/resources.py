@@ -1,12 +1,14 @@
 """What the server used while a load ran: GPU memory and utilisation (NVML, when a GPU and ``nvidia-ml-py`` are
 there) and CPU / resident memory of the serving processes (psutil), sampled on a background thread.
 
-The serving processes are found from the URL when it is on this host: the process listening on its port is
-``gateway`` when it is shipyard (its vLLM children are ``engine``) and ``engine`` otherwise (vLLM straight).
+The serving processes are found from the URL when it is on this host: the processes listening on its port are
+``gateway`` when they are shipyard (its serving workers too; its vLLM children are ``engine``) and ``engine``
+otherwise (vLLM straight).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -27,25 +29,31 @@ def serving_processes(url: str) -> dict[str, list[psutil.Process]]:
     if parts.hostname not in LOCAL_HOSTS:
         return {}
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        listening = {
-            c.pid
-            for c in psutil.net_connections(kind="tcp")
-            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid
-        }
-    except psutil.AccessDenied:
-        return {}
+    listening: list[psutil.Process] = []
+    for process in psutil.process_iter(["pid"]):  # per process: a shared listening socket shows every holder
+        with contextlib.suppress(psutil.Error):
+            if any(
+                c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                for c in process.net_connections(kind="tcp")
+            ):
+                listening.append(process)
+    pids = {p.pid for p in listening}
+    shipyard = set()
+    for server in listening:
+        with contextlib.suppress(psutil.Error):
+            if any("shipyard" in part for part in server.cmdline()):
+                shipyard.add(server.pid)
     groups: dict[str, list[psutil.Process]] = {}
-    for pid in listening:
+    for server in listening:
         try:
-            server = psutil.Process(pid)
-            is_shipyard = any("shipyard" in part for part in server.cmdline())
-            children = server.children(recursive=True)
+            is_shipyard = server.pid in shipyard
+            is_worker = server.ppid() in shipyard  # a serving worker of a shipyard gateway (serve --workers)
+            children = [c for c in server.children(recursive=True) if c.pid not in pids]
         except psutil.Error:
             continue
-        if is_shipyard:
+        if is_shipyard or is_worker:
             groups.setdefault("gateway", []).append(server)
-            groups.setdefault("engine", []).extend(children)
+            groups.setdefault("engine", []).extend(children if is_shipyard else [])
         else:
             groups.setdefault("engine", []).extend([server, *children])
     return {name: procs for name, procs in groups.items() if procs}

@@ -21,6 +21,9 @@ from shipyard.engine.spec import EngineSpec
 
 _PR_SET_PDEATHSIG = 1
 
+NOT_INHERITED = frozenset({"PROMETHEUS_MULTIPROC_DIR"})
+"""The gateway's own settings that must not reach vLLM: a gateway of several processes counts its metrics in
+prometheus_client's multiprocess folder, and vLLM, which uses the same library, would write its own there."""
 ENGINE_ENV = {
     "VLLM_NO_USAGE_STATS": "1",
     "DO_NOT_TRACK": "1",
@@ -71,7 +74,7 @@ def last_error(log_file: Path, max_lines: int = 400) -> str:
     return lines[-1].strip() if lines else ""
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     # If shipyard is killed outright, the kernel sends the engine SIGTERM: no orphan holding the GPU.
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -93,7 +96,7 @@ def parse_cpu_list(text: str) -> set[int] | None:
 def _child_setup(cpus: set[int] | None, die_with_parent: bool) -> Callable[[], None]:
     def setup() -> None:  # pragma: no cover - runs in the child between fork and exec
         if die_with_parent:
-            _die_with_parent()
+            die_with_parent()
         if cpus:
             # The whole engine (API server, engine core, workers) stays on its cores, so a second engine
             # starting beside it is not starved by the first one's busy loops.
@@ -195,7 +198,8 @@ class EngineProcess:
             raise RuntimeError(f"engine already running (pid {self.pid})")
         self._adopted = None
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **ENGINE_ENV, **(self.env or {})}
+        env = {k: v for k, v in os.environ.items() if k not in NOT_INHERITED}
+        env.update({**ENGINE_ENV, **(self.env or {})})
         with open(self.log_file, "ab") as log:
             log.write(f"$ {' '.join(self.argv())}\n".encode())
             log.flush()

@@ -18,18 +18,18 @@ from shipyard.gateway.admin import install_admin_routes
 from shipyard.gateway.auth import KeyChecker
 from shipyard.gateway.errors import OpenAIError, install_error_handlers
 from shipyard.gateway.limits import KeyLimiter, LimitMiddleware
-from shipyard.gateway.metrics import GatewayMetrics
+from shipyard.gateway.metrics import GatewayMetrics, PoolCollector
 from shipyard.gateway.openapi import ROUTE_SUMMARIES, document_api
 from shipyard.gateway.proxy import ApiRoute, Proxy
 from shipyard.gateway.tasks import install_task_routes
 from shipyard.gateway.transport import UpstreamTransport
+from shipyard.gateway.workers import install_forwarding
 from shipyard.prepare.registry import resolve_input
 from shipyard.router import HealthMonitor, Replica, ReplicaPool
 from shipyard.router.audit import AuditLog
 from shipyard.router.control import ControlConfig, ControlPlane
 from shipyard.router.discovery import UpstreamDiscovery
 from shipyard.router.launcher import Launcher, ReplicaHandle, UrlLauncher
-from shipyard.router.policy import deployment_shares
 from shipyard.router.store import MemoryStateStore, StateStore
 from shipyard.settings import Settings
 from shipyard.tasks import IntentDecode, load_labels, load_templates
@@ -57,6 +57,7 @@ def create_app(
     launcher: Launcher | None = None,
     managed: Mapping[str, ReplicaHandle] | None = None,
     store: StateStore | None = None,
+    primary_socket: str | None = None,
 ) -> FastAPI:
     """Build the gateway.
 
@@ -69,6 +70,8 @@ def create_app(
     names to the processes behind them, which are restarted when they die. ``store`` holds the deployment
     state (default: in memory; ``shipyard serve`` passes the file or Redis store of ``settings.state_url``):
     when it already holds a state, that state says what is served and ``upstreams`` only seed an empty one.
+    ``primary_socket``: this app is a serving worker of a gateway of several processes (see
+    ``shipyard.gateway.workers``): it follows ``store``, never saves it, and forwards the admin API there.
     """
     keys = KeyChecker(settings.named_keys())
     if set(settings.admin_key_values()) & set(settings.key_values()):
@@ -78,6 +81,7 @@ def create_app(
     templates = load_templates(settings.reply_templates_file)
     pool = ReplicaPool(upstreams)
     metrics = GatewayMetrics()
+    metrics.add_collector(PoolCollector(pool))
     own_client = client is None
     http = client or upstream_client(settings)
     proxy = Proxy(
@@ -116,15 +120,20 @@ def create_app(
             lease_ttl_s=settings.lease_ttl_s,
             reload_timeout_s=settings.reload_timeout_s,
             gateway_id=settings.gateway_id or "",
+            follower=primary_socket is not None,
         ),
         on_pause=lambda seconds, strategy: metrics.rollout_pause.labels(strategy).observe(seconds),
     )
+
+    forwarding: list[httpx.AsyncClient] = []
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await discovery.refresh()
         await monitor.check_all()
         await control.start()
+        if primary_socket is not None:  # the replicas came from the state: known ready before serving
+            await monitor.check_all()
         monitor.start()
         discovery.start()
         try:
@@ -135,8 +144,11 @@ def create_app(
             await monitor.stop()
             if own_client:
                 await http.aclose()
+            for forwarder in forwarding:
+                await forwarder.aclose()
 
-    app = FastAPI(title="shipyard gateway", version=__version__, lifespan=lifespan)
+    documented = {} if primary_socket is None else {"openapi_url": None, "docs_url": None, "redoc_url": None}
+    app = FastAPI(title="shipyard gateway", version=__version__, lifespan=lifespan, **documented)
     app.add_middleware(LimitMiddleware, keys=keys, limiter=limiter, metrics=metrics)
     app.state.pool = pool
     app.state.metrics = metrics
@@ -173,16 +185,7 @@ def create_app(
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        metrics.replicas_ready.set(len(pool.ready()))
-        metrics.deployment_replicas.clear()
-        for replica in pool.replicas:
-            state = "ready" if replica.ready else "unready"
-            metrics.deployment_replicas.labels(replica.deployment, replica.version or "-", state).inc()
-        metrics.deployment_weight.clear()
-        shares = deployment_shares(pool.weights, sorted({r.deployment for r in pool.ready()}))
-        for name in pool.deployments():
-            metrics.deployment_weight.labels(name).set(shares.get(name, 0.0))
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(metrics.exposition()), media_type=CONTENT_TYPE_LATEST)
 
     def model_card(name: str, max_len: int | None) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": 0, "owned_by": "shipyard", "max_model_len": max_len}
@@ -227,7 +230,9 @@ def create_app(
         folder, ref = resolve_input(target, settings.models_dir)
         return str(folder), ref.partition(":")[2] if ref else None
 
-    if settings.admin_keys:
+    if primary_socket is not None:
+        forwarding.append(install_forwarding(app, primary_socket))
+    elif settings.admin_keys:
         install_admin_routes(app, proxy, KeyChecker(settings.named_admin_keys()), control, resolve_target)
     document_api(app)
     return app

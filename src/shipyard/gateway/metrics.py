@@ -1,17 +1,85 @@
-"""Prometheus metrics of one gateway, in a registry of its own (no process globals)."""
+"""Prometheus metrics of one gateway, in a registry of its own (no process globals).
+
+A gateway of several processes (``workers`` > 1) counts in prometheus_client's multiprocess mode: every process
+writes its values to files in one folder and whichever process answers ``/metrics`` adds them all up
+(``MultiProcessCollector``), so a scrape through the shared port sees the whole gateway. What the state decides
+(replicas ready, deployments and their weights) is read from the answering process's pool at scrape time.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from shipyard.router import ReplicaPool
+from shipyard.router.policy import deployment_shares
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 _INTENT_TOKEN_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 _TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20)
 
 
+def enable_multiprocess(folder: Path) -> None:
+    """Count this process's metrics (and those of the processes it starts) in ``folder``, emptied first. Call it
+    before the gateway's metrics are made; the engines shipyard starts do not inherit it (see ``engine``)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    os.environ[MULTIPROCESS_ENV] = str(folder)
+    values.ValueClass = values.get_value_class()  # prometheus_client chose its value class at import
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get(MULTIPROCESS_ENV)
+
+
+class PoolCollector(Collector):
+    """Gauges read from the pool at scrape time: replicas ready, replicas per deployment/version, weights."""
+
+    def __init__(self, pool: ReplicaPool) -> None:
+        self.pool = pool
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        ready = GaugeMetricFamily("shipyard_replicas_ready", "Replicas ready to take traffic")
+        ready.add_metric([], len(self.pool.ready()))
+        yield ready
+        replicas = GaugeMetricFamily(
+            "shipyard_deployment_replicas",
+            "Replicas of each deployment/version, by state (ready or not)",
+            labels=["deployment", "version", "state"],
+        )
+        counts: dict[tuple[str, str, str], int] = {}
+        for replica in self.pool.replicas:
+            key = (replica.deployment, replica.version or "-", "ready" if replica.ready else "unready")
+            counts[key] = counts.get(key, 0) + 1
+        for key, count in sorted(counts.items()):
+            replicas.add_metric(list(key), count)
+        yield replicas
+        weight = GaugeMetricFamily(
+            "shipyard_deployment_weight",
+            "Share of new requests each deployment gets (0..1, normalised over ready deployments)",
+            labels=["deployment"],
+        )
+        shares = deployment_shares(self.pool.weights, sorted({r.deployment for r in self.pool.ready()}))
+        for name in self.pool.deployments():
+            weight.add_metric([name], shares.get(name, 0.0))
+        yield weight
+
+
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self.multiprocess = multiprocess_dir()
+        """The folder of a gateway of several processes (their metrics are added up), else None."""
+        self._extra: list[Collector] = []
         r = self.registry
         self.requests = Counter(
             "shipyard_requests",
@@ -79,6 +147,7 @@ class GatewayMetrics:
             "Requests being answered right now",
             ["route"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.upstream_errors = Counter(
             "shipyard_upstream_errors",
@@ -92,20 +161,18 @@ class GatewayMetrics:
             ["reason"],
             registry=r,
         )
-        self.replicas_ready = Gauge(
-            "shipyard_replicas_ready",
-            "Replicas ready to take traffic",
-            registry=r,
-        )
-        self.deployment_replicas = Gauge(
-            "shipyard_deployment_replicas",
-            "Replicas of each deployment/version, by state (ready or not)",
-            ["deployment", "version", "state"],
-            registry=r,
-        )
-        self.deployment_weight = Gauge(
-            "shipyard_deployment_weight",
-            "Share of new requests each deployment gets (0..1, normalised over ready deployments)",
-            ["deployment"],
-            registry=r,
-        )
+
+    def add_collector(self, collector: Collector) -> None:
+        """A collector read at every scrape (in every process of the gateway)."""
+        self.registry.register(collector)
+        self._extra.append(collector)
+
+    def exposition(self) -> CollectorRegistry:
+        """What ``/metrics`` shows: this registry, or every process's values added up (multiprocess mode)."""
+        if self.multiprocess is None:
+            return self.registry
+        merged = CollectorRegistry(auto_describe=False)
+        MultiProcessCollector(merged, path=self.multiprocess)
+        for collector in self._extra:
+            merged.register(collector)
+        return merged

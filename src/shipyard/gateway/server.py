@@ -1,16 +1,21 @@
-"""Running the gateway app under uvicorn (uvloop + httptools when available)."""
+"""Running the gateway app under uvicorn (uvloop + httptools when available), in one process or several."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
 import signal
+import socket
 import threading
+import time
 from collections.abc import Iterator
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import uvicorn
 from fastapi import FastAPI
+
+if TYPE_CHECKING:
+    from shipyard.gateway.workers import Workers
 
 
 def fast_loop() -> Literal["uvloop", "asyncio"]:
@@ -51,8 +56,35 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def run_gateway(app: FastAPI, host: str, port: int, log_level: str = "info") -> int | None:
-    """Serve until SIGINT/SIGTERM; returns after a graceful shutdown, with the signal that asked for it."""
-    server = _Server(uvicorn_config(app, host, port, log_level))
-    server.run()
+def serve_on(app: FastAPI, sockets: list[socket.socket], log_level: str = "info") -> None:
+    """Serve ``app`` on sockets made elsewhere (a serving worker's inherited listening socket)."""
+    server = uvicorn.Server(uvicorn_config(app, "", 0, log_level))
+    server.run(sockets=sockets)
+
+
+def run_gateway(
+    app: FastAPI, host: str, port: int, log_level: str = "info", workers: Workers | None = None
+) -> int | None:
+    """Serve until SIGINT/SIGTERM; returns after a graceful shutdown, with the signal that asked for it.
+
+    With ``workers``, this process is the primary: it binds the port, starts the serving workers on the same
+    listening socket once it serves itself, and stops them when it stops."""
+    config = uvicorn_config(app, host, port, log_level)
+    server = _Server(config)
+    if workers is None:
+        server.run()
+        return server._captured_signals[0] if server._captured_signals else None
+    sockets = workers.sockets(config.bind_socket())
+
+    def start_when_serving() -> None:
+        while not server.started and not server.should_exit:
+            time.sleep(0.05)
+        if server.started:
+            workers.start()
+
+    threading.Thread(target=start_when_serving, name="shipyard-workers-start", daemon=True).start()
+    try:
+        server.run(sockets=sockets)
+    finally:
+        workers.stop()
     return server._captured_signals[0] if server._captured_signals else None

@@ -56,6 +56,9 @@ class ControlConfig:
     """Longest an in-place weight reload may take before the previous weights are put back."""
     gateway_id: str = ""
     """This gateway's name in leases, load reports and the state's ``updated_by`` (default: host-pid-random)."""
+    follower: bool = False
+    """A serving worker of a gateway of several processes: it applies the state and reports its load, but never
+    saves a state nor runs or takes over a rollout (its primary process does; the admin API is forwarded there)."""
 
 
 def default_strategies() -> dict[Strategy, RolloutStrategy]:
@@ -133,6 +136,11 @@ class ControlPlane:
     async def start(self) -> None:
         """Read the state (or seed it from the pool), apply it, resolve an interrupted rollout, start watching."""
         stored = await self.store.load()
+        if self.config.follower:
+            if stored is not None:
+                self._apply(stored, adopt_rollout=False)
+            self.spawn(self._follow())
+            return
         if stored is None:
             replicas = [self._seed_record(r) for r in self.pool.replicas]
             stored = DeploymentState().evolve(
@@ -219,13 +227,15 @@ class ControlPlane:
                 stored = await self.store.load()
                 if stored is not None and stored.revision > self._state.revision:
                     running_here = self.running_here()
-                    self._apply(stored, adopt_rollout=not running_here)
+                    self._apply(stored, adopt_rollout=not running_here and not self.config.follower)
                 await self.store.report_load(
                     LoadReport(self.gateway_id, self._state.revision, self._local_load(), self.clock()),
                     ttl_s=max(self.config.watch_interval_s * 10, 2.0),
                 )
                 rollout = self.current
-                if rollout is not None and rollout.active and not self.running_here():
+                if self.config.follower:
+                    pass  # the primary process runs every rollout; a follower never holds the lease
+                elif rollout is not None and rollout.active and not self.running_here():
                     if await self.store.lease_owner() is None and await self.store.acquire_lease(
                         self.gateway_id, self.config.lease_ttl_s
                     ):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -148,7 +149,9 @@ class FileStateStore(MemoryStateStore):
     with the previous states beside it as ``state.json.1`` … ``.4``.
 
     One gateway per file: opening takes an exclusive lock (``DIR/gateway.lock``) that the kernel drops when the
-    process dies, so a crashed gateway never blocks its own restart. Lease and load reports are this process's.
+    process dies, so a crashed gateway never blocks its own restart. The lease is the locking process's; load
+    reports are files (``DIR/loads/GATEWAY.json``, each with its expiry), so the serving workers of a gateway of
+    several processes (which read the state without the lock, and never save) count in drains and holds.
     """
 
     description = "file"
@@ -161,6 +164,7 @@ class FileStateStore(MemoryStateStore):
         self._lock: int | None = None
         self._parsed: tuple[int, int, int] | None = None
         """(inode, mtime, size) of the file ``_state`` was read from or written to."""
+        self._reported: set[Path] = set()
 
     def lock(self) -> None:
         """Take the one-gateway lock; :class:`StoreLocked` names the process holding it."""
@@ -234,10 +238,37 @@ class FileStateStore(MemoryStateStore):
             os.close(directory)
         self._state, self._parsed = state, _file_identity(self.path)
 
+    async def report_load(self, report: LoadReport, ttl_s: float) -> None:
+        folder = self.folder / "loads"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{_file_name(report.gateway)}.json"
+        staged = folder / f".{path.name}.{os.getpid()}.tmp"
+        record = {**dataclasses.asdict(report), "in_flight": dict(report.in_flight), "until": time.time() + ttl_s}
+        staged.write_text(json.dumps(record))
+        os.replace(staged, path)
+        self._reported.add(path)
+
+    async def load_reports(self) -> list[LoadReport]:
+        reports, now = [], time.time()
+        for path in (self.folder / "loads").glob("*.json"):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                record = json.loads(path.read_bytes())
+                if record.pop("until") > now:
+                    reports.append(LoadReport(**record))
+        return reports
+
     async def close(self) -> None:
+        for path in self._reported:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        self._reported.clear()
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
+
+
+def _file_name(gateway: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in gateway).lstrip(".") or "gateway"
 
 
 def _file_identity(path: Path) -> tuple[int, int, int]:
