@@ -127,11 +127,15 @@ def start_engine(work: Path, name: str, port: int = ENGINE_PORT, **fields: Any) 
 
 
 def start_gateway(
-    work: Path, upstream: str | list[str] | None, env: dict[str, str] | None = None, model: Path = MODEL
+    work: Path,
+    upstream: str | list[str] | None,
+    env: dict[str, str] | None = None,
+    model: Path = MODEL,
+    port: int = GATEWAY_PORT,
 ) -> subprocess.Popen[bytes]:
     """``shipyard serve`` in front of ``upstream`` (one URL or several replicas; or managing its own engine of
     ``model`` when it is None)."""
-    args = [sys.executable, "-m", "shipyard.cli", "serve", "--port", str(GATEWAY_PORT), "--profile", "default"]
+    args = [sys.executable, "-m", "shipyard.cli", "serve", "--port", str(port), "--profile", "default"]
     if upstream:
         args += ["--no-engine"]
         for url in [upstream] if isinstance(upstream, str) else upstream:
@@ -148,7 +152,7 @@ def start_gateway(
     proc = subprocess.Popen(
         args, env={**os.environ, **base_env, **(env or {})}, stdout=log_file, stderr=log_file, start_new_session=True
     )
-    wait_until_ready(proc, f"http://127.0.0.1:{GATEWAY_PORT}", 900, str(work / "logs" / "gateway.log"))
+    wait_until_ready(proc, f"http://127.0.0.1:{port}", 900, str(work / "logs" / "gateway.log"))
     return proc
 
 

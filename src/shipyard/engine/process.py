@@ -74,7 +74,7 @@ def last_error(log_file: Path, max_lines: int = 400) -> str:
     return lines[-1].strip() if lines else ""
 
 
-def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+def set_parent_death_signal() -> None:  # pragma: no cover - runs in the child between fork and exec
     # If shipyard is killed outright, the kernel sends the engine SIGTERM: no orphan holding the GPU.
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -96,7 +96,7 @@ def parse_cpu_list(text: str) -> set[int] | None:
 def _child_setup(cpus: set[int] | None, die_with_parent: bool) -> Callable[[], None]:
     def setup() -> None:  # pragma: no cover - runs in the child between fork and exec
         if die_with_parent:
-            die_with_parent()
+            set_parent_death_signal()
         if cpus:
             # The whole engine (API server, engine core, workers) stays on its cores, so a second engine
             # starting beside it is not starved by the first one's busy loops.

@@ -36,7 +36,7 @@ from fastapi import FastAPI, Request
 from prometheus_client import multiprocess
 from starlette.responses import Response
 
-from shipyard.engine.process import die_with_parent
+from shipyard.engine.process import set_parent_death_signal
 from shipyard.gateway.errors import OpenAIError
 from shipyard.gateway.metrics import multiprocess_dir
 from shipyard.settings import Settings
@@ -101,7 +101,7 @@ def serve_worker(spec: WorkerSpec, sock: socket.socket) -> None:  # pragma: no c
     from shipyard.gateway.server import serve_on
     from shipyard.router.store import open_store
 
-    die_with_parent()
+    set_parent_death_signal()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s[w{spec.index}]: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     store = open_store(spec.settings.state_url, spec.settings.data_dir)  # a file store is read, never locked
