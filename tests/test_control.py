@@ -433,3 +433,38 @@ def test_in_place_only_when_the_weights_fit(tmp_path: Path) -> None:
         await control.stop()
 
     run(body)
+
+
+def test_a_follower_applies_the_state_reports_its_load_and_never_runs_a_rollout() -> None:
+    """A serving worker (``workers`` > 1): an interrupted rollout stays with the primary, however long its lease
+    is gone; the follower applies every revision the primary saves and counts in its drains."""
+
+    async def body() -> None:
+        store = RecordingStore()
+        await store.save(interrupted_state(Phase.CANARY, canary=True))
+        follower = plane(store, [], lease_ttl_s=0.05, follower=True, gateway_id="w1")
+        await follower.start()
+        assert {r.name for r in follower.pool.replicas} == {"blue-v1", "green-v2"}
+        assert follower.pool.weights == {"green": 0.1, "blue": 0.9}
+        await asyncio.sleep(0.2)  # several follow ticks with no lease held by anyone
+        assert follower.current is None and not follower.running_here()
+        assert await store.lease_owner() is None and len(store.saved) == 1
+
+        green = follower.pool.replicas[[r.name for r in follower.pool.replicas].index("green-v2")]
+        follower.pool.acquire(green, "m")  # one request in flight on the follower
+        primary = plane(store, [], gateway_id="primary")
+        for _ in range(100):  # the follower reports on its next tick
+            if await primary.in_flight({"green-v2"}) == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert await primary.in_flight({"green-v2"}) == 1
+        follower.pool.release(green, "m")
+
+        state = await store.load()
+        assert state is not None
+        await store.save(state.evolve(by="primary", weights={"green": 1.0, "blue": 0.0}))
+        await until(lambda: follower.pool.weights == {"green": 1.0, "blue": 0.0})
+        assert len(store.saved) == 2  # the follower saved nothing
+        await follower.stop()
+
+    run(body)

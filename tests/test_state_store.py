@@ -146,3 +146,24 @@ def test_open_store_by_url(tmp_path: Path) -> None:
     assert "secret" not in redis_store.description
     with pytest.raises(ValueError, match="state_url"):
         open_store("etcd://x", tmp_path)
+
+
+def test_file_store_load_reports_reach_other_processes_and_expire(tmp_path: Path) -> None:
+    """The serving workers of a gateway read the file state without its lock; their load reports are files."""
+
+    async def body() -> None:
+        primary, worker = FileStateStore(tmp_path), FileStateStore(tmp_path)
+        primary.lock()
+        await worker.report_load(LoadReport("host-1-w1", 3, {"replica:blue-v1": 2}, 10.0), ttl_s=60)
+        await worker.report_load(LoadReport("gone/../w2", 3, {"replica:blue-v1": 5}, 10.0), ttl_s=0.01)
+        await asyncio.sleep(0.05)
+        (report,) = await primary.load_reports()
+        assert report == LoadReport("host-1-w1", 3, {"replica:blue-v1": 2}, 10.0)
+        assert sorted(p.name for p in (tmp_path / "loads").glob("*.json")) == ["gone_.._w2.json", "host-1-w1.json"]
+        (tmp_path / "loads" / "broken.json").write_text("{not json")
+        assert len(await primary.load_reports()) == 1  # an unreadable report is skipped
+        await worker.close()  # a worker that stops takes its reports with it
+        assert await primary.load_reports() == []
+        await primary.close()
+
+    asyncio.run(body())

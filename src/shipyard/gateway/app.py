@@ -147,8 +147,15 @@ def create_app(
             for forwarder in forwarding:
                 await forwarder.aclose()
 
-    documented = {} if primary_socket is None else {"openapi_url": None, "docs_url": None, "redoc_url": None}
-    app = FastAPI(title="shipyard gateway", version=__version__, lifespan=lifespan, **documented)
+    documents = primary_socket is None  # a serving worker forwards the documents to its primary
+    app = FastAPI(
+        title="shipyard gateway",
+        version=__version__,
+        lifespan=lifespan,
+        openapi_url="/openapi.json" if documents else None,
+        docs_url="/docs" if documents else None,
+        redoc_url="/redoc" if documents else None,
+    )
     app.add_middleware(LimitMiddleware, keys=keys, limiter=limiter, metrics=metrics)
     app.state.pool = pool
     app.state.metrics = metrics

@@ -34,7 +34,7 @@ def enable_multiprocess(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     os.environ[MULTIPROCESS_ENV] = str(folder)
-    values.ValueClass = values.get_value_class()  # prometheus_client chose its value class at import
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]  # chosen at import
 
 
 def multiprocess_dir() -> str | None:
@@ -172,7 +172,7 @@ class GatewayMetrics:
         if self.multiprocess is None:
             return self.registry
         merged = CollectorRegistry(auto_describe=False)
-        MultiProcessCollector(merged, path=self.multiprocess)
+        MultiProcessCollector(merged, path=self.multiprocess)  # type: ignore[no-untyped-call]
         for collector in self._extra:
             merged.register(collector)
         return merged

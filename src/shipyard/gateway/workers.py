@@ -179,9 +179,10 @@ class Workers:
                 self._spawn(index)
 
     def _forget(self, process: BaseProcess) -> None:
+        """Its live gauges (requests in flight) end with it in the added-up metrics."""
         folder = multiprocess_dir()
         if folder is not None and process.pid is not None:
-            multiprocess.mark_process_dead(process.pid, folder)  # its live gauges (requests in flight) end with it
+            multiprocess.mark_process_dead(process.pid, folder)  # type: ignore[no-untyped-call]
 
     def stop(self, grace_s: float = 10.0) -> None:
         self._stopping.set()
