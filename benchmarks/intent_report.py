@@ -1,4 +1,5 @@
-"""Tables of the /v1/intent ceiling runs (benchmarks/intent_ceiling.py), from their raw files.
+"""Tables of the /v1/intent ceiling runs (benchmarks/intent_ceiling.py) and of the side-by-side rounds
+(benchmarks/intent_ab.py), from their raw files.
 
 python3 benchmarks/intent_report.py benchmarks/results/DIR > benchmarks/results/DIR/README.md
 """
@@ -35,14 +36,15 @@ def main() -> None:
     folder = Path(sys.argv[1])
     files = sorted(folder.glob("*/intent_ceiling.json"))
     configs = [{**json.loads(f.read_text()), "run": f.parent.name} for f in files]
-    first = configs[0]
+    rounds = [{**json.loads(f.read_text()), "run": f.parent.name} for f in sorted(folder.glob("*/intent_ab.json"))]
+    first = (configs or rounds)[0]
     print("# /v1/intent on one H200: the one-token decode, the P99 ceiling, gateway vs straight to vLLM\n")
     print(
         f"Device: {first['device']['gpu']} ({first['device']['memory']}, driver {first['device']['driver']}), "
         f"torch {first['torch']}, vLLM {first['vllm']}; {first['model']}. One device call per run, engine "
         "started fresh (the run's folder name is its label below):\n"
     )
-    for c in configs:
+    for c in [*configs, *rounds]:
         print(
             f"- **{c['run']}** ({c['date']}): `{c['command']}` — flags `{c['flags']}`, "
             f"labels {c.get('labels', 'packaged')}, engine ready in {c['engine_start_s']:.0f} s"
@@ -55,25 +57,34 @@ def main() -> None:
         "sends: one token, `allowed_token_ids`) straight to vLLM; `direct-stop-strings-200` / `direct-full-200` "
         "are the other decodes straight to vLLM in the same run. Sweeps stop after the first level whose P99 "
         "passes 1 s. Legs ran in this order: gateway sweep, direct sweep, the two other decodes, find-max 82 ms "
-        "and 40 ms through the gateway (each from the sweep's best rate within its bound, else 50 req/s).\n"
+        "and 40 ms through the gateway (each from the sweep's best rate within its bound, else 50 req/s). "
+        "`gateway-wN` = the gateway with N processes (`shipyard serve --workers N`), swept after the one-process "
+        "gateway on the same engine; find-max then runs on the process count whose sweep went highest.\n"
     )
+    if rounds:
+        side_by_side(rounds)
+    if not configs:
+        return
     print("## Highest rate meeting each P99 bound (no errors)\n")
     print("| run | target | sweep: P99 ≤ 82 ms | sweep: P99 ≤ 40 ms | find-max 82 ms | find-max 40 ms |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for c in configs:
-        for target in ("gateway", "direct"):
-            leg = c["legs"].get(f"{target}-sweep")
-            if leg:
-                r = runs(leg)
-                fm = (
-                    (
-                        find_max_cell(c["legs"].get("gateway-find-max-82")),
-                        find_max_cell(c["legs"].get("gateway-find-max-40")),
-                    )
-                    if target == "gateway"
-                    else ("—", "—")
+        searched = c.get("find_max_workers", 1)
+        for name, leg in c["legs"].items():
+            if not name.endswith("-sweep"):
+                continue
+            target = name.removesuffix("-sweep")
+            r = runs(leg)
+            workers = int(target.removeprefix("gateway-w")) if target.startswith("gateway-w") else 1
+            fm = (
+                (
+                    find_max_cell(c["legs"].get("gateway-find-max-82")),
+                    find_max_cell(c["legs"].get("gateway-find-max-40")),
                 )
-                print(f"| {c['run']} | {target} | {best_rate(r, 82)} | {best_rate(r, 40)} | {fm[0]} | {fm[1]} |")
+                if target.startswith("gateway") and workers == searched
+                else ("—", "—")
+            )
+            print(f"| {c['run']} | {target} | {best_rate(r, 82)} | {best_rate(r, 40)} | {fm[0]} | {fm[1]} |")
     print("\n## How the gateway's classifications were decoded (its `shipyard_intent_output_tokens`, whole run)\n")
     print("| run | path that gave the label | classifications | output tokens each |")
     print("| --- | --- | ---: | ---: |")
@@ -114,6 +125,57 @@ def main() -> None:
                 f"| {c['run']} | {name} | {cell('vllm_api_server_cpu')} | {cell('vllm_engine_core_cpu')} | "
                 f"{cell('gateway_cpu')} | {cell('num_requests_running')} | {cell('num_requests_waiting')} |"
             )
+
+
+def side_by_side(rounds: list[dict[str, Any]]) -> None:
+    """benchmarks/intent_ab.py: every target once per rate and round, the order rotating; pooled over rounds."""
+    print("## Side by side: straight to vLLM and through the gateway, interleaved in rounds (one engine)\n")
+    for c in rounds:
+        print(
+            f"Run **{c['run']}**: {len(c['rounds'])} rounds; each round runs every target once per rate "
+            f"(`shipyard bench`, open loop, {c['rounds'][0]['runs'][0]['run']['window_s']:g} s measured after 2 s "
+            "warm-up), the order rotating from round to round. Pooled = P50/P99 over every request of every "
+            "round.\n"
+        )
+        print("| target @ rate | requests | errors | pooled E2E p50 ms | pooled E2E p99 ms | p99 of each round (ms) |")
+        print("| --- | ---: | ---: | ---: | ---: | --- |")
+        for key, cell in c["pooled"].items():
+            target, rate = key.split("@")
+            each = [
+                f"{e['run']['e2e_ms']['p99']:.1f}"
+                for r in c["rounds"]
+                for e in r["runs"]
+                if e["target"] == target and f"{e['rate']:g}" == rate
+            ]
+            print(
+                f"| {key} | {cell['requests']} | {cell['errors']} | {cell['p50_ms']:.1f} | {cell['p99_ms']:.1f} | "
+                f"{' / '.join(each)} |"
+            )
+        print(
+            "\n| round | order | target @ rate | achieved req/s | send lag p99 ms | E2E p50 ms | E2E p99 ms | gateway CPU % |"
+        )
+        print("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+        for i, r in enumerate(c["rounds"], 1):
+            for e in r["runs"]:
+                run = e["run"]
+                gw = run.get("resources", {}).get("gateway_cpu_pct", {}).get("mean")
+                print(
+                    f"| {i} | {', '.join(r['order'])} | {e['target']} @ {e['rate']:g} | {run['achieved_rate']:.1f} | "
+                    f"{run['send_lag_ms']['p99']:.1f} | {run['e2e_ms']['p50']:.1f} | {run['e2e_ms']['p99']:.1f} | "
+                    f"{'—' if gw is None else f'{gw:.0f}'} |"
+                )
+        print(
+            "\n| target @ rate | vLLM API server CPU cores | vLLM engine core CPU cores | gateway CPU cores | running |"
+        )
+        print("| --- | ---: | ---: | ---: | ---: |")
+        for leg, v in c["sampled"].items():
+            print(
+                f"| {leg} | {v['vllm_api_server_cpu']['mean']:.2f} / {v['vllm_api_server_cpu']['max']:.2f} | "
+                f"{v['vllm_engine_core_cpu']['mean']:.2f} / {v['vllm_engine_core_cpu']['max']:.2f} | "
+                f"{v['gateway_cpu']['mean']:.2f} / {v['gateway_cpu']['max']:.2f} | "
+                f"{v['num_requests_running']['mean']:.2f} / {v['num_requests_running']['max']:.0f} |"
+            )
+        print("\n(mean / peak, sampled every 0.25 s over all rounds of a target and rate)\n")
 
 
 if __name__ == "__main__":
