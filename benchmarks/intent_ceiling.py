@@ -7,9 +7,9 @@ shortest, the default: one token), then open-loop rate sweeps of ``--scenario in
 ``--scenario intent-engine`` (the same first chat completion straight to vLLM), the stop-string and full decodes
 straight to vLLM at 200 req/s for comparison, and ``--find-max --slo e2e=82`` and ``e2e=40`` through the gateway;
 legs that would start past ``--budget-s`` are skipped (and listed). ``--workers 1,2`` sweeps the gateway once per
-process count (``shipyard serve --workers``), find-max on the count that went highest. A sampler records, every 0.25 s, vLLM's
-running/waiting requests and the CPU of vLLM's API server, its engine core and the gateway, so the bottleneck at
-the ceiling can be named; ``shipyard bench`` itself reports its achieved rate, send lag and CPU.
+process count (``shipyard serve --workers``), find-max on the count that went highest. A sampler records, every
+0.25 s, vLLM's running/waiting requests and the CPU of vLLM's API server, its engine core and the gateway, so the
+bottleneck at the ceiling can be named; ``shipyard bench`` itself reports its achieved rate, send lag and CPU.
 
     bash .gpu/bin/stage.sh && source .gpu/bin/env.sh && export PYTHONPATH=$PWD/src:$PYTHONPATH
     python3 benchmarks/intent_ceiling.py --config bf16    --out $OUT/intent

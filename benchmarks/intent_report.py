@@ -152,7 +152,8 @@ def side_by_side(rounds: list[dict[str, Any]]) -> None:
                 f"{' / '.join(each)} |"
             )
         print(
-            "\n| round | order | target @ rate | achieved req/s | send lag p99 ms | E2E p50 ms | E2E p99 ms | gateway CPU % |"
+            "\n| round | order | target @ rate | achieved req/s | send lag p99 ms | E2E p50 ms | E2E p99 ms | "
+            "gateway CPU % |"
         )
         print("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |")
         for i, r in enumerate(c["rounds"], 1):
