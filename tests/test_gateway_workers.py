@@ -64,7 +64,7 @@ def test_serve_with_two_workers_shares_the_port_follows_rollouts_and_stops_whole
         assert wait_for(lambda: len(workers_of(primary)) == 1, timeout=30)
         (worker,) = workers_of(primary)
         loads = data_dir / "state" / "loads"
-        assert wait_for(lambda: len(list(loads.glob("*.json"))) == 2, timeout=30)  # both follow the state
+        assert wait_for(lambda: len(list(loads.glob("*.json"))) == 1, timeout=30)  # the worker reports its load
 
         answers = [chat() for _ in range(40)]
         assert [a.status_code for a in answers] == [200] * 40

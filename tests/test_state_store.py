@@ -162,8 +162,10 @@ def test_file_store_load_reports_reach_other_processes_and_expire(tmp_path: Path
         assert sorted(p.name for p in (tmp_path / "loads").glob("*.json")) == ["gone_.._w2.json", "host-1-w1.json"]
         (tmp_path / "loads" / "broken.json").write_text("{not json")
         assert len(await primary.load_reports()) == 1  # an unreadable report is skipped
+        await primary.report_load(LoadReport("primary", 3, {}, 10.0), ttl_s=60)  # kept in its process
+        assert len(list((tmp_path / "loads").glob("*.json"))) == 3
         await worker.close()  # a worker that stops takes its reports with it
-        assert await primary.load_reports() == []
+        assert [r.gateway for r in await primary.load_reports()] == ["primary"]
         await primary.close()
 
     asyncio.run(body())

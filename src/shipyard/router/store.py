@@ -149,9 +149,10 @@ class FileStateStore(MemoryStateStore):
     with the previous states beside it as ``state.json.1`` … ``.4``.
 
     One gateway per file: opening takes an exclusive lock (``DIR/gateway.lock``) that the kernel drops when the
-    process dies, so a crashed gateway never blocks its own restart. The lease is the locking process's; load
-    reports are files (``DIR/loads/GATEWAY.json``, each with its expiry), so the serving workers of a gateway of
-    several processes (which read the state without the lock, and never save) count in drains and holds.
+    process dies, so a crashed gateway never blocks its own restart. The lease and the lock holder's own load
+    report stay in its process; the serving workers of a gateway of several processes (which read the state
+    without the lock and never save) report theirs as files (``DIR/loads/GATEWAY.json``, each with its expiry), so
+    they count in the primary's drains and holds.
     """
 
     description = "file"
@@ -239,6 +240,9 @@ class FileStateStore(MemoryStateStore):
         self._state, self._parsed = state, _file_identity(self.path)
 
     async def report_load(self, report: LoadReport, ttl_s: float) -> None:
+        if self._lock is not None:  # the gateway holding the lock reads the others' reports; its own stays here
+            await super().report_load(report, ttl_s)
+            return
         folder = self.folder / "loads"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{_file_name(report.gateway)}.json"
@@ -249,7 +253,7 @@ class FileStateStore(MemoryStateStore):
         self._reported.add(path)
 
     async def load_reports(self) -> list[LoadReport]:
-        reports, now = [], time.time()
+        reports, now = await super().load_reports(), time.time()
         for path in (self.folder / "loads").glob("*.json"):
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
                 record = json.loads(path.read_bytes())
