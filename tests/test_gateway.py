@@ -289,3 +289,29 @@ def test_client_gone_during_a_non_streaming_request_is_not_left_in_flight(stack:
         return int(httpx.get(f"{stack.url}/ready").json()["replicas"][0]["in_flight"])
 
     assert wait_for(lambda: in_flight() == 0, timeout=3)
+
+
+def test_garbage_collections_are_timed_by_generation() -> None:
+    import gc
+
+    from shipyard.gateway.metrics import GatewayMetrics, watch_gc
+
+    metrics = GatewayMetrics()
+    stop = watch_gc(metrics)
+    try:
+        gc.collect()
+        gc.collect(0)
+    finally:
+        stop()
+    counts = {
+        s.labels["generation"]: s.value
+        for family in metrics.registry.collect()
+        if family.name == "shipyard_gc_pause_seconds"
+        for s in family.samples
+        if s.name.endswith("_count")
+    }
+    assert counts["2"] >= 1 and counts["0"] >= 1
+    gc.collect()  # no longer watched
+    assert sum(s.value for s in metrics.gc_pause.collect()[0].samples if s.name.endswith("_count")) == sum(
+        counts.values()
+    )

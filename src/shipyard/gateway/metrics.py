@@ -8,9 +8,11 @@ writes its values to files in one folder and whichever process answers ``/metric
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
@@ -39,6 +41,21 @@ def enable_multiprocess(folder: Path) -> None:
 
 def multiprocess_dir() -> str | None:
     return os.environ.get(MULTIPROCESS_ENV)
+
+
+def watch_gc(metrics: GatewayMetrics) -> Callable[[], None]:
+    """Time every garbage collection of this process into ``metrics.gc_pause`` (by generation); returns the
+    function that stops it. A collection stops the event loop: its pauses are part of every request's latency."""
+    started: list[float] = []
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            metrics.gc_pause.labels(str(info.get("generation", "?"))).observe(time.perf_counter() - started.pop())
+
+    gc.callbacks.append(callback)
+    return lambda: gc.callbacks.remove(callback)
 
 
 class PoolCollector(Collector):
@@ -159,6 +176,13 @@ class GatewayMetrics:
             "shipyard_retries",
             "Requests moved to another replica before any output (by reason)",
             ["reason"],
+            registry=r,
+        )
+        self.gc_pause = Histogram(
+            "shipyard_gc_pause_seconds",
+            "Garbage collections of the gateway's process(es), by generation: each one stops the event loop",
+            ["generation"],
+            buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
             registry=r,
         )
 
