@@ -88,12 +88,14 @@ def main() -> None:
         load = ["--scenario", "intent", "--rate", args.rate, "--duration", args.duration, "--warmup", "2"]
         subprocess.run([*bench, *load], check=True, capture_output=True)
         metrics = httpx.get(f"{url}/metrics").text
+        (args.out / "gateway_metrics.txt").write_text(metrics)  # the gateway's own counts, GC pauses among them
     finally:
         gateway.terminate()
         gateway.wait(30)
         server.should_exit = True
     run = json.loads((args.out / "summary.json").read_text())["runs"][0]
     paths = [line for line in metrics.splitlines() if line.startswith("shipyard_intent_output_tokens_count")]
+    paths += [line for line in metrics.splitlines() if line.startswith("shipyard_gc_pause_seconds_")]
     print(
         f"rate {run['rate']:g}: achieved {run['achieved_rate']:.1f}/s, errors {run['errors']}, "
         f"E2E p50 {run['e2e_ms']['p50']:.1f} ms p99 {run['e2e_ms']['p99']:.1f} ms, "
