@@ -121,3 +121,11 @@ def test_workloads_are_deterministic_and_shaped() -> None:
     assert intent.path == "/v1/intent" and intent.body == {"text": "where is my card", "model": "m"}
     reply = DatasetWorkload("reply", [{"messages": [{"role": "user", "content": "late"}], "template": "standard"}])
     assert reply.request(0).body == {"messages": [{"role": "user", "content": "late"}], "template": "standard"}
+
+
+def test_resource_table_marks_a_level_too_short_to_sample() -> None:
+    from shipyard.bench.report import _resource_lines
+
+    sampled = {"gateway_cpu_pct": {"mean": 12.0, "peak": 20.0}}
+    lines = _resource_lines([{"concurrency": 1, "resources": {}}, {"concurrency": 2, "resources": sampled}])
+    assert lines[2].endswith("| — |") and "12" in lines[3]

@@ -100,8 +100,9 @@ def _resource_lines(runs: list[dict[str, Any]]) -> list[str]:
     if not keys:
         return []
     lines = ["| load | " + " | ".join(f"{k} mean / peak" for k in keys) + " |", "| --- |" + " ---: |" * len(keys)]
-    for r in runs:
-        cells = [f"{_fmt(r['resources'][k]['mean'])} / {_fmt(r['resources'][k]['peak'])}" for k in keys]
+    for r in runs:  # a level shorter than the sampling interval has no sample: a dash, not a KeyError
+        seen = r.get("resources", {})
+        cells = [f"{_fmt(seen[k]['mean'])} / {_fmt(seen[k]['peak'])}" if k in seen else "—" for k in keys]
         lines.append(f"| {level_name(r)} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
