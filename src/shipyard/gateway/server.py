@@ -102,7 +102,7 @@ def run_gateway(
         while not server.started and not server.should_exit:
             time.sleep(0.05)
         if server.started:
-            workers.start()
+            workers.start(shutting_down=lambda: server.should_exit)
 
     threading.Thread(target=start_when_serving, name="shipyard-workers-start", daemon=True).start()
     try:

@@ -27,6 +27,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -125,6 +126,7 @@ class Workers:
         self._context = multiprocessing.get_context("spawn")
         self._public: socket.socket | None = None
         self._stopping = threading.Event()
+        self._shutting_down: Callable[[], bool] = lambda: False
         self._watcher: threading.Thread | None = None
 
     def sockets(self, public: socket.socket) -> list[socket.socket]:
@@ -139,9 +141,11 @@ class Workers:
         os.chmod(path, 0o600)
         return [public, private]
 
-    def start(self) -> None:
+    def start(self, shutting_down: Callable[[], bool] = lambda: False) -> None:
         """Spawn the workers and watch them, from one thread that lives until :meth:`stop`: a worker's
-        parent-death signal fires when the *thread* that started it ends."""
+        parent-death signal fires when the *thread* that started it ends. ``shutting_down``: the primary is
+        stopping (a worker that exits then, e.g. on the terminal's Ctrl-C, is not started again)."""
+        self._shutting_down = shutting_down
         started = threading.Event()
         self._watcher = threading.Thread(target=self._watch, args=(started,), name="shipyard-workers", daemon=True)
         self._watcher.start()
@@ -168,7 +172,7 @@ class Workers:
         started.set()
         while not self._stopping.wait(0.5):
             for index, process in list(self.processes.items()):
-                if process.is_alive() or self._stopping.is_set():
+                if process.is_alive() or self._stopping.is_set() or self._shutting_down():
                     continue
                 self._forget(process)
                 log.warning("serving worker %d (pid %s) exited with %s; starting it again", index, process.pid,
