@@ -132,8 +132,6 @@ def create_app(
         await discovery.refresh()
         await monitor.check_all()
         await control.start()
-        if primary_socket is not None:  # the replicas came from the state: known ready before serving
-            await monitor.check_all()
         monitor.start()
         discovery.start()
         try:

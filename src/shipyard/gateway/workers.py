@@ -122,7 +122,6 @@ class Workers:
         self.restart_after_s = restart_after_s
         self.primary_socket = str(admin_socket_path(settings))
         self.processes: dict[int, BaseProcess] = {}
-        self.restarts = 0
         self._context = multiprocessing.get_context("spawn")
         self._public: socket.socket | None = None
         self._stopping = threading.Event()
@@ -177,7 +176,6 @@ class Workers:
                 self._forget(process)
                 log.warning("serving worker %d (pid %s) exited with %s; starting it again", index, process.pid,
                             process.exitcode)  # fmt: skip
-                self.restarts += 1
                 if self._stopping.wait(self.restart_after_s):
                     return
                 self._spawn(index)

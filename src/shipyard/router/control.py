@@ -139,6 +139,8 @@ class ControlPlane:
         if self.config.follower:
             if stored is not None:
                 self._apply(stored, adopt_rollout=False)
+            # the probes of the replicas the state added (the only tasks yet): known ready before serving
+            await asyncio.gather(*self._tasks, return_exceptions=True)
             self.spawn(self._follow())
             return
         if stored is None:
