@@ -47,16 +47,27 @@ class Sampler:
     """vLLM's queue and the serving processes' CPU, sampled on a thread; ``mark`` names the leg that runs."""
 
     def __init__(self, engine_url: str, engine_pid: int, gateway_pid: int, every_s: float = 0.25) -> None:
-        self.engine_url, self.every_s = engine_url, every_s
-        api = psutil.Process(engine_pid)
-        children = api.children(recursive=True)
-        core = [c for c in children if "EngineCore" in " ".join([c.name(), *c.cmdline()])]
-        self.procs = {"vllm_api_server": [api, *(c for c in children if c not in core)], "vllm_engine_core": core}
+        self.engine_urls, self.every_s = [engine_url], every_s
+        self.procs: dict[str, list[psutil.Process]] = {"vllm_api_server": [], "vllm_engine_core": []}
+        self._add_engine_processes(engine_pid)
         self.gateway(gateway_pid)
         self.samples: list[dict[str, Any]] = []
         self.leg = "-"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _add_engine_processes(self, pid: int) -> None:
+        api = psutil.Process(pid)
+        children = api.children(recursive=True)
+        core = [c for c in children if "EngineCore" in " ".join([c.name(), *c.cmdline()])]
+        self.procs["vllm_api_server"] += [api, *(c for c in children if c not in core)]
+        self.procs["vllm_engine_core"] += core
+
+    def add_engine(self, url: str, pid: int) -> None:
+        """One more engine (replicas on the same GPU): its CPU and queue add to the first's. Call before
+        entering."""
+        self.engine_urls.append(url)
+        self._add_engine_processes(pid)
 
     def gateway(self, pid: int) -> None:
         """Sample the gateway ``pid`` from now on: its process and its serving workers (``--workers``)."""
@@ -67,10 +78,12 @@ class Sampler:
 
     def _queue(self, http: httpx.Client) -> dict[str, float]:
         values: dict[str, float] = {}
-        for line in http.get(f"{self.engine_url}/metrics").text.splitlines():
-            for name in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
-                if line.startswith(name + "{") or line.startswith(name + " "):
-                    values[name.split(":")[1]] = values.get(name.split(":")[1], 0.0) + float(line.rsplit(" ", 1)[1])
+        for url in self.engine_urls:
+            for line in http.get(f"{url}/metrics").text.splitlines():
+                for name in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
+                    if line.startswith(name + "{") or line.startswith(name + " "):
+                        key = name.split(":")[1]
+                        values[key] = values.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
         return values
 
     def _run(self) -> None:
