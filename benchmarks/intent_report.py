@@ -51,7 +51,12 @@ def main() -> None:
             + (f"; skipped for time: {', '.join(c['skipped'])}" if c.get("skipped") else "")
         )
     print(
-        "\nLoad: `shipyard bench` open loop (Poisson), 5 s measured after 2 s warm-up per level, texts of "
+        "\nLoad: `shipyard bench` open loop (Poisson), texts of data/intent/test.jsonl; `gateway…` = "
+        "`--scenario intent` through `shipyard serve` (`intent.decode` shortest, the default), `direct` = "
+        "`--scenario intent-engine` (the first chat completion the gateway sends: one token, "
+        "`allowed_token_ids`) straight to vLLM.\n"
+        if not configs
+        else "\nLoad: `shipyard bench` open loop (Poisson), 5 s measured after 2 s warm-up per level, texts of "
         "data/intent/test.jsonl; `gateway` = `--scenario intent` through `shipyard serve` (`intent.decode` "
         "shortest, the default), `direct` = `--scenario intent-engine` (the first chat completion the gateway "
         "sends: one token, `allowed_token_ids`) straight to vLLM; `direct-stop-strings-200` / `direct-full-200` "
@@ -129,10 +134,13 @@ def main() -> None:
 
 def side_by_side(rounds: list[dict[str, Any]]) -> None:
     """benchmarks/intent_ab.py: every target once per rate and round, the order rotating; pooled over rounds."""
-    print("## Side by side: straight to vLLM and through the gateway, interleaved in rounds (one engine)\n")
+    print("## Side by side: straight to vLLM and through the gateway, interleaved in rounds\n")
     for c in rounds:
+        engines = c.get("engines", 1)
         print(
-            f"Run **{c['run']}**: {len(c['rounds'])} rounds; each round runs every target once per rate "
+            f"Run **{c['run']}**: {engines} engine{'s on the one GPU' if engines > 1 else ''}"
+            f"{' (`gateway-wN-eM`: the gateway in front of the first M as replicas)' if engines > 1 else ''}; "
+            f"{len(c['rounds'])} rounds; each round runs every target once per rate "
             f"(`shipyard bench`, open loop, {c['rounds'][0]['runs'][0]['run']['window_s']:g} s measured after 2 s "
             "warm-up), the order rotating from round to round. Pooled = P50/P99 over every request of every "
             "round.\n"
@@ -177,6 +185,43 @@ def side_by_side(rounds: list[dict[str, Any]]) -> None:
                 f"{v['num_requests_running']['mean']:.2f} / {v['num_requests_running']['max']:.0f} |"
             )
         print("\n(mean / peak, sampled every 0.25 s over all rounds of a target and rate)\n")
+        engine_split(c)
+
+
+def engine_split(c: dict[str, Any]) -> None:
+    """What vLLM's own histograms say of the same requests, averaged over the rounds: the client's mean E2E beside
+    vLLM's (arrival in vLLM to the end), its queue and prefill times, engine steps and tokens per step."""
+    cells: dict[str, list[dict[str, Any]]] = {}
+    for r in c["rounds"]:
+        for e in r["runs"]:
+            if e.get("vllm"):
+                cells.setdefault(f"{e['target']}@{e['rate']:g}", []).append(e)
+    if not cells:
+        return
+    print(
+        "| target @ rate | client E2E mean ms | vLLM arrival→end mean ms | queued mean ms | prefill mean ms | "
+        "engine steps/s | tokens per step | prompt tokens per request | prefix-cache hit rate |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+
+    def avg(entries: list[dict[str, Any]], key: str) -> str:
+        values = [e["vllm"][key] for e in entries if e["vllm"].get(key) is not None]
+        return f"{sum(values) / len(values):.2f}" if values else "—"
+
+    for key, entries in cells.items():
+        client = sum(e["run"]["e2e_ms"]["mean"] for e in entries) / len(entries)
+        window = sum(e["run"]["window_s"] + 2 for e in entries)  # the engine counts the warm-up's steps too
+        steps = sum(e["vllm"]["steps"] for e in entries) / window
+        print(
+            f"| {key} | {client:.1f} | {avg(entries, 'e2e_mean_ms')} | {avg(entries, 'queue_mean_ms')} | "
+            f"{avg(entries, 'prefill_mean_ms')} | {steps:.0f} | {avg(entries, 'tokens_per_step')} | "
+            f"{avg(entries, 'prompt_tokens_per_request')} | {avg(entries, 'prefix_hit_rate')} |"
+        )
+    print(
+        "\n(vLLM's `e2e_request_latency`, `request_queue_time`, `request_prefill_time` and `iteration_tokens_total` "
+        "histograms and prefix-cache counters, read before and after each run over the engines the target uses; "
+        "they include the 2 s warm-up; client E2E is `shipyard bench`'s over the measured window)\n"
+    )
 
 
 if __name__ == "__main__":

@@ -38,6 +38,9 @@ from shipyard.router.state import DeploymentState, ReplicaRecord
 from shipyard.router.store import FileStateStore, StateStore, StateUnreadable, StoreLocked, open_store
 from shipyard.settings import Settings
 
+VLLM_MEMORY_DEFAULT = 0.9
+"""vLLM's own ``--gpu-memory-utilization`` default; several replicas on one device share it."""
+
 Say = Callable[[str], None]
 T = TypeVar("T")
 PRE_SWITCH = {Phase.PENDING.value, Phase.STARTING.value, Phase.WARMING.value, Phase.GATING.value}
@@ -85,7 +88,7 @@ class Stack:
 def engine_spec(settings: Settings, folder: str, served: str, profile: str, enable_lora: bool) -> EngineSpec:
     e = settings.engine
     try:
-        return EngineSpec.from_profile(
+        spec = EngineSpec.from_profile(
             profile,
             model=folder,
             served_model_name=served,
@@ -103,6 +106,10 @@ def engine_spec(settings: Settings, folder: str, served: str, profile: str, enab
         )
     except ValueError as exc:
         raise StackError(str(exc)) from None
+    if e.replicas > 1 and e.gpu_memory_utilization is None:  # N engines share the device's memory
+        share = min(spec.gpu_memory_utilization or VLLM_MEMORY_DEFAULT, round(VLLM_MEMORY_DEFAULT / e.replicas, 2))
+        spec = dataclasses.replace(spec, gpu_memory_utilization=share)
+    return spec
 
 
 def engine_launcher(settings: Settings, spec: EngineSpec, profile: str, enable_lora: bool) -> EngineLauncher:
@@ -252,15 +259,22 @@ def build_stack(
             replicas = [Replica(r.url, name=r.name, deployment=r.deployment, version=r.version) for r in state.replicas]
             served = ", ".join(sorted(set(_served_names(state)))) or served
         elif choose_engine is not None and launcher is not None:
-            name = f"blue-{choice.version}"
-            handle = launcher.handle_for(
-                choice.spec, name, cpu_bind=launcher.free_bind(set()), port=settings.engine.port
-            )
-            say(f"starting vLLM for {choice.folder} (log: {handle.process.log_file}) ...")
-            start(handle)
-            say(f"vLLM ready at {handle.url} (its own metrics: {handle.url}/metrics)")
-            handles[name] = handle
-            replicas.insert(0, Replica(handle.url, name=name, deployment="blue", version=choice.version))
+            # one after the other: the second engine finds the first one's compiled graphs in vLLM's cache
+            for n in range(settings.engine.replicas):
+                name = f"blue-{choice.version}" + (f"-{n + 1}" if n else "")
+                port = settings.engine.port + n if settings.engine.port is not None else None
+                busy = {h.identity()["cpu_bind"] for h in handles.values() if isinstance(h, EngineHandle)}
+                handle = launcher.handle_for(choice.spec, name, cpu_bind=launcher.free_bind(busy), port=port)
+                say(f"starting vLLM for {choice.folder} (log: {handle.process.log_file}) ...")
+                try:
+                    start(handle)
+                except StackError:
+                    for started in handles.values():  # no half-started set of replicas left behind
+                        asyncio.run(started.stop())
+                    raise
+                say(f"vLLM ready at {handle.url} (its own metrics: {handle.url}/metrics)")
+                handles[name] = handle
+                replicas.insert(n, Replica(handle.url, name=name, deployment="blue", version=choice.version))
         if not replicas and settings.state_url is None and not any(u.startswith("dns+") for u in settings.upstreams):
             raise StackError("nothing to serve: give a model, or --upstream URL with --no-engine")
         app = create_app(settings, replicas, launcher=launcher, managed=handles, store=store)

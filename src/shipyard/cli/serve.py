@@ -222,6 +222,16 @@ WorkersOption = Annotated[
         max=64,
     ),
 ]
+ReplicasOption = Annotated[
+    int | None,
+    typer.Option(
+        help="Engines to start for the model, replicas behind the gateway on the same GPU(s) (default 1; each "
+        "takes 0.9/N of the memory unless engine.gpu_memory_utilization is set): more short requests per second "
+        "than one engine's Python processes can take.",
+        min=1,
+        max=16,
+    ),
+]
 UpstreamOption = Annotated[
     list[str] | None,
     typer.Option("--upstream", help="Extra OpenAI-compatible server to route to (repeatable)."),
@@ -242,6 +252,7 @@ def serve(
     ] = True,
     enable_lora: EnableLoraOption = False,
     workers: WorkersOption = None,
+    replicas: ReplicasOption = None,
     config: ConfigOption = None,
 ) -> None:
     """Start a vLLM engine for a model folder and the gateway in front of it."""
@@ -250,6 +261,8 @@ def serve(
     )
     if engine_port is not None:
         settings.engine.port = engine_port
+    if replicas is not None:
+        settings.engine.replicas = replicas
     serve_stack(settings, profile, upstream or [], engine, enable_lora)
 
 

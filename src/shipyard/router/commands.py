@@ -130,6 +130,9 @@ def plan_rollout(
         reason = f"a new engine beside the running one (not in place: {blocker})"
     else:
         reason = "a new engine beside the running one" + (" (a canary)" if command.canary_percent else "")
+    engines = [r for r in (records or []) if r.deployment == old and r.engine is not None]
+    if not command.lora and len(engines) > 1:
+        reason += f"; it takes the place of the {len(engines)} engines of {old} (an in-place update keeps them all)"
     if command.lora:
         return RolloutPlan(
             command.target, name, old or "default", old, None, parsed_gate, True, command.who, Strategy.LORA,
