@@ -200,13 +200,18 @@ def engine_split(c: dict[str, Any]) -> None:
         return
     print(
         "| target @ rate | client E2E mean ms | vLLM arrival→end mean ms | queued mean ms | prefill mean ms | "
-        "engine steps/s | tokens per step | prompt tokens per request | prefix-cache hit rate |"
+        "engine steps/s | tokens per step | prompt tokens per request | prefix-cache hit rate | GPU busy % |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 
     def avg(entries: list[dict[str, Any]], key: str) -> str:
         values = [e["vllm"][key] for e in entries if e["vllm"].get(key) is not None]
         return f"{sum(values) / len(values):.2f}" if values else "—"
+
+    def gpu_busy(entries: list[dict[str, Any]]) -> str:
+        values = [e["run"].get("resources", {}).get("gpu0_util_pct", {}).get("mean") for e in entries]
+        known = [v for v in values if v is not None]
+        return f"{sum(known) / len(known):.0f}" if known else "—"
 
     for key, entries in cells.items():
         client = sum(e["run"]["e2e_ms"]["mean"] for e in entries) / len(entries)
@@ -215,12 +220,13 @@ def engine_split(c: dict[str, Any]) -> None:
         print(
             f"| {key} | {client:.1f} | {avg(entries, 'e2e_mean_ms')} | {avg(entries, 'queue_mean_ms')} | "
             f"{avg(entries, 'prefill_mean_ms')} | {steps:.0f} | {avg(entries, 'tokens_per_step')} | "
-            f"{avg(entries, 'prompt_tokens_per_request')} | {avg(entries, 'prefix_hit_rate')} |"
+            f"{avg(entries, 'prompt_tokens_per_request')} | {avg(entries, 'prefix_hit_rate')} | {gpu_busy(entries)} |"
         )
     print(
         "\n(vLLM's `e2e_request_latency`, `request_queue_time`, `request_prefill_time` and `iteration_tokens_total` "
         "histograms and prefix-cache counters, read before and after each run over the engines the target uses; "
-        "they include the 2 s warm-up; client E2E is `shipyard bench`'s over the measured window)\n"
+        "they include the 2 s warm-up; client E2E is `shipyard bench`'s over the measured window; GPU busy: NVML "
+        "utilisation sampled by `shipyard bench`, mean)\n"
     )
 
 
