@@ -92,8 +92,9 @@ class EngineSettings(BaseSettings):
     """Engines ``serve`` starts for the model, each a replica behind the gateway (least busy first), all on the
     devices this process sees. Several on one GPU serve more short requests than one engine can: one vLLM
     engine's Python processes (API server, engine core) top out at ~350 one-token classifications/s with the GPU
-    half idle (benchmarks/README.md). Without ``gpu_memory_utilization`` each takes 0.9/N of the memory. An
-    in-place update reloads them one at a time; blue-green starts one engine of the new version."""
+    half idle (benchmarks/README.md). Without ``gpu_memory_utilization`` each takes 0.9/N of the memory; with
+    ``port`` set, the n-th listens on ``port + n``. An in-place update reloads them one at a time; blue-green
+    starts one engine of the new version."""
     tool_call_parser: str = "auto"
     """vLLM's tool-call parser (``--enable-auto-tool-choice --tool-call-parser``): ``auto`` picks it from the
     model's chat template (Qwen2.5 and other ChatML models: ``hermes``), ``none`` turns tool calling off, any
