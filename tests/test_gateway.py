@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -294,15 +297,17 @@ def test_client_gone_during_a_non_streaming_request_is_not_left_in_flight(stack:
 def test_garbage_collections_are_timed_by_generation() -> None:
     import gc
 
-    from shipyard.gateway.metrics import GatewayMetrics, watch_gc
+    from shipyard.gateway.metrics import GatewayMetrics, GCWatch
 
     metrics = GatewayMetrics()
-    stop = watch_gc(metrics)
+    watch = GCWatch(metrics)
     try:
         gc.collect()
         gc.collect(0)
+        assert not metrics.gc_pause.collect()[0].samples  # nothing observed inside a collection
+        assert len(watch.pending) >= 2
     finally:
-        stop()
+        watch.stop()  # flushes
     counts = {
         s.labels["generation"]: s.value
         for family in metrics.registry.collect()
@@ -315,3 +320,34 @@ def test_garbage_collections_are_timed_by_generation() -> None:
     assert sum(s.value for s in metrics.gc_pause.collect()[0].samples if s.name.endswith("_count")) == sum(
         counts.values()
     )
+
+
+GC_IN_PROMETHEUS_LOCK = """
+import gc, sys
+from pathlib import Path
+from shipyard.gateway import metrics as m
+
+m.enable_multiprocess(Path(sys.argv[1]))
+metrics = m.GatewayMetrics()
+watch = m.GCWatch(metrics)
+gc.set_threshold(1, 1, 1)  # a collection at nearly every allocation: some start inside prometheus_client's lock
+keep = []
+for i in range(3000):
+    metrics.requests.labels(*[f"x{i}"] * len(metrics.requests._labelnames)).inc()  # new children: mmap writes
+    keep.append([{}])
+watch.stop()
+print("pauses", sum(s.value for s in metrics.gc_pause.collect()[0].samples if s.name.endswith("_count")))
+"""
+
+
+def test_a_collection_inside_a_locked_metrics_write_does_not_deadlock(tmp_path: Path) -> None:
+    """In multiprocess mode prometheus_client writes every value under one non-reentrant lock per process; a GC
+    callback that observed there waited for itself (a serving worker hung in its first second on the H200)."""
+    done = subprocess.run(
+        [sys.executable, "-c", GC_IN_PROMETHEUS_LOCK, str(tmp_path / "metrics")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.split()[-1]) > 100  # the collections were timed, after the fact

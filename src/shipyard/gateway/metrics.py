@@ -8,11 +8,13 @@ writes its values to files in one folder and whichever process answers ``/metric
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import gc
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
@@ -43,19 +45,36 @@ def multiprocess_dir() -> str | None:
     return os.environ.get(MULTIPROCESS_ENV)
 
 
-def watch_gc(metrics: GatewayMetrics) -> Callable[[], None]:
-    """Time every garbage collection of this process into ``metrics.gc_pause`` (by generation); returns the
-    function that stops it. A collection stops the event loop: its pauses are part of every request's latency."""
-    started: list[float] = []
+class GCWatch:
+    """Times every garbage collection of this process into ``metrics.gc_pause`` (by generation): a collection
+    stops the event loop, so its pauses are part of every request's latency.
 
-    def callback(phase: str, info: dict[str, int]) -> None:
+    The callback only appends to a deque; ``flush`` (the server calls it every second, and ``stop``) observes the
+    pauses. A collection can start inside any allocation — also inside prometheus_client's own locked write,
+    whose lock (one per process in multiprocess mode) is not reentrant: a callback that observed there would wait
+    for itself forever (it did, on the H200, in a serving worker's first second of traffic)."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self.metrics = metrics
+        self.pending: collections.deque[tuple[str, float]] = collections.deque(maxlen=100_000)
+        self._started: list[float] = []
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
-            started.append(time.perf_counter())
-        elif started:
-            metrics.gc_pause.labels(str(info.get("generation", "?"))).observe(time.perf_counter() - started.pop())
+            self._started.append(time.perf_counter())
+        elif self._started:
+            self.pending.append((str(info.get("generation", "?")), time.perf_counter() - self._started.pop()))
 
-    gc.callbacks.append(callback)
-    return lambda: gc.callbacks.remove(callback)
+    def flush(self) -> None:
+        while self.pending:
+            generation, seconds = self.pending.popleft()
+            self.metrics.gc_pause.labels(generation).observe(seconds)
+
+    def stop(self) -> None:
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._callback)
+        self.flush()
 
 
 class PoolCollector(Collector):

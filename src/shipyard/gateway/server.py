@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import importlib.util
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Literal
 import uvicorn
 from fastapi import FastAPI
 
-from shipyard.gateway.metrics import GatewayMetrics, watch_gc
+from shipyard.gateway.metrics import GatewayMetrics, GCWatch
 
 if TYPE_CHECKING:
     from shipyard.gateway.workers import Workers
@@ -47,9 +48,14 @@ class _Server(uvicorn.Server):
     (stopping the engines), which a re-raised SIGTERM would cut short. Once started it freezes what start-up
     made (``gc.freeze``) and times every garbage collection into the gateway's metrics."""
 
+    GC_FLUSH_S = 1.0
+    """How often the collections' pauses reach the metrics (see ``GCWatch``)."""
+
     def __init__(self, config: uvicorn.Config, metrics: GatewayMetrics | None = None) -> None:
         super().__init__(config)
         self.metrics = metrics
+        self.gc_watch: GCWatch | None = None
+        self._gc_flusher: asyncio.Task[None] | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -58,7 +64,20 @@ class _Server(uvicorn.Server):
         # out). Frozen, a full collection walks only what serving made.
         gc.freeze()
         if self.metrics is not None:
-            watch_gc(self.metrics)
+            self.gc_watch = GCWatch(self.metrics)
+            self._gc_flusher = asyncio.get_running_loop().create_task(self._flush_gc(self.gc_watch))
+
+    async def _flush_gc(self, watch: GCWatch) -> None:
+        while True:
+            await asyncio.sleep(self.GC_FLUSH_S)
+            watch.flush()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._gc_flusher is not None:
+            self._gc_flusher.cancel()
+        if self.gc_watch is not None:
+            self.gc_watch.stop()
+        await super().shutdown(sockets)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
