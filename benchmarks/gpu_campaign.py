@@ -156,6 +156,16 @@ def start_gateway(
     return proc
 
 
+def wait_for_workers(proc: subprocess.Popen[bytes], workers: int, timeout_s: float = 60) -> None:
+    """Until the gateway ``proc`` has spawned its ``workers - 1`` serving workers (``shipyard serve --workers``),
+    at most ``timeout_s``."""
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    while len(psutil.Process(proc.pid).children()) < workers - 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)

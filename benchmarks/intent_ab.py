@@ -31,7 +31,18 @@ from typing import Any
 
 import httpx
 import psutil
-from gpu_campaign import ENGINE_PORT, GATEWAY_PORT, bench, log, meta, start_engine, start_gateway, stop, write
+from gpu_campaign import (
+    ENGINE_PORT,
+    GATEWAY_PORT,
+    bench,
+    log,
+    meta,
+    start_engine,
+    start_gateway,
+    stop,
+    wait_for_workers,
+    write,
+)
 from intent_ceiling import CONFIGS, Sampler
 from intent_decode_cpu import intent_tokens
 from prometheus_client.parser import text_string_to_metric_families
@@ -187,8 +198,7 @@ def main() -> None:
             upstreams = [e.url for e in engines[:replicas]]
             gateways[target] = start_gateway(work, upstreams, env=env, port=port)
             urls[target], engine_urls[target] = f"http://127.0.0.1:{port}", upstreams
-            while len(psutil.Process(gateways[target].pid).children()) < count - 1:
-                time.sleep(0.2)
+            wait_for_workers(gateways[target], count)
         time.sleep(5)  # the serving workers' own start-up
         assert engines[0].pid is not None
         sampler = Sampler(

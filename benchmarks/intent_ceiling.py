@@ -27,7 +27,18 @@ from typing import Any
 
 import httpx
 import psutil
-from gpu_campaign import BASE_ARGS, GATEWAY_PORT, bench, log, meta, start_engine, start_gateway, stop, write
+from gpu_campaign import (
+    BASE_ARGS,
+    GATEWAY_PORT,
+    bench,
+    log,
+    meta,
+    start_engine,
+    start_gateway,
+    stop,
+    wait_for_workers,
+    write,
+)
 from intent_decode_cpu import intent_tokens
 
 from shipyard.engine.spec import PROFILE_OVERRIDES, Profile
@@ -126,6 +137,12 @@ class Sampler:
         return out
 
 
+def highest_rate_within(runs: list[dict[str, Any]], bound_ms: float) -> float | None:
+    """The highest rate of ``shipyard bench`` runs (``summary["runs"]`` entries) with no error and P99 within
+    ``bound_ms``; None when none held."""
+    return max((r["rate"] for r in runs if not r["errors"] and r["e2e_ms"]["p99"] <= bound_ms), default=None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--config", choices=list(CONFIGS), required=True)
@@ -163,8 +180,7 @@ def main() -> None:
             env["SHIPYARD_INTENT_LABELS_FILE"] = str(args.labels.resolve())
         started_gw = time.monotonic()
         proc = start_gateway(work, engine.url, env=env)
-        while len(psutil.Process(proc.pid).children()) < workers - 1 and time.monotonic() - started_gw < 60:
-            time.sleep(0.2)
+        wait_for_workers(proc, workers)
         time.sleep(5 if workers > 1 else 0)  # the serving workers' own start-up (imports, the state, probes)
         log(f"gateway with {workers} process(es) ready in {time.monotonic() - started_gw:.1f} s")
         return proc
@@ -208,12 +224,7 @@ def main() -> None:
         return "gateway-sweep" if workers == 1 else f"gateway-w{workers}-sweep"
 
     def best_rate(leg: str, bound: str) -> float | None:
-        passed = [
-            s["runs"][0]["rate"]
-            for s in legs.get(leg, [])
-            if not s["runs"][0]["errors"] and s["runs"][0]["e2e_ms"]["p99"] <= float(bound)
-        ]
-        return max(passed, default=None)
+        return highest_rate_within([s["runs"][0] for s in legs.get(leg, [])], float(bound))
 
     wanted = args.legs.split(",")
     engine_leg = ("--scenario", "intent-engine", *labels)

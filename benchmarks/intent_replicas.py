@@ -22,7 +22,7 @@ import httpx
 from gpu_campaign import ADMIN, BASE_ARGS, GATEWAY_PORT, MAX_MODEL_LEN, MODEL, bench, log, meta, start_gateway, stop
 from gpu_campaign import write as write_json
 from intent_ab import engine_totals, engine_view
-from intent_ceiling import Sampler
+from intent_ceiling import Sampler, highest_rate_within
 from intent_decode_cpu import intent_tokens
 
 
@@ -96,12 +96,7 @@ def main() -> None:
             for bound in args.bounds.split(","):
                 if past_budget(f"find-max-{bound}"):
                     continue
-                held = [
-                    r["rate"]
-                    for r in results["runs"]
-                    if not r["run"]["errors"] and r["run"]["e2e_ms"]["p99"] <= float(bound)
-                ]
-                start = f"{max(held, default=50):g}"
+                start = f"{highest_rate_within([r['run'] for r in results['runs']], float(bound)) or 50:g}"
                 sampler.leg = f"find-max-{bound}"
                 load = ("--rate", start, "--find-max", "--slo", f"e2e={bound}", "--max-level", "3200")
                 results["find_max"][bound] = bench(work / f"find-max-{bound}", url, *common, *load)
