@@ -18,7 +18,7 @@ from shipyard.router.control import ControlConfig, ControlPlane
 from shipyard.router.replica import Replica, ReplicaPool
 from shipyard.router.rollout import Action, Gate, Observation, Phase, Rollout, RolloutPlan, next_action
 from shipyard.router.state import DeploymentState, ReplicaRecord
-from shipyard.router.store import MemoryStateStore
+from shipyard.router.store import Fence, MemoryStateStore
 
 
 def engines(request: httpx.Request) -> httpx.Response:
@@ -75,8 +75,8 @@ class RecordingStore(MemoryStateStore):
         super().__init__()
         self.saved: list[DeploymentState] = []
 
-    async def save(self, state: DeploymentState) -> None:
-        await super().save(state)
+    async def save(self, state: DeploymentState, fence: Fence | None = None) -> None:
+        await super().save(state, fence)
         self.saved.append(state)
 
 
@@ -200,13 +200,13 @@ def test_a_restarted_gateway_resolves_a_rollout_interrupted_in_any_phase(phase: 
             await asyncio.sleep(0.05)
             assert current.phase is Phase.CANARY and control.pool.weights == {"green": 0.1, "blue": 0.9}
             await control.promote("admin:ops")
-            await until(lambda: current.phase is Phase.DONE)
+            await until(lambda: current.phase is Phase.DONE and not control.running_here())
             survivor = "green-v2"
         elif phase in (Phase.SWITCHING, Phase.DRAINING):
-            await until(lambda: current.phase is Phase.DONE)
+            await until(lambda: current.phase is Phase.DONE and not control.running_here())
             survivor = "green-v2"
         else:
-            await until(lambda: current.phase is Phase.FAILED)
+            await until(lambda: current.phase is Phase.FAILED and not control.running_here())
             assert f"interrupted in phase {phase.value}" in (current.error or "")
             survivor = "blue-v1"
         state = await store.load()

@@ -183,6 +183,11 @@ class Settings(BaseSettings):
     upstream_read_timeout_s: float = Field(default=300.0, gt=0)
     """Longest silence tolerated from an upstream while it answers (a stream's gap between tokens)."""
     health_interval_s: float = Field(default=1.0, gt=0)
+    health_timeout_s: float = Field(default=2.0, gt=0)
+    """A health probe not answered within this is late; a replica late *and* making no progress on its answers
+    for as long is hung: ejected at once, its waiting requests retried elsewhere (see README "Reliability")."""
+    hung_restart_s: float = Field(default=60.0, gt=0)
+    """An engine shipyard started that answers no health probe for this long is killed and started again."""
     retry_after_s: int = Field(default=5, ge=1)
 
     intent_labels_file: Path | None = None

@@ -93,7 +93,7 @@ def create_app(
         retry_after_s=settings.retry_after_s,
         limiter=limiter,
     )
-    monitor = HealthMonitor(pool, http, interval_s=settings.health_interval_s)
+    monitor = HealthMonitor(pool, http, interval_s=settings.health_interval_s, timeout_s=settings.health_timeout_s)
     discovery = UpstreamDiscovery(
         pool, [parse_target(u) for u in settings.upstreams if is_discovery(u)], settings.discovery_interval_s
     )
@@ -116,6 +116,7 @@ def create_app(
             ready_timeout_s=settings.engine.startup_timeout_s,
             warmup_requests=settings.warmup_requests,
             restart_backoff_s=settings.restart_backoff_s,
+            hung_restart_s=settings.hung_restart_s,
             watch_interval_s=settings.state_watch_interval_s,
             lease_ttl_s=settings.lease_ttl_s,
             reload_timeout_s=settings.reload_timeout_s,
@@ -236,7 +237,8 @@ def create_app(
         return str(folder), ref.partition(":")[2] if ref else None
 
     if primary_socket is not None:
-        forwarding.append(install_forwarding(app, primary_socket))
+        admin_keys = KeyChecker(settings.named_admin_keys()) if settings.admin_keys else None
+        forwarding.append(install_forwarding(app, primary_socket, proxy.read_body, admin_keys))
     elif settings.admin_keys:
         install_admin_routes(app, proxy, KeyChecker(settings.named_admin_keys()), control, resolve_target)
     document_api(app)

@@ -33,6 +33,7 @@ from shipyard.gateway.schemas import (
 from shipyard.gateway.sse import StreamScan, find_response_id, usage_tokens
 from shipyard.gateway.stream import UpstreamStream
 from shipyard.router import NoReplicaError, Replica, ReplicaPool, UnknownModelError
+from shipyard.router.replica import InFlight
 
 _JSON = "application/json"
 
@@ -84,6 +85,29 @@ KEPT_RESPONSE_IDS = 100_000
 """How many response ids the gateway remembers the replica of (for ``previous_response_id``)."""
 
 
+class ReplicaEjected(Exception):
+    """The replica a request waited on was ejected (hung or gone) before it answered."""
+
+
+async def _unless_ejected(replica: Replica, work: Awaitable[T]) -> T:
+    """``work``'s result, unless ``replica`` is ejected first: then ``work`` is cancelled (its connection
+    closed) and :class:`ReplicaEjected` is raised."""
+    outage: asyncio.Future[Any] = replica.outage()
+    job: asyncio.Future[Any] = asyncio.ensure_future(work)
+    try:
+        await asyncio.wait({job, outage}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        job.cancel()
+        raise
+    if job.done():
+        result: T = job.result()
+        return result
+    job.cancel()
+    with contextlib.suppress(BaseException):
+        await job
+    raise ReplicaEjected(replica.last_error or f"replica {replica.name} was ejected")
+
+
 class ClientGone(Exception):
     """The client disconnected before its answer was ready."""
 
@@ -107,6 +131,12 @@ class Attempt:
     tried: set[str] = field(default_factory=set)
     pinned: str | None = None
     """The replica this request must go to (the one holding its ``previous_response_id``)."""
+    ticket: InFlight | None = None
+    """The in-flight count of the replica it was last sent to (released once, by whichever path ends it)."""
+
+    def release(self) -> None:
+        if self.ticket is not None:
+            self.ticket.release()
 
 
 def served_by(replica: Replica) -> dict[str, str]:
@@ -292,13 +322,18 @@ class Proxy:
 
     async def _read_all(self, replica: Replica, upstream: httpx.Response, attempt: Attempt) -> bytes:
         try:
-            return await upstream.aread()
+            content = await _unless_ejected(replica, upstream.aread())
+            replica.last_byte_at = time.monotonic()
+            return content
+        except ReplicaEjected as exc:
+            self._upstream_failed(replica, "hung", exc)
+            raise OpenAIError(502, f"upstream stopped answering: {exc}", code="upstream_error") from None
         except httpx.HTTPError as exc:
             self._upstream_failed(replica, "read", exc)
             raise OpenAIError(502, f"upstream failed while answering: {exc}", code="upstream_error") from None
         finally:
             await upstream.aclose()
-            self.pool.release(replica, attempt.upstream_model)
+            attempt.release()
 
     def resolve_model(self, model: str | None) -> str:
         """The model a task request runs on: the one it names, or the only one served."""
@@ -373,22 +408,29 @@ class Proxy:
             request = self.client.build_request(
                 "POST", replica.url + attempt.path, content=attempt.body, headers=self.upstream_headers
             )
-            self.pool.acquire(replica, attempt.upstream_model)
+            attempt.ticket = self.pool.acquire(replica, attempt.upstream_model)
             try:
-                return replica, await self.client.send(request, stream=True)
+                upstream = await _unless_ejected(replica, self.client.send(request, stream=True))
+                replica.last_byte_at = time.monotonic()
+                return replica, upstream
+            except ReplicaEjected as exc:  # hung: it sent nothing for this request, so another replica may answer it
+                attempt.release()
+                self._upstream_failed(replica, "hung", exc)
+                attempt.tried.add(replica.name)
+                self.metrics.retries.labels("hung").inc()
             except _NOTHING_ANSWERED as exc:
-                self.pool.release(replica, attempt.upstream_model)
+                attempt.release()
                 kind = "connect" if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)) else "died"
                 self._upstream_failed(replica, kind, exc)
                 self.pool.mark_unready(replica, f"{kind}: {type(exc).__name__}: {exc}")
                 attempt.tried.add(replica.name)
                 self.metrics.retries.labels(kind).inc()
             except httpx.HTTPError as exc:
-                self.pool.release(replica, attempt.upstream_model)
+                attempt.release()
                 self._upstream_failed(replica, "request", exc)
                 raise OpenAIError(502, f"upstream failed: {type(exc).__name__}: {exc}", code="upstream_error") from None
             except BaseException:  # cancelled (the client went away while the engine worked): not in flight
-                self.pool.release(replica, attempt.upstream_model)
+                attempt.release()
                 raise
 
     def _pick(self, attempt: Attempt) -> Replica:
@@ -401,7 +443,7 @@ class Proxy:
 
     async def _resend(self, attempt: Attempt, failed: Replica, why: str) -> tuple[Replica, httpx.Response] | None:
         """Another replica for a stream whose replica failed before it produced a single byte."""
-        self.pool.release(failed, attempt.upstream_model)
+        attempt.release()
         self.pool.mark_unready(failed, why)
         attempt.tried.add(failed.name)
         self.metrics.retries.labels("stream_not_started").inc()
@@ -425,7 +467,7 @@ class Proxy:
         started: float,
     ) -> UpstreamStream:
         def on_close(stream: UpstreamStream) -> None:
-            self.pool.release(stream.replica, attempt.upstream_model)
+            attempt.release()
             if stream.first_chunk_at is not None:
                 self.metrics.ttft.labels(route.name, model, *_version_labels(stream.replica)).observe(
                     stream.first_chunk_at - started

@@ -169,7 +169,9 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         raise OpenAIError(400, "empty request body: send a JSON object", code="invalid_json")
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except RecursionError:
+        raise OpenAIError(400, "request body is nested too deeply to be a request", code="invalid_json") from None
+    except ValueError as exc:  # JSONDecodeError, a bad encoding, an integer over Python's 4,300-digit limit
         raise OpenAIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise OpenAIError(400, "request body must be a JSON object", code="invalid_json")

@@ -72,7 +72,7 @@ class UpstreamStream(Response):
     async def _pump(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         while True:
-            failure = await self._relay(send)
+            failure = await self._relay_until_ejected(send)
             if failure is None or self.first_chunk_at is not None or self.resend is None:
                 self.error = failure
                 break
@@ -94,12 +94,29 @@ class UpstreamStream(Response):
         self._complete = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
+    async def _relay_until_ejected(self, send: Send) -> str | None:
+        """``_relay``, cut short when the replica is ejected (hung): a stream never waits on a hung engine."""
+        replica = self.replica
+        outage = replica.outage()
+        with anyio.CancelScope() as scope:
+
+            def eject(_: object) -> None:
+                scope.cancel()
+
+            outage.add_done_callback(eject)
+            try:
+                return await self._relay(send)
+            finally:
+                outage.remove_done_callback(eject)
+        return f"replica {replica.name} stopped answering ({replica.last_error or 'ejected'})"
+
     async def _relay(self, send: Send) -> str | None:
         """Forward one upstream response; the reason it failed, or None if it finished properly."""
         scan = self.scan
         try:
             async for chunk in self.upstream.aiter_raw():
                 out = scan.feed(chunk)
+                self.replica.last_byte_at = time.monotonic()
                 if out:
                     if self.first_chunk_at is None:
                         self.first_chunk_at = time.perf_counter()

@@ -27,7 +27,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -38,6 +38,7 @@ from prometheus_client import multiprocess
 from starlette.responses import Response
 
 from shipyard.engine.process import set_parent_death_signal
+from shipyard.gateway.auth import KeyChecker
 from shipyard.gateway.errors import OpenAIError
 from shipyard.gateway.metrics import multiprocess_dir
 from shipyard.settings import Settings
@@ -63,14 +64,24 @@ class WorkerSpec:
     primary_socket: str
 
 
-def install_forwarding(app: FastAPI, primary_socket: str) -> httpx.AsyncClient:
+def install_forwarding(
+    app: FastAPI,
+    primary_socket: str,
+    read_body: Callable[[Request], Awaitable[bytes]],
+    admin_keys: KeyChecker | None,
+) -> httpx.AsyncClient:
     """Routes that hand a request to the primary over its Unix socket and pass its answer back unchanged;
-    returns the client they use (the app closes it)."""
+    returns the client they use (the app closes it). Nothing is read before it is allowed: an admin route needs
+    an admin key (404 when the gateway has none, as on the primary), and a body is read up to the size limit."""
     client = httpx.AsyncClient(
         transport=httpx.AsyncHTTPTransport(uds=primary_socket), base_url="http://primary", timeout=60.0
     )
 
     async def forward(request: Request) -> Response:
+        if request.url.path.startswith("/admin/"):
+            if admin_keys is None:
+                raise OpenAIError(404, "Not Found: no such route (see /docs for the API)")
+            admin_keys.check(request.headers.get("authorization"))
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
         try:
             answer = await client.request(
@@ -78,7 +89,7 @@ def install_forwarding(app: FastAPI, primary_socket: str) -> httpx.AsyncClient:
                 request.url.path,
                 params=request.query_params,
                 headers=headers,
-                content=await request.body(),
+                content=await read_body(request),
             )
         except httpx.HTTPError as exc:
             raise OpenAIError(

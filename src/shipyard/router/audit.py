@@ -15,6 +15,8 @@ class AuditLog:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self.entries: list[dict[str, Any]] = []
+        self.write_failures = 0
+        """Entries that could not be appended to ``path`` (kept in ``entries`` and the process log)."""
 
     def record(self, who: str, action: str, **details: Any) -> None:
         entry = {
@@ -25,7 +27,12 @@ class AuditLog:
         }
         self.entries.append(entry)
         log.info("%s by %s: %s", action, who, json.dumps(details, default=str))
-        if self.path is not None:
+        if self.path is None:
+            return
+        try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a") as handle:
                 handle.write(json.dumps(entry, default=str) + "\n")
+        except OSError as exc:  # a full disk must not stop what is being recorded (a restart, a rollback)
+            self.write_failures += 1
+            log.error("audit log %s not written (%s): %s %s", self.path, exc.strerror or exc, action, details)

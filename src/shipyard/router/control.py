@@ -34,8 +34,8 @@ from shipyard.router.inplace import InPlace
 from shipyard.router.launcher import Launcher, ReplicaHandle
 from shipyard.router.replica import Replica, ReplicaPool
 from shipyard.router.rollout import Rollout, Strategy
-from shipyard.router.state import DeploymentState, ReplicaRecord
-from shipyard.router.store import LoadReport, StateConflict, StateStore
+from shipyard.router.state import DeploymentState, ReplicaRecord, rebase
+from shipyard.router.store import Fence, LeaseLost, LoadReport, StateConflict, StateStore
 from shipyard.router.strategies import BlueGreen, LoraAlias, RolloutStrategy, reload_adapters
 from shipyard.router.supervisor import Supervisor
 
@@ -49,9 +49,14 @@ class ControlConfig:
     warmup_requests: int = 3
     restart_backoff_s: float = 1.0
     restart_backoff_max_s: float = 30.0
+    hung_restart_s: float | None = 60.0
     watch_interval_s: float = 0.2
     """How often the store is read for other gateways' changes (and this gateway's load reported)."""
     lease_ttl_s: float = 10.0
+    lease_renew_deadline_s: float | None = None
+    """How long after its last successful renewal the owner may go on acting (default: two thirds of the TTL).
+    Shorter than the TTL, so an owner cut off from the store stops before anyone else can take the lease
+    (client-go's leader election: LeaseDuration 15 s, RenewDeadline 10 s)."""
     reload_timeout_s: float = 300.0
     """Longest an in-place weight reload may take before the previous weights are put back."""
     gateway_id: str = ""
@@ -105,6 +110,7 @@ class ControlPlane:
             on_restart=self._restarted,
             backoff_s=self.config.restart_backoff_s,
             backoff_max_s=self.config.restart_backoff_max_s,
+            hung_restart_s=self.config.hung_restart_s,
             interval_s=self.config.watch_interval_s,
             sleep=sleep,
         )
@@ -122,6 +128,9 @@ class ControlPlane:
         self.executor = RolloutExecutor(self)
         self._tasks: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
+        self._lease_token: int | None = None
+        self._lease_until = 0.0
+        """Monotonic time until which this gateway may act under its lease (last renewal + renew deadline)."""
 
     # ----- the state ---------------------------------------------------------------------------------------
 
@@ -153,13 +162,9 @@ class ControlPlane:
             stored = await self.store.load() or stored
         self._apply(stored)
         self.supervisor.start()
-        self.spawn(self._follow())
-        if (
-            self.current is not None
-            and self.current.active
-            and await self.store.acquire_lease(self.gateway_id, self.config.lease_ttl_s)
-        ):
+        if self.current is not None and self.current.active and await self.acquire_lease():
             self.executor.resume(self.current)
+        self.spawn(self._follow())
 
     def _seed_record(self, replica: Replica) -> ReplicaRecord:
         handle = self.supervisor.handles.get(replica.name)
@@ -178,12 +183,15 @@ class ControlPlane:
     async def commit(self, **changes: Any) -> DeploymentState:
         """Save the current state with ``changes`` (and the current rollout) as the next revision, then apply it."""
         async with self._lock:
+            base = self._state
             for _ in range(5):
                 if self.current is not None and "rollout" not in changes:
                     changes["rollout"] = self.current.to_record()
-                state = self._state.evolve(by=self.gateway_id, at=self.clock(), **changes)
+                state = self._state.evolve(by=self.gateway_id, at=self.clock(), **rebase(changes, base, self._state))
                 try:
-                    await self.store.save(state)
+                    await self.store.save(state, fence=self._fence())
+                except LeaseLost:
+                    raise
                 except StateConflict:
                     latest = await self.store.load()
                     if latest is not None:
@@ -209,6 +217,7 @@ class ControlPlane:
                 self.pool.add(replica)
                 self.spawn(probe(self.client, replica))
             replica.version = record.version
+            replica.quarantined = record.quarantined
             if record.held:
                 self.pool.hold(replica)
             else:
@@ -238,14 +247,72 @@ class ControlPlane:
                 if self.config.follower:
                     pass  # the primary process runs every rollout; a follower never holds the lease
                 elif rollout is not None and rollout.active and not self.running_here():
-                    if await self.store.lease_owner() is None and await self.store.acquire_lease(
-                        self.gateway_id, self.config.lease_ttl_s
-                    ):
+                    if await self.store.lease_owner() is None and await self.acquire_lease():
+                        latest = await self.store.load()  # the dead owner's last step, saved before the lease ran out
+                        if latest is not None and latest.revision > self._state.revision:
+                            self._apply(latest)
+                        rollout = self.current or rollout
                         self.audit.record(self.gateway_id, "rollout_taken_over", rollout=rollout.id)
                         self.executor.resume(rollout)
-                elif self.running_here():
-                    await self.store.acquire_lease(self.gateway_id, self.config.lease_ttl_s)
             await self.sleep(self.config.watch_interval_s)
+
+    # ----- the rollout lease -------------------------------------------------------------------------------
+
+    @property
+    def renew_deadline_s(self) -> float:
+        return self.config.lease_renew_deadline_s or self.config.lease_ttl_s * 2 / 3
+
+    async def acquire_lease(self) -> bool:
+        """Take the rollout lease (bounded by the renew deadline); its token fences every save from now on."""
+        sent = time.monotonic()
+        try:
+            token = await asyncio.wait_for(
+                self.store.acquire_lease(self.gateway_id, self.config.lease_ttl_s), self.renew_deadline_s
+            )
+        except (asyncio.TimeoutError, OSError, ConnectionError) as exc:
+            log.warning("the rollout lease could not be taken: %s", exc or type(exc).__name__)
+            return False
+        if token is None:
+            return False
+        self._lease_token, self._lease_until = token, sent + self.renew_deadline_s
+        return True
+
+    async def release_lease(self) -> None:
+        self._lease_token = None
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.store.release_lease(self.gateway_id), self.renew_deadline_s)
+
+    def _fence(self) -> Fence | None:
+        return Fence(self.gateway_id, self._lease_token) if self._lease_token is not None else None
+
+    async def keep_lease(self, on_lost: Callable[[str], object]) -> None:
+        """Renew the lease until cancelled; when a renewal does not succeed before the renew deadline (the store
+        is unreachable, or another gateway holds the lease), call ``on_lost`` and return: stop acting."""
+        period = max(min(self.config.lease_ttl_s / 5, 2.0), 0.01)
+        while True:
+            await asyncio.sleep(period)
+            token = self._lease_token
+            sent = time.monotonic()
+            left = self._lease_until - sent
+            why = ""
+            try:
+                renewed = await asyncio.wait_for(
+                    self.store.acquire_lease(self.gateway_id, self.config.lease_ttl_s), max(left, 0.001)
+                )
+            except asyncio.TimeoutError:
+                renewed, why = None, f"no renewal within the {self.renew_deadline_s:g} s renew deadline"
+            except Exception as exc:  # the store is unreachable: retry until the deadline
+                if time.monotonic() < self._lease_until:
+                    continue
+                renewed, why = None, f"the store did not answer ({type(exc).__name__}: {exc})"
+            if renewed is not None and renewed == token:
+                self._lease_until = sent + self.renew_deadline_s
+                continue
+            why = why or ("another gateway holds the lease" if renewed is None else "the lease was taken anew")
+            self.audit.record(self.gateway_id, "lease_lost", reason=why)
+            log.warning("gateway %s stops acting on its rollout: %s", self.gateway_id, why)
+            on_lost(why)
+            return
 
     def running_here(self) -> bool:
         return any(t.get_name() == "shipyard-rollout" and not t.done() for t in self._tasks)
@@ -258,11 +325,15 @@ class ControlPlane:
     async def in_flight(self, replicas: set[str] = frozenset(), model: str | None = None) -> int:  # type: ignore[assignment]
         """Requests in flight on this gateway and on every other one that reported recently."""
         keys = {f"replica:{n}" for n in replicas} | ({f"model:{model}"} if model else set())
-        total = sum(n for k, n in self._local_load().items() if k in keys)
-        with contextlib.suppress(Exception):
-            for report in await self.store.load_reports():
-                if report.gateway != self.gateway_id:
-                    total += sum(int(n) for k, n in report.in_flight.items() if k in keys)
+        total = sum(max(n, 0) for k, n in self._local_load().items() if k in keys)
+        try:
+            reports = await asyncio.wait_for(self.store.load_reports(), self.renew_deadline_s)
+        except Exception as exc:  # unknown is not idle: a drain waits (up to its deadline) rather than stop early
+            log.warning("load reports unreadable (%s); counting the other gateways as busy", exc)
+            return total + 1
+        for report in reports:
+            if report.gateway != self.gateway_id:
+                total += sum(max(int(n), 0) for k, n in report.in_flight.items() if k in keys)
         return total
 
     async def pause(self, seconds: float) -> None:
@@ -308,9 +379,10 @@ class ControlPlane:
 
     async def _restarted(self, name: str, handle: ReplicaHandle) -> None:
         record = self._state.replica(name)
-        if record is not None and handle.identity():
-            identity = handle.identity()
-            await self.commit(replicas=self._state.with_replica(dataclasses.replace(record, **identity)))
+        if record is not None and (handle.identity() or record.quarantined):
+            # started again from the folder its record names: its weights are known again
+            restarted = dataclasses.replace(record, **handle.identity(), quarantined="")
+            await self.commit(replicas=self._state.with_replica(restarted))
         replica = next((r for r in self.pool.replicas if r.name == name), None)
         if replica is not None:
             await reload_adapters(self.client, replica, self._state.adapters)

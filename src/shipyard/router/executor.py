@@ -4,14 +4,13 @@ saving each step through the control plane before it takes effect."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
 from shipyard.router.checks import GateFailed
 from shipyard.router.commands import RolloutCommand, RolloutRejected, plan_rollout
-from shipyard.router.rollout import TERMINAL, Action, Observation, Phase, Rollout, Strategy, next_action
+from shipyard.router.rollout import Action, Observation, Phase, Rollout, Strategy, next_action
 from shipyard.router.strategies import RolloutStrategy
 
 if TYPE_CHECKING:
@@ -39,13 +38,18 @@ class RolloutExecutor:
             gate=self.control.gate,
             records=list(self.control.state.replicas),
         )
-        if not await self.control.store.acquire_lease(self.control.gateway_id, self.control.config.lease_ttl_s):
+        if not await self.control.acquire_lease():
             owner = await self.control.store.lease_owner()
             raise RolloutRejected(409, f"gateway {owner} is running a rollout; one at a time across all gateways")
         rollout = Rollout(plan, clock=self.control.clock)
-        self.control.current = rollout
+        before, self.control.current = self.control.current, rollout
+        try:
+            await self.control.commit()
+        except Exception as exc:  # nothing was saved: nothing changes, the lease goes back
+            self.control.current = before
+            await self.control.release_lease()
+            raise RolloutRejected(503, f"the rollout was not started: {exc}") from exc
         self.promoted = asyncio.Event()
-        await self.control.commit()
         self.control.audit.record(
             command.who,
             "rollout_requested",
@@ -116,6 +120,8 @@ class RolloutExecutor:
         return last if last.facts.get("previous") else None
 
     def resume(self, rollout: Rollout) -> None:
+        if self.control.running_here():
+            return
         self.control.audit.record(
             self.control.gateway_id, "rollout_resumed", rollout=rollout.id, phase=rollout.phase.value
         )
@@ -130,13 +136,15 @@ class RolloutExecutor:
 
     async def _drive(self, rollout: Rollout, seen: Observation) -> None:
         strategy = self.control.strategies[rollout.plan.strategy]
+        driving = asyncio.current_task()
+        assert driving is not None
+        keeper = asyncio.get_running_loop().create_task(self.control.keep_lease(lambda why: driving.cancel(why)))
         try:
             while (action := next_action(rollout, seen)) is not Action.NOTHING:
                 seen = await self._perform(action, strategy, rollout, seen)
         finally:
-            if rollout.phase in TERMINAL:
-                with contextlib.suppress(Exception):
-                    await self.control.store.release_lease(self.control.gateway_id)
+            keeper.cancel()
+            await self.control.release_lease()  # finished, or lost: the fence goes with it
 
     async def _perform(
         self, action: Action, strategy: RolloutStrategy, rollout: Rollout, seen: Observation

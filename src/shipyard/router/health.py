@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import httpx
@@ -20,10 +21,15 @@ seen on an H200 at 400 intent req/s, where taking the only replica out on the fi
 service into 1,898 503s. Refused connections and non-200 answers still take a replica out at once."""
 
 
-async def probe(client: httpx.AsyncClient, replica: Replica, timeout: float = 5.0) -> None:
-    """Update one replica's readiness and model list in place; log when readiness changes."""
+async def probe(
+    client: httpx.AsyncClient, replica: Replica, timeout: float = 5.0, pool: ReplicaPool | None = None
+) -> None:
+    """Update one replica's readiness and model list in place; log when readiness changes. With ``pool``, a
+    replica found hung (see :func:`hung`) is ejected from it: requests waiting on it stop waiting."""
     was_ready = replica.ready
     await _probe(client, replica, timeout)
+    if pool is not None and replica.slow_probes and hung(replica, timeout):
+        pool.eject(replica, replica.last_error)
     if replica.ready != was_ready:
         if replica.ready:
             log.info("replica %s is ready (%s)", replica.name, ", ".join(sorted(replica.models)))
@@ -34,7 +40,7 @@ async def probe(client: httpx.AsyncClient, replica: Replica, timeout: float = 5.
 async def _probe(client: httpx.AsyncClient, replica: Replica, timeout: float) -> None:
     try:
         health = await client.get(f"{replica.url}/health", timeout=timeout)
-        replica.slow_probes = 0
+        replica.slow_probes, replica.unresponsive_since = 0, None
         if health.status_code != 200:
             replica.ready, replica.last_error = False, f"/health answered {health.status_code}"
             return
@@ -46,13 +52,24 @@ async def _probe(client: httpx.AsyncClient, replica: Replica, timeout: float) ->
         replica.ready, replica.last_error = bool(replica.models), "" if replica.models else "serves no model"
     except httpx.TimeoutException as exc:
         replica.slow_probes += 1
-        if not replica.ready or replica.slow_probes >= SLOW_PROBES_TO_UNREADY:
+        if replica.unresponsive_since is None:
+            replica.unresponsive_since = time.monotonic() - timeout
+        if not replica.ready or replica.slow_probes >= SLOW_PROBES_TO_UNREADY or hung(replica, timeout):
             replica.ready = False
-            replica.last_error = f"{replica.slow_probes} health probes in a row timed out ({type(exc).__name__})"
+            replica.last_error = (
+                f"{replica.slow_probes} health probe(s) in a row timed out ({type(exc).__name__}) and no answer "
+                f"made progress for {time.monotonic() - replica.last_byte_at:.1f} s"
+            )
         else:
             log.info("replica %s answered its health probe late (%d in a row)", replica.name, replica.slow_probes)
     except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
         replica.ready, replica.last_error = False, f"{type(exc).__name__}: {exc}"
+
+
+def hung(replica: Replica, timeout: float) -> bool:
+    """A replica whose health probe timed out is *hung*, not busy, when none of its answers made progress
+    (sent a byte) within the probe's timeout either: a saturated engine answers /health late but still streams."""
+    return time.monotonic() - replica.last_byte_at > timeout
 
 
 def tokenizer_roots(cards: list[dict[str, Any]]) -> dict[str, str]:
@@ -70,14 +87,17 @@ class HealthMonitor(BackgroundLoop):
 
     task_name = "shipyard-health"
 
-    def __init__(self, pool: ReplicaPool, client: httpx.AsyncClient, interval_s: float = 1.0) -> None:
+    def __init__(
+        self, pool: ReplicaPool, client: httpx.AsyncClient, interval_s: float = 1.0, timeout_s: float = 2.0
+    ) -> None:
         super().__init__()
         self.pool = pool
         self.client = client
         self.interval_s = interval_s
+        self.timeout_s = timeout_s
 
     async def check_all(self) -> None:
-        await asyncio.gather(*(probe(self.client, r, timeout=max(self.interval_s, 5.0)) for r in self.pool.replicas))
+        await asyncio.gather(*(probe(self.client, r, self.timeout_s, self.pool) for r in self.pool.replicas))
 
     async def _run(self) -> None:
         while True:

@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 
+from shipyard.router.replica import Replica
 from shipyard.router.rollout import Gate, Rollout, Strategy
 from shipyard.router.state import ReplicaRecord
 from shipyard.router.strategies import Deployer, RolloutStrategy, wait_idle
@@ -25,6 +26,14 @@ from shipyard.router.strategies import Deployer, RolloutStrategy, wait_idle
 
 class EngineRefused(RuntimeError):
     """An engine's dev route answered with an error (the message carries its answer)."""
+
+
+class EngineWedged(RuntimeError):
+    """An engine did not answer a step of a reload in time (or could not be resumed): its weights are unknown."""
+
+
+RESUME_TIMEOUT_S = 10.0
+"""Longest ``/resume`` (and ``/reset_prefix_cache``) may take: both return at once on a working engine."""
 
 
 async def _engine_call(client: httpx.AsyncClient, url: str, path: str, timeout: float, body: Any = None) -> None:
@@ -36,29 +45,36 @@ async def _engine_call(client: httpx.AsyncClient, url: str, path: str, timeout: 
 async def reload_weights(client: httpx.AsyncClient, url: str, folder: str, timeout_s: float) -> dict[str, float]:
     """pause (running requests finish) → reload from ``folder`` → reset the prefix cache → resume; step times.
 
-    The engine is resumed whatever happens after the pause, so a failed reload never leaves it paused."""
+    The engine is resumed whatever happens after the pause was asked for. A step that does not answer in time,
+    or a resume that fails, raises :class:`EngineWedged` (the weights are unknown: restart the engine); an engine
+    that refuses a step raises :class:`EngineRefused` (it still answers: the previous weights can be put back)."""
     times: dict[str, float] = {}
     clock = _Stopwatch()
-    await _engine_call(client, url, "/pause?mode=wait", timeout_s)
-    times["pause_s"] = clock.lap()
+    failure: Exception | None = None
+    rpc_timeout = timeout_s + min(5.0, timeout_s)  # the engine gives up after timeout_s; this side a little later
+    step = "/pause"
     try:
-        # the engine gives up after timeout_s (its own answer says why); this side waits a little longer
-        await asyncio.wait_for(
-            _engine_call(
-                client,
-                url,
-                "/collective_rpc",
-                timeout_s + min(5.0, timeout_s),
-                {"method": "reload_weights", "kwargs": {"weights_path": folder}, "timeout": timeout_s},
-            ),
-            timeout_s + min(5.0, timeout_s),
-        )
+        await _engine_call(client, url, "/pause?mode=wait", timeout_s)
+        times["pause_s"] = clock.lap()
+        step = "/collective_rpc reload_weights"
+        rpc = {"method": "reload_weights", "kwargs": {"weights_path": folder}, "timeout": timeout_s}
+        await asyncio.wait_for(_engine_call(client, url, "/collective_rpc", rpc_timeout, rpc), rpc_timeout)
         times["reload_s"] = clock.lap()
-        await _engine_call(client, url, "/reset_prefix_cache", 60)
+        step = "/reset_prefix_cache"
+        await _engine_call(client, url, "/reset_prefix_cache", RESUME_TIMEOUT_S)
         times["reset_prefix_cache_s"] = clock.lap()
-    finally:
-        await _engine_call(client, url, "/resume", 60)
+    except (asyncio.TimeoutError, httpx.TimeoutException) as exc:
+        failure = EngineWedged(f"{step} did not answer in time ({type(exc).__name__}) at {url}")
+    except Exception as exc:
+        failure = exc
+    try:
+        await _engine_call(client, url, "/resume", RESUME_TIMEOUT_S)
         times["resume_s"] = clock.lap()
+    except Exception as exc:
+        if not isinstance(failure, EngineWedged):
+            failure = EngineWedged(f"/resume failed at {url} ({type(exc).__name__}: {exc}) after: {failure}")
+    if failure is not None:
+        raise failure
     return times
 
 
@@ -82,9 +98,7 @@ class InPlace(RolloutStrategy):
         records = self._records(d, rollout)
         if not records:
             raise RuntimeError(f"deployment {rollout.plan.new_deployment} has no replicas to update")
-        rollout.facts["previous"] = {
-            r.name: {"target": str((r.engine or {}).get("model") or r.target), "version": r.version} for r in records
-        }
+        rollout.facts["previous"] = {r.name: {"target": _served_folder(r), "version": r.version} for r in records}
         rollout.facts["pause_s"] = {}
 
     async def warm_up(self, d: Deployer, rollout: Rollout) -> None:
@@ -122,31 +136,38 @@ class InPlace(RolloutStrategy):
         gate: Gate | None,
         reverting: bool = False,
     ) -> None:
+        """Hold the replica, put ``folder`` in, check it, release it as ``version``. On failure the previous
+        weights go back in and it is released as before; when they cannot be put back (or the engine stopped
+        answering) its weights are unknown: it is quarantined and restarted from the known-good folder. The hold
+        ends on every path but a cancellation (the lease was lost; whoever resolves the rollout releases it)."""
         record = d.state.replica(name)
         replica = next((r for r in d.pool.replicas if r.name == name), None)
         if record is None or replica is None:
             raise RuntimeError(f"replica {name} left the deployment during the update")
+        known_good = (folder, version) if reverting else (_served_folder(record), record.version)
         held_at = d.now()
         await d.commit(replicas=d.state.with_replica(dataclasses.replace(record, held=True)))
-        await d.settle()
-        if not await wait_idle(d, rollout, replicas={name}):
-            rollout.facts["drain_timed_out"] = True  # vLLM's pause?mode=wait still lets them finish
-        previous = str((record.engine or {}).get("model") or record.target)
         try:
-            steps = await reload_weights(d.client, record.url, folder, d.reload_timeout_s)
-            model = self.model(d, rollout)
-            await d.warm([replica], model, light=True)
-            if gate is not None:
-                rollout.facts.update(await d.gate.check(d.client, record.url, model, gate))
-        except Exception:
-            if not reverting:
-                try:
-                    await reload_weights(d.client, record.url, previous, d.reload_timeout_s)
-                finally:
-                    await d.commit(replicas=d.state.with_replica(dataclasses.replace(record, held=False)))
+            await d.settle()
+            if not await wait_idle(d, rollout, replicas={name}):
+                rollout.facts["drain_timed_out"] = True  # vLLM's pause?mode=wait still lets them finish
+            steps = await self._swap(d, rollout, replica, folder, gate)
+        except asyncio.CancelledError:
             raise
-        engine = {**record.engine, "model": folder} if record.engine is not None else None
-        updated = dataclasses.replace(record, held=False, version=version, target=folder, engine=engine)
+        except Exception as failure:
+            try:
+                if reverting or isinstance(failure, EngineWedged):
+                    raise failure
+                await self._swap(d, rollout, replica, known_good[0], None)
+            except Exception:
+                await self._quarantine(d, name, *known_good, why=f"{type(failure).__name__}: {failure}")
+                raise failure from None
+            current = d.state.replica(name) or record
+            await d.commit(replicas=d.state.with_replica(dataclasses.replace(current, held=False)))
+            raise
+        current = d.state.replica(name) or record
+        engine = {**current.engine, "model": folder} if current.engine is not None else None
+        updated = dataclasses.replace(current, held=False, version=version, target=folder, engine=engine)
         await d.commit(replicas=d.state.with_replica(updated))
         handle = d.supervisor.handles.get(name)
         if handle is not None:
@@ -155,3 +176,33 @@ class InPlace(RolloutStrategy):
         rollout.facts.setdefault("pause_s", {})[name] = paused
         rollout.facts.setdefault("steps_s", {})[name] = steps
         d.paused(paused, rollout.plan.strategy.value)
+
+    async def _swap(
+        self, d: Deployer, rollout: Rollout, replica: Replica, folder: str, gate: Gate | None
+    ) -> dict[str, float]:
+        steps = await reload_weights(d.client, replica.url, folder, d.reload_timeout_s)
+        model = self.model(d, rollout)
+        await d.warm([replica], model, light=True)
+        if gate is not None:
+            rollout.facts.update(await d.gate.check(d.client, replica.url, model, gate))
+        return steps
+
+    async def _quarantine(self, d: Deployer, name: str, folder: str, version: str, why: str) -> None:
+        """Weights unknown: out of rotation at every gateway, recorded as the known-good version it will serve
+        again once restarted from ``folder`` (by the supervisor, when shipyard started the engine)."""
+        record = d.state.replica(name)
+        if record is None:
+            return
+        engine = {**record.engine, "model": folder} if record.engine is not None else None
+        quarantined = dataclasses.replace(
+            record, held=False, quarantined=why, version=version, target=folder, engine=engine
+        )
+        await d.commit(replicas=d.state.with_replica(quarantined))
+        handle = d.supervisor.handles.get(name)
+        if handle is not None:
+            handle.serve_from(folder)
+            d.supervisor.restart_now(name, f"weights unknown after a failed in-place update: {why}")
+
+
+def _served_folder(record: ReplicaRecord) -> str:
+    return str((record.engine or {}).get("model") or record.target)

@@ -30,6 +30,20 @@ class Replica:
     last_error: str = ""
     slow_probes: int = 0
     """Health probes in a row that timed out (a busy server answers late; a dead one refuses at once)."""
+    unresponsive_since: float | None = None
+    """Monotonic time of the first probe in the current run of timed-out probes (None while it answers)."""
+    quarantined: str = ""
+    """Why its weights are unknown: never chosen, not counted as ready, until the state clears it."""
+    last_byte_at: float = 0.0
+    """Monotonic time it last sent a byte of any answer (a busy engine makes progress; a hung one does not)."""
+    _outage: asyncio.Future[None] | None = field(default=None, repr=False, compare=False)
+
+    def outage(self) -> asyncio.Future[None]:
+        """Done once this replica is ejected (hung or gone): requests waiting on it stop waiting."""
+        if self._outage is None or self._outage.get_loop() is not asyncio.get_running_loop():
+            self._outage = asyncio.get_running_loop().create_future()
+        return self._outage
+
     hold: asyncio.Event | None = field(default=None, repr=False, compare=False)
     """Set while new requests must wait before reaching this replica (its weights are being replaced); the
     event fires when they may go."""
@@ -38,6 +52,24 @@ class Replica:
         self.url = self.url.rstrip("/")
         if not self.name:
             self.name = self.url
+
+
+class InFlight:
+    """One request counted on one replica: released once, however many paths end it (a failed first try, a
+    retry elsewhere, the stream's close), so counts never go below zero and a drain is never fooled."""
+
+    __slots__ = ("_pool", "replica", "upstream_model", "released")
+
+    def __init__(self, pool: ReplicaPool, replica: Replica, upstream_model: str) -> None:
+        self._pool = pool
+        self.replica = replica
+        self.upstream_model = upstream_model
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._pool._release(self.replica, self.upstream_model)
 
 
 class NoReplicaError(LookupError):
@@ -107,7 +139,7 @@ class ReplicaPool:
         return self._aliases.get(model, model)
 
     def ready(self) -> list[Replica]:
-        return [r for r in self._replicas if r.ready]
+        return [r for r in self._replicas if r.ready and not r.quarantined]
 
     def models(self) -> dict[str, int | None]:
         """Every model a ready replica serves (and every alias to one), with the smallest context length."""
@@ -127,7 +159,7 @@ class ReplicaPool:
         serving = [r for r in self._replicas if upstream in r.models]
         if not serving:
             raise UnknownModelError(model)
-        candidates = [r for r in serving if r.ready and r.name not in exclude]
+        candidates = [r for r in serving if r.ready and not r.quarantined and r.name not in exclude]
         free = [r for r in candidates if r.hold is None]
         candidates = free or candidates  # a held replica only when every other one is held too (it waits)
         by_deployment: dict[str, list[Replica]] = {}
@@ -140,12 +172,13 @@ class ReplicaPool:
             raise NoReplicaError(model)
         return chosen
 
-    def acquire(self, replica: Replica, upstream_model: str) -> None:
-        """Count a request sent to ``replica`` for ``upstream_model`` (until ``release``)."""
+    def acquire(self, replica: Replica, upstream_model: str) -> InFlight:
+        """Count a request sent to ``replica`` for ``upstream_model`` until the returned ticket is released."""
         replica.in_flight += 1
         self._model_in_flight[upstream_model] = self._model_in_flight.get(upstream_model, 0) + 1
+        return InFlight(self, replica, upstream_model)
 
-    def release(self, replica: Replica, upstream_model: str) -> None:
+    def _release(self, replica: Replica, upstream_model: str) -> None:
         replica.in_flight -= 1
         self._model_in_flight[upstream_model] = self._model_in_flight.get(upstream_model, 1) - 1
 
@@ -172,6 +205,14 @@ class ReplicaPool:
             log.warning("replica %s is not ready: %s", replica.name, reason)
         replica.ready = False
         replica.last_error = reason
+
+    def eject(self, replica: Replica, reason: str) -> None:
+        """Out of rotation, and every request waiting on it stops waiting (Envoy's outlier ejection): those
+        that got no byte yet go to another replica, streams already under way end with an error event."""
+        self.mark_unready(replica, reason)
+        if replica._outage is not None and not replica._outage.done():
+            replica._outage.set_result(None)
+        replica._outage = None
 
     def knows_any_model(self) -> bool:
         return any(r.models for r in self._replicas)

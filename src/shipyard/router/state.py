@@ -51,6 +51,9 @@ class ReplicaRecord:
     log_file: str | None = None
     held: bool = False
     """New requests for this replica wait at every gateway (an in-place update is changing its weights)."""
+    quarantined: str = ""
+    """Why this replica's weights are unknown (a reload that failed or never returned): out of rotation at every
+    gateway until its engine was restarted from the known-good weights its record names."""
 
     @property
     def port(self) -> int:
@@ -140,6 +143,35 @@ class DeploymentState:
             )
         except (TypeError, ValueError, AttributeError) as exc:
             raise StateError(f"malformed state ({type(exc).__name__}: {exc})") from None
+
+
+def rebase(changes: Mapping[str, Any], base: DeploymentState, latest: DeploymentState) -> dict[str, Any]:
+    """``changes`` computed from ``base``, re-expressed over ``latest`` (a newer state another writer saved).
+
+    Only what the changes really changed moves: replicas by name, weights/aliases/adapters by key, history by
+    rollout id. Whatever the other writer changed in between (a supervisor's new pid, another gateway's
+    record) stays, instead of being overwritten by lists read from the older state.
+    """
+    rebased: dict[str, Any] = {}
+    for name, value in changes.items():
+        if name == "replicas":
+            old = {r.name: r for r in base.replicas}
+            new = {r.name: r for r in value}
+            kept = [r for r in latest.replicas if r.name not in old or r.name in new]
+            merged = {r.name: r for r in kept}
+            merged.update({n: r for n, r in new.items() if old.get(n) != r})
+            rebased[name] = tuple(merged.values())
+        elif name in ("weights", "aliases", "adapters"):
+            old_map, new_map = dict(getattr(base, name)), dict(value)
+            merged_map = {k: v for k, v in getattr(latest, name).items() if k not in old_map or k in new_map}
+            merged_map.update({k: v for k, v in new_map.items() if old_map.get(k) != v})
+            rebased[name] = merged_map
+        elif name == "history":
+            seen = {h.get("id") for h in value}
+            rebased[name] = (*(h for h in latest.history if h.get("id") not in seen), *value)
+        else:
+            rebased[name] = value
+    return rebased
 
 
 def _plain(value: Any) -> Any:

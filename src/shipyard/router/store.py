@@ -38,6 +38,25 @@ class StateConflict(RuntimeError):
     """Another writer saved a newer state first; nothing was written."""
 
 
+class StateSaveFailed(RuntimeError):
+    """The store could not write (a full or read-only disk, an unreachable Redis); the stored state is unchanged."""
+
+
+class LeaseLost(StateConflict):
+    """A save fenced by a lease this writer no longer holds (it expired, another gateway took it): refused."""
+
+
+@dataclass(frozen=True)
+class Fence:
+    """The lease a save is made under: its owner and the token the store gave when the lease was taken.
+
+    Tokens only grow: a writer that lost its lease (and may not know it yet) carries an older token than the
+    gateway that took over, and the store refuses its saves (Kleppmann's fencing token; etcd's lease revision)."""
+
+    owner: str
+    token: int
+
+
 class StoreLocked(RuntimeError):
     """Another gateway already uses this file store (a file store serves one gateway; use Redis for more)."""
 
@@ -62,12 +81,14 @@ class StateStore(ABC):
         """The current state, None when none was ever saved; :class:`StateUnreadable` when it cannot be read."""
 
     @abstractmethod
-    async def save(self, state: DeploymentState) -> None:
-        """Store ``state`` if it follows the stored revision, else raise :class:`StateConflict`."""
+    async def save(self, state: DeploymentState, fence: Fence | None = None) -> None:
+        """Store ``state`` if it follows the stored revision, else raise :class:`StateConflict`; with ``fence``,
+        only while that very lease (owner and token) is held, else raise :class:`LeaseLost`."""
 
     @abstractmethod
-    async def acquire_lease(self, owner: str, ttl_s: float) -> bool:
-        """Take (or renew, when ``owner`` holds it) the rollout lease; False when another owner holds it."""
+    async def acquire_lease(self, owner: str, ttl_s: float) -> int | None:
+        """Take (or renew, when ``owner`` holds it) the rollout lease: its fencing token (the same while it is
+        renewed, a larger one each time it is taken anew); None when another owner holds it."""
 
     @abstractmethod
     async def release_lease(self, owner: str) -> None: ...
@@ -104,22 +125,36 @@ class MemoryStateStore(StateStore):
 
     def __init__(self) -> None:
         self._state: DeploymentState | None = None
-        self._lease: tuple[str, float] | None = None
+        self._lease: tuple[str, float, int] | None = None
+        self._tokens = 0
         self._reports: dict[str, tuple[LoadReport, float]] = {}
 
     async def load(self) -> DeploymentState | None:
         return self._state
 
-    async def save(self, state: DeploymentState) -> None:
+    async def save(self, state: DeploymentState, fence: Fence | None = None) -> None:
+        self._check_fence(fence)
         _check_follows(self._state, state)
         self._state = state
 
-    async def acquire_lease(self, owner: str, ttl_s: float) -> bool:
+    def _check_fence(self, fence: Fence | None) -> None:
+        if fence is None:
+            return
+        held = self._lease is not None and self._lease[1] > time.monotonic()
+        if not held or self._lease is None or (self._lease[0], self._lease[2]) != (fence.owner, fence.token):
+            raise LeaseLost(f"{fence.owner} no longer holds the rollout lease (token {fence.token}); not saved")
+
+    async def acquire_lease(self, owner: str, ttl_s: float) -> int | None:
         now = time.monotonic()
-        if self._lease is not None and self._lease[0] != owner and self._lease[1] > now:
-            return False
-        self._lease = (owner, now + ttl_s)
-        return True
+        if self._lease is not None and self._lease[1] > now:
+            if self._lease[0] != owner:
+                return None
+            token = self._lease[2]
+        else:
+            self._tokens += 1
+            token = self._tokens
+        self._lease = (owner, now + ttl_s, token)
+        return token
 
     async def release_lease(self, owner: str) -> None:
         if self._lease is not None and self._lease[0] == owner:
@@ -192,6 +227,8 @@ class FileStateStore(MemoryStateStore):
                 return self._state
             text = self.path.read_bytes()
         except FileNotFoundError:
+            if self._last_good() is not None:  # copies without the live file: someone removed it, never a save
+                raise StateUnreadable(self._unreadable("is missing although earlier copies are beside it")) from None
             return None
         except OSError as exc:
             raise StateUnreadable(self._unreadable(f"cannot be read ({exc})")) from None
@@ -219,24 +256,40 @@ class FileStateStore(MemoryStateStore):
                 return older, DeploymentState.from_json(older.read_bytes())
         return None
 
-    async def save(self, state: DeploymentState) -> None:
+    async def save(self, state: DeploymentState, fence: Fence | None = None) -> None:
+        """Write, sync, then move: ``state.json`` exists at every instant once a state was saved.
+
+        The new state goes to a temp file (fsync), the copies shift (``.3`` → ``.4`` …), the live file is *linked*
+        as ``.1`` (it stays in place), and the temp file is renamed over it (then the folder is synced). A crash
+        anywhere leaves the old state or the new one live; a failed write (a full or read-only filesystem) leaves
+        everything as it was, no temp file included, and raises :class:`StateSaveFailed`."""
+        self._check_fence(fence)
         _check_follows(self._state, state)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        for i in range(KEEP - 1, 0, -1):
-            newer = self.path if i == 1 else self.path.with_name(f"{self.path.name}.{i - 1}")
-            if newer.exists():
-                os.replace(newer, self.path.with_name(f"{self.path.name}.{i}"))
         staged = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(staged, "w") as handle:
-            handle.write(state.to_json())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(staged, self.path)
-        directory = os.open(self.folder, os.O_RDONLY)
         try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with open(staged, "w") as handle:
+                handle.write(state.to_json())
+                handle.flush()
+                os.fsync(handle.fileno())
+            if self.path.exists():
+                for i in range(KEEP - 1, 1, -1):
+                    newer = self.path.with_name(f"{self.path.name}.{i - 1}")
+                    if newer.exists():
+                        os.replace(newer, self.path.with_name(f"{self.path.name}.{i}"))
+                first = self.path.with_name(f"{self.path.name}.1")
+                with contextlib.suppress(FileNotFoundError):
+                    first.unlink()
+                os.link(self.path, first)
+            os.replace(staged, self.path)
+            _fsync_folder(self.folder)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                staged.unlink()
+            raise StateSaveFailed(
+                f"the state could not be saved to {self.path} ({exc.strerror or exc}); nothing was changed: "
+                "free space or fix the permissions of that folder, then try again"
+            ) from exc
         self._state, self._parsed = state, _file_identity(self.path)
 
     async def report_load(self, report: LoadReport, ttl_s: float) -> None:
@@ -271,6 +324,14 @@ class FileStateStore(MemoryStateStore):
             self._lock = None
 
 
+def _fsync_folder(folder: Path) -> None:
+    directory = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
 def _file_name(gateway: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in gateway).lstrip(".") or "gateway"
 
@@ -282,12 +343,26 @@ def _file_identity(path: Path) -> tuple[int, int, int]:
 
 
 _RENEW = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
-if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+local held = redis.call('get', KEYS[1])
+if held then
+  local owner, token = string.match(held, '^(.*)|(%d+)$')
+  if owner == ARGV[1] then
+    redis.call('pexpire', KEYS[1], ARGV[2])
+    return tonumber(token)
+  end
+  return 0
+end
+local token = redis.call('incr', KEYS[2])
+redis.call('set', KEYS[1], ARGV[1] .. '|' .. token, 'PX', ARGV[2])
+return token
+"""
+_RELEASE = """
+local held = redis.call('get', KEYS[1])
+if held and string.match(held, '^(.*)|%d+$') == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
 """
-_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 _SAVE = """
+if ARGV[4] ~= '' and redis.call('get', KEYS[3]) ~= ARGV[4] then return -2 end
 local stored = tonumber(redis.call('hget', KEYS[1], 'revision') or '0')
 if stored + 1 ~= tonumber(ARGV[1]) then return stored end
 redis.call('hset', KEYS[1], 'revision', ARGV[1], 'state', ARGV[2])
@@ -325,23 +400,35 @@ class RedisStateStore(StateStore):
                 f"{self.prefix}:previous (LINDEX {self.prefix}:previous 1)"
             ) from None
 
-    async def save(self, state: DeploymentState) -> None:
+    async def save(self, state: DeploymentState, fence: Fence | None = None) -> None:
         result = await self.redis.eval(
-            _SAVE, 2, f"{self.prefix}:state", f"{self.prefix}:previous", state.revision, state.to_json(), KEEP
+            _SAVE,
+            3,
+            f"{self.prefix}:state",
+            f"{self.prefix}:previous",
+            f"{self.prefix}:lease",
+            state.revision,
+            state.to_json(),
+            KEEP,
+            f"{fence.owner}|{fence.token}" if fence is not None else "",
         )
+        if int(result) == -2 and fence is not None:
+            raise LeaseLost(f"{fence.owner} no longer holds the rollout lease (token {fence.token}); not saved")
         if int(result) != -1:
             raise StateConflict(f"state revision {state.revision} does not follow the stored revision {result}")
 
-    async def acquire_lease(self, owner: str, ttl_s: float) -> bool:
+    async def acquire_lease(self, owner: str, ttl_s: float) -> int | None:
         ttl_ms = max(int(ttl_s * 1000), 1)
-        return bool(await self.redis.eval(_RENEW, 1, f"{self.prefix}:lease", owner, ttl_ms))
+        token = int(await self.redis.eval(_RENEW, 2, f"{self.prefix}:lease", f"{self.prefix}:fence", owner, ttl_ms))
+        return token or None
 
     async def release_lease(self, owner: str) -> None:
         await self.redis.eval(_RELEASE, 1, f"{self.prefix}:lease", owner)
 
     async def lease_owner(self) -> str | None:
         raw = await self.redis.get(f"{self.prefix}:lease")
-        return raw.decode() if isinstance(raw, bytes) else raw
+        held = raw.decode() if isinstance(raw, bytes) else raw
+        return held.rpartition("|")[0] if held else None
 
     async def report_load(self, report: LoadReport, ttl_s: float) -> None:
         body = json.dumps({"revision": report.revision, "in_flight": dict(report.in_flight), "at": report.at})

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -38,6 +39,7 @@ class Supervisor(BackgroundLoop):
         backoff_s: float = 1.0,
         backoff_max_s: float = 30.0,
         interval_s: float = 0.2,
+        hung_restart_s: float | None = 60.0,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     ) -> None:
         super().__init__()
@@ -47,6 +49,8 @@ class Supervisor(BackgroundLoop):
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
         self.interval_s = interval_s
+        self.hung_restart_s = hung_restart_s
+        """An engine that has not answered a health probe for this long is killed and started again (None: never)."""
         self.sleep = sleep
         self.handles: dict[str, ReplicaHandle] = {}
         self.restarts: dict[str, int] = {}
@@ -67,13 +71,36 @@ class Supervisor(BackgroundLoop):
             await handle.stop()
 
     async def check(self) -> None:
+        now = time.monotonic()
         for replica in self.pool.replicas:
             handle = self.handles.get(replica.name)
-            if handle is not None and not handle.alive() and replica.name not in self._restarting:
-                self.pool.mark_unready(replica, "engine process exited")
-                task = asyncio.get_running_loop().create_task(self._restart(replica.name, handle))
-                self._restarting[replica.name] = task
-                task.add_done_callback(functools.partial(self._restarted, replica.name))
+            if handle is None or replica.name in self._restarting:
+                continue
+            if not handle.alive():
+                self.restart_now(replica.name, "engine process exited")
+            elif (
+                self.hung_restart_s is not None
+                and replica.unresponsive_since is not None
+                and now - replica.unresponsive_since > self.hung_restart_s
+            ):
+                silent = round(now - replica.unresponsive_since, 1)
+                self.audit.record("supervisor", "replica_hung", replica=replica.name, silent_s=silent)
+                self.restart_now(replica.name, f"engine answered no health probe for {silent} s")
+
+    def restart_now(self, name: str, reason: str) -> bool:
+        """Stop (if it still runs) and start again the engine behind ``name``; False when it is not ours or
+        already restarting."""
+        handle = self.handles.get(name)
+        if handle is None or name in self._restarting:
+            return False
+        replica = next((r for r in self.pool.replicas if r.name == name), None)
+        if replica is not None:
+            self.pool.eject(replica, reason)
+            replica.unresponsive_since = None
+        task = asyncio.get_running_loop().create_task(self._restart(name, handle))
+        self._restarting[name] = task
+        task.add_done_callback(functools.partial(self._restarted, name))
+        return True
 
     def _restarted(self, name: str, _: asyncio.Task[None]) -> None:
         self._restarting.pop(name, None)
