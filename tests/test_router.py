@@ -55,6 +55,7 @@ def test_replica_url_normalised_and_named() -> None:
 
 def test_slow_health_probes_take_a_busy_replica_out_only_after_three_in_a_row() -> None:
     import asyncio
+    import time
 
     import httpx
 
@@ -82,10 +83,13 @@ def test_slow_health_probes_take_a_busy_replica_out_only_after_three_in_a_row() 
         return seen
 
     replica = Replica("http://engine:1")
+    replica.last_byte_at = time.monotonic() + 3600  # busy: its answers keep making progress
     assert SLOW_PROBES_TO_UNREADY == 3
     # a starting replica that answers late stays unready; a served one survives two slow answers, not three
     assert asyncio.run(run("slow", "ok", "slow", "slow", "ok", "slow", "slow", "slow")) == [
         *(False, True, True, True, True, True, True, False)
     ]
-    assert "3 health probes in a row timed out" in replica.last_error
+    assert "3 health probe(s) in a row timed out" in replica.last_error
     assert asyncio.run(run("ok", "refused")) == [True, False]  # a refused connection: out at once
+    replica.last_byte_at = 0.0  # hung: late on /health and no answer made progress either
+    assert asyncio.run(run("ok", "slow")) == [True, False]
