@@ -277,8 +277,11 @@ class ControlPlane:
         self._lease_token, self._lease_until = token, sent + self.renew_deadline_s
         return True
 
-    async def release_lease(self) -> None:
+    async def release_lease(self, lost: bool = False) -> None:
+        """Give the lease back (``lost``: it is gone already; nothing to ask the store)."""
         self._lease_token = None
+        if lost:
+            return
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.store.release_lease(self.gateway_id), self.renew_deadline_s)
 

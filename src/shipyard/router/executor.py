@@ -143,8 +143,9 @@ class RolloutExecutor:
             while (action := next_action(rollout, seen)) is not Action.NOTHING:
                 seen = await self._perform(action, strategy, rollout, seen)
         finally:
+            lost = keeper.done()  # it returns only when the lease was lost
             keeper.cancel()
-            await self.control.release_lease()  # finished, or lost: the fence goes with it
+            await self.control.release_lease(lost=lost)  # the fence goes with it
 
     async def _perform(
         self, action: Action, strategy: RolloutStrategy, rollout: Rollout, seen: Observation
