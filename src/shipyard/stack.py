@@ -255,7 +255,10 @@ def build_stack(
                 handles, adopted = engines.handles, engines.adopted
                 if records != state.replicas:
                     state = state.evolve(by="shipyard-serve", replicas=records)
-                    asyncio.run(_in_this_loop(settings, store, functools.partial(_save, state)))
+                    try:
+                        asyncio.run(_in_this_loop(settings, store, functools.partial(_save, state)))
+                    except Exception as exc:  # the store is down: serve what runs; the next change saves it
+                        say(f"the engines' new identities were not saved ({type(exc).__name__}: {exc}); serving anyway")
             replicas = [Replica(r.url, name=r.name, deployment=r.deployment, version=r.version) for r in state.replicas]
             served = ", ".join(sorted(set(_served_names(state)))) or served
         elif choose_engine is not None and launcher is not None:

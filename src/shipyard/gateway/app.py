@@ -186,6 +186,9 @@ def create_app(
         ]
         is_ready = bool(pool.ready())
         body: dict[str, Any] = {"status": "ready" if is_ready else "unavailable", "replicas": replicas}
+        degraded = getattr(control.store, "degraded", None)
+        if degraded:
+            body["state"] = {"degraded": degraded}
         headers = None if is_ready else {"Retry-After": str(settings.retry_after_s)}
         return JSONResponse(body, status_code=200 if is_ready else 503, headers=headers)
 

@@ -129,6 +129,7 @@ class ControlPlane:
         self._tasks: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
         self._lease_token: int | None = None
+        self.lease_error = ""
         self._lease_until = 0.0
         """Monotonic time until which this gateway may act under its lease (last renewal + renew deadline)."""
 
@@ -263,14 +264,17 @@ class ControlPlane:
         return self.config.lease_renew_deadline_s or self.config.lease_ttl_s * 2 / 3
 
     async def acquire_lease(self) -> bool:
-        """Take the rollout lease (bounded by the renew deadline); its token fences every save from now on."""
+        """Take the rollout lease (bounded by the renew deadline); its token fences every save from now on.
+        False when another gateway holds it, or the store does not answer (``lease_error`` says why)."""
         sent = time.monotonic()
+        self.lease_error = ""
         try:
             token = await asyncio.wait_for(
                 self.store.acquire_lease(self.gateway_id, self.config.lease_ttl_s), self.renew_deadline_s
             )
-        except (asyncio.TimeoutError, OSError, ConnectionError) as exc:
-            log.warning("the rollout lease could not be taken: %s", exc or type(exc).__name__)
+        except Exception as exc:  # unreachable, timed out: no lease
+            self.lease_error = f"{type(exc).__name__}: {exc}".rstrip(": ")
+            log.warning("the rollout lease could not be taken: %s", self.lease_error)
             return False
         if token is None:
             return False
@@ -468,6 +472,7 @@ class ControlPlane:
             "rollout": self.current.to_dict() if self.current else None,
             "state": {
                 "store": self.store.description,
+                "degraded": getattr(self.store, "degraded", None),
                 "revision": self._state.revision,
                 "updated_by": self._state.updated_by,
                 "updated_at": self._state.updated_at,

@@ -39,6 +39,12 @@ class RolloutExecutor:
             records=list(self.control.state.replicas),
         )
         if not await self.control.acquire_lease():
+            if self.control.lease_error:
+                raise RolloutRejected(
+                    503,
+                    f"the state store cannot be reached ({self.control.lease_error}); nothing was changed: "
+                    "rollouts wait until it answers",
+                )
             owner = await self.control.store.lease_owner()
             raise RolloutRejected(409, f"gateway {owner} is running a rollout; one at a time across all gateways")
         rollout = Rollout(plan, clock=self.control.clock)

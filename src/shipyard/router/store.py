@@ -380,25 +380,78 @@ class RedisStateStore(StateStore):
     rollout lease, with a TTL), ``PREFIX:load:GATEWAY`` (load reports, with a TTL).
     """
 
-    def __init__(self, url: str, prefix: str = "shipyard") -> None:
+    def __init__(self, url: str, prefix: str = "shipyard", local_copy: Path | None = None) -> None:
         import redis.asyncio
 
         self.url = url
         self.prefix = prefix
         self.description = f"redis {_redact(url)} (prefix {prefix})"
         self.redis = redis.asyncio.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self.local_copy = local_copy
+        """The last state read from Redis, kept on this host: what a gateway serves when it starts while Redis
+        is unreachable (instead of crash-looping), until Redis answers again."""
+        self.degraded: str | None = None
+        """Why the state served is the local copy (None while Redis answers)."""
+        self._copied = -1
 
     async def load(self) -> DeploymentState | None:
-        raw = await self.redis.hget(f"{self.prefix}:state", "state")
+        try:
+            raw = await self.redis.hget(f"{self.prefix}:state", "state")
+        except Exception as exc:
+            import redis
+
+            if not isinstance(exc, (OSError, redis.ConnectionError, redis.TimeoutError)):
+                raise
+            return self._local(exc)
         if raw is None:
             return None
         try:
-            return DeploymentState.from_json(raw)
+            state = DeploymentState.from_json(raw)
         except StateError as exc:
             raise StateUnreadable(
                 f"the state in {self.description} {exc}: the last good copies are in the list "
                 f"{self.prefix}:previous (LINDEX {self.prefix}:previous 1)"
             ) from None
+        self.degraded = None
+        self._keep_local(state)
+        return state
+
+    def _local(self, exc: Exception) -> DeploymentState | None:
+        """The local copy while Redis cannot be reached; the error itself when there is none."""
+        copy = None
+        if self.local_copy is not None:
+            with contextlib.suppress(OSError, StateError):
+                copy = DeploymentState.from_json(self.local_copy.read_bytes())
+        if copy is None:
+            raise exc
+        if self.degraded is None:
+            import logging
+
+            logging.getLogger("shipyard.router").warning(
+                "%s unreachable (%s); serving the last state read from it (revision %d, kept in %s)",
+                self.description,
+                exc,
+                copy.revision,
+                self.local_copy,
+            )
+        self.degraded = (
+            f"{self.description} unreachable ({type(exc).__name__}); serving the last state read from it "
+            f"(revision {copy.revision}, kept in {self.local_copy}); rollouts wait until it answers"
+        )
+        return copy
+
+    def _keep_local(self, state: DeploymentState) -> None:
+        if self.local_copy is None or state.revision == self._copied:
+            return
+        staged = self.local_copy.with_name(f".{self.local_copy.name}.{os.getpid()}.tmp")
+        try:
+            self.local_copy.parent.mkdir(parents=True, exist_ok=True)
+            staged.write_text(state.to_json())
+            os.replace(staged, self.local_copy)
+            self._copied = state.revision
+        except OSError:
+            with contextlib.suppress(OSError):
+                staged.unlink()
 
     async def save(self, state: DeploymentState, fence: Fence | None = None) -> None:
         result = await self.redis.eval(
@@ -467,5 +520,7 @@ def open_store(state_url: str | None, data_dir: Path) -> StateStore:
         params = dict(part.partition("=")[::2] for part in query.split("&") if part)
         prefix = params.pop("prefix", "shipyard")
         rest = "&".join(f"{k}={v}" for k, v in params.items())
-        return RedisStateStore(base + (f"?{rest}" if rest else ""), prefix=prefix)
+        return RedisStateStore(
+            base + (f"?{rest}" if rest else ""), prefix=prefix, local_copy=data_dir / "state" / f"{prefix}.redis.json"
+        )
     raise ValueError(f"state_url {state_url!r} must be file:///DIR or redis://HOST:PORT/DB")
