@@ -29,6 +29,7 @@ class Fault(str, Enum):
     DIE_MID_STREAM = "die"  # streams stop after `die_after` chunks without finishing the HTTP body
     HANG_MID_STREAM = "hang"  # streams go silent after `die_after` chunks
     UNHEALTHY = "unhealthy"  # /health answers 503
+    HANG = "hang-all"  # every request is accepted and left unanswered until the fault is cleared (a SIGSTOPped engine)
 
 
 class FakeOpenAI:
@@ -77,6 +78,8 @@ class FakeOpenAI:
             await send({"type": "lifespan.shutdown.complete"})
             return
         path, method = scope["path"], scope["method"]
+        while self.fault is Fault.HANG:
+            await asyncio.sleep(0.01)
         if path == "/health":
             status = 503 if self.fault is Fault.UNHEALTHY else 200
             await _respond(send, status, b"")
@@ -224,6 +227,8 @@ class FakeOpenAI:
                 delay = start + i / self.token_rate - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
+                while self.fault is Fault.HANG and not disconnected.is_set():
+                    await asyncio.sleep(0.01)
                 if disconnected.is_set():
                     self.cancelled_streams += 1
                     return
