@@ -147,12 +147,15 @@ def test_a_key_over_its_request_limit_gets_429_and_others_do_not(
 
 
 def test_tokens_per_minute_count_prompt_and_output_tokens(fake: FakeOpenAI) -> None:
-    for stack in start_stack(fake, limits={"default": KeyLimits(tpm=20)}):
+    for stack in start_stack(fake, limits={"default": KeyLimits(tpm=40)}):
         body = {"model": MODEL, "prompt": "x", "max_tokens": 16}  # the fake's usage: 7 prompt + 16 output
-        assert post(stack, "/v1/completions", body).status_code == 200
-        refused = post(stack, "/v1/completions", body)
-        assert refused.status_code == 429 and "20 tokens per minute" in refused.json()["error"]["message"]
-        assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
+        assert post(stack, "/v1/completions", body).status_code == 200  # reserved ~29, settled to 23
+        sent = len(fake.requests)
+        refused = post(stack, "/v1/completions", body)  # 23 used + up to ~29 more > 40: refused before it runs
+        assert refused.status_code == 429 and "17 of its 40 tokens per minute" in refused.json()["error"]["message"]
+        assert refused.headers["x-ratelimit-remaining-tokens"] == "17" and len(fake.requests) == sent
+        too_big = post(stack, "/v1/completions", {**body, "max_tokens": 41})
+        assert too_big.status_code == 429 and "more than key" in too_big.json()["error"]["message"]
 
 
 def test_concurrent_requests_limit(fake: FakeOpenAI) -> None:

@@ -179,6 +179,21 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_000_000, gt=0)
     max_tokens_limit: int | None = Field(default=None, ge=1)
     """Upper bound for ``max_tokens``; None means the served model's context length."""
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    """A request's headers must arrive within this from its first byte (slow clients are cut off)."""
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    """A request's body must arrive within this once its headers did (else 408)."""
+    write_timeout_s: float = Field(default=30.0, gt=0)
+    """A streaming client that takes longer than this to take one chunk has stopped reading: the stream ends and
+    the engine's request is aborted."""
+    keep_alive_timeout_s: float = Field(default=5.0, gt=0)
+    max_connections: int = Field(default=4096, ge=1)
+    """Connections (and requests) one gateway process serves at once; more are answered 503 at once."""
+    shutdown_grace_s: float = Field(default=120.0, ge=0)
+    """On SIGTERM, how long streams in flight may take to finish before the gateway exits. The stop grace
+    periods in deploy/compose.yaml (130 s) and deploy/k8s (150 s) leave room above it."""
+    max_sequences_per_request: int = Field(default=256, ge=1)
+    """Most sequences (prompts x n) one request may ask for; more is a 400 (vLLM alone takes 1,024 x 16)."""
     upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
     upstream_read_timeout_s: float = Field(default=300.0, gt=0)
     """Longest silence tolerated from an upstream while it answers (a stream's gap between tokens)."""

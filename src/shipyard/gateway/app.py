@@ -92,6 +92,9 @@ def create_app(
         max_tokens_limit=settings.max_tokens_limit,
         retry_after_s=settings.retry_after_s,
         limiter=limiter,
+        max_sequences=settings.max_sequences_per_request,
+        body_timeout_s=settings.body_timeout_s,
+        write_timeout_s=settings.write_timeout_s,
     )
     monitor = HealthMonitor(pool, http, interval_s=settings.health_interval_s, timeout_s=settings.health_timeout_s)
     discovery = UpstreamDiscovery(
@@ -157,6 +160,8 @@ def create_app(
     )
     app.add_middleware(LimitMiddleware, keys=keys, limiter=limiter, metrics=metrics)
     app.state.pool = pool
+    app.state.settings = settings
+    app.state.limiter = limiter
     app.state.metrics = metrics
     app.state.monitor = monitor
     app.state.discovery = discovery

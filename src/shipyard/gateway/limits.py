@@ -3,8 +3,9 @@
 ``KeyLimiter.admit`` is a pure decision over the key's recent history and an injected clock; ``LimitMiddleware``
 is the edge: it names the caller from its key, admits (or answers 429 in OpenAI's shape with ``Retry-After`` and
 OpenAI's ``x-ratelimit-*`` headers), and counts the request per key when its answer is complete. Tokens are
-added by the proxy from each answer's ``usage`` (``record_tokens``), so a key over its tokens per minute is
-refused from its next request on. Counters live in this gateway's memory.
+admitted *before* a request runs: the proxy reserves what it may cost (prompt + prompts × n × max_tokens,
+``reserve``) and settles the reservation with the usage the answer reports (``Reservation.settle``), also when
+the client goes away. Counters live in this gateway's memory.
 
 >>> limiter = KeyLimiter(lambda name: KeyLimits(rpm=2))
 >>> limiter.admit("team-a").release(); limiter.admit("team-a").release()
@@ -47,7 +48,8 @@ class LimitExceeded(Exception):
 @dataclass
 class _Usage:
     requests: deque[float] = field(default_factory=deque)
-    tokens: deque[tuple[float, int]] = field(default_factory=deque)
+    tokens: deque[list[float]] = field(default_factory=deque)
+    """[time, tokens] per answer (a reservation's count changes once, when it is settled)."""
     in_flight: int = 0
 
     def expire(self, now: float) -> None:
@@ -57,7 +59,7 @@ class _Usage:
             self.tokens.popleft()
 
     def tokens_used(self) -> int:
-        return sum(n for _, n in self.tokens)
+        return int(sum(n for _, n in self.tokens))
 
 
 @dataclass
@@ -71,6 +73,31 @@ class Lease:
         if not self.released:
             self.released = True
             self.usage.in_flight -= 1
+
+
+@dataclass
+class Reservation:
+    """Tokens a request may use, counted against its key's tokens per minute before it runs; ``settle`` puts
+    what it really used in their place (once)."""
+
+    entry: list[float]
+    reserved: int
+    prompt_estimate: int = 0
+    settled: bool = False
+
+    def settle(self, used: int) -> None:
+        if not self.settled:
+            self.settled = True
+            self.entry[1] = max(0, used)
+
+
+def prompt_estimate(body: bytes) -> int:
+    """Prompt tokens a request body may hold, before any tokenizer saw it (about 4 bytes a token)."""
+    return len(body) // 4 + 1
+
+
+reservation: ContextVar[Reservation | None] = ContextVar("shipyard_reservation", default=None)
+"""The token reservation of the request being answered (set by the proxy; settled from its usage)."""
 
 
 def _reset(seconds: float) -> str:
@@ -117,7 +144,36 @@ class KeyLimiter:
 
     def record_tokens(self, name: str, tokens: int) -> None:
         if tokens > 0:
-            self._usage.setdefault(name, _Usage()).tokens.append((self.clock(), tokens))
+            self._usage.setdefault(name, _Usage()).tokens.append([self.clock(), tokens])
+
+    def reserve(self, name: str, tokens: int, prompt: int = 0) -> Reservation | None:
+        """Count ``tokens`` (what a request may use at most; ``prompt`` of them its prompt) against key ``name``'s
+        tokens per minute before it runs; LimitExceeded when they do not fit (nothing counted). None when the key
+        has no ``tpm``."""
+        limits = self._limits.get(name) or self._limits.setdefault(name, self.limits_for(name))
+        if limits.tpm is None:
+            return None
+        usage = self._usage.setdefault(name, _Usage())
+        now = self.clock()
+        usage.expire(now)
+        if tokens > limits.tpm:
+            raise LimitExceeded(
+                f"this request may use up to {tokens} tokens (prompt + prompts x n x max_tokens), more than key "
+                f"'{name}' may use in a minute ({limits.tpm}); ask for fewer max_tokens or a smaller n",
+                int(WINDOW_S),
+                self._headers(limits, usage, now),
+            )
+        if usage.tokens_used() + tokens > limits.tpm:
+            wait = math.ceil(usage.tokens[0][0] + WINDOW_S - now) if usage.tokens else int(WINDOW_S)
+            raise LimitExceeded(
+                f"key '{name}' has {max(0, limits.tpm - usage.tokens_used())} of its {limits.tpm} tokens per minute "
+                f"left and this request may use up to {tokens}; retry in {wait} s or ask for fewer max_tokens",
+                wait,
+                self._headers(limits, usage, now),
+            )
+        entry = [now, float(tokens)]
+        usage.tokens.append(entry)
+        return Reservation(entry, tokens, prompt_estimate=min(tokens, prompt))
 
     @staticmethod
     def _headers(limits: KeyLimits, usage: _Usage, now: float) -> dict[str, str]:

@@ -17,7 +17,7 @@ from fastapi import Request
 from starlette.responses import Response
 
 from shipyard.gateway.errors import OpenAIError
-from shipyard.gateway.limits import KeyLimiter, caller
+from shipyard.gateway.limits import KeyLimiter, LimitExceeded, Reservation, caller, prompt_estimate, reservation
 from shipyard.gateway.metrics import GatewayMetrics
 from shipyard.gateway.schemas import (
     ChatCompletionRequest,
@@ -163,8 +163,15 @@ class Proxy:
         upstream_headers: dict[str, str] | None = None,
         limiter: KeyLimiter | None = None,
         hold_timeout_s: float = 300.0,
+        max_sequences: int = 256,
+        body_timeout_s: float = 30.0,
+        write_timeout_s: float = 30.0,
     ) -> None:
+        self.body_timeout_s = body_timeout_s
+        self.write_timeout_s = write_timeout_s
         self.pool = pool
+        self.max_sequences = max_sequences
+        """Most sequences (prompts x n) one request may ask for (vLLM takes up to 1,024 prompts x 16)."""
         self.hold_timeout_s = hold_timeout_s
         """Longest a request waits for a replica whose weights are being replaced (then 503)."""
         self.limiter = limiter
@@ -178,16 +185,28 @@ class Proxy:
         self.upstream_headers = {"content-type": _JSON, **(upstream_headers or {})}
 
     async def read_body(self, request: Request) -> bytes:
+        """The request's body: refused (413) before reading when it says it is too large, cut off when it turns
+        out to be, and 408 when it does not arrive within ``body_timeout_s``."""
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise self._too_large()
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise self._too_large()
-            chunks.append(chunk)
+
+        async def read() -> None:
+            nonlocal size
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.max_body_bytes:
+                    raise self._too_large()
+                chunks.append(chunk)
+
+        try:
+            await asyncio.wait_for(read(), self.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise OpenAIError(
+                408, f"the request body did not arrive within {self.body_timeout_s:g} s", code="request_timeout"
+            ) from None
         return b"".join(chunks)
 
     def _too_large(self) -> OpenAIError:
@@ -237,14 +256,20 @@ class Proxy:
             self.check_model(parsed.model, parsed.output_limit())
             model_label = parsed.model
             stream = bool(getattr(parsed, "stream", False))
+            reserved = self._reserve(parsed, body)
             drop_usage = False
             upstream_model = self.pool.upstream_model(parsed.model)
             if upstream_model != parsed.model:
                 data["model"] = upstream_model
-            if route.usage_option and stream and not (parsed.stream_options or {}).get("include_usage"):
-                data["stream_options"] = {**(parsed.stream_options or {}), "include_usage": True}
-                drop_usage = True
-            if drop_usage or upstream_model != parsed.model:
+            asked_options = getattr(parsed, "stream_options", None) or {}
+            options = dict(asked_options)
+            if route.usage_option and stream and not options.get("include_usage"):
+                options["include_usage"] = drop_usage = True
+            if route.usage_option and stream and reserved is not None and not options.get("continuous_usage_stats"):
+                options["continuous_usage_stats"] = True  # a stream cut short is charged what it had used
+            if options != asked_options:
+                data["stream_options"] = options
+            if options != asked_options or upstream_model != parsed.model:
                 body = json.dumps(data).encode()
             session = request.headers.get("x-session-id") or (
                 data.get("user") if isinstance(data.get("user"), str) else None
@@ -273,7 +298,38 @@ class Proxy:
             raise
         finally:
             if not streaming:
+                self._settle_unreported(0 if status >= 400 and status != 499 else None)
                 self._finish(route.name, model_label, status, started, served)
+
+    def _reserve(self, parsed: Any, body: bytes) -> Reservation | None:
+        """Charge the caller's tokens per minute with what this request may use, before it reaches an engine."""
+        sequences = parsed.sequences()
+        if sequences > self.max_sequences:
+            raise OpenAIError(
+                400,
+                f"this request asks for {sequences} sequences (prompts x n); at most {self.max_sequences} per request",
+                param="n",
+                code="too_many_sequences",
+            )
+        name = caller.get()
+        if self.limiter is None or name is None:
+            return None
+        per_sequence = parsed.output_limit() or self.max_tokens_limit or self.pool.models().get(parsed.model) or 0
+        try:
+            prompt = prompt_estimate(body)
+            reserved = self.limiter.reserve(name, prompt + sequences * per_sequence, prompt)
+        except LimitExceeded as exc:
+            headers = {"Retry-After": str(exc.retry_after_s), **exc.headers}
+            raise OpenAIError(429, str(exc), code="rate_limit_exceeded", headers=headers) from None
+        reservation.set(reserved)
+        return reserved
+
+    @staticmethod
+    def _settle_unreported(used: int | None) -> None:
+        """An answer that reported no usage: charge ``used`` (None: the prompt, which the engine may have read)."""
+        reserved = reservation.get()
+        if reserved is not None and not reserved.settled:
+            reserved.settle(used if used is not None else reserved.prompt_estimate)
 
     def _replica_of_response(self, response_id: str) -> str | None:
         """The replica holding ``response_id``; None when this gateway never saw it (the engine decides). A
@@ -474,14 +530,15 @@ class Proxy:
                 )
             if stream.scan.completion_tokens is not None or stream.scan.prompt_tokens is not None:
                 self._count_tokens(model, stream.scan.prompt_tokens or 0, stream.scan.completion_tokens or 0)
+            self._settle_unreported(None)
             if stream.scan.response_id is not None:
                 self._remember_response(stream.scan.response_id, stream.replica)
             status = 200
-            if stream.error is not None:
+            if stream.client_gone:
+                status = 499
+            elif stream.error is not None:
                 status = 502
                 self.metrics.upstream_errors.labels(stream.replica.name, "stream").inc()
-            elif stream.client_gone:
-                status = 499
             self._finish(route.name, model, status, started, stream.replica)
 
         async def resend(failed: Replica, why: str) -> tuple[Replica, httpx.Response] | None:
@@ -489,7 +546,7 @@ class Proxy:
 
         headers = {**served_by(replica), "cache-control": "no-cache", "x-accel-buffering": "no"}
         scan = StreamScan(drop_usage=drop_usage, end_markers=route.stream_end, find_response_id=route is RESPONSES)
-        return UpstreamStream(replica, upstream, scan, headers, on_close, resend)
+        return UpstreamStream(replica, upstream, scan, headers, on_close, resend, self.write_timeout_s)
 
     def _finish(self, route: str, model: str, status: int, started: float, replica: Replica | None) -> None:
         labels = _version_labels(replica)
@@ -513,7 +570,10 @@ class Proxy:
         if name is not None:
             self.metrics.key_prompt_tokens.labels(name).inc(prompt)
             self.metrics.key_output_tokens.labels(name).inc(output)
-            if self.limiter is not None:
+            reserved = reservation.get()
+            if reserved is not None and not reserved.settled:
+                reserved.settle(prompt + output)
+            elif self.limiter is not None:
                 self.limiter.record_tokens(name, prompt + output)
 
     def _upstream_failed(self, replica: Replica, kind: str, exc: Exception) -> None:

@@ -38,6 +38,10 @@ class _ApiRequest(_Passthrough):
 
     model_config = ConfigDict(extra="allow", strict=True, json_schema_extra=_no_removed_fields)
 
+    def sequences(self) -> int:
+        """How many sequences it generates (each up to ``output_limit`` tokens)."""
+        return 1
+
 
 def _integral(value: Any) -> Any:
     """JSON Schema counts 1.0 as an integer (and so do vLLM and the OpenAI API): take it as 1."""
@@ -69,6 +73,10 @@ class _Sampling(_ApiRequest):
         """The most tokens this request may generate, as the client asked."""
         return self.max_tokens
 
+    def sequences(self) -> int:
+        """How many sequences it generates (each up to ``output_limit`` tokens)."""
+        return self.n or 1
+
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -80,6 +88,14 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[JsonInt] | list[list[JsonInt]]
+
+    def sequences(self) -> int:
+        prompts = (
+            1
+            if isinstance(self.prompt, str) or not self.prompt or isinstance(self.prompt[0], int)
+            else len(self.prompt)
+        )
+        return prompts * (self.n or 1)
 
 
 class ResponsesRequest(_ApiRequest):

@@ -17,6 +17,8 @@ import uvicorn
 from fastapi import FastAPI
 
 from shipyard.gateway.metrics import GatewayMetrics, GCWatch
+from shipyard.gateway.protocol import http_protocol
+from shipyard.settings import Settings
 
 if TYPE_CHECKING:
     from shipyard.gateway.workers import Workers
@@ -31,15 +33,20 @@ def fast_http() -> Literal["httptools", "h11"]:
 
 
 def uvicorn_config(app: FastAPI, host: str, port: int, log_level: str = "info") -> uvicorn.Config:
+    """uvicorn as the gateway runs it: every wait on a client bounded (headers, idle keep-alive), connections
+    capped per process, and streams in flight given ``shutdown_grace_s`` to finish on SIGTERM."""
+    settings: Settings = getattr(app.state, "settings", None) or Settings()
     return uvicorn.Config(
         app,
         host=host,
         port=port,
         loop=fast_loop(),
-        http=fast_http(),
+        http=http_protocol(fast_http(), settings.header_timeout_s),
         access_log=False,
         log_level=log_level,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+        timeout_keep_alive=int(settings.keep_alive_timeout_s),
+        limit_concurrency=settings.max_connections,
     )
 
 

@@ -6,6 +6,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import anyio
+import anyio.abc
 import httpx
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -34,7 +35,11 @@ class UpstreamStream(Response):
         headers: dict[str, str],
         on_close: Callable[[UpstreamStream], None],
         resend: Resend | None = None,
+        write_timeout_s: float = 30.0,
     ) -> None:
+        self.write_timeout_s = write_timeout_s
+        """A client that takes longer than this to take one chunk has stopped reading: the stream ends (and the
+        engine's request is aborted) instead of holding a slot in the engine for as long as it likes."""
         # Like StreamingResponse: no body, so no content-length header.
         self.status_code = 200
         self.media_type = "text/event-stream"
@@ -50,24 +55,29 @@ class UpstreamStream(Response):
         self.error: str | None = None
         self.client_gone = False
         self._complete = False
+        self._group: anyio.abc.TaskGroup | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            async with anyio.create_task_group() as group:
-
-                async def watch_disconnect() -> None:
-                    while (await receive())["type"] != "http.disconnect":
-                        pass
-                    self.client_gone = not self._complete
-                    group.cancel_scope.cancel()
-
-                group.start_soon(watch_disconnect)
-                await self._pump(send)
-                group.cancel_scope.cancel()
+            await self._serve(receive, send)
         finally:
             with anyio.CancelScope(shield=True):
                 await self.upstream.aclose()
             self.on_close(self)
+
+    async def _serve(self, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as group:
+            self._group = group
+
+            async def watch_disconnect() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                self.client_gone = not self._complete
+                group.cancel_scope.cancel()
+
+            group.start_soon(watch_disconnect)
+            await self._pump(send)
+            group.cancel_scope.cancel()
 
     async def _pump(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
@@ -120,7 +130,13 @@ class UpstreamStream(Response):
                 if out:
                     if self.first_chunk_at is None:
                         self.first_chunk_at = time.perf_counter()
-                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                    with anyio.move_on_after(self.write_timeout_s) as writing:
+                        await send({"type": "http.response.body", "body": out, "more_body": True})
+                    if writing.cancelled_caught:  # it stopped reading: end here, closing the upstream aborts it
+                        self.client_gone = True
+                        if self._group is not None:
+                            self._group.cancel_scope.cancel()
+                        return f"the client took no data for {self.write_timeout_s:g} s (stopped reading)"
             rest = scan.flush()
             if rest.strip():
                 await send({"type": "http.response.body", "body": rest, "more_body": True})
