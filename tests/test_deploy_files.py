@@ -210,12 +210,25 @@ def test_kubernetes_manifests_validate_against_the_api_schemas() -> None:
     assert deployments["shipyard-gateway"]["spec"]["replicas"] == 2
     state_url = next(e["value"] for e in gateway["env"] if e["name"] == "SHIPYARD_STATE_URL")
     assert isinstance(open_store(state_url, Path("/data")), RedisStateStore)
-    assert state_url.startswith("redis://shipyard-redis:") and "shipyard-redis" in services
+    assert state_url.startswith("redis://:$(REDIS_PASSWORD)@shipyard-redis:") and "shipyard-redis" in services
+    secrets = {e["name"] for e in gateway["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    assert {"REDIS_PASSWORD", "SHIPYARD_STATE_KEY", "SHIPYARD_ENGINE_KEY"} <= secrets
+    redis_args = deployments["shipyard-redis"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert redis_args[redis_args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    policies = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
+    for policy in policies.values():  # engines and Redis: reached by gateway pods (and Prometheus) only
+        sources = [peer for rule in policy["ingress"] for peer in rule["from"]]
+        assert {"app.kubernetes.io/component": "gateway"} in [p["podSelector"]["matchLabels"] for p in sources]
+        assert all("ipBlock" not in p for p in sources)
+    selected = {p["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for p in policies.values()}
+    assert selected == {"engine", "state"}
     assert "--appendonly" in deployments["shipyard-redis"]["spec"]["template"]["spec"]["containers"][0]["args"]
     for color in ("blue", "green"):
         engine = deployments[f"shipyard-engine-{color}"]["spec"]["template"]["spec"]["containers"][0]
         assert engine["resources"]["requests"]["nvidia.com/gpu"] == 1
         assert "preStop" in engine["lifecycle"] and engine["readinessProbe"]["httpGet"]["path"] == "/health"
+        engine_key = {"secretKeyRef": {"name": "shipyard-keys", "key": "engine-key"}}
+        assert {"name": "VLLM_API_KEY", "valueFrom": engine_key} in engine["env"]
 
 
 def test_the_schema_check_catches_mistakes() -> None:

@@ -176,6 +176,13 @@ class Settings(BaseSettings):
     Service: one per engine pod), re-resolved every ``discovery_interval_s``."""
     discovery_interval_s: float = Field(default=10.0, gt=0)
 
+    state_key: SecretStr | None = None
+    """Shared by every gateway of a deployment on Redis: the states they save are signed with it (HMAC-SHA256)
+    and a state without a valid signature is refused, so a process that can reach Redis but holds no key cannot
+    choose where prompts go. Set it (``SHIPYARD_STATE_KEY``, from a Secret) whenever ``state_url`` is Redis."""
+    engine_key: SecretStr | None = None
+    """The key the engines shipyard starts answer to (vLLM's ``VLLM_API_KEY``) and the gateway sends them; by
+    default one generated into ``data_dir/engine_key`` (mode 0600). Clients never see it."""
     max_body_bytes: int = Field(default=1_000_000, gt=0)
     max_tokens_limit: int | None = Field(default=None, ge=1)
     """Upper bound for ``max_tokens``; None means the served model's context length."""
@@ -281,6 +288,10 @@ class Settings(BaseSettings):
     @property
     def admin_key_file(self) -> Path:
         return self.data_dir / "admin_key"
+
+    @property
+    def engine_key_file(self) -> Path:
+        return self.data_dir / "engine_key"
 
     def named_keys(self) -> list[tuple[str, str]]:
         """(name, key) of every API key."""

@@ -118,7 +118,10 @@ def engine_launcher(settings: Settings, spec: EngineSpec, profile: str, enable_l
         spec,
         settings.data_dir / "logs",
         command=settings.engine.vllm_command or None,
-        env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if enable_lora else {},
+        env={
+            **({"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if enable_lora else {}),
+            **({"VLLM_API_KEY": settings.engine_key.get_secret_value()} if settings.engine_key else {}),
+        },
         ready_timeout_s=settings.engine.startup_timeout_s,
         cpu_binds=list(halves) if halves else None,
         marker=str(settings.data_dir.resolve()),
@@ -126,20 +129,25 @@ def engine_launcher(settings: Settings, spec: EngineSpec, profile: str, enable_l
     )
 
 
-def serves(url: str, model: str, timeout: float = 3.0) -> bool:
-    """True when the server at ``url`` is healthy and serves ``model``."""
+def serves(url: str, model: str, timeout: float = 3.0, api_key: str | None = None) -> bool:
+    """True when the server at ``url`` is healthy and serves ``model`` (to a client with ``api_key``)."""
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         if httpx.get(f"{url}/health", timeout=timeout).status_code != 200:
             return False
-        listing = httpx.get(f"{url}/v1/models", timeout=timeout).json()
+        listing = httpx.get(f"{url}/v1/models", timeout=timeout, headers=headers).json()
     except (httpx.HTTPError, ValueError):
         return False
     return any(card.get("id") == model for card in listing.get("data", []))
 
 
+def _state_key(settings: Settings) -> str | None:
+    return settings.state_key.get_secret_value() if settings.state_key else None
+
+
 def _open_store(settings: Settings) -> StateStore:
     try:
-        store = open_store(settings.state_url, settings.data_dir)
+        store = open_store(settings.state_url, settings.data_dir, _state_key(settings))
         if isinstance(store, FileStateStore):
             store.lock()
     except (ValueError, StoreLocked) as exc:
@@ -195,7 +203,7 @@ class _Engines:
         except (ProcessLookupError, KeyError, TypeError, ValueError):
             return None
         served = (record.engine or {}).get("served_model_name") or (record.engine or {}).get("model", "")
-        if check and not serves(record.url, str(served)):
+        if check and not serves(record.url, str(served), api_key=(self.launcher.env or {}).get("VLLM_API_KEY")):
             self.say(f"engine {record.name} (pid {record.pid}) runs but does not serve {served}; replacing it")
             asyncio.run(handle.stop())
             return None
@@ -307,7 +315,7 @@ async def _in_this_loop(settings: Settings, store: StateStore, work: Callable[[S
     first uses them, so that work gets a store of its own and ``store`` stays unused for the gateway's loop."""
     if isinstance(store, FileStateStore):
         return await work(store)
-    temporary = open_store(settings.state_url, settings.data_dir)
+    temporary = open_store(settings.state_url, settings.data_dir, _state_key(settings))
     try:
         return await work(temporary)
     finally:

@@ -55,6 +55,14 @@ def with_api_key(settings: Settings) -> tuple[Settings, str | None]:
     return settings.model_copy(update={"api_keys": [SecretStr(key)]}), key if created else None
 
 
+def with_engine_key(settings: Settings) -> Settings:
+    """Settings that carry the key engines answer to (generated once into ``data_dir/engine_key``)."""
+    if settings.engine_key is not None:
+        return settings
+    key, _ = ensure_api_key(settings.engine_key_file, prefix="sk-engine-")
+    return settings.model_copy(update={"engine_key": SecretStr(key)})
+
+
 def with_admin_key(settings: Settings) -> tuple[Settings, str | None]:
     """Like :func:`with_api_key`, for the admin API (rollouts)."""
     if settings.admin_keys:
@@ -131,6 +139,7 @@ def serve_stack(
         raise fail(str(exc)) from None
     settings, new_key = with_api_key(settings)
     settings, new_admin_key = with_admin_key(settings)
+    settings = with_engine_key(settings)
     try:  # --upstream values get the same checks as the `upstreams` setting
         settings = settings.model_copy(update={"upstreams": check_upstreams([*settings.upstreams, *upstreams])})
     except ValueError as exc:

@@ -163,13 +163,16 @@ class EngineLauncher:
     def adopt(self, identity: Mapping[str, Any], url_port: int, name: str) -> EngineHandle:
         """The running engine ``identity`` describes (ProcessLookupError when it is gone)."""
         spec = EngineSpec.from_record(identity["engine"])
+        own_log = self.log_dir / f"engine-{name}.log"
+        recorded = Path(identity.get("log_file") or own_log).resolve()
         process = EngineProcess.adopt(
             spec,
-            Path(identity.get("log_file") or self.log_dir / f"engine-{name}.log"),
+            recorded if recorded.is_relative_to(self.log_dir.resolve()) else own_log,  # never append elsewhere
             port=url_port,
             pid=int(identity["pid"]),
             started_at=identity.get("started_at"),
             command=self.command,
             env=self.process_env(identity.get("cpu_bind")) or None,
+            marker=self.marker,
         )
         return self.handle(process)

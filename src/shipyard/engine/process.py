@@ -46,6 +46,12 @@ _ERROR_MARKERS = (
 )
 
 
+def _secret_or_ours(name: str) -> bool:
+    """Not for an engine: shipyard's own settings (its API, admin and engine keys, a state URL with a Redis
+    password: all ``SHIPYARD_*``; the engine gets its own key as ``VLLM_API_KEY``) and :data:`NOT_INHERITED`."""
+    return name in NOT_INHERITED or name.upper().startswith("SHIPYARD_") or name == "VLLM_API_KEY"
+
+
 MARKER_ENV = "SHIPYARD_ENGINE_OF"
 """Set in every engine's environment to the data dir of the shipyard that started it: `shipyard stop` finds
 them by it, also engines whose gateway crashed."""
@@ -148,18 +154,26 @@ class EngineProcess:
         started_at: float | None,
         command: Sequence[str] | None = None,
         env: dict[str, str] | None = None,
+        marker: str | None = None,
     ) -> EngineProcess:
         """The engine already running as ``pid`` (started by an earlier gateway); ProcessLookupError when that
-        process is gone or is another one that reuses the pid (its start time differs from ``started_at``)."""
+        process is gone, is another one that reuses the pid (its start time differs from ``started_at``, or no
+        start time was recorded), or was not started by this shipyard (``marker`` is not in its environment):
+        a pid read from the state is never signalled on its word alone."""
         engine = cls(spec, log_file, port=port, command=command, env=env, die_with_parent=False)
+        if started_at is None:
+            raise ProcessLookupError(f"no start time recorded for pid {pid}: not adopted")
         try:
             process = psutil.Process(pid)
             created = process.create_time()
             running = process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+            ours = marker is None or process.environ().get(MARKER_ENV) == marker
         except psutil.Error:
-            raise ProcessLookupError(f"engine pid {pid} is gone") from None
-        if not running or (started_at is not None and abs(created - started_at) > 2.0):
+            raise ProcessLookupError(f"engine pid {pid} is gone (or not ours to inspect)") from None
+        if not running or abs(created - started_at) > 2.0:
             raise ProcessLookupError(f"pid {pid} is no longer the engine started at {started_at}")
+        if not ours:
+            raise ProcessLookupError(f"pid {pid} was not started by the shipyard of {marker}: not adopted")
         engine._adopted = process
         return engine
 
@@ -198,7 +212,7 @@ class EngineProcess:
             raise RuntimeError(f"engine already running (pid {self.pid})")
         self._adopted = None
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if k not in NOT_INHERITED}
+        env = {k: v for k, v in os.environ.items() if not _secret_or_ours(k)}
         env.update({**ENGINE_ENV, **(self.env or {})})
         with open(self.log_file, "ab") as log:
             log.write(f"$ {' '.join(self.argv())}\n".encode())

@@ -46,7 +46,8 @@ def upstream_client(settings: Settings) -> httpx.AsyncClient:
         write=settings.upstream_read_timeout_s,
         pool=settings.upstream_connect_timeout_s,
     )
-    return httpx.AsyncClient(timeout=timeout, transport=UpstreamTransport())
+    headers = {"authorization": f"Bearer {settings.engine_key.get_secret_value()}"} if settings.engine_key else {}
+    return httpx.AsyncClient(timeout=timeout, transport=UpstreamTransport(), headers=headers)
 
 
 def create_app(

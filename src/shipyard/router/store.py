@@ -15,6 +15,8 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
+import hmac
 import json
 import os
 import time
@@ -324,6 +326,10 @@ class FileStateStore(MemoryStateStore):
             self._lock = None
 
 
+def _bytes(raw: bytes | str) -> bytes:
+    return raw if isinstance(raw, bytes) else raw.encode()
+
+
 def _fsync_folder(folder: Path) -> None:
     directory = os.open(folder, os.O_RDONLY)
     try:
@@ -365,7 +371,7 @@ _SAVE = """
 if ARGV[4] ~= '' and redis.call('get', KEYS[3]) ~= ARGV[4] then return -2 end
 local stored = tonumber(redis.call('hget', KEYS[1], 'revision') or '0')
 if stored + 1 ~= tonumber(ARGV[1]) then return stored end
-redis.call('hset', KEYS[1], 'revision', ARGV[1], 'state', ARGV[2])
+redis.call('hset', KEYS[1], 'revision', ARGV[1], 'state', ARGV[2], 'signature', ARGV[5])
 redis.call('lpush', KEYS[2], ARGV[2])
 redis.call('ltrim', KEYS[2], 0, tonumber(ARGV[3]) - 2)
 return -1
@@ -380,9 +386,15 @@ class RedisStateStore(StateStore):
     rollout lease, with a TTL), ``PREFIX:load:GATEWAY`` (load reports, with a TTL).
     """
 
-    def __init__(self, url: str, prefix: str = "shipyard", local_copy: Path | None = None) -> None:
+    def __init__(
+        self, url: str, prefix: str = "shipyard", local_copy: Path | None = None, signing_key: str | None = None
+    ) -> None:
         import redis.asyncio
 
+        self.signing_key = signing_key.encode() if signing_key else None
+        """With a key, every state saved carries an HMAC of it and a state without a valid one is refused: what
+        Redis holds chooses where prompts go and which processes are signalled, so only the gateways (which
+        share the key) may write it, not whoever can reach Redis."""
         self.url = url
         self.prefix = prefix
         self.description = f"redis {_redact(url)} (prefix {prefix})"
@@ -396,7 +408,7 @@ class RedisStateStore(StateStore):
 
     async def load(self) -> DeploymentState | None:
         try:
-            raw = await self.redis.hget(f"{self.prefix}:state", "state")
+            raw, signature = await self.redis.hmget(f"{self.prefix}:state", ["state", "signature"])
         except Exception as exc:
             import redis
 
@@ -405,6 +417,12 @@ class RedisStateStore(StateStore):
             return self._local(exc)
         if raw is None:
             return None
+        given = signature.decode() if isinstance(signature, bytes) else str(signature or "")
+        if self.signing_key is not None and not hmac.compare_digest(self._sign(_bytes(raw)), given):
+            raise StateUnreadable(
+                f"the state in {self.description} is not signed with this deployment's state_key: refused (it was "
+                "written by something other than a gateway of this deployment, or the gateways' state_key differ)"
+            )
         try:
             state = DeploymentState.from_json(raw)
         except StateError as exc:
@@ -453,7 +471,13 @@ class RedisStateStore(StateStore):
             with contextlib.suppress(OSError):
                 staged.unlink()
 
+    def _sign(self, raw: bytes) -> str:
+        if self.signing_key is None:
+            return ""
+        return hmac.new(self.signing_key, raw, hashlib.sha256).hexdigest()
+
     async def save(self, state: DeploymentState, fence: Fence | None = None) -> None:
+        text = state.to_json()
         result = await self.redis.eval(
             _SAVE,
             3,
@@ -461,9 +485,10 @@ class RedisStateStore(StateStore):
             f"{self.prefix}:previous",
             f"{self.prefix}:lease",
             state.revision,
-            state.to_json(),
+            text,
             KEEP,
             f"{fence.owner}|{fence.token}" if fence is not None else "",
+            self._sign(text.encode()),
         )
         if int(result) == -2 and fence is not None:
             raise LeaseLost(f"{fence.owner} no longer holds the rollout lease (token {fence.token}); not saved")
@@ -508,9 +533,10 @@ def _redact(url: str) -> str:
     return f"{scheme}{sep}{'***@' if at else ''}{host}" if userinfo else url
 
 
-def open_store(state_url: str | None, data_dir: Path) -> StateStore:
+def open_store(state_url: str | None, data_dir: Path, signing_key: str | None = None) -> StateStore:
     """``None`` → the file ``data_dir/state/state.json``; ``file:///DIR`` → ``DIR/state.json``;
-    ``redis://[:password@]host:port/db[?prefix=NAME]`` (or ``rediss://``) → Redis. ValueError otherwise."""
+    ``redis://[:password@]host:port/db[?prefix=NAME]`` (or ``rediss://``) → Redis, its states signed with
+    ``signing_key`` when one is given. ValueError otherwise."""
     if state_url is None:
         return FileStateStore(data_dir / "state")
     if state_url.startswith("file://"):
@@ -521,6 +547,9 @@ def open_store(state_url: str | None, data_dir: Path) -> StateStore:
         prefix = params.pop("prefix", "shipyard")
         rest = "&".join(f"{k}={v}" for k, v in params.items())
         return RedisStateStore(
-            base + (f"?{rest}" if rest else ""), prefix=prefix, local_copy=data_dir / "state" / f"{prefix}.redis.json"
+            base + (f"?{rest}" if rest else ""),
+            prefix=prefix,
+            local_copy=data_dir / "state" / f"{prefix}.redis.json",
+            signing_key=signing_key,
         )
     raise ValueError(f"state_url {state_url!r} must be file:///DIR or redis://HOST:PORT/DB")
