@@ -136,3 +136,37 @@ def test_the_gateway_sends_engines_their_key_and_only_to_engines() -> None:
     client = upstream_client(settings)
     assert client.headers["authorization"] == "Bearer sk-engine-only"
     asyncio.run(client.aclose())
+
+
+def test_previous_response_id_is_shared_by_gateways_and_belongs_to_the_key_that_made_it(
+    redis_server: RedisServer,
+) -> None:
+    """Made through one gateway, continued through another on the same Redis: it reaches the replica holding
+    it; another key (even a valid one) gets 404, as if it did not exist."""
+    from shipyard.testing import FakeOpenAI
+    from tests.helpers import ServerThread, wait_for
+
+    prefix = f"responses-{time.monotonic_ns()}"
+    fakes = [FakeOpenAI("m"), FakeOpenAI("m")]
+    settings = load_settings(api_keys="alice:sk-alice,bob:sk-bob", health_interval_s=60)
+    with ServerThread(fakes[0]) as one, ServerThread(fakes[1]) as two:
+
+        def gateway() -> ServerThread:
+            replicas = [Replica(one.url, name="r1"), Replica(two.url, name="r2")]
+            store = RedisStateStore(redis_server.url, prefix=prefix)
+            from shipyard.gateway import create_app
+
+            return ServerThread(create_app(settings, replicas, store=store))
+
+        with gateway() as first, gateway() as second:
+            for gw in (first, second):
+                assert wait_for(lambda gw=gw: httpx.get(f"{gw.url}/ready").json()["status"] == "ready", timeout=10)
+            alice, bob = {"Authorization": "Bearer sk-alice"}, {"Authorization": "Bearer sk-bob"}
+            made = httpx.post(f"{first.url}/v1/responses", json={"model": "m", "input": "a"}, headers=alice).json()
+            maker = 0 if fakes[0].requests else 1
+            body = {"model": "m", "input": "b", "previous_response_id": made["id"]}
+            for _ in range(4):
+                assert httpx.post(f"{second.url}/v1/responses", json=body, headers=alice).status_code == 200
+            assert len(fakes[maker].requests) == 5 and not fakes[1 - maker].requests
+            foreign = httpx.post(f"{second.url}/v1/responses", json=body, headers=bob)
+            assert foreign.status_code == 404 and foreign.json()["error"]["code"] == "previous_response_not_found"

@@ -85,6 +85,7 @@ def create_app(
     metrics.add_collector(PoolCollector(pool))
     own_client = client is None
     http = client or upstream_client(settings)
+    store = store or MemoryStateStore()
     proxy = Proxy(
         pool,
         http,
@@ -96,6 +97,7 @@ def create_app(
         max_sequences=settings.max_sequences_per_request,
         body_timeout_s=settings.body_timeout_s,
         write_timeout_s=settings.write_timeout_s,
+        responses=store,
     )
     monitor = HealthMonitor(pool, http, interval_s=settings.health_interval_s, timeout_s=settings.health_timeout_s)
     discovery = UpstreamDiscovery(
@@ -109,7 +111,7 @@ def create_app(
     control = ControlPlane(
         pool,
         http,
-        store or MemoryStateStore(),
+        store,
         launcher or UrlLauncher(),
         audit=AuditLog(settings.data_dir / "audit.jsonl"),
         warm_up=TaskWarmUp(labels, templates),

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from shipyard.gateway.sse import StreamScan, find_response_id, usage_tokens
 from shipyard.gateway.stream import UpstreamStream
 from shipyard.router import NoReplicaError, Replica, ReplicaPool, UnknownModelError
 from shipyard.router.replica import InFlight
+from shipyard.router.store import MemoryStateStore, StateStore
 
 _JSON = "application/json"
 
@@ -81,8 +81,8 @@ TOKENIZE = ApiRoute("tokenize", "/tokenize", TokenizeRequest)
 DETOKENIZE = ApiRoute("detokenize", "/detokenize", DetokenizeRequest)
 API_ROUTES = {route.name: route for route in (CHAT, COMPLETIONS, RESPONSES, MESSAGES, TOKENIZE, DETOKENIZE)}
 
-KEPT_RESPONSE_IDS = 100_000
-"""How many response ids the gateway remembers the replica of (for ``previous_response_id``)."""
+RESPONSE_TTL_S = 24 * 3600.0
+"""How long the replica of a response id is remembered (for ``previous_response_id``)."""
 
 
 class ReplicaEjected(Exception):
@@ -166,6 +166,7 @@ class Proxy:
         max_sequences: int = 256,
         body_timeout_s: float = 30.0,
         write_timeout_s: float = 30.0,
+        responses: StateStore | None = None,
     ) -> None:
         self.body_timeout_s = body_timeout_s
         self.write_timeout_s = write_timeout_s
@@ -175,8 +176,9 @@ class Proxy:
         self.hold_timeout_s = hold_timeout_s
         """Longest a request waits for a replica whose weights are being replaced (then 503)."""
         self.limiter = limiter
-        self.response_replicas: OrderedDict[str, str] = OrderedDict()
-        """Response id -> name of the replica that made it (most recent last)."""
+        self.responses = responses or MemoryStateStore()
+        """Where response id -> (replica, key name) is kept: the state store every gateway shares."""
+        self._background: set[asyncio.Task[None]] = set()
         self.client = client
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
@@ -276,7 +278,7 @@ class Proxy:
             )
             attempt = Attempt(parsed.model, route.path, body, upstream_model, session)
             if route is RESPONSES and parsed.previous_response_id:
-                attempt.pinned = self._replica_of_response(parsed.previous_response_id)
+                attempt.pinned = await self._replica_of_response(parsed.previous_response_id)
             replica, upstream = await self._until_disconnect(request, self._send(attempt))
             served = replica
             if stream and upstream.status_code == 200:
@@ -288,7 +290,7 @@ class Proxy:
             if status == 200:
                 self._count_usage(model_label, content)
                 if route is RESPONSES and (response_id := find_response_id(content[:4096])):
-                    self._remember_response(response_id, replica)
+                    await self._remember_response(response_id, replica, caller.get() or "")
             return Response(content, status_code=status, media_type=_JSON, headers=served_by(replica))
         except ClientGone:
             status = 499  # nobody to answer; the engine's request was aborted with the connection
@@ -331,12 +333,24 @@ class Proxy:
         if reserved is not None and not reserved.settled:
             reserved.settle(used if used is not None else reserved.prompt_estimate)
 
-    def _replica_of_response(self, response_id: str) -> str | None:
-        """The replica holding ``response_id``; None when this gateway never saw it (the engine decides). A
-        replica that is gone or not ready is a 400: its stored state went with it or cannot be reached."""
-        name = self.response_replicas.get(response_id)
-        if name is None:
+    async def _replica_of_response(self, response_id: str) -> str | None:
+        """The replica holding ``response_id``, as any gateway sharing the state store noted it; None when none
+        saw it (the engine decides). Made with another key: not found (a response is its key's alone). A replica
+        that is gone or not ready is a 400: its stored state went with it or cannot be reached."""
+        try:
+            found = await asyncio.wait_for(self.responses.response_of(response_id), 5.0)
+        except Exception:  # the store does not answer: let the engine decide
+            found = None
+        if found is None:
             return None
+        name, key = found
+        if key != (caller.get() or ""):
+            raise OpenAIError(
+                404,
+                f"previous_response_id '{response_id}' not found",
+                param="previous_response_id",
+                code="previous_response_not_found",
+            )
         if not any(r.name == name and r.ready for r in self.pool.replicas):
             raise OpenAIError(
                 400,
@@ -348,10 +362,16 @@ class Proxy:
             )
         return name
 
-    def _remember_response(self, response_id: str, replica: Replica) -> None:
-        self.response_replicas[response_id] = replica.name
-        while len(self.response_replicas) > KEPT_RESPONSE_IDS:
-            self.response_replicas.popitem(last=False)
+    async def _remember_response(self, response_id: str, replica: Replica, key: str) -> None:
+        with contextlib.suppress(Exception):  # the store is down: the engine still holds it; routing may miss it
+            await asyncio.wait_for(
+                self.responses.remember_response(response_id, replica.name, key, RESPONSE_TTL_S), 5.0
+            )
+
+    def _remember_later(self, response_id: str, replica: Replica) -> None:
+        task = asyncio.get_running_loop().create_task(self._remember_response(response_id, replica, caller.get() or ""))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     @staticmethod
     async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -532,7 +552,7 @@ class Proxy:
                 self._count_tokens(model, stream.scan.prompt_tokens or 0, stream.scan.completion_tokens or 0)
             self._settle_unreported(None)
             if stream.scan.response_id is not None:
-                self._remember_response(stream.scan.response_id, stream.replica)
+                self._remember_later(stream.scan.response_id, stream.replica)
             status = 200
             if stream.client_gone:
                 status = 499

@@ -21,6 +21,7 @@ import json
 import os
 import time
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ from shipyard.router.state import DeploymentState, StateError
 
 KEEP = 5
 """States kept: the current one and the four before it."""
+KEPT_RESPONSES = 100_000
+"""Response ids a store kept in memory remembers (the oldest are forgotten first)."""
 
 
 class StateUnreadable(RuntimeError):
@@ -105,6 +108,14 @@ class StateStore(ABC):
     async def load_reports(self) -> list[LoadReport]:
         """Reports of every gateway that reported within its TTL."""
 
+    @abstractmethod
+    async def remember_response(self, response_id: str, replica: str, key: str, ttl_s: float) -> None:
+        """Note which replica holds a stored Responses API response, and the key name that made it."""
+
+    @abstractmethod
+    async def response_of(self, response_id: str) -> tuple[str, str] | None:
+        """(replica, key name) of a response one of the gateways sharing this store answered; None if unknown."""
+
     async def watch(self, interval_s: float = 0.2) -> AsyncIterator[DeploymentState]:
         """Each state newer than the last one seen (polled every ``interval_s``; a read error is skipped)."""
         seen = -1
@@ -130,6 +141,7 @@ class MemoryStateStore(StateStore):
         self._lease: tuple[str, float, int] | None = None
         self._tokens = 0
         self._reports: dict[str, tuple[LoadReport, float]] = {}
+        self._responses: OrderedDict[str, tuple[str, str, float]] = OrderedDict()
 
     async def load(self) -> DeploymentState | None:
         return self._state
@@ -169,6 +181,17 @@ class MemoryStateStore(StateStore):
 
     async def report_load(self, report: LoadReport, ttl_s: float) -> None:
         self._reports[report.gateway] = (report, time.monotonic() + ttl_s)
+
+    async def remember_response(self, response_id: str, replica: str, key: str, ttl_s: float) -> None:
+        self._responses[response_id] = (replica, key, time.monotonic() + ttl_s)
+        while len(self._responses) > KEPT_RESPONSES:
+            self._responses.popitem(last=False)
+
+    async def response_of(self, response_id: str) -> tuple[str, str] | None:
+        found = self._responses.get(response_id)
+        if found is None or found[2] < time.monotonic():
+            return None
+        return found[0], found[1]
 
     async def load_reports(self) -> list[LoadReport]:
         now = time.monotonic()
@@ -294,6 +317,24 @@ class FileStateStore(MemoryStateStore):
             ) from exc
         self._state, self._parsed = state, _file_identity(self.path)
 
+    async def remember_response(self, response_id: str, replica: str, key: str, ttl_s: float) -> None:
+        """A file per response under ``DIR/responses`` (the serving workers of this gateway read them too)."""
+        folder = self.folder / "responses"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / _response_file(response_id)
+        staged = folder / f".{path.name}.{os.getpid()}.tmp"
+        staged.write_text(json.dumps({"replica": replica, "key": key, "until": time.time() + ttl_s}))
+        os.replace(staged, path)
+
+    async def response_of(self, response_id: str) -> tuple[str, str] | None:
+        try:
+            record = json.loads((self.folder / "responses" / _response_file(response_id)).read_bytes())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict) or record.get("until", 0) < time.time():
+            return None
+        return str(record["replica"]), str(record["key"])
+
     async def report_load(self, report: LoadReport, ttl_s: float) -> None:
         if self._lock is not None:  # the gateway holding the lock reads the others' reports; its own stays here
             await super().report_load(report, ttl_s)
@@ -324,6 +365,10 @@ class FileStateStore(MemoryStateStore):
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
+
+
+def _response_file(response_id: str) -> str:
+    return hashlib.sha256(response_id.encode()).hexdigest()[:40] + ".json"
 
 
 def _bytes(raw: bytes | str) -> bytes:
@@ -507,6 +552,18 @@ class RedisStateStore(StateStore):
         raw = await self.redis.get(f"{self.prefix}:lease")
         held = raw.decode() if isinstance(raw, bytes) else raw
         return held.rpartition("|")[0] if held else None
+
+    async def remember_response(self, response_id: str, replica: str, key: str, ttl_s: float) -> None:
+        await self.redis.set(
+            f"{self.prefix}:response:{response_id}", json.dumps([replica, key]), px=max(int(ttl_s * 1000), 1)
+        )
+
+    async def response_of(self, response_id: str) -> tuple[str, str] | None:
+        raw = await self.redis.get(f"{self.prefix}:response:{response_id}")
+        if raw is None:
+            return None
+        replica, key = json.loads(raw)
+        return str(replica), str(key)
 
     async def report_load(self, report: LoadReport, ttl_s: float) -> None:
         body = json.dumps({"revision": report.revision, "in_flight": dict(report.in_flight), "at": report.at})
