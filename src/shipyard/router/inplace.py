@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 
+from shipyard.router.fingerprint import Fingerprint, WeightsMismatch, checkpoint_digest, take_fingerprint
 from shipyard.router.replica import Replica
 from shipyard.router.rollout import Gate, Rollout, Strategy
 from shipyard.router.state import ReplicaRecord
@@ -151,7 +152,7 @@ class InPlace(RolloutStrategy):
             await d.settle()
             if not await wait_idle(d, rollout, replicas={name}):
                 rollout.facts["drain_timed_out"] = True  # vLLM's pause?mode=wait still lets them finish
-            steps = await self._swap(d, rollout, replica, folder, gate)
+            steps, fingerprint = await self._swap(d, rollout, replica, folder, gate, known_good[0])
         except asyncio.CancelledError:
             raise
         except Exception as failure:
@@ -159,6 +160,7 @@ class InPlace(RolloutStrategy):
                 if reverting or isinstance(failure, EngineWedged):
                     raise failure
                 await self._swap(d, rollout, replica, known_good[0], None)
+                # the previous weights answer as recorded: it serves as before
             except Exception:
                 await self._quarantine(d, name, *known_good, why=f"{type(failure).__name__}: {failure}")
                 raise failure from None
@@ -168,7 +170,7 @@ class InPlace(RolloutStrategy):
         current = d.state.replica(name) or record
         engine = {**current.engine, "model": folder} if current.engine is not None else None
         updated = dataclasses.replace(current, held=False, version=version, target=folder, engine=engine)
-        await d.commit(replicas=d.state.with_replica(updated))
+        await d.commit(replicas=d.state.with_replica(updated), fingerprints={**d.state.fingerprints, **fingerprint})
         handle = d.supervisor.handles.get(name)
         if handle is not None:
             handle.serve_from(folder)
@@ -178,14 +180,45 @@ class InPlace(RolloutStrategy):
         d.paused(paused, rollout.plan.strategy.value)
 
     async def _swap(
-        self, d: Deployer, rollout: Rollout, replica: Replica, folder: str, gate: Gate | None
-    ) -> dict[str, float]:
-        steps = await reload_weights(d.client, replica.url, folder, d.reload_timeout_s)
+        self,
+        d: Deployer,
+        rollout: Rollout,
+        replica: Replica,
+        folder: str,
+        gate: Gate | None,
+        previous: str | None = None,
+    ) -> tuple[dict[str, float], dict[str, Any]]:
+        """Reload ``folder``, prove the engine now serves it (it answers; its fingerprint matches the one recorded
+        for that checkpoint, and differs from before when the checkpoints differ), run the gate; the step times
+        and the fingerprint to record."""
         model = self.model(d, rollout)
+        digest = await asyncio.to_thread(checkpoint_digest, folder)
+        before, seen = None, {}
+        if previous is not None and previous != folder:
+            previous_digest = await asyncio.to_thread(checkpoint_digest, previous)
+            if previous_digest != digest:
+                before = await take_fingerprint(d.client, replica.url, model)
+                if before is not None and previous_digest not in d.state.fingerprints:
+                    seen[previous_digest] = before.to_record()
+        steps = await reload_weights(d.client, replica.url, folder, d.reload_timeout_s)
         await d.warm([replica], model, light=True)
+        after = await take_fingerprint(d.client, replica.url, model)
+        recorded = Fingerprint.from_record(d.state.fingerprints.get(digest))
+        if after is not None and recorded is not None and not after.answers_like(recorded):
+            raise WeightsMismatch(
+                f"after reloading {folder}, {replica.name} answers the probe prompts unlike when it last served that "
+                f"checkpoint ({after.texts!r} vs {recorded.texts!r}): its weights are not the ones given"
+            )
+        if after is not None and before is not None and after.identical_to(before):
+            raise WeightsMismatch(
+                f"after reloading {folder}, {replica.name} answers exactly as before although the checkpoints differ: "
+                "the reload kept the old weights (vLLM #32718, #48312)"
+            )
         if gate is not None:
             rollout.facts.update(await d.gate.check(d.client, replica.url, model, gate))
-        return steps
+        if after is not None:
+            seen[digest] = after.to_record()
+        return steps, seen
 
     async def _quarantine(self, d: Deployer, name: str, folder: str, version: str, why: str) -> None:
         """Weights unknown: out of rotation at every gateway, recorded as the known-good version it will serve

@@ -77,6 +77,8 @@ class DeploymentState:
     rollout: Mapping[str, Any] | None = None
     """The current (or last) rollout, as ``Rollout.to_record()``."""
     history: tuple[Mapping[str, Any], ...] = ()
+    fingerprints: Mapping[str, Any] = field(default_factory=dict)
+    """Checkpoint digest -> the fingerprint an engine gave once it served it (see ``router.fingerprint``)."""
     updated_at: float = 0.0
     updated_by: str = ""
 
@@ -138,6 +140,7 @@ class DeploymentState:
                 adapters={str(k): str(v) for k, v in body.get("adapters", {}).items()},
                 rollout=body.get("rollout"),
                 history=tuple(body.get("history", [])),
+                fingerprints={str(k): v for k, v in body.get("fingerprints", {}).items()},
                 updated_at=float(body.get("updated_at", 0.0)),
                 updated_by=str(body.get("updated_by", "")),
             )
@@ -161,7 +164,7 @@ def rebase(changes: Mapping[str, Any], base: DeploymentState, latest: Deployment
             merged = {r.name: r for r in kept}
             merged.update({n: r for n, r in new.items() if old.get(n) != r})
             rebased[name] = tuple(merged.values())
-        elif name in ("weights", "aliases", "adapters"):
+        elif name in ("weights", "aliases", "adapters", "fingerprints"):
             old_map, new_map = dict(getattr(base, name)), dict(value)
             merged_map = {k: v for k, v in getattr(latest, name).items() if k not in old_map or k in new_map}
             merged_map.update({k: v for k, v in new_map.items() if old_map.get(k) != v})
