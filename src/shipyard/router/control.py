@@ -348,8 +348,8 @@ class ControlPlane:
 
     async def settle(self, timeout_s: float = 3.0) -> None:
         """Wait until every gateway that reported recently has applied this gateway's current revision."""
-        deadline = self.clock() + timeout_s
-        while self.clock() < deadline:
+        deadline = self.monotonic() + timeout_s
+        while self.monotonic() < deadline:
             try:
                 reports = await self.store.load_reports()
             except Exception:
@@ -366,6 +366,9 @@ class ControlPlane:
 
     def now(self) -> float:
         return self.clock()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
 
     async def stop(self, *, stop_engines: bool = False) -> None:
         for task in list(self._tasks):
@@ -410,12 +413,12 @@ class ControlPlane:
     # ----- what strategies use ------------------------------------------------------------------------------
 
     async def wait_ready(self, replica: Replica, deadline_s: float) -> None:
-        deadline = self.clock() + deadline_s
+        deadline = self.monotonic() + deadline_s
         while not replica.ready:
             await probe(self.client, replica)
             if replica.ready:
                 return
-            if self.clock() > deadline:
+            if self.monotonic() > deadline:
                 raise TimeoutError(f"new replica not ready after {deadline_s}s: {replica.last_error}")
             await self.sleep(0.2)
 

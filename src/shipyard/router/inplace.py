@@ -146,7 +146,7 @@ class InPlace(RolloutStrategy):
         if record is None or replica is None:
             raise RuntimeError(f"replica {name} left the deployment during the update")
         known_good = (folder, version) if reverting else (_served_folder(record), record.version)
-        held_at = d.now()
+        held_at = d.monotonic()
         await d.commit(replicas=d.state.with_replica(dataclasses.replace(record, held=True)))
         try:
             await d.settle()
@@ -174,7 +174,7 @@ class InPlace(RolloutStrategy):
         handle = d.supervisor.handles.get(name)
         if handle is not None:
             handle.serve_from(folder)
-        paused = round(d.now() - held_at, 4)
+        paused = round(d.monotonic() - held_at, 4)
         rollout.facts.setdefault("pause_s", {})[name] = paused
         rollout.facts.setdefault("steps_s", {})[name] = steps
         d.paused(paused, rollout.plan.strategy.value)

@@ -54,6 +54,9 @@ class Deployer(Protocol):
 
     def now(self) -> float: ...
 
+    def monotonic(self) -> float:
+        """For deadlines and durations (the wall clock may jump)."""
+
     async def settle(self) -> None:
         """Return once every live gateway has applied the current state (e.g. holds a replica)."""
 
@@ -118,9 +121,9 @@ async def wait_idle(
 ) -> bool:
     """Wait until nothing is in flight (on any gateway) for these replicas/model, or the rollout leaves ``phase``
     (a rollback during the drain); False when the drain timed out."""
-    deadline = d.now() + d.drain_timeout_s
+    deadline = d.monotonic() + d.drain_timeout_s
     while await d.in_flight(replicas, model) > 0:
-        if d.now() > deadline:
+        if d.monotonic() > deadline:
             return False
         if phase is not None and rollout.phase is not phase:
             return True

@@ -1,0 +1,74 @@
+"""Two writers of one state, and a drain that cannot read the other gateways' load.
+
+Promises: a save that lost a race is re-applied as the change it was (per replica, per key) over the newer
+state, never as lists read from the older one, so a supervisor's record of a restarted engine is not overwritten
+by a stale copy; a drain that cannot read the other gateways' in-flight counts waits (fails closed) instead of
+stopping an engine under their streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import httpx
+
+from shipyard.router.audit import AuditLog
+from shipyard.router.control import ControlConfig, ControlPlane
+from shipyard.router.replica import ReplicaPool
+from shipyard.router.rollout import Rollout, RolloutPlan
+from shipyard.router.state import DeploymentState, ReplicaRecord
+from shipyard.router.store import LoadReport, MemoryStateStore
+from shipyard.router.strategies import wait_idle
+from tests.test_control import FakeLauncher, engines
+
+
+def _plane(store: MemoryStateStore, **config: object) -> ControlPlane:
+    return ControlPlane(
+        ReplicaPool([]),
+        httpx.AsyncClient(transport=httpx.MockTransport(engines)),
+        store,
+        FakeLauncher(),
+        audit=AuditLog(None),
+        config=ControlConfig(watch_interval_s=60, **config),  # type: ignore[arg-type]
+    )
+
+
+def test_a_change_that_lost_a_race_is_rebased_not_replayed_from_the_older_state() -> None:
+    async def body() -> None:
+        store = MemoryStateStore()
+        a = ReplicaRecord("a", "http://a.test", pid=100, started_at=1.0)
+        b = ReplicaRecord("b", "http://b.test", pid=200, started_at=1.0)
+        await store.save(DeploymentState().evolve(by="seed", replicas=[a, b], weights={"blue": 1.0}))
+        control = _plane(store)
+        await control.start()
+        # another writer (a supervisor's restart of "a", saved by another process) wins the race
+        stored = await store.load()
+        assert stored is not None
+        restarted = dataclasses.replace(a, pid=101, started_at=2.0)
+        await store.save(stored.evolve(by="other", replicas=stored.with_replica(restarted)))
+        # this gateway, still on the older state, holds "b" (its lists were read before the other save)
+        await control.commit(replicas=control.state.with_replica(dataclasses.replace(b, held=True)))
+        final = await store.load()
+        assert final is not None
+        assert final.replica("a") == restarted, "the other writer's record was overwritten by a stale copy"
+        assert final.replica("b") is not None and final.replica("b").held  # type: ignore[union-attr]
+        await control.stop()
+
+    asyncio.run(body())
+
+
+class Unreadable(MemoryStateStore):
+    async def load_reports(self) -> list[LoadReport]:
+        raise ConnectionError("redis went away")
+
+
+def test_a_drain_that_cannot_read_the_other_gateways_load_waits_instead_of_stopping_early() -> None:
+    async def body() -> None:
+        control = _plane(Unreadable(), drain_timeout_s=0.3)
+        rollout = Rollout(RolloutPlan("/m/v2", "v2", "green", "blue"))
+        started = asyncio.get_running_loop().time()
+        assert await wait_idle(control, rollout, replicas={"blue-0"}) is False  # timed out, never "idle"
+        assert asyncio.get_running_loop().time() - started >= 0.3
+
+    asyncio.run(body())
