@@ -246,3 +246,29 @@ def test_a_stream_whose_client_stops_reading_frees_the_engine(fake: FakeOpenAI) 
             engine_freed_after_s=round(time.monotonic() - started, 2),
         )
         sock.close()
+
+
+def test_a_serving_worker_reads_nothing_before_the_admin_key_and_the_size_limit(tmp_path: Any) -> None:
+    """A serving worker (``--workers N``) forwards the admin API and the docs to its primary: it checks the
+    admin key and the declared size before reading a byte of the body (the primary is not even running here)."""
+    settings = load_settings(api_keys=KEY, admin_keys=ADMIN, max_body_bytes=1000)
+    app = create_app(settings, [], primary_socket=str(tmp_path / "primary.sock"))
+    port = free_port()
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, "warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_for(lambda: server.started, timeout=15)
+        for auth, expected in (("", 401), (f"Bearer {KEY}", 401), (f"Bearer {ADMIN}", 413)):
+            sock = _connect(url)
+            head = "POST /admin/rollouts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            head += "Content-Length: 5000000\r\n" + (f"Authorization: {auth}\r\n" if auth else "") + "\r\n"
+            sock.sendall(head.encode())
+            sock.settimeout(3)
+            answer = sock.recv(65536)
+            sock.close()
+            assert answer.startswith(f"HTTP/1.1 {expected}".encode()), (auth, answer[:200])
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
