@@ -1,6 +1,6 @@
 """Figures the fault suite measured, for the README's reliability table.
 
-With ``SHIPYARD_FAULT_REPORT=FILE`` set, each fault test appends one JSON line (fault, promise, figures) to FILE;
+With ``FAULT_REPORT=FILE`` set, each fault test appends one JSON line (fault, promise, figures) to FILE;
 ``python -m tests.faults.report FILE`` prints the table. Without it, nothing is written.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 
 def record(fault: str, promise: str, **figures: Any) -> None:
-    target = os.environ.get("SHIPYARD_FAULT_REPORT")
+    target = os.environ.get("FAULT_REPORT")
     if not target:
         return
     line = {"fault": fault, "promise": promise, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **figures}

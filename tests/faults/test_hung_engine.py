@@ -26,6 +26,7 @@ from shipyard.router import Replica
 from shipyard.settings import load_settings
 from shipyard.testing import FakeOpenAI
 from shipyard.testing.fake_openai import Fault
+from tests.faults.report import record
 from tests.helpers import ServerThread, wait_for
 
 KEY = "sk-fault"
@@ -103,7 +104,16 @@ def test_a_hung_replica_leaves_rotation_within_5s_and_its_waiting_requests_go_el
         assert took <= OUT_OF_ROTATION_S, f"out of rotation only after {took:.1f} s"
         assert [r for r, _ in results] == ["ok"] * 8, results
         assert max(t for _, t in results) <= OUT_OF_ROTATION_S + 1, results  # retried, not waited out
-        assert metric(url, "shipyard_retries_total", reason="hung") >= 1  # some did go to the hung one first
+        retried = metric(url, "shipyard_retries_total", reason="hung")
+        assert retried >= 1  # some did go to the hung one first
+        record(
+            "one of two replicas hangs (accepts, answers nothing; fake engine)",
+            "out of rotation ≤ 5 s; requests with no byte yet go to the other replica",
+            out_of_rotation_s=round(took, 2),
+            requests_ok=f"{sum(r == 'ok' for r, _ in results)}/8",
+            retried_elsewhere=int(retried),
+            slowest_request_s=round(max(t for _, t in results), 2),
+        )
         engines[0].fault = Fault.NONE
         assert wait_for(lambda: "fake-0" in ready_replicas(url), timeout=10)
         time.sleep(0.5)  # the requests it held while hung finish now (their clients are long gone)
@@ -120,8 +130,15 @@ def test_with_no_other_replica_requests_to_a_hung_engine_fail_fast_and_succeed_o
         engines[0].fault = Fault.HANG
         with ThreadPoolExecutor(4) as pool:
             results = list(pool.map(lambda i: ask(url, stream=i % 2 == 0), range(4)))
-        assert out_of_rotation_after(url, "fake-0", hung_at) <= OUT_OF_ROTATION_S
+        took = out_of_rotation_after(url, "fake-0", hung_at)
+        assert took <= OUT_OF_ROTATION_S
         assert all(r != "ok" and t <= OUT_OF_ROTATION_S for r, t in results), results
+        record(
+            "the only replica hangs (fake engine)",
+            "requests fail ≤ 5 s (503/502), none waits out the 300 s read timeout",
+            out_of_rotation_s=round(took, 2),
+            slowest_failure_s=round(max(t for _, t in results), 2),
+        )
         assert all("503" in r or "502" in r or "no replica" in r or "stopped answering" in r for r, _ in results)
         late = ask(url, stream=False)
         assert late[0] != "ok" and late[1] < 1.0, late  # out of rotation: refused at once, not after a wait
@@ -143,7 +160,13 @@ def test_a_stream_under_way_on_an_engine_that_hangs_ends_with_an_error_within_5s
                 if seen == 3:
                     engines[0].fault = Fault.HANG
                     hung_at = time.monotonic()
-        assert time.monotonic() - hung_at <= OUT_OF_ROTATION_S
+        ended = time.monotonic() - hung_at
+        assert ended <= OUT_OF_ROTATION_S
+        record(
+            "the engine hangs mid-stream",
+            "the stream ends with an error event ≤ 5 s",
+            stream_ended_after_s=round(ended, 2),
+        )
         engines[0].fault = Fault.NONE
 
 
@@ -182,5 +205,10 @@ def test_an_engine_hung_longer_than_hung_restart_s_is_restarted_by_the_superviso
         assert wait_for(lambda: bool(handle.restarts), timeout=20)
         waited = handle.restarts[0] - hung_at
         assert 3.0 <= waited <= 3.0 + 2 * 2.0 + 1.5, f"restarted after {waited:.1f} s"
+        record(
+            "an engine shipyard started stays hung (hung_restart_s 3 s here; 60 s by default)",
+            "killed and started again by the supervisor",
+            restarted_after_s=round(waited, 2),
+        )
         assert wait_for(lambda: ready_replicas(url) == {"fake-0"}, timeout=10)
         assert ask(url, stream=False)[0] == "ok"

@@ -18,6 +18,7 @@ from shipyard.router import NoReplicaError
 from shipyard.router.commands import RolloutCommand
 from shipyard.router.rollout import Phase
 from shipyard.router.store import MemoryStateStore
+from tests.faults.report import record as report_figures
 from tests.test_control import EngineLog, checkpoint_folder, in_place_plane, until
 
 
@@ -110,6 +111,12 @@ def test_a_reload_that_never_returns_quarantines_the_replica_and_restarts_it_fro
         assert record.engine is not None and record.engine["model"] == str(tmp_path / "v1")
         assert "reload v1" not in [step for _, step in engine.calls]  # no revert attempted on a wedged engine
         assert control.pool.choose("m").name == "blue-a"  # it serves again
+        report_figures(
+            "reload_weights never returns (reload_timeout_s 0.2 s here)",
+            "quarantined, never released with unknown weights; restarted from the known-good folder; no hold left",
+            restarted_from=Path(handle.restarted_from[0]).name,
+            hold_left=record.held,
+        )
         await control.stop()
 
     asyncio.run(body())

@@ -24,6 +24,7 @@ from shipyard.router.replica import ReplicaPool
 from shipyard.router.rollout import Phase
 from shipyard.router.state import DeploymentState, ReplicaRecord
 from shipyard.router.store import Fence, LeaseLost, RedisStateStore
+from tests.faults.report import record
 from tests.faults.tcp import PartitionableProxy
 from tests.services import RedisServer, start_redis
 from tests.test_control import FakeLauncher, checkpoint_folder, engines, until
@@ -137,6 +138,13 @@ def test_a_partitioned_owner_stops_before_its_lease_passes_and_its_stale_saves_a
         late = [c for c in shared.calls if c[1] == "owner" and c[0] >= taken]
         assert not late, f"the stale owner still drove engines after the takeover: {late}"
         assert owner.pool.replicas and owner.pool.ready(), "the cut-off gateway stopped serving its last state"
+        record(
+            f"Redis partitioned from the rollout owner only (TTL {TTL_S} s, renew deadline {TTL_S * 2 / 3:g} s)",
+            "the owner stops before the lease passes; its stale saves are refused; the other gateway finishes",
+            owner_stopped_after_s=round(lost - cut, 2),
+            taken_over_after_s=round(taken - cut, 2),
+            owner_engine_calls_after_takeover=len(late),
+        )
 
         current = other.current
         assert current is not None
