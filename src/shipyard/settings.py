@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -236,6 +236,9 @@ class Settings(BaseSettings):
     lease_ttl_s: float = Field(default=10.0, gt=0)
     """A rollout's lease lasts this long unless its gateway renews it; a dead gateway's rollout is resolved
     by another one after at most this long."""
+    lease_renew_deadline_s: float | None = Field(default=None, gt=0)
+    """The rollout owner stops acting when its lease was not renewed for this long (default: two thirds of
+    ``lease_ttl_s``; must be shorter than it, so the owner stops before another gateway can take over)."""
     reload_timeout_s: float = Field(default=300.0, gt=0)
     """Longest an in-place weight reload may take before the previous weights are put back."""
     state_watch_interval_s: float = Field(default=0.2, gt=0)
@@ -292,6 +295,15 @@ class Settings(BaseSettings):
     @property
     def engine_key_file(self) -> Path:
         return self.data_dir / "engine_key"
+
+    @model_validator(mode="after")
+    def _renew_before_expiry(self) -> Settings:
+        if self.lease_renew_deadline_s is not None and self.lease_renew_deadline_s >= self.lease_ttl_s:
+            raise ValueError(
+                f"lease_renew_deadline_s ({self.lease_renew_deadline_s:g}) must be shorter than lease_ttl_s "
+                f"({self.lease_ttl_s:g}): the rollout owner must stop acting before another gateway can take over"
+            )
+        return self
 
     def named_keys(self) -> list[tuple[str, str]]:
         """(name, key) of every API key."""

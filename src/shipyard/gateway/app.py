@@ -125,6 +125,7 @@ def create_app(
             hung_restart_s=settings.hung_restart_s,
             watch_interval_s=settings.state_watch_interval_s,
             lease_ttl_s=settings.lease_ttl_s,
+            lease_renew_deadline_s=settings.lease_renew_deadline_s,
             reload_timeout_s=settings.reload_timeout_s,
             gateway_id=settings.gateway_id or "",
             follower=primary_socket is not None,
