@@ -40,17 +40,24 @@ def served(fake: FakeOpenAI, **settings: Any) -> Iterator[tuple[str, Any]]:
     with ServerThread(fake) as upstream:
         options = {"api_keys": KEY, "admin_keys": ADMIN, "health_interval_s": 0.2, **settings}
         app = create_app(load_settings(**options), [Replica(upstream.url, name="fake-0")])
-        port = free_port()
-        server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, "warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        url = f"http://127.0.0.1:{port}"
-        try:
+        with uvicorn_serving(app) as url:
             assert wait_for(lambda: _ready(url), timeout=15)
             yield url, app
-        finally:
-            server.should_exit = True
-            thread.join(timeout=15)
+
+
+@contextmanager
+def uvicorn_serving(app: Any) -> Iterator[str]:
+    """``app`` served by uvicorn with shipyard's configuration (deadlines, connection cap) on a free port."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, "warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert wait_for(lambda: server.started, timeout=15)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
 
 
 def _ready(url: str) -> bool:
@@ -253,13 +260,7 @@ def test_a_serving_worker_reads_nothing_before_the_admin_key_and_the_size_limit(
     admin key and the declared size before reading a byte of the body (the primary is not even running here)."""
     settings = load_settings(api_keys=KEY, admin_keys=ADMIN, max_body_bytes=1000)
     app = create_app(settings, [], primary_socket=str(tmp_path / "primary.sock"))
-    port = free_port()
-    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, "warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        assert wait_for(lambda: server.started, timeout=15)
+    with uvicorn_serving(app) as url:
         for auth, expected in (("", 401), (f"Bearer {KEY}", 401), (f"Bearer {ADMIN}", 413)):
             sock = _connect(url)
             head = "POST /admin/rollouts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -269,6 +270,3 @@ def test_a_serving_worker_reads_nothing_before_the_admin_key_and_the_size_limit(
             answer = sock.recv(65536)
             sock.close()
             assert answer.startswith(f"HTTP/1.1 {expected}".encode()), (auth, answer[:200])
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
