@@ -191,7 +191,7 @@ class KeyLimiter:
         return headers
 
 
-LIMITED_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/predict")
+LIMITED_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/predict", "/pooling", "/score", "/rerank")
 """The API routes limits apply to (not health, readiness, metrics, the admin API or the OpenAPI document)."""
 
 

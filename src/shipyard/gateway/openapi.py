@@ -15,7 +15,20 @@ from pydantic import BaseModel, Field
 from pydantic.json_schema import models_json_schema
 
 from shipyard.gateway.admin import RolloutRequest
-from shipyard.gateway.proxy import API_ROUTES, CHAT, COMPLETIONS, DETOKENIZE, MESSAGES, RESPONSES, TOKENIZE, ApiRoute
+from shipyard.gateway.proxy import (
+    API_ROUTES,
+    CHAT,
+    COMPLETIONS,
+    DETOKENIZE,
+    EMBEDDINGS,
+    MESSAGES,
+    POOLING,
+    RERANK,
+    RESPONSES,
+    SCORE,
+    TOKENIZE,
+    ApiRoute,
+)
 from shipyard.tasks.intent import IntentRequest
 from shipyard.tasks.reply import ReplyRequest
 
@@ -26,6 +39,10 @@ ROUTE_SUMMARIES: dict[ApiRoute, str] = {
     MESSAGES: "Anthropic Messages API (streaming as SSE), as vLLM serves it; the key may come as x-api-key",
     TOKENIZE: "vLLM's tokenizer: a prompt or chat messages to token ids",
     DETOKENIZE: "vLLM's tokenizer: token ids to text",
+    EMBEDDINGS: "OpenAI embeddings, from a served pooling model (e.g. all-MiniLM-L6-v2)",
+    POOLING: "vLLM's pooling route, for a served pooling model",
+    SCORE: "vLLM's score route (cross-encoder or embedding similarity), for a served pooling model",
+    RERANK: "vLLM's rerank route (Jina/Cohere shape), for a served pooling model",
 }
 
 
@@ -61,7 +78,8 @@ _ADMIN = (400, 401, 404, 409, 413, 422, 503)
 # path -> method -> (request body model or None, error statuses, whether 200 may be an SSE stream)
 _OPERATIONS: dict[str, dict[str, tuple[type[BaseModel] | None, tuple[int, ...], bool]]] = {
     **{
-        route.path: {"post": (route.schema, _API, route not in (TOKENIZE, DETOKENIZE))} for route in API_ROUTES.values()
+        route.path: {"post": (route.schema, _API, route in (CHAT, COMPLETIONS, RESPONSES, MESSAGES))}
+        for route in API_ROUTES.values()
     },
     "/v1/models": {"get": (None, _READ_ONLY, False)},
     "/v1/models/{model_id}": {"get": (None, (401, 404, 422, 429, 503), False)},

@@ -22,7 +22,9 @@ from shipyard.gateway.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     MessagesRequest,
+    PoolingRequest,
     ResponsesRequest,
     TokenizeRequest,
     parse_json_object,
@@ -79,7 +81,14 @@ RESPONSES = ApiRoute(
 MESSAGES = ApiRoute("messages", "/v1/messages", MessagesRequest, stream_end=(b"message_stop",))
 TOKENIZE = ApiRoute("tokenize", "/tokenize", TokenizeRequest)
 DETOKENIZE = ApiRoute("detokenize", "/detokenize", DetokenizeRequest)
-API_ROUTES = {route.name: route for route in (CHAT, COMPLETIONS, RESPONSES, MESSAGES, TOKENIZE, DETOKENIZE)}
+EMBEDDINGS = ApiRoute("embeddings", "/v1/embeddings", EmbeddingRequest)
+POOLING = ApiRoute("pooling", "/pooling", PoolingRequest)
+SCORE = ApiRoute("score", "/score", PoolingRequest)
+RERANK = ApiRoute("rerank", "/rerank", PoolingRequest)
+API_ROUTES = {
+    route.name: route
+    for route in (CHAT, COMPLETIONS, RESPONSES, MESSAGES, TOKENIZE, DETOKENIZE, EMBEDDINGS, POOLING, SCORE, RERANK)
+}
 
 RESPONSE_TTL_S = 24 * 3600.0
 """How long the replica of a response id is remembered (for ``previous_response_id``)."""
