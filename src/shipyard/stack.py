@@ -29,6 +29,7 @@ from fastapi import FastAPI
 
 from shipyard.engine import EngineProcess, EngineSpec, EngineStartError, Profile
 from shipyard.engine.launcher import EngineHandle, EngineLauncher, cpu_halves
+from shipyard.engine.placement import Gpu, Need, PlacementError, Slot, gpus, plan, weights_gib
 from shipyard.engine.process import MARKER_ENV
 from shipyard.gateway import create_app
 from shipyard.router import Replica
@@ -112,6 +113,28 @@ def engine_spec(settings: Settings, folder: str, served: str, profile: str, enab
     return spec
 
 
+def gpu_plan(settings: Settings, spec: EngineSpec, inventory: list[Gpu] | None = None) -> list[Slot]:
+    """The GPUs of this host for the model's ``engine.replicas`` engines (one a GPU while there are enough, then
+    sharing with memory fractions); none without GPUs. StackError, before anything starts, when they do not fit."""
+    inventory = gpus() if inventory is None else inventory
+    if not inventory or not Path(spec.model).is_dir():
+        return []
+    e = settings.engine
+    need = Need(
+        spec.served_model_name or spec.model,
+        weights_gib(spec.model),
+        replicas=e.replicas,
+        tensor_parallel=e.tensor_parallel_size or 1,
+    )
+    try:
+        slots = plan([need], inventory, max_fraction=e.gpu_memory_utilization or VLLM_MEMORY_DEFAULT)
+    except PlacementError as exc:
+        raise StackError(f"the engines do not fit this host's GPUs: {exc}") from None
+    if e.gpu_memory_utilization is not None:  # the user's fraction for every engine, as before
+        slots = [dataclasses.replace(s, memory_fraction=e.gpu_memory_utilization) for s in slots]
+    return slots
+
+
 def engine_launcher(settings: Settings, spec: EngineSpec, profile: str, enable_lora: bool) -> EngineLauncher:
     halves = cpu_halves() if profile == Profile.CPU.value else None
     return EngineLauncher(
@@ -124,6 +147,7 @@ def engine_launcher(settings: Settings, spec: EngineSpec, profile: str, enable_l
         },
         ready_timeout_s=settings.engine.startup_timeout_s,
         cpu_binds=list(halves) if halves else None,
+        gpu_slots=gpu_plan(settings, spec) if profile != Profile.CPU.value else None,
         marker=str(settings.data_dir.resolve()),
         die_with_parent=False,
     )
@@ -214,7 +238,9 @@ class _Engines:
 
     def _restart(self, record: ReplicaRecord) -> ReplicaRecord:
         spec = EngineSpec.from_record(record.engine or {})
-        handle = self.launcher.handle_for(spec, record.name, cpu_bind=record.cpu_bind, port=record.port)
+        handle = self.launcher.handle_for(
+            spec, record.name, cpu_bind=record.cpu_bind, port=record.port, devices=record.devices
+        )
         self.say(f"the engine of {record.name} (version {record.version}) is gone; starting it again ...")
         start(handle)
         self.handles[record.name] = handle
@@ -274,8 +300,16 @@ def build_stack(
             for n in range(settings.engine.replicas):
                 name = f"blue-{choice.version}" + (f"-{n + 1}" if n else "")
                 port = settings.engine.port + n if settings.engine.port is not None else None
-                busy = {h.identity()["cpu_bind"] for h in handles.values() if isinstance(h, EngineHandle)}
-                handle = launcher.handle_for(choice.spec, name, cpu_bind=launcher.free_bind(busy), port=port)
+                ours = [h.identity() for h in handles.values() if isinstance(h, EngineHandle)]
+                busy = {i["cpu_bind"] for i in ours if i["cpu_bind"]} | {i["devices"] for i in ours if i["devices"]}
+                slot = launcher.free_slot(busy)
+                handle = launcher.handle_for(
+                    choice.spec,
+                    name,
+                    cpu_bind=launcher.free_bind(busy),
+                    port=port,
+                    devices=slot.visible_devices if slot else None,
+                )
                 say(f"starting vLLM for {choice.folder} (log: {handle.process.log_file}) ...")
                 try:
                     start(handle)

@@ -9,10 +9,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from shipyard.engine.placement import Slot
 from shipyard.engine.process import MARKER_ENV, EngineProcess
 from shipyard.engine.spec import EngineSpec
 
 CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+DEVICES_ENV = "CUDA_VISIBLE_DEVICES"
 
 
 class EngineHandle:
@@ -33,6 +35,7 @@ class EngineHandle:
             "pid": self.process.pid,
             "started_at": self.process.started_at,
             "cpu_bind": (self.process.env or {}).get(CPU_BIND_ENV),
+            "devices": (self.process.env or {}).get(DEVICES_ENV),
             "log_file": str(self.process.log_file),
         }
 
@@ -99,9 +102,13 @@ class EngineLauncher:
         env: dict[str, str] | None = None,
         ready_timeout_s: float = 600.0,
         cpu_binds: list[str] | None = None,
+        gpu_slots: list[Slot] | None = None,
         marker: str | None = None,
         die_with_parent: bool = True,
     ) -> None:
+        self.gpu_slots = gpu_slots or []
+        """Where engines go on this host's GPUs (``engine.placement.plan``): each launch takes the first slot no
+        running engine uses, with its ``CUDA_VISIBLE_DEVICES`` and memory fraction."""
         self.base = base
         self.log_dir = log_dir
         self.command = command
@@ -123,13 +130,25 @@ class EngineLauncher:
     def handle(self, process: EngineProcess) -> EngineHandle:
         return EngineHandle(process, self.ready_timeout_s)
 
-    def process_env(self, cpu_bind: str | None) -> dict[str, str]:
+    def process_env(self, cpu_bind: str | None, devices: str | None = None) -> dict[str, str]:
         env = dict(self.env or {})
         if self.marker:
             env[MARKER_ENV] = self.marker
         if cpu_bind:
             env[CPU_BIND_ENV] = cpu_bind
+        if devices:
+            env[DEVICES_ENV] = devices
         return env
+
+    def free_slot(self, busy: set[str]) -> Slot | None:
+        """The first GPU slot no running engine uses (``busy``: their ``CUDA_VISIBLE_DEVICES``), else the first."""
+        free = [s for s in self.gpu_slots if s.visible_devices not in busy] or self.gpu_slots
+        return free[0] if free else None
+
+    def on_slot(self, spec: EngineSpec, devices: str | None) -> EngineSpec:
+        """``spec`` with the memory fraction the plan gave the slot on ``devices`` (unchanged without one)."""
+        slot = next((s for s in self.gpu_slots if s.visible_devices == devices), None)
+        return dataclasses.replace(spec, gpu_memory_utilization=slot.memory_fraction) if slot else spec
 
     def free_bind(self, busy: set[str]) -> str | None:
         return next((b for b in self.cpu_binds if b not in busy), self.cpu_binds[0] if self.cpu_binds else None)
@@ -145,17 +164,25 @@ class EngineLauncher:
         """A handle for an engine serving ``target`` (not started yet: ``spawn`` or ``start`` it)."""
         self.check(target)
         spec = dataclasses.replace(self.base, model=os.path.abspath(target))
-        return self.handle_for(spec, name, cpu_bind=self.free_bind(set(busy_binds)), port=port)
+        slot = self.free_slot(set(busy_binds))
+        devices = slot.visible_devices if slot else None
+        return self.handle_for(spec, name, cpu_bind=self.free_bind(set(busy_binds)), port=port, devices=devices)
 
     def handle_for(
-        self, spec: EngineSpec, name: str, *, cpu_bind: str | None = None, port: int | None = None
+        self,
+        spec: EngineSpec,
+        name: str,
+        *,
+        cpu_bind: str | None = None,
+        port: int | None = None,
+        devices: str | None = None,
     ) -> EngineHandle:
         process = EngineProcess(
-            spec,
+            self.on_slot(spec, devices),
             self.log_dir / f"engine-{name}.log",
             port=port,
             command=self.command,
-            env=self.process_env(cpu_bind) or None,
+            env=self.process_env(cpu_bind, devices) or None,
             die_with_parent=self.die_with_parent,
         )
         return self.handle(process)
@@ -172,7 +199,7 @@ class EngineLauncher:
             pid=int(identity["pid"]),
             started_at=identity.get("started_at"),
             command=self.command,
-            env=self.process_env(identity.get("cpu_bind")) or None,
+            env=self.process_env(identity.get("cpu_bind"), identity.get("devices")) or None,
             marker=self.marker,
         )
         return self.handle(process)

@@ -48,6 +48,8 @@ class ReplicaRecord:
     started_at: float | None = None
     host: str = ""
     cpu_bind: str | None = None
+    devices: str | None = None
+    """``CUDA_VISIBLE_DEVICES`` of the engine (its GPUs, from the placement plan)."""
     log_file: str | None = None
     held: bool = False
     """New requests for this replica wait at every gateway (an in-place update is changing its weights)."""

@@ -142,7 +142,7 @@ class BlueGreen(RolloutStrategy):
     async def prepare(self, d: Deployer, rollout: Rollout) -> None:
         plan = rollout.plan
         name = self._name(rollout)
-        busy = {r.cpu_bind for r in d.state.replicas if r.cpu_bind}
+        busy = {r.cpu_bind for r in d.state.replicas if r.cpu_bind} | {r.devices for r in d.state.replicas if r.devices}
         handle: ReplicaHandle = (
             ExternalReplica(plan.target)
             if is_url(plan.target)

@@ -1,0 +1,124 @@
+"""The placement planner with made-up inventories (4x24 GB, 2x80 GB, 1x141 GB, none)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from shipyard.engine.placement import Gpu, Need, PlacementError, Slot, plan, weights_gib
+
+FOUR_4090D = [Gpu(i, 23.99, "RTX 4090D") for i in range(4)]
+TWO_H100 = [Gpu(i, 79.6, "H100") for i in range(2)]
+ONE_H200 = [Gpu(0, 139.8, "H200")]
+
+QWEN_7B_BF16 = 15.23  # GiB of tensors in Qwen2.5-7B-Instruct
+QWEN_7B_INT4 = 5.58
+QWEN_14B_INT4 = 9.98
+MINILM = 0.08
+
+
+def by_gpu(slots: list[Slot]) -> dict[int, list[Slot]]:
+    found: dict[int, list[Slot]] = defaultdict(list)
+    for slot in slots:
+        for gpu in slot.gpus:
+            found[gpu].append(slot)
+    return found
+
+
+def test_one_model_four_replicas_on_four_gpus_one_each() -> None:
+    slots = plan([Need("assistant", QWEN_7B_BF16, replicas=4)], FOUR_4090D)
+    assert [s.gpus for s in slots] == [(0,), (1,), (2,), (3,)]
+    assert {s.memory_fraction for s in slots} == {0.9}
+    assert [s.visible_devices for s in slots] == ["0", "1", "2", "3"]
+
+
+def test_the_reference_desk_on_four_24gb_cards() -> None:
+    """The worked example in the README: a 14B reply model on tensor parallel 2, an intent model x2, embeddings."""
+    fleet = [
+        Need("assistant", QWEN_14B_INT4, tensor_parallel=2),
+        Need("classifier", QWEN_7B_INT4, replicas=2),
+        Need("embed", MINILM),
+    ]
+    slots = plan(fleet, FOUR_4090D)
+    placed = {(s.model, s.replica): s for s in slots}
+    assert placed[("assistant", 0)].gpus == (0, 1) and placed[("assistant", 0)].memory_fraction == 0.9
+    assert {placed[("classifier", 0)].gpus, placed[("classifier", 1)].gpus} == {(2,), (3,)}
+    assert placed[("embed", 0)].gpus in {(2,), (3,)}
+    for gpu, here in by_gpu(slots).items():
+        assert sum(s.memory_fraction for s in here) <= 0.9 + 1e-9, gpu
+        if gpu in (0, 1):
+            assert [s.model for s in here] == ["assistant"]  # a tensor-parallel group has its GPUs alone
+    shared = by_gpu(slots)[placed[("embed", 0)].gpus[0]]
+    fractions = {s.model: s.memory_fraction for s in shared}
+    assert fractions["classifier"] > fractions["embed"]  # in proportion to what each needs
+
+
+def test_two_80gb_cards_and_one_141gb_card() -> None:
+    assert [s.gpus for s in plan([Need("assistant", QWEN_7B_BF16, replicas=2)], TWO_H100)] == [(0,), (1,)]
+    slots = plan([Need("classifier", QWEN_7B_BF16, replicas=2), Need("embed", MINILM)], ONE_H200)
+    assert all(s.gpus == (0,) for s in slots)
+    assert sum(s.memory_fraction for s in slots) <= 0.9 + 1e-9
+    classifier = [s.memory_fraction for s in slots if s.model == "classifier"]
+    assert classifier[0] == classifier[1] and classifier[0] > 0.4
+
+
+def test_pinned_gpus_are_honoured_and_unknown_ones_refused() -> None:
+    slots = plan([Need("assistant", QWEN_7B_BF16, replicas=2, gpus=(2, 3))], FOUR_4090D)
+    assert [s.gpus for s in slots] == [(2,), (3,)]
+    with pytest.raises(PlacementError, match="GPU 7 does not exist"):
+        plan([Need("assistant", QWEN_7B_BF16, gpus=(7,))], FOUR_4090D)
+
+
+def test_a_fleet_that_does_not_fit_is_refused_naming_the_model_the_gpu_and_the_shortfall() -> None:
+    with pytest.raises(
+        PlacementError,
+        match=r"assistant replica 0 needs 36\.9 GiB .* GPU \d \(24 GiB\) has 21\.6 GiB free: 15\.3 GiB short",
+    ):
+        plan([Need("assistant", 29.5)], FOUR_4090D)  # Qwen2.5-14B in bf16 on one 24 GB card
+    with pytest.raises(PlacementError, match="needs 2 GPUs of its own"):
+        plan([Need("assistant", QWEN_14B_INT4, tensor_parallel=2), Need("big", 60.0, tensor_parallel=2)], TWO_H100)
+    with pytest.raises(PlacementError, match="no GPU found"):
+        plan([Need("assistant", QWEN_7B_BF16)], [])
+
+
+def test_weights_come_from_the_safetensors_headers(tmp_path: Path) -> None:
+    header = {"a": {"dtype": "BF16", "shape": [1024, 1024], "data_offsets": [0, 2 * 2**20]}, "__metadata__": {}}
+    raw = json.dumps(header).encode()
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 16)
+    assert weights_gib(tmp_path) == pytest.approx(2 / 1024)
+
+
+def test_serve_replicas_on_a_four_gpu_host_get_one_gpu_each_and_the_whole_fraction(tmp_path: Path) -> None:
+    """`shipyard serve --replicas 4` on 4 GPUs: each engine its own CUDA_VISIBLE_DEVICES (before this, all four
+    took GPU 0 at 0.9/4 of its memory); a model too big for the GPUs is refused before anything starts."""
+    from shipyard.engine import EngineSpec
+    from shipyard.engine.launcher import EngineLauncher
+    from shipyard.settings import load_settings
+    from shipyard.stack import StackError, gpu_plan
+
+    header = {"w": {"dtype": "BF16", "shape": [1], "data_offsets": [0, int(15.23 * 2**30)]}}
+    raw = json.dumps(header).encode()
+    with (tmp_path / "model.safetensors").open("wb") as handle:
+        handle.write(struct.pack("<Q", len(raw)) + raw)
+        handle.truncate(8 + len(raw) + int(15.23 * 2**30))  # sparse: the header is all the planner reads
+    (tmp_path / "config.json").write_text("{}")
+    settings = load_settings(engine={"replicas": 4})
+    spec = EngineSpec(model=str(tmp_path), served_model_name="assistant", gpu_memory_utilization=0.22)
+    slots = gpu_plan(settings, spec, FOUR_4090D)
+    launcher = EngineLauncher(spec, tmp_path / "logs", gpu_slots=slots)
+    busy: set[str] = set()
+    started = []
+    for n in range(4):
+        slot = launcher.free_slot(busy)
+        assert slot is not None
+        handle = launcher.handle_for(spec, f"blue-{n}", devices=slot.visible_devices)
+        busy.add(handle.identity()["devices"])
+        started.append((handle.process.env or {})["CUDA_VISIBLE_DEVICES"])
+        assert handle.process.spec.gpu_memory_utilization == 0.9
+    assert started == ["0", "1", "2", "3"]
+    with pytest.raises(StackError, match="do not fit this host's GPUs: assistant replica 0 needs"):
+        gpu_plan(settings, spec, [Gpu(0, 16.0)])
