@@ -317,3 +317,31 @@ def test_an_engine_that_refuses_many_stop_strings_gets_full_decodes(stack: Stack
 
 def test_engines_shipyard_starts_accept_a_stop_string_per_label() -> None:
     assert ENGINE_ENV["VLLM_MAX_STOP_STRINGS"] == str(MAX_LABELS)
+
+
+def test_task_endpoints_use_the_model_bound_to_them_when_several_are_served() -> None:
+    """Two models behind one gateway: /predict, /v1/intent and /v1/reply without 'model' need intent.model /
+    reply.model (else a 400 that names the settings), and then run on the bound model only."""
+    from shipyard.gateway import create_app
+    from shipyard.router import Replica
+    from shipyard.settings import load_settings
+    from tests.helpers import ServerThread, wait_for
+
+    chat, other = FakeOpenAI("assistant"), FakeOpenAI("embed")
+    with ServerThread(chat) as one, ServerThread(other) as two:
+        replicas = [Replica(one.url, name="assistant-0"), Replica(two.url, name="embed-0")]
+
+        def gateway(**bound: object) -> ServerThread:
+            settings = load_settings(api_keys="sk-t", health_interval_s=0.2, **bound)
+            return ServerThread(create_app(settings, replicas))
+
+        auth = {"Authorization": "Bearer sk-t"}
+        with gateway() as unbound:
+            assert wait_for(lambda: len(httpx.get(f"{unbound.url}/v1/models", headers=auth).json()["data"]) == 2)
+            refused = httpx.post(f"{unbound.url}/predict", json={"text": "where is my parcel"}, headers=auth)
+            assert refused.status_code == 400 and "intent.model" in refused.json()["error"]["message"]
+        with gateway(intent={"model": "assistant"}, reply={"model": "assistant"}) as bound:
+            assert wait_for(lambda: len(httpx.get(f"{bound.url}/v1/models", headers=auth).json()["data"]) == 2)
+            answer = httpx.post(f"{bound.url}/predict", json={"text": "where is my parcel"}, headers=auth)
+            assert answer.status_code == 200 and set(answer.json()) == {"intent"}
+            assert chat.requests and not other.requests

@@ -113,10 +113,21 @@ class IntentSettings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="forbid")
 
+    model: str | None = None
+    """The model ``/v1/intent`` and ``/predict`` use when a request names none (needed once several are served)."""
     decode: Literal["shortest", "stop-strings", "full"] = "shortest"
     """All give the same labels. ``shortest``: one token when the served model's tokenizer folder (vLLM's
     ``root``) is readable here, else as ``stop-strings``: the constrained answer, stopped once the label is
     decided; ``full``: spell the whole label."""
+
+
+class ReplySettings(BaseSettings):
+    """``/v1/reply``."""
+
+    model_config = SettingsConfigDict(extra="forbid")
+
+    model: str | None = None
+    """The model ``/v1/reply`` uses when a request names none (needed once several are served)."""
 
 
 class UISettings(BaseSettings):
@@ -246,6 +257,7 @@ class Settings(BaseSettings):
 
     engine: EngineSettings = Field(default_factory=EngineSettings)
     intent: IntentSettings = Field(default_factory=IntentSettings)
+    reply: ReplySettings = Field(default_factory=ReplySettings)
     ui: UISettings = Field(default_factory=UISettings)
 
     @field_validator("api_keys", "admin_keys", "upstreams", mode="before")

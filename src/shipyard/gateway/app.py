@@ -239,7 +239,16 @@ def create_app(
             route.path, forward(route), methods=["POST"], summary=summary, name=route.name, response_class=Response
         )
 
-    install_task_routes(app, proxy, authorize, labels, templates, IntentDecode(settings.intent.decode))
+    install_task_routes(
+        app,
+        proxy,
+        authorize,
+        labels,
+        templates,
+        IntentDecode(settings.intent.decode),
+        intent_model=settings.intent.model,
+        reply_model=settings.reply.model,
+    )
 
     def resolve_target(target: str) -> tuple[str, str | None]:
         """A registered ``NAME[:VERSION]`` -> its folder and version; anything else as it is."""

@@ -429,7 +429,8 @@ class Proxy:
             if len(served) > 1:
                 raise OpenAIError(
                     400,
-                    f"several models are served ({', '.join(served)}); name one in 'model'",
+                    f"several models are served ({', '.join(served)}); name one in 'model' (or set intent.model / "
+                    "reply.model for the task endpoints)",
                     param="model",
                     code="model_required",
                 )

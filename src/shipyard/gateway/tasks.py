@@ -41,7 +41,10 @@ def install_task_routes(
     labels: LabelSet,
     templates: dict[str, ReplyTemplate],
     decode: IntentDecode = IntentDecode.SHORTEST,
+    intent_model: str | None = None,
+    reply_model: str | None = None,
 ) -> None:
+    """``intent_model``/``reply_model``: what a request that names no model runs on (else: the only one served)."""
     classifier = Classifier(proxy, decode)
 
     async def classify(request: Request, route: str) -> IntentResponse:
@@ -51,7 +54,7 @@ def install_task_routes(
             data = parse_json_object(await proxy.read_body(request))
             parsed = validate(IntentRequest, data)
             label_set = LabelSet.from_names(parsed.labels) if parsed.labels else labels
-            model = outcome.model = proxy.resolve_model(parsed.model)
+            model = outcome.model = proxy.resolve_model(parsed.model or intent_model)
             scoring = score_bodies(model, label_set, parsed.text) if parsed.scores else []
             (outcome.replica, intent), *scored = await asyncio.gather(
                 classifier.label_of(model, label_set, parsed.text), *(proxy.call_json(model, body) for body in scoring)
@@ -88,7 +91,7 @@ def install_task_routes(
                     code="unknown_template",
                 )
             template = templates[name]
-            model = outcome.model = proxy.resolve_model(parsed.model)
+            model = outcome.model = proxy.resolve_model(parsed.model or reply_model)
             problems: list[str] = []
             for _ in range(REPLY_ATTEMPTS):
                 outcome.replica, answer = await proxy.call_json(model, reply_body(model, template, parsed.messages))
