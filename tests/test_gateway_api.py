@@ -221,3 +221,20 @@ def test_tool_call_parser_follows_the_chat_template(tmp_path: Path) -> None:
     assert "--tool-call-parser" not in EngineSpec(model=chatml, tool_call_parser="none").vllm_args(8000)
     assert EngineSpec(model=plain, tool_call_parser="mistral").vllm_args(8000)[-1] == "mistral"
     assert load_settings().engine.tool_call_parser == "auto"
+
+
+def test_every_answer_of_a_limited_key_carries_the_ratelimit_headers(fake: FakeOpenAI) -> None:
+    for stack in start_stack(fake, limits={"default": KeyLimits(rpm=10, tpm=10_000)}):
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        first, second = post(stack, "/v1/chat/completions", body), post(stack, "/v1/chat/completions", body)
+        assert first.status_code == second.status_code == 200
+        assert first.headers["x-ratelimit-limit-requests"] == "10"
+        assert (
+            first.headers["x-ratelimit-remaining-requests"] == "9"
+            and second.headers["x-ratelimit-remaining-requests"] == "8"
+        )
+        assert first.headers["x-ratelimit-limit-tokens"] == "10000" and first.headers[
+            "x-ratelimit-reset-requests"
+        ].endswith("s")
+        streamed = stack.http().post("/v1/chat/completions", json={**body, "stream": True})
+        assert streamed.status_code == 200 and streamed.headers["x-ratelimit-remaining-requests"] == "7"

@@ -68,6 +68,8 @@ class Lease:
 
     usage: _Usage
     released: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+    """OpenAI's ``x-ratelimit-*`` headers as they stood once this request was counted (sent on its answer)."""
 
     def release(self) -> None:
         if not self.released:
@@ -140,7 +142,7 @@ class KeyLimiter:
             )
         usage.requests.append(now)
         usage.in_flight += 1
-        return Lease(usage)
+        return Lease(usage, headers=self._headers(limits, usage, now))
 
     def record_tokens(self, name: str, tokens: int) -> None:
         if tokens > 0:
@@ -226,6 +228,10 @@ class LimitMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = str(message["status"])
+                if lease.headers:  # as OpenAI does: on every answer, not only on a 429
+                    sent = {k for k, _ in message.get("headers", [])}
+                    extra = [(k.encode(), v.encode()) for k, v in lease.headers.items() if k.encode() not in sent]
+                    message = {**message, "headers": [*message.get("headers", []), *extra]}
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 lease.release()
             await send(message)
