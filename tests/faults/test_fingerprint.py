@@ -71,12 +71,16 @@ def _plane(tmp_path: Path) -> tuple[ControlPlane, Weights, MemoryStateStore, str
     return control, engine, store, v1, v2, v3
 
 
+async def _started(control: ControlPlane, store: MemoryStateStore) -> None:
+    await store.save(control._seed)  # type: ignore[attr-defined]
+    await control.start()
+    await until(lambda: all(r.ready for r in control.pool.replicas))
+
+
 def test_a_reload_that_keeps_the_old_weights_fails_and_the_previous_version_serves_on(tmp_path: Path) -> None:
     async def body() -> None:
         control, engine, store, v1, v2, _ = _plane(tmp_path)
-        await store.save(control._seed)  # type: ignore[attr-defined]
-        await control.start()
-        await until(lambda: all(r.ready for r in control.pool.replicas))
+        await _started(control, store)
         engine.stale = True
         rollout = await control.request(RolloutCommand(v2, version="v2", strategy="inplace"))
         await until(lambda: rollout.phase is Phase.FAILED and not control.running_here(), timeout=10)
@@ -93,9 +97,7 @@ def test_a_reload_that_keeps_the_old_weights_fails_and_the_previous_version_serv
 def test_a_rollback_whose_weights_answer_unlike_before_is_refused(tmp_path: Path) -> None:
     async def body() -> None:
         control, engine, store, v1, v2, _ = _plane(tmp_path)
-        await store.save(control._seed)  # type: ignore[attr-defined]
-        await control.start()
-        await until(lambda: all(r.ready for r in control.pool.replicas))
+        await _started(control, store)
         first = await control.request(RolloutCommand(v2, version="v2", strategy="inplace"))
         await until(lambda: first.phase is Phase.DONE and not control.running_here(), timeout=10)
         state = await store.load()

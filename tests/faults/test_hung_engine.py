@@ -93,14 +93,20 @@ def out_of_rotation_after(url: str, name: str, since: float) -> float:
     return time.monotonic() - since
 
 
+def hang_and_ask(engine: FakeOpenAI, url: str, requests: int) -> tuple[float, list[tuple[str, float]]]:
+    """Hang ``engine`` (fake-0), send ``requests`` (streaming and not) at once; how long until it was out of
+    rotation, and each request's outcome and duration."""
+    hung_at = time.monotonic()
+    engine.fault = Fault.HANG
+    with ThreadPoolExecutor(requests) as pool:
+        results = list(pool.map(lambda i: ask(url, stream=i % 2 == 0), range(requests)))
+    return out_of_rotation_after(url, "fake-0", hung_at), results
+
+
 def test_a_hung_replica_leaves_rotation_within_5s_and_its_waiting_requests_go_elsewhere() -> None:
     engines = fakes(2)
     with gateway(engines) as url:
-        hung_at = time.monotonic()
-        engines[0].fault = Fault.HANG
-        with ThreadPoolExecutor(8) as pool:
-            results = list(pool.map(lambda i: ask(url, stream=i % 2 == 0), range(8)))
-        took = out_of_rotation_after(url, "fake-0", hung_at)
+        took, results = hang_and_ask(engines[0], url, 8)
         assert took <= OUT_OF_ROTATION_S, f"out of rotation only after {took:.1f} s"
         assert [r for r, _ in results] == ["ok"] * 8, results
         assert max(t for _, t in results) <= OUT_OF_ROTATION_S + 1, results  # retried, not waited out
@@ -126,11 +132,7 @@ def test_a_hung_replica_leaves_rotation_within_5s_and_its_waiting_requests_go_el
 def test_with_no_other_replica_requests_to_a_hung_engine_fail_fast_and_succeed_once_it_answers() -> None:
     engines = fakes(1)
     with gateway(engines) as url:
-        hung_at = time.monotonic()
-        engines[0].fault = Fault.HANG
-        with ThreadPoolExecutor(4) as pool:
-            results = list(pool.map(lambda i: ask(url, stream=i % 2 == 0), range(4)))
-        took = out_of_rotation_after(url, "fake-0", hung_at)
+        took, results = hang_and_ask(engines[0], url, 4)
         assert took <= OUT_OF_ROTATION_S
         assert all(r != "ok" and t <= OUT_OF_ROTATION_S for r, t in results), results
         record(
