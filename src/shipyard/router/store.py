@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import hmac
 import json
+import logging
 import os
 import time
 from abc import ABC, abstractmethod
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from shipyard.router.state import DeploymentState, StateError
+
+log = logging.getLogger("shipyard.router")
 
 KEEP = 5
 """States kept: the current one and the four before it."""
@@ -60,6 +63,9 @@ class Fence:
 
     owner: str
     token: int
+
+    def lost(self) -> LeaseLost:
+        return LeaseLost(f"{self.owner} no longer holds the rollout lease (token {self.token}); not saved")
 
 
 class StoreLocked(RuntimeError):
@@ -154,9 +160,9 @@ class MemoryStateStore(StateStore):
     def _check_fence(self, fence: Fence | None) -> None:
         if fence is None:
             return
-        held = self._lease is not None and self._lease[1] > time.monotonic()
-        if not held or self._lease is None or (self._lease[0], self._lease[2]) != (fence.owner, fence.token):
-            raise LeaseLost(f"{fence.owner} no longer holds the rollout lease (token {fence.token}); not saved")
+        lease = self._lease
+        if lease is None or lease[1] <= time.monotonic() or (lease[0], lease[2]) != (fence.owner, fence.token):
+            raise fence.lost()
 
     async def acquire_lease(self, owner: str, ttl_s: float) -> int | None:
         now = time.monotonic()
@@ -319,12 +325,8 @@ class FileStateStore(MemoryStateStore):
 
     async def remember_response(self, response_id: str, replica: str, key: str, ttl_s: float) -> None:
         """A file per response under ``DIR/responses`` (the serving workers of this gateway read them too)."""
-        folder = self.folder / "responses"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / _response_file(response_id)
-        staged = folder / f".{path.name}.{os.getpid()}.tmp"
-        staged.write_text(json.dumps({"replica": replica, "key": key, "until": time.time() + ttl_s}))
-        os.replace(staged, path)
+        record = {"replica": replica, "key": key, "until": time.time() + ttl_s}
+        _replace_with(self.folder / "responses" / _response_file(response_id), json.dumps(record))
 
     async def response_of(self, response_id: str) -> tuple[str, str] | None:
         try:
@@ -339,13 +341,9 @@ class FileStateStore(MemoryStateStore):
         if self._lock is not None:  # the gateway holding the lock reads the others' reports; its own stays here
             await super().report_load(report, ttl_s)
             return
-        folder = self.folder / "loads"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{_file_name(report.gateway)}.json"
-        staged = folder / f".{path.name}.{os.getpid()}.tmp"
+        path = self.folder / "loads" / f"{_file_name(report.gateway)}.json"
         record = {**dataclasses.asdict(report), "in_flight": dict(report.in_flight), "until": time.time() + ttl_s}
-        staged.write_text(json.dumps(record))
-        os.replace(staged, path)
+        _replace_with(path, json.dumps(record))
         self._reported.add(path)
 
     async def load_reports(self) -> list[LoadReport]:
@@ -365,6 +363,25 @@ class FileStateStore(MemoryStateStore):
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
+
+
+def _replace_with(path: Path, text: str) -> None:
+    """``path`` holds ``text`` or what it held before, never a part of it (a temp file renamed over it; the temp
+    file is removed when the write fails)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        staged.write_text(text)
+        os.replace(staged, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            staged.unlink()
+        raise
+
+
+def _ms(seconds: float) -> int:
+    """A TTL in Redis' milliseconds (at least 1)."""
+    return max(int(seconds * 1000), 1)
 
 
 def _response_file(response_id: str) -> str:
@@ -488,9 +505,7 @@ class RedisStateStore(StateStore):
         if copy is None:
             raise exc
         if self.degraded is None:
-            import logging
-
-            logging.getLogger("shipyard.router").warning(
+            log.warning(
                 "%s unreachable (%s); serving the last state read from it (revision %d, kept in %s)",
                 self.description,
                 exc,
@@ -506,15 +521,9 @@ class RedisStateStore(StateStore):
     def _keep_local(self, state: DeploymentState) -> None:
         if self.local_copy is None or state.revision == self._copied:
             return
-        staged = self.local_copy.with_name(f".{self.local_copy.name}.{os.getpid()}.tmp")
-        try:
-            self.local_copy.parent.mkdir(parents=True, exist_ok=True)
-            staged.write_text(state.to_json())
-            os.replace(staged, self.local_copy)
+        with contextlib.suppress(OSError):
+            _replace_with(self.local_copy, state.to_json())
             self._copied = state.revision
-        except OSError:
-            with contextlib.suppress(OSError):
-                staged.unlink()
 
     def _sign(self, raw: bytes) -> str:
         if self.signing_key is None:
@@ -536,13 +545,12 @@ class RedisStateStore(StateStore):
             self._sign(text.encode()),
         )
         if int(result) == -2 and fence is not None:
-            raise LeaseLost(f"{fence.owner} no longer holds the rollout lease (token {fence.token}); not saved")
+            raise fence.lost()
         if int(result) != -1:
             raise StateConflict(f"state revision {state.revision} does not follow the stored revision {result}")
 
     async def acquire_lease(self, owner: str, ttl_s: float) -> int | None:
-        ttl_ms = max(int(ttl_s * 1000), 1)
-        token = int(await self.redis.eval(_RENEW, 2, f"{self.prefix}:lease", f"{self.prefix}:fence", owner, ttl_ms))
+        token = int(await self.redis.eval(_RENEW, 2, f"{self.prefix}:lease", f"{self.prefix}:fence", owner, _ms(ttl_s)))
         return token or None
 
     async def release_lease(self, owner: str) -> None:
@@ -554,9 +562,7 @@ class RedisStateStore(StateStore):
         return held.rpartition("|")[0] if held else None
 
     async def remember_response(self, response_id: str, replica: str, key: str, ttl_s: float) -> None:
-        await self.redis.set(
-            f"{self.prefix}:response:{response_id}", json.dumps([replica, key]), px=max(int(ttl_s * 1000), 1)
-        )
+        await self.redis.set(f"{self.prefix}:response:{response_id}", json.dumps([replica, key]), px=_ms(ttl_s))
 
     async def response_of(self, response_id: str) -> tuple[str, str] | None:
         raw = await self.redis.get(f"{self.prefix}:response:{response_id}")
@@ -567,7 +573,7 @@ class RedisStateStore(StateStore):
 
     async def report_load(self, report: LoadReport, ttl_s: float) -> None:
         body = json.dumps({"revision": report.revision, "in_flight": dict(report.in_flight), "at": report.at})
-        await self.redis.set(f"{self.prefix}:load:{report.gateway}", body, px=max(int(ttl_s * 1000), 1))
+        await self.redis.set(f"{self.prefix}:load:{report.gateway}", body, px=_ms(ttl_s))
 
     async def load_reports(self) -> list[LoadReport]:
         reports = []
