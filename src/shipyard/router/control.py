@@ -269,9 +269,7 @@ class ControlPlane:
         sent = time.monotonic()
         self.lease_error = ""
         try:
-            token = await asyncio.wait_for(
-                self.store.acquire_lease(self.gateway_id, self.config.lease_ttl_s), self.renew_deadline_s
-            )
+            token = await self._ask_lease(self.renew_deadline_s)
         except Exception as exc:  # unreachable, timed out: no lease
             self.lease_error = f"{type(exc).__name__}: {exc}".rstrip(": ")
             log.warning("the rollout lease could not be taken: %s", self.lease_error)
@@ -280,6 +278,10 @@ class ControlPlane:
             return False
         self._lease_token, self._lease_until = token, sent + self.renew_deadline_s
         return True
+
+    async def _ask_lease(self, timeout_s: float) -> int | None:
+        """Take or renew the lease in the store, waiting at most ``timeout_s``."""
+        return await asyncio.wait_for(self.store.acquire_lease(self.gateway_id, self.config.lease_ttl_s), timeout_s)
 
     async def release_lease(self, lost: bool = False) -> None:
         """Give the lease back (``lost``: it is gone already; nothing to ask the store)."""
@@ -298,24 +300,20 @@ class ControlPlane:
         period = max(min(self.config.lease_ttl_s / 5, 2.0), 0.01)
         while True:
             await asyncio.sleep(period)
-            token = self._lease_token
             sent = time.monotonic()
-            left = self._lease_until - sent
-            why = ""
             try:
-                renewed = await asyncio.wait_for(
-                    self.store.acquire_lease(self.gateway_id, self.config.lease_ttl_s), max(left, 0.001)
-                )
+                renewed = await self._ask_lease(max(self._lease_until - sent, 0.001))
             except asyncio.TimeoutError:
-                renewed, why = None, f"no renewal within the {self.renew_deadline_s:g} s renew deadline"
+                why = f"no renewal within the {self.renew_deadline_s:g} s renew deadline"
             except Exception as exc:  # the store is unreachable: retry until the deadline
                 if time.monotonic() < self._lease_until:
                     continue
-                renewed, why = None, f"the store did not answer ({type(exc).__name__}: {exc})"
-            if renewed is not None and renewed == token:
-                self._lease_until = sent + self.renew_deadline_s
-                continue
-            why = why or ("another gateway holds the lease" if renewed is None else "the lease was taken anew")
+                why = f"the store did not answer ({type(exc).__name__}: {exc})"
+            else:
+                if renewed is not None and renewed == self._lease_token:
+                    self._lease_until = sent + self.renew_deadline_s
+                    continue
+                why = "another gateway holds the lease" if renewed is None else "the lease was taken anew"
             self.audit.record(self.gateway_id, "lease_lost", reason=why)
             log.warning("gateway %s stops acting on its rollout: %s", self.gateway_id, why)
             on_lost(why)

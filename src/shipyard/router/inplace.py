@@ -156,20 +156,14 @@ class InPlace(RolloutStrategy):
         except asyncio.CancelledError:
             raise
         except Exception as failure:
-            try:
-                if reverting or isinstance(failure, EngineWedged):
-                    raise failure
-                await self._swap(d, rollout, replica, known_good[0], None)
-                # the previous weights answer as recorded: it serves as before
-            except Exception:
+            restorable = not reverting and not isinstance(failure, EngineWedged)
+            if restorable and await self._put_back(d, rollout, replica, known_good[0]):
+                current = d.state.replica(name) or record
+                await d.commit(replicas=d.state.with_replica(dataclasses.replace(current, held=False)))
+            else:
                 await self._quarantine(d, name, *known_good, why=f"{type(failure).__name__}: {failure}")
-                raise failure from None
-            current = d.state.replica(name) or record
-            await d.commit(replicas=d.state.with_replica(dataclasses.replace(current, held=False)))
             raise
-        current = d.state.replica(name) or record
-        engine = {**current.engine, "model": folder} if current.engine is not None else None
-        updated = dataclasses.replace(current, held=False, version=version, target=folder, engine=engine)
+        updated = _serving(d.state.replica(name) or record, folder, version)
         await d.commit(replicas=d.state.with_replica(updated), fingerprints={**d.state.fingerprints, **fingerprint})
         handle = d.supervisor.handles.get(name)
         if handle is not None:
@@ -220,21 +214,32 @@ class InPlace(RolloutStrategy):
             seen[digest] = after.to_record()
         return steps, seen
 
+    async def _put_back(self, d: Deployer, rollout: Rollout, replica: Replica, folder: str) -> bool:
+        """The previous weights reloaded and answering as recorded (True), or not (their state is unknown)."""
+        try:
+            await self._swap(d, rollout, replica, folder, None)
+        except Exception:
+            return False
+        return True
+
     async def _quarantine(self, d: Deployer, name: str, folder: str, version: str, why: str) -> None:
         """Weights unknown: out of rotation at every gateway, recorded as the known-good version it will serve
         again once restarted from ``folder`` (by the supervisor, when shipyard started the engine)."""
         record = d.state.replica(name)
         if record is None:
             return
-        engine = {**record.engine, "model": folder} if record.engine is not None else None
-        quarantined = dataclasses.replace(
-            record, held=False, quarantined=why, version=version, target=folder, engine=engine
-        )
+        quarantined = dataclasses.replace(_serving(record, folder, version), quarantined=why)
         await d.commit(replicas=d.state.with_replica(quarantined))
         handle = d.supervisor.handles.get(name)
         if handle is not None:
             handle.serve_from(folder)
             d.supervisor.restart_now(name, f"weights unknown after a failed in-place update: {why}")
+
+
+def _serving(record: ReplicaRecord, folder: str, version: str) -> ReplicaRecord:
+    """``record``, released, as the engine serving ``folder`` as ``version`` (what a restart loads)."""
+    engine = {**record.engine, "model": folder} if record.engine is not None else None
+    return dataclasses.replace(record, held=False, version=version, target=folder, engine=engine)
 
 
 def _served_folder(record: ReplicaRecord) -> str:
