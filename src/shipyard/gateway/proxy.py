@@ -15,6 +15,7 @@ import httpx
 from fastapi import Request
 from starlette.responses import Response
 
+from shipyard.gateway.ejection import ReplicaEjected, until_ejected
 from shipyard.gateway.errors import OpenAIError
 from shipyard.gateway.limits import KeyLimiter, LimitExceeded, Reservation, caller, prompt_estimate, reservation
 from shipyard.gateway.metrics import GatewayMetrics
@@ -92,29 +93,6 @@ API_ROUTES = {
 
 RESPONSE_TTL_S = 24 * 3600.0
 """How long the replica of a response id is remembered (for ``previous_response_id``)."""
-
-
-class ReplicaEjected(Exception):
-    """The replica a request waited on was ejected (hung or gone) before it answered."""
-
-
-async def _unless_ejected(replica: Replica, work: Awaitable[T]) -> T:
-    """``work``'s result, unless ``replica`` is ejected first: then ``work`` is cancelled (its connection
-    closed) and :class:`ReplicaEjected` is raised."""
-    outage: asyncio.Future[Any] = replica.outage()
-    job: asyncio.Future[Any] = asyncio.ensure_future(work)
-    try:
-        await asyncio.wait({job, outage}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        job.cancel()
-        raise
-    if job.done():
-        result: T = job.result()
-        return result
-    job.cancel()
-    with contextlib.suppress(BaseException):
-        await job
-    raise ReplicaEjected(replica.last_error or f"replica {replica.name} was ejected")
 
 
 class ClientGone(Exception):
@@ -407,12 +385,14 @@ class Proxy:
 
     async def _read_all(self, replica: Replica, upstream: httpx.Response, attempt: Attempt) -> bytes:
         try:
-            content = await _unless_ejected(replica, upstream.aread())
+            with until_ejected(replica) as watch:
+                content = await upstream.aread()
+            if watch.cancelled_caught:
+                ejected = ReplicaEjected(replica)
+                self._upstream_failed(replica, "hung", ejected)
+                raise OpenAIError(502, f"upstream stopped answering: {ejected}", code="upstream_error")
             replica.last_byte_at = time.monotonic()
             return content
-        except ReplicaEjected as exc:
-            self._upstream_failed(replica, "hung", exc)
-            raise OpenAIError(502, f"upstream stopped answering: {exc}", code="upstream_error") from None
         except httpx.HTTPError as exc:
             self._upstream_failed(replica, "read", exc)
             raise OpenAIError(502, f"upstream failed while answering: {exc}", code="upstream_error") from None
@@ -496,12 +476,14 @@ class Proxy:
             )
             attempt.ticket = self.pool.acquire(replica, attempt.upstream_model)
             try:
-                upstream = await _unless_ejected(replica, self.client.send(request, stream=True))
-                replica.last_byte_at = time.monotonic()
-                return replica, upstream
-            except ReplicaEjected as exc:  # hung: it sent nothing for this request, so another replica may answer it
+                with until_ejected(replica) as watch:
+                    upstream = await self.client.send(request, stream=True)
+                if not watch.cancelled_caught:
+                    replica.last_byte_at = time.monotonic()
+                    return replica, upstream
+                # hung: it sent nothing for this request, so another replica may answer it
                 attempt.release()
-                self._upstream_failed(replica, "hung", exc)
+                self._upstream_failed(replica, "hung", ReplicaEjected(replica))
                 attempt.tried.add(replica.name)
                 self.metrics.retries.labels("hung").inc()
             except _NOTHING_ANSWERED as exc:

@@ -11,6 +11,7 @@ import httpx
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from shipyard.gateway.ejection import until_ejected
 from shipyard.gateway.errors import sse_error_event
 from shipyard.gateway.sse import StreamScan
 from shipyard.router import Replica
@@ -107,17 +108,8 @@ class UpstreamStream(Response):
     async def _relay_until_ejected(self, send: Send) -> str | None:
         """``_relay``, cut short when the replica is ejected (hung): a stream never waits on a hung engine."""
         replica = self.replica
-        outage = replica.outage()
-        with anyio.CancelScope() as scope:
-
-            def eject(_: object) -> None:
-                scope.cancel()
-
-            outage.add_done_callback(eject)
-            try:
-                return await self._relay(send)
-            finally:
-                outage.remove_done_callback(eject)
+        with until_ejected(replica):
+            return await self._relay(send)
         return f"replica {replica.name} stopped answering ({replica.last_error or 'ejected'})"
 
     async def _relay(self, send: Send) -> str | None:
