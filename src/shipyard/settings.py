@@ -330,6 +330,12 @@ class Settings(BaseSettings):
     def admin_key_values(self) -> list[str]:
         return [key for _, key in self.named_admin_keys()]
 
+    def state_key_value(self) -> str | None:
+        return self.state_key.get_secret_value() if self.state_key else None
+
+    def engine_key_value(self) -> str | None:
+        return self.engine_key.get_secret_value() if self.engine_key else None
+
     def limits_for(self, name: str) -> KeyLimits:
         """The limits of the key called ``name``: its own entry, else ``default``, else none. Names match
         case-insensitively with ``-`` = ``_`` (environment variable names cannot hold ``-``)."""

@@ -143,7 +143,7 @@ def engine_launcher(settings: Settings, spec: EngineSpec, profile: str, enable_l
         command=settings.engine.vllm_command or None,
         env={
             **({"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if enable_lora else {}),
-            **({"VLLM_API_KEY": settings.engine_key.get_secret_value()} if settings.engine_key else {}),
+            **({"VLLM_API_KEY": key} if (key := settings.engine_key_value()) else {}),
         },
         ready_timeout_s=settings.engine.startup_timeout_s,
         cpu_binds=list(halves) if halves else None,
@@ -165,13 +165,9 @@ def serves(url: str, model: str, timeout: float = 3.0, api_key: str | None = Non
     return any(card.get("id") == model for card in listing.get("data", []))
 
 
-def _state_key(settings: Settings) -> str | None:
-    return settings.state_key.get_secret_value() if settings.state_key else None
-
-
 def _open_store(settings: Settings) -> StateStore:
     try:
-        store = open_store(settings.state_url, settings.data_dir, _state_key(settings))
+        store = open_store(settings.state_url, settings.data_dir, settings.state_key_value())
         if isinstance(store, FileStateStore):
             store.lock()
     except (ValueError, StoreLocked) as exc:
@@ -302,14 +298,7 @@ def build_stack(
                 port = settings.engine.port + n if settings.engine.port is not None else None
                 ours = [h.identity() for h in handles.values() if isinstance(h, EngineHandle)]
                 busy = {i["cpu_bind"] for i in ours if i["cpu_bind"]} | {i["devices"] for i in ours if i["devices"]}
-                slot = launcher.free_slot(busy)
-                handle = launcher.handle_for(
-                    choice.spec,
-                    name,
-                    cpu_bind=launcher.free_bind(busy),
-                    port=port,
-                    devices=slot.visible_devices if slot else None,
-                )
+                handle = launcher.handle_for(choice.spec, name, port=port, **launcher.free_place(busy))
                 say(f"starting vLLM for {choice.folder} (log: {handle.process.log_file}) ...")
                 try:
                     start(handle)
@@ -349,7 +338,7 @@ async def _in_this_loop(settings: Settings, store: StateStore, work: Callable[[S
     first uses them, so that work gets a store of its own and ``store`` stays unused for the gateway's loop."""
     if isinstance(store, FileStateStore):
         return await work(store)
-    temporary = open_store(settings.state_url, settings.data_dir, _state_key(settings))
+    temporary = open_store(settings.state_url, settings.data_dir, settings.state_key_value())
     try:
         return await work(temporary)
     finally:

@@ -145,6 +145,12 @@ class EngineLauncher:
         free = [s for s in self.gpu_slots if s.visible_devices not in busy] or self.gpu_slots
         return free[0] if free else None
 
+    def free_place(self, busy: set[str]) -> dict[str, str | None]:
+        """Where the next engine goes, given the CPU binds and GPU sets running engines use: ``cpu_bind`` and
+        ``devices`` for :meth:`handle_for`."""
+        slot = self.free_slot(busy)
+        return {"cpu_bind": self.free_bind(busy), "devices": slot.visible_devices if slot else None}
+
     def on_slot(self, spec: EngineSpec, devices: str | None) -> EngineSpec:
         """``spec`` with the memory fraction the plan gave the slot on ``devices`` (unchanged without one)."""
         slot = next((s for s in self.gpu_slots if s.visible_devices == devices), None)
@@ -164,9 +170,7 @@ class EngineLauncher:
         """A handle for an engine serving ``target`` (not started yet: ``spawn`` or ``start`` it)."""
         self.check(target)
         spec = dataclasses.replace(self.base, model=os.path.abspath(target))
-        slot = self.free_slot(set(busy_binds))
-        devices = slot.visible_devices if slot else None
-        return self.handle_for(spec, name, cpu_bind=self.free_bind(set(busy_binds)), port=port, devices=devices)
+        return self.handle_for(spec, name, port=port, **self.free_place(set(busy_binds)))
 
     def handle_for(
         self,

@@ -46,7 +46,7 @@ def upstream_client(settings: Settings) -> httpx.AsyncClient:
         write=settings.upstream_read_timeout_s,
         pool=settings.upstream_connect_timeout_s,
     )
-    headers = {"authorization": f"Bearer {settings.engine_key.get_secret_value()}"} if settings.engine_key else {}
+    headers = {"authorization": f"Bearer {key}"} if (key := settings.engine_key_value()) else {}
     return httpx.AsyncClient(timeout=timeout, transport=UpstreamTransport(), headers=headers)
 
 

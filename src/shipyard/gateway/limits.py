@@ -117,9 +117,12 @@ class KeyLimiter:
         """Each key's limits, looked up once (a lookup builds settings objects: a quarter of the gateway's CPU
         per request when it ran on every request)."""
 
+    def _limits_of(self, name: str) -> KeyLimits:
+        return self._limits.get(name) or self._limits.setdefault(name, self.limits_for(name))
+
     def admit(self, name: str) -> Lease:
         """Count one request of key ``name`` or raise LimitExceeded (nothing counted) when it is over a limit."""
-        limits = self._limits.get(name) or self._limits.setdefault(name, self.limits_for(name))
+        limits = self._limits_of(name)
         usage = self._usage.setdefault(name, _Usage())
         now = self.clock()
         usage.expire(now)
@@ -152,7 +155,7 @@ class KeyLimiter:
         """Count ``tokens`` (what a request may use at most; ``prompt`` of them its prompt) against key ``name``'s
         tokens per minute before it runs; LimitExceeded when they do not fit (nothing counted). None when the key
         has no ``tpm``."""
-        limits = self._limits.get(name) or self._limits.setdefault(name, self.limits_for(name))
+        limits = self._limits_of(name)
         if limits.tpm is None:
             return None
         usage = self._usage.setdefault(name, _Usage())

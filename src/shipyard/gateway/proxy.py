@@ -93,6 +93,8 @@ API_ROUTES = {
 
 RESPONSE_TTL_S = 24 * 3600.0
 """How long the replica of a response id is remembered (for ``previous_response_id``)."""
+STORE_WAIT_S = 5.0
+"""Longest a request waits on the state store for a response id's replica (then the engine decides)."""
 
 
 class ClientGone(Exception):
@@ -317,7 +319,7 @@ class Proxy:
     def _settle_unreported(used: int | None) -> None:
         """An answer that reported no usage: charge ``used`` (None: the prompt, which the engine may have read)."""
         reserved = reservation.get()
-        if reserved is not None and not reserved.settled:
+        if reserved is not None:  # settle() keeps the first settlement
             reserved.settle(used if used is not None else reserved.prompt_estimate)
 
     async def _replica_of_response(self, response_id: str) -> str | None:
@@ -325,7 +327,7 @@ class Proxy:
         saw it (the engine decides). Made with another key: not found (a response is its key's alone). A replica
         that is gone or not ready is a 400: its stored state went with it or cannot be reached."""
         try:
-            found = await asyncio.wait_for(self.responses.response_of(response_id), 5.0)
+            found = await asyncio.wait_for(self.responses.response_of(response_id), STORE_WAIT_S)
         except Exception:  # the store does not answer: let the engine decide
             found = None
         if found is None:
@@ -352,7 +354,7 @@ class Proxy:
     async def _remember_response(self, response_id: str, replica: Replica, key: str) -> None:
         with contextlib.suppress(Exception):  # the store is down: the engine still holds it; routing may miss it
             await asyncio.wait_for(
-                self.responses.remember_response(response_id, replica.name, key, RESPONSE_TTL_S), 5.0
+                self.responses.remember_response(response_id, replica.name, key, RESPONSE_TTL_S), STORE_WAIT_S
             )
 
     def _remember_later(self, response_id: str, replica: Replica) -> None:

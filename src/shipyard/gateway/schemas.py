@@ -170,23 +170,6 @@ class TokenizeRequest(_ApiRequest):
         return None
 
 
-class EmbeddingRequest(_ApiRequest):
-    """OpenAI's embeddings (``POST /v1/embeddings``), as vLLM serves them for a pooling model."""
-
-    model: str = Field(min_length=1, description=_MODEL)
-    input: str | list[str] | list[JsonInt] | list[list[JsonInt]] = Field(
-        description="Text, texts, token ids, or lists of token ids"
-    )
-    encoding_format: Literal["float", "base64"] | None = None
-    dimensions: PositiveInt | None = None
-
-    def output_limit(self) -> int | None:
-        return None
-
-    def sequences(self) -> int:
-        return 0  # nothing is generated: only the inputs count (their estimate) against tpm
-
-
 class PoolingRequest(_ApiRequest):
     """vLLM's pooling routes (``/pooling``, ``/score``, ``/rerank``): forwarded as they are, to the model named."""
 
@@ -196,7 +179,17 @@ class PoolingRequest(_ApiRequest):
         return None
 
     def sequences(self) -> int:
-        return 0
+        return 0  # nothing is generated: only the inputs count (their estimate) against tpm
+
+
+class EmbeddingRequest(PoolingRequest):
+    """OpenAI's embeddings (``POST /v1/embeddings``), as vLLM serves them for a pooling model."""
+
+    input: str | list[str] | list[JsonInt] | list[list[JsonInt]] = Field(
+        description="Text, texts, token ids, or lists of token ids"
+    )
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: PositiveInt | None = None
 
 
 class DetokenizeRequest(_ApiRequest):

@@ -116,8 +116,8 @@ def serve_worker(spec: WorkerSpec, sock: socket.socket) -> None:  # pragma: no c
     set_parent_death_signal()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s[w{spec.index}]: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    key = spec.settings.state_key.get_secret_value() if spec.settings.state_key else None
-    store = open_store(spec.settings.state_url, spec.settings.data_dir, key)  # a file store is read, never locked
+    # a file store is read, never locked
+    store = open_store(spec.settings.state_url, spec.settings.data_dir, spec.settings.state_key_value())
     app = create_app(spec.settings, [], store=store, primary_socket=spec.primary_socket)
     serve_on(app, [sock], log_level="warning")
 

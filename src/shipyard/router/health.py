@@ -27,8 +27,7 @@ async def probe(
     """Update one replica's readiness and model list in place; log when readiness changes. With ``pool``, a
     replica found hung (see :func:`hung`) is ejected from it: requests waiting on it stop waiting."""
     was_ready = replica.ready
-    await _probe(client, replica, timeout)
-    if pool is not None and replica.slow_probes and hung(replica, timeout):
+    if await _probe(client, replica, timeout) and pool is not None:
         pool.eject(replica, replica.last_error)
     if replica.ready != was_ready:
         if replica.ready:
@@ -37,13 +36,14 @@ async def probe(
             log.warning("replica %s is not ready: %s", replica.name, replica.last_error)
 
 
-async def _probe(client: httpx.AsyncClient, replica: Replica, timeout: float) -> None:
+async def _probe(client: httpx.AsyncClient, replica: Replica, timeout: float) -> bool:
+    """True when the probe found the replica hung (see :func:`hung`)."""
     try:
         health = await client.get(f"{replica.url}/health", timeout=timeout)
         replica.slow_probes, replica.unresponsive_since = 0, None
         if health.status_code != 200:
             replica.ready, replica.last_error = False, f"/health answered {health.status_code}"
-            return
+            return False
         listing = await client.get(f"{replica.url}/v1/models", timeout=timeout)
         listing.raise_for_status()
         cards = listing.json().get("data", [])
@@ -54,7 +54,8 @@ async def _probe(client: httpx.AsyncClient, replica: Replica, timeout: float) ->
         replica.slow_probes += 1
         if replica.unresponsive_since is None:
             replica.unresponsive_since = time.monotonic() - timeout
-        if not replica.ready or replica.slow_probes >= SLOW_PROBES_TO_UNREADY or hung(replica, timeout):
+        stuck = hung(replica, timeout)
+        if not replica.ready or replica.slow_probes >= SLOW_PROBES_TO_UNREADY or stuck:
             replica.ready = False
             replica.last_error = (
                 f"{replica.slow_probes} health probe(s) in a row timed out ({type(exc).__name__}) and no answer "
@@ -62,8 +63,11 @@ async def _probe(client: httpx.AsyncClient, replica: Replica, timeout: float) ->
             )
         else:
             log.info("replica %s answered its health probe late (%d in a row)", replica.name, replica.slow_probes)
+        return stuck
     except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
         replica.ready, replica.last_error = False, f"{type(exc).__name__}: {exc}"
+        return replica.slow_probes > 0 and hung(replica, timeout)  # late before, failing now: still hung
+    return False
 
 
 def hung(replica: Replica, timeout: float) -> bool:
