@@ -15,7 +15,7 @@ import httpx
 
 from shipyard.router.commands import RolloutCommand
 from shipyard.router.control import ControlPlane
-from shipyard.router.rollout import Phase
+from shipyard.router.rollout import Phase, Rollout
 from shipyard.router.store import MemoryStateStore
 from tests.test_control import checkpoint_folder, engines, in_place_plane, until
 
@@ -71,6 +71,13 @@ def _plane(tmp_path: Path) -> tuple[ControlPlane, Weights, MemoryStateStore, str
     return control, engine, store, v1, v2, v3
 
 
+async def _update(control: ControlPlane, folder: str, version: str, ends: Phase) -> Rollout:
+    """An in-place update to ``folder`` as ``version``, once it ended in ``ends`` and its gateway let go of it."""
+    rollout = await control.request(RolloutCommand(folder, version=version, strategy="inplace"))
+    await until(lambda: rollout.phase is ends and not control.running_here(), timeout=10)
+    return rollout
+
+
 async def _started(control: ControlPlane, store: MemoryStateStore) -> None:
     await store.save(control._seed)  # type: ignore[attr-defined]
     await control.start()
@@ -82,8 +89,7 @@ def test_a_reload_that_keeps_the_old_weights_fails_and_the_previous_version_serv
         control, engine, store, v1, v2, _ = _plane(tmp_path)
         await _started(control, store)
         engine.stale = True
-        rollout = await control.request(RolloutCommand(v2, version="v2", strategy="inplace"))
-        await until(lambda: rollout.phase is Phase.FAILED and not control.running_here(), timeout=10)
+        rollout = await _update(control, v2, "v2", Phase.FAILED)
         assert "kept the old weights" in (rollout.error or "")
         state = await store.load()
         assert state is not None
@@ -98,13 +104,11 @@ def test_a_rollback_whose_weights_answer_unlike_before_is_refused(tmp_path: Path
     async def body() -> None:
         control, engine, store, v1, v2, _ = _plane(tmp_path)
         await _started(control, store)
-        first = await control.request(RolloutCommand(v2, version="v2", strategy="inplace"))
-        await until(lambda: first.phase is Phase.DONE and not control.running_here(), timeout=10)
+        await _update(control, v2, "v2", Phase.DONE)
         state = await store.load()
         assert state is not None and len(state.fingerprints) == 2  # v1's (taken before) and v2's
         engine.garble = v1  # going back to v1 loads something that is not v1
-        back = await control.request(RolloutCommand(v1, version="v1", strategy="inplace"))
-        await until(lambda: back.phase is Phase.FAILED and not control.running_here(), timeout=10)
+        back = await _update(control, v1, "v1", Phase.FAILED)
         assert "unlike when it last served that checkpoint" in (back.error or "")
         state = await store.load()
         assert state is not None
