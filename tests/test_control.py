@@ -12,13 +12,13 @@ import httpx
 import numpy as np
 import pytest
 
-from shipyard.router.audit import AuditLog
-from shipyard.router.commands import RolloutCommand, RolloutRejected
-from shipyard.router.control import ControlConfig, ControlPlane
+from shipyard.control.audit import AuditLog
+from shipyard.control.commands import RolloutCommand, RolloutRejected
+from shipyard.control.plane import ControlConfig, ControlPlane
+from shipyard.control.rollout import Action, Gate, Observation, Phase, Rollout, RolloutPlan, next_action
+from shipyard.control.state import DeploymentState, ReplicaRecord
+from shipyard.control.store import Fence, MemoryStateStore
 from shipyard.router.replica import Replica, ReplicaPool
-from shipyard.router.rollout import Action, Gate, Observation, Phase, Rollout, RolloutPlan, next_action
-from shipyard.router.state import DeploymentState, ReplicaRecord
-from shipyard.router.store import Fence, MemoryStateStore
 
 
 def engines(request: httpx.Request) -> httpx.Response:

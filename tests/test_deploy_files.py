@@ -18,8 +18,8 @@ import yaml
 from typer.testing import CliRunner
 
 from shipyard.cli import app
+from shipyard.control.store import RedisStateStore, open_store
 from shipyard.ops import NginxConfig, render_nginx
-from shipyard.router.store import RedisStateStore, open_store
 from shipyard.upstreams import parse_target
 from tests.services import tool
 from tests.stack import Stack

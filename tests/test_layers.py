@@ -7,10 +7,11 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "shipyard"
 FORBIDDEN = {
-    "settings": {"router", "engine", "gateway", "tasks", "evaluate", "bench", "prepare", "cli", "stack"},
-    "engine": {"router", "gateway", "tasks", "evaluate", "bench", "cli", "stack"},
-    "router": {"gateway", "tasks", "evaluate", "bench", "prepare", "cli", "stack", "ui"},
-    "tasks": {"router", "gateway", "evaluate", "bench", "cli", "stack"},
+    "settings": {"router", "control", "engine", "gateway", "tasks", "evaluate", "bench", "prepare", "cli", "stack"},
+    "engine": {"router", "control", "gateway", "tasks", "evaluate", "bench", "cli", "stack"},
+    "router": {"control", "gateway", "tasks", "evaluate", "bench", "prepare", "cli", "stack", "ui"},
+    "control": {"gateway", "tasks", "evaluate", "bench", "prepare", "cli", "stack", "ui"},
+    "tasks": {"router", "control", "gateway", "evaluate", "bench", "cli", "stack"},
     "evaluate": {"bench", "gateway", "cli", "stack"},
     "bench": {"evaluate", "gateway", "cli", "stack"},
     "gateway": {"cli", "stack", "bench", "ui"},

@@ -6,8 +6,7 @@ from collections import Counter
 
 import pytest
 
-from shipyard.router import pick_deployment, session_draw
-from shipyard.router.rollout import (
+from shipyard.control.rollout import (
     Gate,
     IllegalTransition,
     Phase,
@@ -17,6 +16,7 @@ from shipyard.router.rollout import (
     parse_gate,
     traffic_weights,
 )
+from shipyard.router import pick_deployment, session_draw
 
 
 def plan(**kw: object) -> RolloutPlan:

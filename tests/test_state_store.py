@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from shipyard.router.state import HISTORY_LIMIT, DeploymentState, ReplicaRecord, StateError
-from shipyard.router.store import (
+from shipyard.control.state import HISTORY_LIMIT, DeploymentState, ReplicaRecord, StateError
+from shipyard.control.store import (
     FileStateStore,
     LoadReport,
     MemoryStateStore,

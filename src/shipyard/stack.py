@@ -27,16 +27,16 @@ import httpx
 import psutil
 from fastapi import FastAPI
 
+from shipyard.control.launcher import ReplicaHandle
+from shipyard.control.rollout import Phase
+from shipyard.control.state import DeploymentState, ReplicaRecord
+from shipyard.control.store import FileStateStore, StateStore, StateUnreadable, StoreLocked, open_store
 from shipyard.engine import EngineProcess, EngineSpec, EngineStartError, Profile
 from shipyard.engine.launcher import EngineHandle, EngineLauncher, cpu_halves
 from shipyard.engine.placement import Gpu, Need, PlacementError, Slot, gpus, plan, weights_gib
 from shipyard.engine.process import MARKER_ENV
 from shipyard.gateway import create_app
 from shipyard.router import Replica
-from shipyard.router.launcher import ReplicaHandle
-from shipyard.router.rollout import Phase
-from shipyard.router.state import DeploymentState, ReplicaRecord
-from shipyard.router.store import FileStateStore, StateStore, StateUnreadable, StoreLocked, open_store
 from shipyard.settings import Settings
 
 VLLM_MEMORY_DEFAULT = 0.9

@@ -13,13 +13,13 @@ import dataclasses
 
 import httpx
 
-from shipyard.router.audit import AuditLog
-from shipyard.router.control import ControlConfig, ControlPlane
+from shipyard.control.audit import AuditLog
+from shipyard.control.plane import ControlConfig, ControlPlane
+from shipyard.control.rollout import Rollout, RolloutPlan
+from shipyard.control.state import DeploymentState, ReplicaRecord
+from shipyard.control.store import LoadReport, MemoryStateStore
+from shipyard.control.strategies import wait_idle
 from shipyard.router.replica import ReplicaPool
-from shipyard.router.rollout import Rollout, RolloutPlan
-from shipyard.router.state import DeploymentState, ReplicaRecord
-from shipyard.router.store import LoadReport, MemoryStateStore
-from shipyard.router.strategies import wait_idle
 from tests.test_control import FakeLauncher, engines
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import httpx
 
-from shipyard.router.commands import RolloutCommand
-from shipyard.router.control import ControlPlane
-from shipyard.router.rollout import Phase, Rollout
-from shipyard.router.store import MemoryStateStore
+from shipyard.control.commands import RolloutCommand
+from shipyard.control.plane import ControlPlane
+from shipyard.control.rollout import Phase, Rollout
+from shipyard.control.store import MemoryStateStore
 from tests.test_control import checkpoint_folder, engines, in_place_plane, until
 
 

@@ -14,10 +14,10 @@ from typing import Any
 import httpx
 import pytest
 
+from shipyard.control.commands import RolloutCommand
+from shipyard.control.rollout import Phase
+from shipyard.control.store import MemoryStateStore
 from shipyard.router import NoReplicaError
-from shipyard.router.commands import RolloutCommand
-from shipyard.router.rollout import Phase
-from shipyard.router.store import MemoryStateStore
 from tests.faults.report import record as report_figures
 from tests.test_control import EngineLog, checkpoint_folder, in_place_plane, until
 

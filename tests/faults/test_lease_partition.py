@@ -17,13 +17,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shipyard.router.audit import AuditLog
-from shipyard.router.commands import RolloutCommand
-from shipyard.router.control import ControlConfig, ControlPlane
+from shipyard.control.audit import AuditLog
+from shipyard.control.commands import RolloutCommand
+from shipyard.control.plane import ControlConfig, ControlPlane
+from shipyard.control.rollout import Phase
+from shipyard.control.state import DeploymentState, ReplicaRecord
+from shipyard.control.store import Fence, LeaseLost, RedisStateStore
 from shipyard.router.replica import ReplicaPool
-from shipyard.router.rollout import Phase
-from shipyard.router.state import DeploymentState, ReplicaRecord
-from shipyard.router.store import Fence, LeaseLost, RedisStateStore
 from tests.faults.report import record
 from tests.faults.tcp import PartitionableProxy
 from tests.services import RedisServer, start_redis

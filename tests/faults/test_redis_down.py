@@ -12,11 +12,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shipyard.router.audit import AuditLog
-from shipyard.router.commands import RolloutCommand, RolloutRejected
-from shipyard.router.control import ControlConfig, ControlPlane
+from shipyard.control.audit import AuditLog
+from shipyard.control.commands import RolloutCommand, RolloutRejected
+from shipyard.control.plane import ControlConfig, ControlPlane
+from shipyard.control.store import RedisStateStore, open_store
 from shipyard.router.replica import Replica, ReplicaPool
-from shipyard.router.store import RedisStateStore, open_store
 from tests.services import start_redis
 from tests.test_control import FakeLauncher, engines
 

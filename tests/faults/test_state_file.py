@@ -18,13 +18,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shipyard.router.audit import AuditLog
-from shipyard.router.commands import RolloutCommand, RolloutRejected
-from shipyard.router.control import ControlConfig, ControlPlane
+from shipyard.control.audit import AuditLog
+from shipyard.control.commands import RolloutCommand, RolloutRejected
+from shipyard.control.plane import ControlConfig, ControlPlane
+from shipyard.control.state import DeploymentState, ReplicaRecord
+from shipyard.control.store import FileStateStore, StateSaveFailed, StateUnreadable
+from shipyard.control.supervisor import Supervisor
 from shipyard.router.replica import Replica, ReplicaPool
-from shipyard.router.state import DeploymentState, ReplicaRecord
-from shipyard.router.store import FileStateStore, StateSaveFailed, StateUnreadable
-from shipyard.router.supervisor import Supervisor
 from tests.faults.report import record
 
 KILLS = 300
@@ -238,7 +238,7 @@ def test_an_audit_log_on_a_full_disk_never_stops_the_supervisor(small_disk: Path
 def test_the_small_files_beside_the_state_are_whole_or_old_on_a_full_disk(small_disk: Path) -> None:
     """Load reports, response owners and the local copy of a Redis state go through one temp-file-and-rename:
     on a full disk the write fails, the file keeps what it held, and no temp file is left."""
-    from shipyard.router.store import _replace_with
+    from shipyard.control.store import _replace_with
 
     target = small_disk / "loads" / "gateway.json"
     _replace_with(target, '{"before": true}')

@@ -21,14 +21,14 @@ import psutil
 import pytest
 import redis
 
+from shipyard.control.audit import AuditLog
+from shipyard.control.plane import ControlConfig, ControlPlane
+from shipyard.control.state import DeploymentState, ReplicaRecord
+from shipyard.control.store import RedisStateStore, StateUnreadable
 from shipyard.engine import EngineProcess, EngineSpec
 from shipyard.engine.launcher import EngineLauncher
 from shipyard.gateway.app import upstream_client
-from shipyard.router.audit import AuditLog
-from shipyard.router.control import ControlConfig, ControlPlane
 from shipyard.router.replica import Replica, ReplicaPool
-from shipyard.router.state import DeploymentState, ReplicaRecord
-from shipyard.router.store import RedisStateStore, StateUnreadable
 from shipyard.settings import load_settings
 from tests.services import RedisServer, start_redis
 from tests.test_control import FakeLauncher, engines

@@ -7,14 +7,14 @@ from typing import Any
 
 import httpx
 
-from shipyard.router.checks import GateFailed
-from shipyard.router.rollout import Gate
+from shipyard.control.checks import GateFailed
+from shipyard.control.rollout import Gate
 from shipyard.tasks.datasets import load_intent_dataset, project_data
 from shipyard.tasks.intent import LabelSet, intent_body, parse_intent
 
 
 class IntentGate:
-    """A ``router.checks.QualityGate``: ``--gate intent:min_acc=0.8,n=32`` asks the new version to classify the
+    """A ``control.checks.QualityGate``: ``--gate intent:min_acc=0.8,n=32`` asks the new version to classify the
     first ``n`` examples of ``dataset`` with the served label set, straight at its engine (no user sees it)."""
 
     def __init__(self, dataset: Path | None, labels: LabelSet) -> None:

@@ -9,12 +9,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from shipyard.control.commands import RolloutCommand, RolloutRejected
+from shipyard.control.plane import ControlPlane
 from shipyard.gateway.auth import KeyChecker
 from shipyard.gateway.errors import OpenAIError
 from shipyard.gateway.proxy import Proxy
 from shipyard.gateway.schemas import parse_json_object, validate
-from shipyard.router.commands import RolloutCommand, RolloutRejected
-from shipyard.router.control import ControlPlane
 
 
 class RolloutRequest(BaseModel):

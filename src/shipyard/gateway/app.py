@@ -14,6 +14,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
 from shipyard import __version__
+from shipyard.control.audit import AuditLog
+from shipyard.control.launcher import Launcher, ReplicaHandle, UrlLauncher
+from shipyard.control.plane import ControlConfig, ControlPlane
+from shipyard.control.store import MemoryStateStore, StateStore
 from shipyard.gateway.admin import install_admin_routes
 from shipyard.gateway.auth import KeyChecker
 from shipyard.gateway.errors import OpenAIError, install_error_handlers
@@ -26,11 +30,7 @@ from shipyard.gateway.transport import UpstreamTransport
 from shipyard.gateway.workers import install_forwarding
 from shipyard.prepare.registry import resolve_input
 from shipyard.router import HealthMonitor, Replica, ReplicaPool
-from shipyard.router.audit import AuditLog
-from shipyard.router.control import ControlConfig, ControlPlane
 from shipyard.router.discovery import UpstreamDiscovery
-from shipyard.router.launcher import Launcher, ReplicaHandle, UrlLauncher
-from shipyard.router.store import MemoryStateStore, StateStore
 from shipyard.settings import Settings
 from shipyard.tasks import IntentDecode, load_labels, load_templates
 from shipyard.tasks.warmup import TaskWarmUp

@@ -15,6 +15,7 @@ import httpx
 from fastapi import Request
 from starlette.responses import Response
 
+from shipyard.control.store import MemoryStateStore, StateStore
 from shipyard.gateway.ejection import ReplicaEjected, until_ejected
 from shipyard.gateway.errors import OpenAIError
 from shipyard.gateway.limits import KeyLimiter, LimitExceeded, Reservation, caller, prompt_estimate, reservation
@@ -36,7 +37,6 @@ from shipyard.gateway.sse import StreamScan, find_response_id, usage_tokens
 from shipyard.gateway.stream import UpstreamStream
 from shipyard.router import NoReplicaError, Replica, ReplicaPool, UnknownModelError
 from shipyard.router.replica import InFlight
-from shipyard.router.store import MemoryStateStore, StateStore
 
 _JSON = "application/json"
 

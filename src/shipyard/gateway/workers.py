@@ -109,9 +109,9 @@ def install_forwarding(
 
 def serve_worker(spec: WorkerSpec, sock: socket.socket) -> None:  # pragma: no cover - runs in the worker process
     """The body of one serving worker process."""
+    from shipyard.control.store import open_store
     from shipyard.gateway.app import create_app
     from shipyard.gateway.server import serve_on
-    from shipyard.router.store import open_store
 
     set_parent_death_signal()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s[w{spec.index}]: %(message)s")

@@ -10,7 +10,7 @@ from shipyard.tasks.reply import Message, ReplyTemplate, reply_body
 
 class TaskWarmUp:
     """A chat turn, an intent classification (``choice`` grammar) and a templated reply (JSON schema grammar), so
-    the first users of a new version do not pay for grammar compilation (a ``router.checks.WarmUp``)."""
+    the first users of a new version do not pay for grammar compilation (a ``control.checks.WarmUp``)."""
 
     def __init__(self, labels: LabelSet, templates: dict[str, ReplyTemplate]) -> None:
         self.labels = labels

@@ -8,15 +8,15 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
-from shipyard.router.checks import GateFailed
-from shipyard.router.commands import RolloutCommand, RolloutRejected, plan_rollout
-from shipyard.router.rollout import Action, Observation, Phase, Rollout, Strategy, next_action
-from shipyard.router.strategies import RolloutStrategy
+from shipyard.control.checks import GateFailed
+from shipyard.control.commands import RolloutCommand, RolloutRejected, plan_rollout
+from shipyard.control.rollout import Action, Observation, Phase, Rollout, Strategy, next_action
+from shipyard.control.strategies import RolloutStrategy
 
 if TYPE_CHECKING:
-    from shipyard.router.control import ControlPlane
+    from shipyard.control.plane import ControlPlane
 
-log = logging.getLogger("shipyard.router")
+log = logging.getLogger("shipyard.control")
 
 
 class RolloutExecutor:

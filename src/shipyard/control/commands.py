@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from shipyard.control.checks import QualityGate
+from shipyard.control.launcher import Launcher, is_url
+from shipyard.control.rollout import Rollout, RolloutPlan, Strategy, other_color, parse_gate
+from shipyard.control.state import ReplicaRecord
 from shipyard.engine.checkpoint import first_difference
-from shipyard.router.checks import QualityGate
-from shipyard.router.launcher import Launcher, is_url
 from shipyard.router.replica import ReplicaPool
-from shipyard.router.rollout import Rollout, RolloutPlan, Strategy, other_color, parse_gate
-from shipyard.router.state import ReplicaRecord
 
 
 class RolloutRejected(Exception):

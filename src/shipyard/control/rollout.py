@@ -93,7 +93,7 @@ def parse_gate(spec: str) -> Gate:
 
 
 class Strategy(str, Enum):
-    """How a new version reaches users (``RolloutStrategy`` implementations, in ``router.strategies``)."""
+    """How a new version reaches users (``RolloutStrategy`` implementations, in ``control.strategies``)."""
 
     BLUE_GREEN = "blue-green"
     """A new engine beside the old one; traffic moves once it is warm; the old one drains and stops."""

@@ -10,12 +10,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from shipyard.router.audit import AuditLog
-from shipyard.router.launcher import ReplicaHandle
+from shipyard.control.audit import AuditLog
+from shipyard.control.launcher import ReplicaHandle
 from shipyard.router.loop import BackgroundLoop
 from shipyard.router.replica import ReplicaPool
 
-log = logging.getLogger("shipyard.router")
+log = logging.getLogger("shipyard.control")
 
 Restarted = Callable[[str, ReplicaHandle], Awaitable[None]]
 """Called after a replica's process was started again (re-load adapters, record its new identity, probe)."""

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shipyard.router.state import DeploymentState, StateError
+from shipyard.control.state import DeploymentState, StateError
 
-log = logging.getLogger("shipyard.router")
+log = logging.getLogger("shipyard.control")
 
 KEEP = 5
 """States kept: the current one and the four before it."""

@@ -2,7 +2,7 @@
 
 Replicas (with the identity of the engine process behind each), deployment weights, model aliases, LoRA
 adapters, the active rollout and a bounded history of finished ones. Immutable: a change is a new snapshot
-with the next ``revision`` (:meth:`DeploymentState.evolve`), saved to a :class:`~shipyard.router.store.StateStore`
+with the next ``revision`` (:meth:`DeploymentState.evolve`), saved to a :class:`~shipyard.control.store.StateStore`
 before it takes effect.
 
 >>> state = DeploymentState().evolve(weights={"blue": 1.0}, by="gateway-1")
@@ -80,7 +80,7 @@ class DeploymentState:
     """The current (or last) rollout, as ``Rollout.to_record()``."""
     history: tuple[Mapping[str, Any], ...] = ()
     fingerprints: Mapping[str, Any] = field(default_factory=dict)
-    """Checkpoint digest -> the fingerprint an engine gave once it served it (see ``router.fingerprint``)."""
+    """Checkpoint digest -> the fingerprint an engine gave once it served it (see ``control.fingerprint``)."""
     updated_at: float = 0.0
     updated_by: str = ""
 

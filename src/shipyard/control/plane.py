@@ -3,7 +3,7 @@
 Every change is saved to the :class:`StateStore` before it takes effect here; other gateways on the same store
 apply it within ``watch_interval_s``. One rollout at a time across them all: the gateway running it holds the
 store's lease and renews it; a rollout whose owner died (its lease expired) is resolved by whichever gateway
-notices, by the rule of :func:`~shipyard.router.rollout.next_action` (written in the README).
+notices, by the rule of :func:`~shipyard.control.rollout.next_action` (written in the README).
 
 >>> control = ControlPlane(pool, client, MemoryStateStore(), UrlLauncher(), audit=AuditLog(None))  # doctest: +SKIP
 >>> await control.start(); rollout = await control.request(RolloutCommand("http://10.0.0.7:8000"))  # doctest: +SKIP
@@ -25,21 +25,21 @@ from typing import Any
 
 import httpx
 
-from shipyard.router.audit import AuditLog
-from shipyard.router.checks import NoGate, PlainWarmUp, QualityGate, WarmUp
-from shipyard.router.commands import RolloutCommand
-from shipyard.router.executor import RolloutExecutor
+from shipyard.control.audit import AuditLog
+from shipyard.control.checks import NoGate, PlainWarmUp, QualityGate, WarmUp
+from shipyard.control.commands import RolloutCommand
+from shipyard.control.executor import RolloutExecutor
+from shipyard.control.inplace import InPlace
+from shipyard.control.launcher import Launcher, ReplicaHandle
+from shipyard.control.rollout import Rollout, Strategy
+from shipyard.control.state import DeploymentState, ReplicaRecord, rebase
+from shipyard.control.store import Fence, LeaseLost, LoadReport, StateConflict, StateStore
+from shipyard.control.strategies import BlueGreen, LoraAlias, RolloutStrategy, reload_adapters
+from shipyard.control.supervisor import Supervisor
 from shipyard.router.health import probe
-from shipyard.router.inplace import InPlace
-from shipyard.router.launcher import Launcher, ReplicaHandle
 from shipyard.router.replica import Replica, ReplicaPool
-from shipyard.router.rollout import Rollout, Strategy
-from shipyard.router.state import DeploymentState, ReplicaRecord, rebase
-from shipyard.router.store import Fence, LeaseLost, LoadReport, StateConflict, StateStore
-from shipyard.router.strategies import BlueGreen, LoraAlias, RolloutStrategy, reload_adapters
-from shipyard.router.supervisor import Supervisor
 
-log = logging.getLogger("shipyard.router")
+log = logging.getLogger("shipyard.control")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""How the router gets replicas: a small seam between rollout decisions and processes."""
+"""How the control plane gets replicas: a small seam between rollout decisions and processes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 
 class ReplicaHandle(Protocol):
-    """A replica the router may restart or stop (an engine process, or a server run by others)."""
+    """A replica the control plane may restart or stop (an engine process, or a server run by others)."""
 
     url: str
 

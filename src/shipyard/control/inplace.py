@@ -18,11 +18,11 @@ from typing import Any
 
 import httpx
 
-from shipyard.router.fingerprint import Fingerprint, WeightsMismatch, checkpoint_digest, take_fingerprint
+from shipyard.control.fingerprint import Fingerprint, WeightsMismatch, checkpoint_digest, take_fingerprint
+from shipyard.control.rollout import Gate, Rollout, Strategy
+from shipyard.control.state import ReplicaRecord
+from shipyard.control.strategies import Deployer, RolloutStrategy, wait_idle
 from shipyard.router.replica import Replica
-from shipyard.router.rollout import Gate, Rollout, Strategy
-from shipyard.router.state import ReplicaRecord
-from shipyard.router.strategies import Deployer, RolloutStrategy, wait_idle
 
 
 class EngineRefused(RuntimeError):

@@ -1,6 +1,6 @@
-"""What a rollout runs against a new version before users see it, as protocols the router is given.
+"""What a rollout runs against a new version before users see it, as protocols the control plane is given.
 
-The router knows neither the task endpoints nor the evaluation code: ``tasks.warmup.TaskWarmUp`` and
+The control plane knows neither the task endpoints nor the evaluation code: ``tasks.warmup.TaskWarmUp`` and
 ``evaluate.gate.IntentGate`` implement these, and the gateway's factory passes them in.
 """
 
@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from shipyard.router.rollout import Gate
+from shipyard.control.rollout import Gate
 
 
 class GateFailed(RuntimeError):

@@ -15,13 +15,13 @@ from typing import Any, Protocol
 
 import httpx
 
-from shipyard.router.checks import QualityGate
+from shipyard.control.checks import QualityGate
+from shipyard.control.launcher import ExternalReplica, Launcher, ReplicaHandle, is_url
+from shipyard.control.rollout import Phase, Rollout, Strategy, traffic_weights
+from shipyard.control.state import DeploymentState, ReplicaRecord
+from shipyard.control.supervisor import Supervisor
 from shipyard.router.health import probe
-from shipyard.router.launcher import ExternalReplica, Launcher, ReplicaHandle, is_url
 from shipyard.router.replica import Replica, ReplicaPool
-from shipyard.router.rollout import Phase, Rollout, Strategy, traffic_weights
-from shipyard.router.state import DeploymentState, ReplicaRecord
-from shipyard.router.supervisor import Supervisor
 
 
 class Deployer(Protocol):
