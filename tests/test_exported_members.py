@@ -17,6 +17,7 @@ PUBLIC = {
         "last_error",
     ],
     "shipyard.router": [
+        "Fleet",
         "HealthMonitor",
         "NoReplicaError",
         "Replica",
@@ -50,6 +51,7 @@ PUBLIC = {
         "GatewayMetrics",
         "KeyChecker",
         "OpenAIError",
+        "ServedModel",
         "create_app",
         "error_body",
         "upstream_client",

@@ -257,8 +257,8 @@ def test_metrics_count_requests_tokens_and_ttft(stack: Stack) -> None:
     assert 'shipyard_output_tokens_total{model="fake-model"} 7.0' in text
     ttft = 'shipyard_time_to_first_token_seconds_count{deployment="blue",model="fake-model",route="chat",version="v1"}'
     assert f"{ttft} 1.0" in text
-    assert 'shipyard_deployment_replicas{deployment="blue",state="ready",version="v1"} 1.0' in text
-    assert 'shipyard_deployment_weight{deployment="blue"} 1.0' in text
+    assert 'shipyard_deployment_replicas{deployment="blue",model="",state="ready",version="v1"} 1.0' in text
+    assert 'shipyard_deployment_weight{deployment="blue",model=""} 1.0' in text
     assert 'shipyard_requests_in_flight{route="chat"} 0.0' in text
     assert "shipyard_replicas_ready 1.0" in text
 

@@ -125,7 +125,7 @@ def test_replicas_start_one_engine_each_share_the_memory_and_stand_in_for_each_o
             assert command[command.index("--gpu-memory-utilization") + 1] == "0.45"
             assert httpx.get(f"{record['url']}/health", timeout=5).status_code == 200
         metrics = httpx.get(f"{url}/metrics", timeout=5).text
-        assert 'shipyard_deployment_replicas{deployment="blue",state="ready",version="v1"} 2.0' in metrics
+        assert 'shipyard_deployment_replicas{deployment="blue",model="v1",state="ready",version="v1"} 2.0' in metrics
 
         os.kill(int(second["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
         with httpx.Client(base_url=url, headers={"Authorization": "Bearer sk-u"}, timeout=10) as client:

@@ -108,6 +108,51 @@ class EngineSettings(BaseSettings):
     """Command that starts vLLM's CLI; empty means ``<this python> -m vllm.entrypoints.cli.main``."""
 
 
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}")
+
+
+class ModelSettings(BaseSettings):
+    """One model of the fleet (an entry of ``models:``): what clients call it, where its weights come from, how
+    many engines serve it and where they run. Each model has its own deployments, versions, traffic weights,
+    rollouts and rollout lease.
+
+    >>> ModelSettings(name="classifier", source="/models/intent-w4a16", replicas=2, gpus=[0, 1])   # doctest: +SKIP
+    """
+
+    model_config = SettingsConfigDict(extra="forbid")
+
+    name: str
+    """What clients send as ``model`` (the engine's ``--served-model-name``)."""
+    source: str | None = None
+    """A model folder, a registered ``NAME[:VERSION]``, or the ``http(s)://`` URL of a running server that serves
+    ``name``; None: the embedded default model."""
+    version: str | None = None
+    """The version name of what ``source`` holds at the first start (default: the folder's name)."""
+    replicas: int | None = Field(default=None, ge=1, le=16)
+    """Engines for this model (default: ``engine.replicas``)."""
+    gpus: Literal["auto"] | list[int] = "auto"
+    """``auto``: placed by the planner; or the GPU indexes its engines may use."""
+    engine: dict[str, Any] = Field(default_factory=dict)
+    """Engine settings for this model only, over the top-level ``engine`` (same keys)."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _MODEL_NAME.fullmatch(value):
+            raise ValueError(f"model name {value!r}: letters, digits and . _ - : / only, at most 128")
+        return value
+
+    @field_validator("engine")
+    @classmethod
+    def _engine_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        EngineSettings(**value)  # unknown keys and bad values fail here, naming the key
+        return value
+
+    @property
+    def is_url(self) -> bool:
+        return bool(self.source and self.source.startswith(("http://", "https://")))
+
+
 class IntentSettings(BaseSettings):
     """``/v1/intent`` (and ``/predict``)."""
 
@@ -256,6 +301,9 @@ class Settings(BaseSettings):
     """How often the state is read for changes made by other gateways."""
 
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    models: list[ModelSettings] = Field(default_factory=list)
+    """The fleet: several models behind this gateway, each with its own engines, state and rollouts (see the
+    README's "Fleets"). Empty: one model, from ``model`` (the shorthand for a fleet of one)."""
     intent: IntentSettings = Field(default_factory=IntentSettings)
     reply: ReplySettings = Field(default_factory=ReplySettings)
     ui: UISettings = Field(default_factory=UISettings)
@@ -316,6 +364,42 @@ class Settings(BaseSettings):
                 f"({self.lease_ttl_s:g}): the rollout owner must stop acting before another gateway can take over"
             )
         return self
+
+    @model_validator(mode="after")
+    def _fleet(self) -> Settings:
+        if not self.models:
+            return self
+        if self.model is not None or self.served_model_name is not None:
+            raise ValueError("give either model (one model) or models (a fleet), not both")
+        names = [m.name for m in self.models]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"models: the name {twice[0]!r} is given twice; every model needs its own name")
+        for task, bound in (("intent", self.intent.model), ("reply", self.reply.model)):
+            if bound is not None and bound not in names:
+                raise ValueError(f"{task}.model {bound!r} is not served; models: {', '.join(names)}")
+        return self
+
+    def fleet(self) -> list[ModelSettings]:
+        """Every model to serve: ``models``, or the one of the shorthand (``model``, ``served_model_name``,
+        ``version_label``, ``engine.replicas``; its name is empty until the folder gives it one)."""
+        if self.models:
+            return list(self.models)
+        return [
+            ModelSettings(
+                name=self.served_model_name or "-",
+                source=self.model,
+                version=self.version_label,
+                replicas=self.engine.replicas,
+            ).model_copy(update={"name": self.served_model_name or ""})
+        ]
+
+    def engine_for(self, model: ModelSettings) -> EngineSettings:
+        """The engine settings of one model: the top-level ``engine`` with the model's own keys over it."""
+        merged = {**self.engine.model_dump(), **model.engine}
+        if model.replicas is not None:
+            merged["replicas"] = model.replicas
+        return EngineSettings(**merged)
 
     def named_keys(self) -> list[tuple[str, str]]:
         """(name, key) of every API key."""

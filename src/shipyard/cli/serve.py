@@ -18,6 +18,7 @@ from pydantic import SecretStr
 from shipyard.cli.app import ConfigOption, app, fail, port_is_free, settings_from
 from shipyard.cli.ui import start_page
 from shipyard.engine import Profile
+from shipyard.engine.checkpoint import CheckpointError, model_kind
 from shipyard.gateway.auth import ensure_api_key
 from shipyard.gateway.metrics import enable_multiprocess
 from shipyard.gateway.server import run_gateway
@@ -72,21 +73,56 @@ def with_admin_key(settings: Settings) -> tuple[Settings, str | None]:
 
 
 def resolve_model(settings: Settings) -> tuple[str, str]:
-    """(model folder, served name) for the engine: the configured folder, a registered ``NAME[:VERSION]``, or
-    the embedded default."""
-    if settings.model:
+    """(model folder, served name) for the engine of the ``model:`` shorthand: the configured folder, a
+    registered ``NAME[:VERSION]``, or the embedded default."""
+    folder, served = resolve_source(settings, settings.model, "--model")
+    return folder, settings.served_model_name or served
+
+
+def resolve_source(settings: Settings, source: str | None, what: str) -> tuple[str, str]:
+    """(model folder, the name it would be served under) for a folder, a registered ``NAME[:VERSION]``, or
+    None (the embedded default)."""
+    if source:
         try:
-            folder, ref = resolve_input(settings.model, settings.models_dir)
+            folder, ref = resolve_input(source, settings.models_dir)
         except RegistryError as exc:
-            raise fail(f"--model {settings.model}: not a model folder, and {exc}") from None
+            raise fail(f"{what} {source}: not a model folder, and {exc}") from None
         if not (folder / "config.json").is_file():
-            raise fail(f"--model {folder}: not an HF model folder (no config.json there)")
-        return str(folder), settings.served_model_name or (ref.partition(":")[0] if ref else folder.name)
+            raise fail(f"{what} {folder}: not an HF model folder (no config.json there)")
+        return str(folder), ref.partition(":")[0] if ref else folder.name
     try:
         model = pull_default(settings.models_dir)
     except DefaultModelError as exc:
         raise fail(str(exc)) from None
-    return str(model.path), settings.served_model_name or DEFAULT_MODEL_NAME
+    return str(model.path), DEFAULT_MODEL_NAME
+
+
+def fleet_choices(settings: Settings, profile: str, enable_lora: bool) -> list[EngineChoice]:
+    """What to start for each model of the fleet (``models:``, or the one of ``model:``)."""
+    if not settings.models:
+        folder, served = resolve_model(settings)
+        spec = engine_spec(settings, folder, served, profile, enable_lora)
+        return [EngineChoice(folder, served, spec, settings.version_label or Path(folder).name, kind=_kind(folder))]
+    choices = []
+    for model in settings.models:
+        if model.is_url:
+            assert model.source is not None
+            choices.append(EngineChoice(model.source.rstrip("/"), model.name, None, model.version or "upstream"))
+            continue
+        folder, _ = resolve_source(settings, model.source, f"models.{model.name}.source")
+        engine = settings.engine_for(model)
+        spec = engine_spec(settings, folder, model.name, profile, enable_lora, engine)
+        gpus = tuple(model.gpus) if isinstance(model.gpus, list) else None
+        version = model.version or Path(folder).name
+        choices.append(EngineChoice(folder, model.name, spec, version, model.name, engine, gpus, _kind(folder)))
+    return choices
+
+
+def _kind(folder: str) -> str:
+    try:
+        return model_kind(Path(folder))
+    except CheckpointError as exc:
+        raise fail(str(exc)) from None
 
 
 def banner(url: str, model: str, new_key: str | None, settings: Settings) -> str:
@@ -148,10 +184,8 @@ def serve_stack(
     replicas = [Replica(url, name=f"upstream-{i}", deployment="blue") for i, url in enumerate(static)]
     profile_name = resolve_profile(profile or settings.engine.profile)
 
-    def choose_engine() -> EngineChoice:
-        folder, served = resolve_model(settings)
-        spec = engine_spec(settings, folder, served, profile_name, enable_lora)
-        return EngineChoice(folder, served, spec, settings.version_label or Path(folder).name)
+    def choose_engines() -> list[EngineChoice]:
+        return fleet_choices(settings, profile_name, enable_lora)
 
     def say(line: str) -> None:
         typer.echo(line, err=True)
@@ -164,7 +198,7 @@ def serve_stack(
         stack = build_stack(
             settings,
             upstreams=replicas,
-            choose_engine=choose_engine if engine else None,
+            choose_engines=choose_engines if engine else None,
             profile=profile_name,
             enable_lora=enable_lora,
             say=say,

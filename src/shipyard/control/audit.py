@@ -12,8 +12,10 @@ log = logging.getLogger("shipyard.audit")
 
 
 class AuditLog:
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, model: str = "") -> None:
         self.path = path
+        self.model = model
+        """The fleet model whose control plane writes here: every entry says ``model`` (several share one file)."""
         self.entries: list[dict[str, Any]] = []
         self.write_failures = 0
         """Entries that could not be appended to ``path`` (kept in ``entries`` and the process log)."""
@@ -23,6 +25,7 @@ class AuditLog:
             "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
             "who": who,
             "action": action,
+            **({"model": self.model} if self.model else {}),
             **details,
         }
         self.entries.append(entry)

@@ -46,7 +46,10 @@ class RolloutExecutor:
                     "rollouts wait until it answers",
                 )
             owner = await self.control.store.lease_owner()
-            raise RolloutRejected(409, f"gateway {owner} is running a rollout; one at a time across all gateways")
+            of = f" of {self.control.config.model}" if self.control.config.model else ""
+            raise RolloutRejected(
+                409, f"gateway {owner} is running a rollout{of}; one at a time per model across all gateways"
+            )
         rollout = Rollout(plan, clock=self.control.clock)
         before, self.control.current = self.control.current, rollout
         try:

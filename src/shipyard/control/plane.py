@@ -61,6 +61,10 @@ class ControlConfig:
     """Longest an in-place weight reload may take before the previous weights are put back."""
     gateway_id: str = ""
     """This gateway's name in leases, load reports and the state's ``updated_by`` (default: host-pid-random)."""
+    model: str = ""
+    """The fleet model this control plane changes (its name in status, the audit log and errors)."""
+    kind: str = "generate"
+    """``generate`` (chat/completions) or ``embed`` (a pooling model): what warm-up requests it is sent."""
     follower: bool = False
     """A serving worker of a gateway of several processes: it applies the state and reports its load, but never
     saves a state nor runs or takes over a rollout (its primary process does; the admin API is forwarded there)."""
@@ -423,14 +427,21 @@ class ControlPlane:
     async def warm(self, replicas: list[Replica], model: str, light: bool) -> None:
         """Real requests so first users do not pay for warm-up; ``light``: one 1-token request each (a LoRA
         adapter runs in an engine whose kernels and grammars are already warm)."""
-        light_body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+        route, light_body = (
+            "/v1/chat/completions",
+            {
+                "model": model,
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 1,
+            },
+        )
+        if self.config.kind == "embed":
+            route, light_body, light = "/v1/embeddings", {"model": model, "input": ["warm-up"]}, True
         bodies = [light_body] if light else self.warm_up.bodies(model)
         count = 1 if light else max(self.config.warmup_requests, 1)
         for replica in replicas:
             for i in range(count):
-                response = await self.client.post(
-                    f"{replica.url}/v1/chat/completions", json=bodies[i % len(bodies)], timeout=300
-                )
+                response = await self.client.post(f"{replica.url}{route}", json=bodies[i % len(bodies)], timeout=300)
                 if response.status_code != 200:
                     what = "does not answer" if light else "warm-up request failed"
                     raise RuntimeError(
@@ -444,7 +455,7 @@ class ControlPlane:
         current = self.current
         if current is not None and not any(h["id"] == current.id for h in finished):
             finished.append(current.to_dict())
-        return finished
+        return [{**h, "model": self.config.model} for h in finished] if self.config.model else finished
 
     def describe(self) -> dict[str, Any]:
         deployments = {
@@ -461,6 +472,8 @@ class ControlPlane:
                         "models": sorted(r.models),
                         "error": r.last_error or None,
                         "pid": getattr(self._state.replica(r.name), "pid", None),
+                        "devices": getattr(self._state.replica(r.name), "devices", None),
+                        "cpu_bind": getattr(self._state.replica(r.name), "cpu_bind", None),
                     }
                     for r in replicas
                 ],
@@ -468,6 +481,7 @@ class ControlPlane:
             for name, replicas in self.pool.deployments().items()
         }
         return {
+            "model": self.config.model,
             "deployments": deployments,
             "aliases": self.pool.aliases,
             "rollout": self.current.to_dict() if self.current else None,

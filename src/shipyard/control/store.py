@@ -596,23 +596,33 @@ def _redact(url: str) -> str:
     return f"{scheme}{sep}{'***@' if at else ''}{host}" if userinfo else url
 
 
-def open_store(state_url: str | None, data_dir: Path, signing_key: str | None = None) -> StateStore:
+def open_store(
+    state_url: str | None, data_dir: Path, signing_key: str | None = None, model: str | None = None
+) -> StateStore:
     """``None`` → the file ``data_dir/state/state.json``; ``file:///DIR`` → ``DIR/state.json``;
     ``redis://[:password@]host:port/db[?prefix=NAME]`` (or ``rediss://``) → Redis, its states signed with
-    ``signing_key`` when one is given. ValueError otherwise."""
+    ``signing_key`` when one is given. ValueError otherwise.
+
+    ``model``: the store of one model of a fleet (``models:``): the folder ``models/<model>`` under the file
+    store's, or the Redis prefix ``NAME:model:<model>``; each has its own state, lease and load reports.
+    """
     if state_url is None:
-        return FileStateStore(data_dir / "state")
+        return FileStateStore(_model_folder(data_dir / "state", model))
     if state_url.startswith("file://"):
-        return FileStateStore(Path(state_url[len("file://") :]))
+        return FileStateStore(_model_folder(Path(state_url[len("file://") :]), model))
     if state_url.startswith(("redis://", "rediss://", "unix://")):
         base, _, query = state_url.partition("?")
         params = dict(part.partition("=")[::2] for part in query.split("&") if part)
-        prefix = params.pop("prefix", "shipyard")
+        prefix = params.pop("prefix", "shipyard") + (f":model:{model}" if model else "")
         rest = "&".join(f"{k}={v}" for k, v in params.items())
         return RedisStateStore(
             base + (f"?{rest}" if rest else ""),
             prefix=prefix,
-            local_copy=data_dir / "state" / f"{prefix}.redis.json",
+            local_copy=data_dir / "state" / f"{prefix.replace('/', '_')}.redis.json",
             signing_key=signing_key,
         )
     raise ValueError(f"state_url {state_url!r} must be file:///DIR or redis://HOST:PORT/DB")
+
+
+def _model_folder(folder: Path, model: str | None) -> Path:
+    return folder / "models" / model.replace("/", "_") if model else folder

@@ -111,3 +111,15 @@ def first_difference(running: Path, new: Path) -> str | None:
                 f"{fresh[0]} {list(fresh[1])} in the new one"
             )
     return None
+
+
+GENERATIVE_SUFFIXES = ("ForCausalLM", "ForConditionalGeneration", "LMHeadModel")
+
+
+def model_kind(folder: Path) -> str:
+    """``generate`` for a checkpoint with a language-model head (chat, completions), ``embed`` for the others
+    vLLM serves as pooling models (a bare encoder such as all-MiniLM-L6-v2's ``BertModel``)."""
+    architectures = _config(folder).get("architectures") or []
+    if not architectures or any(str(a).endswith(GENERATIVE_SUFFIXES) for a in architectures):
+        return "generate"
+    return "embed"

@@ -73,15 +73,23 @@ def cpu_halves(cpus: int | None = None) -> tuple[str, str] | None:
     first and, while the first serves traffic, barely gets to start (seen here: stuck in start-up for minutes
     under 16 streaming clients on 2 cores). Blue and green each get half of the machine instead.
     """
+    sets = cpu_sets(2, cpus)
+    return (sets[0], sets[1]) if len(sets) == 2 else None
+
+
+def cpu_sets(parts: int, cpus: int | None = None) -> list[str]:
+    """``parts`` disjoint CPU sets of (nearly) equal size, fewer when there are fewer CPUs than parts; none for
+    one CPU. ``cpu_sets(3, 8)`` -> ``["0-1", "2-4", "5-7"]``."""
     count = cpus or os.cpu_count() or 1
-    if count < 2:
-        return None
-    half = count // 2
+    parts = min(parts, count)
+    if parts < 2:
+        return []
 
     def span(first: int, last: int) -> str:
         return str(first) if first == last else f"{first}-{last}"
 
-    return span(0, half - 1), span(half, count - 1)
+    bounds = [count * i // parts for i in range(parts + 1)]
+    return [span(bounds[i], bounds[i + 1] - 1) for i in range(parts)]
 
 
 class EngineLauncher:

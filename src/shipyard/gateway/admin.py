@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -26,16 +26,41 @@ class RolloutRequest(BaseModel):
     gate: str | None = None
     lora: bool = False
     strategy: Literal["auto", "inplace", "blue-green"] = "auto"
+    model: str | None = Field(default=None, min_length=1, description="the fleet model to update")
 
 
 def install_admin_routes(
     app: FastAPI,
     proxy: Proxy,
     keys: KeyChecker,
-    control: ControlPlane,
+    controls: Mapping[str, ControlPlane],
     resolve: Callable[[str], tuple[str, str | None]] | None = None,
 ) -> None:
-    """``resolve``: a registry reference ``NAME[:VERSION]`` -> (folder, version) for rollout targets."""
+    """``controls``: the control plane of each model of the fleet. ``resolve``: a registry reference
+    ``NAME[:VERSION]`` -> (folder, version) for rollout targets.
+
+    Each route acts on one model: the one named by ``model`` (the rollout's body field, or ``?model=`` on the
+    others), or the only one of a fleet of one. ``GET /admin/deployments`` without a model on a fleet of
+    several describes them all (``{"models": {name: ...}}``)."""
+
+    def plane(model: str | None) -> ControlPlane:
+        if model is None:
+            if len(controls) == 1:
+                return next(iter(controls.values()))
+            raise OpenAIError(
+                400,
+                f"several models are served ({', '.join(controls)}); name the one to change in 'model'",
+                param="model",
+                code="model_required",
+            )
+        if model not in controls:
+            raise OpenAIError(
+                404,
+                f"no model {model!r} in this fleet; models: {', '.join(controls)}",
+                param="model",
+                code="model_not_found",
+            )
+        return controls[model]
 
     def authorize(request: Request) -> str:
         """The admin's identity for the audit log: ``admin:<key name>``, never the key."""
@@ -45,14 +70,17 @@ def install_admin_routes(
         return OpenAIError(exc.status, str(exc), code="rollout_rejected")
 
     @app.get("/admin/deployments")
-    async def deployments(request: Request) -> dict[str, Any]:
+    async def deployments(request: Request, model: str | None = None) -> dict[str, Any]:
         authorize(request)
-        return control.describe()
+        if model is None and len(controls) > 1:
+            return {"models": {name: c.describe() for name, c in controls.items()}}
+        return plane(model).describe()
 
     @app.post("/admin/rollouts", status_code=202)
     async def start_rollout(request: Request) -> JSONResponse:
         admin = authorize(request)
         parsed = validate(RolloutRequest, parse_json_object(await proxy.read_body(request)))
+        control = plane(parsed.model)
         target, version = parsed.target, parsed.version
         if resolve is not None and not parsed.lora:
             try:
@@ -78,29 +106,32 @@ def install_admin_routes(
         return JSONResponse(rollout.to_dict(), status_code=202)
 
     @app.get("/admin/rollouts")
-    async def list_rollouts(request: Request) -> dict[str, Any]:
+    async def list_rollouts(request: Request, model: str | None = None) -> dict[str, Any]:
         authorize(request)
-        return {"rollouts": control.history()}
+        if model is None and len(controls) > 1:
+            return {"rollouts": [r for c in controls.values() for r in c.history()]}
+        return {"rollouts": plane(model).history()}
 
     @app.get("/admin/rollouts/current")
-    async def current_rollout(request: Request) -> dict[str, Any]:
+    async def current_rollout(request: Request, model: str | None = None) -> dict[str, Any]:
         authorize(request)
+        control = plane(model)
         if control.current is None:
             raise OpenAIError(404, "no rollout has been requested on this gateway", code="no_rollout")
         return control.current.to_dict()
 
     @app.post("/admin/rollouts/current/promote")
-    async def promote(request: Request) -> dict[str, Any]:
+    async def promote(request: Request, model: str | None = None) -> dict[str, Any]:
         admin = authorize(request)
         try:
-            return (await control.promote(admin)).to_dict()
+            return (await plane(model).promote(admin)).to_dict()
         except RolloutRejected as exc:
             raise rejected(exc) from None
 
     @app.post("/admin/rollouts/current/rollback")
-    async def rollback(request: Request) -> dict[str, Any]:
+    async def rollback(request: Request, model: str | None = None) -> dict[str, Any]:
         admin = authorize(request)
         try:
-            return (await control.rollback(admin)).to_dict()
+            return (await plane(model).rollback(admin)).to_dict()
         except RolloutRejected as exc:
             raise rejected(exc) from None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path as PathLib
 from typing import Annotated, Any
 
@@ -31,6 +33,7 @@ from shipyard.gateway.workers import install_forwarding
 from shipyard.prepare.registry import resolve_input
 from shipyard.router import HealthMonitor, Replica, ReplicaPool
 from shipyard.router.discovery import UpstreamDiscovery
+from shipyard.router.fleet import Fleet
 from shipyard.settings import Settings
 from shipyard.tasks import IntentDecode, load_labels, load_templates
 from shipyard.tasks.warmup import TaskWarmUp
@@ -50,6 +53,20 @@ def upstream_client(settings: Settings) -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=timeout, transport=UpstreamTransport(), headers=headers)
 
 
+@dataclass
+class ServedModel:
+    """One model of the fleet as the gateway is given it: its replicas now, how to start more (``launcher``),
+    the engine processes behind them (``managed``), where its deployment state lives (``store``), and whether
+    it generates text or embeddings (``kind``, for warm-up requests)."""
+
+    name: str
+    replicas: Sequence[Replica] = ()
+    launcher: Launcher | None = None
+    managed: Mapping[str, ReplicaHandle] | None = None
+    store: StateStore | None = None
+    kind: str = "generate"
+
+
 def create_app(
     settings: Settings,
     upstreams: Sequence[Replica],
@@ -59,6 +76,7 @@ def create_app(
     managed: Mapping[str, ReplicaHandle] | None = None,
     store: StateStore | None = None,
     primary_socket: str | None = None,
+    models: Sequence[ServedModel] | None = None,
 ) -> FastAPI:
     """Build the gateway.
 
@@ -73,19 +91,30 @@ def create_app(
     when it already holds a state, that state says what is served and ``upstreams`` only seed an empty one.
     ``primary_socket``: this app is a serving worker of a gateway of several processes (see
     ``shipyard.gateway.workers``): it follows ``store``, never saves it, and forwards the admin API there.
+    ``models``: a fleet, each model with its own replicas, launcher, engines and store (then ``launcher``,
+    ``managed`` and ``store`` are not given, and ``upstreams`` join the first model's replicas).
     """
+    if models is None:
+        models = [ServedModel("", upstreams, launcher, managed, store)]
+    elif launcher is not None or managed is not None or store is not None:
+        raise ValueError("with models, each model gives its own launcher, engines and store")
+    else:
+        models = [dataclasses.replace(models[0], replicas=[*models[0].replicas, *upstreams]), *models[1:]]
+    if len({m.name for m in models}) != len(models):
+        raise ValueError("every model of the fleet needs its own name")
     keys = KeyChecker(settings.named_keys())
     if set(settings.admin_key_values()) & set(settings.key_values()):
         raise ValueError("admin keys must differ from API keys")
     limiter = KeyLimiter(settings.limits_for)
     labels = load_labels(settings.intent_labels_file)
     templates = load_templates(settings.reply_templates_file)
-    pool = ReplicaPool(upstreams)
+    pool = Fleet({m.name: ReplicaPool(m.replicas) for m in models})
     metrics = GatewayMetrics()
     metrics.add_collector(PoolCollector(pool))
     own_client = client is None
     http = client or upstream_client(settings)
-    store = store or MemoryStateStore()
+    stores = {m.name: m.store or MemoryStateStore() for m in models}
+    store = stores[models[0].name]
     proxy = Proxy(
         pool,
         http,
@@ -101,37 +130,42 @@ def create_app(
     )
     monitor = HealthMonitor(pool, http, interval_s=settings.health_interval_s, timeout_s=settings.health_timeout_s)
     discovery = UpstreamDiscovery(
-        pool, [parse_target(u) for u in settings.upstreams if is_discovery(u)], settings.discovery_interval_s
+        pool.default, [parse_target(u) for u in settings.upstreams if is_discovery(u)], settings.discovery_interval_s
     )
     from shipyard.evaluate.gate import IntentGate
 
-    for name in managed or {}:
-        if not any(r.name == name for r in upstreams):
-            raise ValueError(f"managed replica {name!r} is not among the upstreams")
-    control = ControlPlane(
-        pool,
-        http,
-        store,
-        launcher or UrlLauncher(),
-        audit=AuditLog(settings.data_dir / "audit.jsonl"),
-        warm_up=TaskWarmUp(labels, templates),
-        gate=IntentGate(settings.gate_dataset, labels),
-        managed=managed,
-        config=ControlConfig(
-            drain_timeout_s=settings.drain_timeout_s,
-            ready_timeout_s=settings.engine.startup_timeout_s,
-            warmup_requests=settings.warmup_requests,
-            restart_backoff_s=settings.restart_backoff_s,
-            hung_restart_s=settings.hung_restart_s,
-            watch_interval_s=settings.state_watch_interval_s,
-            lease_ttl_s=settings.lease_ttl_s,
-            lease_renew_deadline_s=settings.lease_renew_deadline_s,
-            reload_timeout_s=settings.reload_timeout_s,
-            gateway_id=settings.gateway_id or "",
-            follower=primary_socket is not None,
-        ),
-        on_pause=lambda seconds, strategy: metrics.rollout_pause.labels(strategy).observe(seconds),
-    )
+    controls: dict[str, ControlPlane] = {}
+    for model in models:
+        for name in model.managed or {}:
+            if not any(r.name == name for r in model.replicas):
+                raise ValueError(f"managed replica {name!r} is not among the upstreams")
+        controls[model.name] = ControlPlane(
+            pool.pool_of(model.name),
+            http,
+            stores[model.name],
+            model.launcher or UrlLauncher(),
+            audit=AuditLog(settings.data_dir / "audit.jsonl", model=model.name),
+            warm_up=TaskWarmUp(labels, templates),
+            gate=IntentGate(settings.gate_dataset, labels),
+            managed=model.managed,
+            config=ControlConfig(
+                drain_timeout_s=settings.drain_timeout_s,
+                ready_timeout_s=settings.engine.startup_timeout_s,
+                warmup_requests=settings.warmup_requests,
+                restart_backoff_s=settings.restart_backoff_s,
+                hung_restart_s=settings.hung_restart_s,
+                watch_interval_s=settings.state_watch_interval_s,
+                lease_ttl_s=settings.lease_ttl_s,
+                lease_renew_deadline_s=settings.lease_renew_deadline_s,
+                reload_timeout_s=settings.reload_timeout_s,
+                gateway_id=settings.gateway_id or "",
+                follower=primary_socket is not None,
+                model=model.name,
+                kind=model.kind,
+            ),
+            on_pause=lambda seconds, strategy: metrics.rollout_pause.labels(strategy).observe(seconds),
+        )
+    control = controls[models[0].name]
 
     forwarding: list[httpx.AsyncClient] = []
 
@@ -139,13 +173,15 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await discovery.refresh()
         await monitor.check_all()
-        await control.start()
+        for plane in controls.values():
+            await plane.start()
         monitor.start()
         discovery.start()
         try:
             yield
         finally:
-            await control.stop()
+            for plane in controls.values():
+                await plane.stop()
             await discovery.stop()
             await monitor.stop()
             if own_client:
@@ -170,6 +206,8 @@ def create_app(
     app.state.monitor = monitor
     app.state.discovery = discovery
     app.state.control = control
+    """The first model's control plane (the only one of a fleet of one)."""
+    app.state.controls = controls
     install_error_handlers(app)
 
     def authorize(request: Request) -> None:
@@ -184,6 +222,7 @@ def create_app(
         replicas = [
             {
                 "name": r.name,
+                "model": model,
                 "deployment": r.deployment,
                 "version": r.version,
                 "ready": r.ready,
@@ -191,11 +230,12 @@ def create_app(
                 "models": sorted(r.models),
                 "error": r.last_error or None,
             }
-            for r in pool.replicas
+            for model, model_pool in pool.pools.items()
+            for r in model_pool.replicas
         ]
         is_ready = bool(pool.ready())
         body: dict[str, Any] = {"status": "ready" if is_ready else "unavailable", "replicas": replicas}
-        degraded = getattr(control.store, "degraded", None)
+        degraded = next((d for c in controls.values() if (d := getattr(c.store, "degraded", None))), None)
         if degraded:
             body["state"] = {"degraded": degraded}
         headers = None if is_ready else {"Retry-After": str(settings.retry_after_s)}
@@ -261,9 +301,9 @@ def create_app(
         admin_keys = KeyChecker(settings.named_admin_keys()) if settings.admin_keys else None
         forwarding.append(install_forwarding(app, primary_socket, proxy.read_body, admin_keys))
     elif settings.admin_keys:
-        install_admin_routes(app, proxy, KeyChecker(settings.named_admin_keys()), control, resolve_target)
+        install_admin_routes(app, proxy, KeyChecker(settings.named_admin_keys()), controls, resolve_target)
     document_api(app)
     return app
 
 
-__all__ = ["OpenAIError", "create_app", "upstream_client"]
+__all__ = ["OpenAIError", "ServedModel", "create_app", "upstream_client"]

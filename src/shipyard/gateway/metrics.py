@@ -22,7 +22,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from shipyard.router import ReplicaPool
+from shipyard.router.fleet import Fleet
 from shipyard.router.policy import deployment_shares
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -78,35 +78,36 @@ class GCWatch:
 
 
 class PoolCollector(Collector):
-    """Gauges read from the pool at scrape time: replicas ready, replicas per deployment/version, weights."""
+    """Gauges read from the fleet at scrape time: replicas ready, replicas per model/deployment/version, weights."""
 
-    def __init__(self, pool: ReplicaPool) -> None:
-        self.pool = pool
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         ready = GaugeMetricFamily("shipyard_replicas_ready", "Replicas ready to take traffic")
-        ready.add_metric([], len(self.pool.ready()))
+        ready.add_metric([], len(self.fleet.ready()))
         yield ready
         replicas = GaugeMetricFamily(
             "shipyard_deployment_replicas",
-            "Replicas of each deployment/version, by state (ready or not)",
-            labels=["deployment", "version", "state"],
+            "Replicas of each model's deployment/version, by state (ready or not)",
+            labels=["model", "deployment", "version", "state"],
         )
-        counts: dict[tuple[str, str, str], int] = {}
-        for replica in self.pool.replicas:
-            key = (replica.deployment, replica.version or "-", "ready" if replica.ready else "unready")
-            counts[key] = counts.get(key, 0) + 1
-        for key, count in sorted(counts.items()):
-            replicas.add_metric(list(key), count)
-        yield replicas
         weight = GaugeMetricFamily(
             "shipyard_deployment_weight",
-            "Share of new requests each deployment gets (0..1, normalised over ready deployments)",
-            labels=["deployment"],
+            "Share of the model's new requests each deployment gets (0..1, normalised over ready deployments)",
+            labels=["model", "deployment"],
         )
-        shares = deployment_shares(self.pool.weights, sorted({r.deployment for r in self.pool.ready()}))
-        for name in self.pool.deployments():
-            weight.add_metric([name], shares.get(name, 0.0))
+        for model, pool in self.fleet.pools.items():
+            counts: dict[tuple[str, str, str, str], int] = {}
+            for replica in pool.replicas:
+                key = (model, replica.deployment, replica.version or "-", "ready" if replica.ready else "unready")
+                counts[key] = counts.get(key, 0) + 1
+            for key, count in sorted(counts.items()):
+                replicas.add_metric(list(key), count)
+            shares = deployment_shares(pool.weights, sorted({r.deployment for r in pool.ready()}))
+            for name in pool.deployments():
+                weight.add_metric([model, name], shares.get(name, 0.0))
+        yield replicas
         yield weight
 
 

@@ -35,7 +35,8 @@ from shipyard.gateway.schemas import (
 )
 from shipyard.gateway.sse import StreamScan, find_response_id, usage_tokens
 from shipyard.gateway.stream import UpstreamStream
-from shipyard.router import NoReplicaError, Replica, ReplicaPool, UnknownModelError
+from shipyard.router import NoReplicaError, Replica, UnknownModelError
+from shipyard.router.fleet import Fleet
 from shipyard.router.replica import InFlight
 
 _JSON = "application/json"
@@ -142,7 +143,7 @@ def _version_labels(replica: Replica | None) -> tuple[str, str]:
 class Proxy:
     def __init__(
         self,
-        pool: ReplicaPool,
+        pool: Fleet,
         client: httpx.AsyncClient,
         metrics: GatewayMetrics,
         *,

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 
+from shipyard.router.fleet import Fleet
 from shipyard.router.loop import BackgroundLoop
 from shipyard.router.replica import Replica, ReplicaPool
 
@@ -22,7 +23,7 @@ service into 1,898 503s. Refused connections and non-200 answers still take a re
 
 
 async def probe(
-    client: httpx.AsyncClient, replica: Replica, timeout: float = 5.0, pool: ReplicaPool | None = None
+    client: httpx.AsyncClient, replica: Replica, timeout: float = 5.0, pool: ReplicaPool | Fleet | None = None
 ) -> None:
     """Update one replica's readiness and model list in place; log when readiness changes. With ``pool``, a
     replica found hung (see :func:`hung`) is ejected from it: requests waiting on it stop waiting."""
@@ -92,7 +93,7 @@ class HealthMonitor(BackgroundLoop):
     task_name = "shipyard-health"
 
     def __init__(
-        self, pool: ReplicaPool, client: httpx.AsyncClient, interval_s: float = 1.0, timeout_s: float = 2.0
+        self, pool: ReplicaPool | Fleet, client: httpx.AsyncClient, interval_s: float = 1.0, timeout_s: float = 2.0
     ) -> None:
         super().__init__()
         self.pool = pool
