@@ -74,7 +74,7 @@ def test_serve_with_two_workers_shares_the_port_follows_rollouts_and_stops_whole
             scrape = httpx.get(f"{url}/metrics", timeout=10).text
             served = [line for line in scrape.splitlines() if line.startswith("shipyard_requests_total{")]
             assert sum(float(line.rsplit(" ", 1)[1]) for line in served if 'route="chat"' in line) == 40
-            assert 'shipyard_deployment_weight{deployment="blue",model=""} 1.0' in scrape
+            assert 'shipyard_deployment_weight{deployment="blue",model="v1"} 1.0' in scrape
             assert 'shipyard_gc_pause_seconds_count{generation="0"}' in scrape  # each serving process times its GC
             assert "/admin/rollouts" in httpx.get(f"{url}/openapi.json", timeout=10).json()["paths"]
 

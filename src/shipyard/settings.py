@@ -124,8 +124,9 @@ class ModelSettings(BaseSettings):
     name: str
     """What clients send as ``model`` (the engine's ``--served-model-name``)."""
     source: str | None = None
-    """A model folder, a registered ``NAME[:VERSION]``, or the ``http(s)://`` URL of a running server that serves
-    ``name``; None: the embedded default model."""
+    """A model folder, a registered ``NAME[:VERSION]``, the ``http(s)://`` URL of a running server that serves
+    ``name``, or ``dns+http://NAME:PORT[#deployment]`` (one replica per address NAME resolves to: the engine pods'
+    headless Service on Kubernetes); None: the embedded default model."""
     version: str | None = None
     """The version name of what ``source`` holds at the first start (default: the folder's name)."""
     replicas: int | None = Field(default=None, ge=1, le=16)
@@ -148,9 +149,17 @@ class ModelSettings(BaseSettings):
         EngineSettings(**value)  # unknown keys and bad values fail here, naming the key
         return value
 
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith(("http://", "https://", "dns+")):
+            check_upstreams([value])
+        return value
+
     @property
     def is_url(self) -> bool:
-        return bool(self.source and self.source.startswith(("http://", "https://")))
+        """True when ``source`` names servers someone else runs (a URL, or a name to resolve)."""
+        return bool(self.source and self.source.startswith(("http://", "https://", "dns+")))
 
 
 class IntentSettings(BaseSettings):

@@ -83,6 +83,8 @@ class Stack:
     """Replicas whose running engine was adopted (no cold start)."""
     stores: list[StateStore] = field(default_factory=list)
     """The state store of each model of the fleet (``store`` is the first one's)."""
+    models: tuple[tuple[str, str], ...] = ()
+    """(name, store scope) of each model of the fleet (scope "": the store of a fleet of one)."""
 
     def engines(self) -> list[EngineProcess]:
         """Every engine process this stack owns now, of every model (rollouts may have replaced or added some)."""
@@ -321,7 +323,9 @@ def build_stack(
     the states name.
     """
     choices = choose_engines() if choose_engines is not None else []
-    names = [c.name for c in choices] if choices else [m.name for m in settings.models] or [""]
+    if choose_engines is None:  # no engines here: each model's state, and the servers its source names
+        choices = [EngineChoice(m.source or "", m.name, None, m.version or "", m.name) for m in settings.models]
+    names = [c.name for c in choices] or [""]
     engines = [c for c in choices if c.spec is not None]
     cpu = profile == Profile.CPU.value
     total = sum(c.settings_of(settings).replicas for c in engines)
@@ -367,7 +371,8 @@ def build_stack(
                 asyncio.run(store.close())  # its lock
         raise
     served = ", ".join(m.name for m in served_models if m.name) or ", ".join(r.url for r in upstreams)
-    return Stack(app, stores[0], served, handles, adopted, stores)
+    fleet = tuple((m.name, name) for m, name in zip(served_models, names, strict=True))
+    return Stack(app, stores[0], served, handles, adopted, stores, fleet)
 
 
 def _bring_up_model(
@@ -404,6 +409,10 @@ def _bring_up_model(
         return ServedModel(served, replicas, launcher, handles, store, kind), adopted
     if choice is None:
         return ServedModel(served, [], None, None, store, kind), []
+    if choice.folder.startswith("dns+"):  # servers someone else runs, found by name (Kubernetes pods)
+        return ServedModel(served, [], None, None, store, kind, discover=[choice.folder]), []
+    if launcher is None and not choice.folder.startswith(("http://", "https://")):
+        return ServedModel(served, [], None, None, store, kind), []  # no engine here: what its state will name
     if launcher is None or choice.spec is None:  # a server someone else runs
         replica = Replica(
             choice.folder, name=f"{choice.name or 'upstream'}-0", deployment="blue", version=choice.version
@@ -444,7 +453,7 @@ def _carry_over(settings: Settings, store: StateStore, choice: EngineChoice, say
             asyncio.run(legacy.close())
     if old is None or choice.served not in _served_names(old):
         return None
-    carried = old.evolve(by="shipyard-serve", rollout=None if (old.rollout or {}).get("phase") else old.rollout)
+    carried = dataclasses.replace(old, revision=0).evolve(by="shipyard-serve")  # the first revision of its store
     asyncio.run(_in_this_loop(settings, store, functools.partial(_save, carried), choice.name))
     say(f"carried the state of {choice.served} (revision {old.revision}) over from {legacy.description}")
     return carried

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,6 +13,7 @@ import typer
 from typer.core import TyperGroup
 
 from shipyard.cli.app import ConfigOption, app, fail, settings_from
+from shipyard.ops.k8s import write_manifests
 
 
 class _DeployGroup(TyperGroup):
@@ -26,7 +28,7 @@ class _DeployGroup(TyperGroup):
 
 deploy_app = typer.Typer(
     cls=_DeployGroup,
-    help="Roll a new version out (`shipyard deploy TARGET`), or write operator files (nginx-config).",
+    help="Roll a new version out (`shipyard deploy TARGET`), or write operator files (nginx-config, k8s-manifests).",
     no_args_is_help=True,
 )
 app.add_typer(deploy_app, name="deploy")
@@ -67,6 +69,16 @@ def _call(method: str, gateway: str, path: str, key: str, body: dict[str, Any] |
     return payload
 
 
+ModelOption = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="The fleet model to act on (needed when the gateway serves several)."),
+]
+
+
+def _query(model: str | None) -> str:
+    return f"?{urllib.parse.urlencode({'model': model})}" if model else ""
+
+
 def _line(rollout: dict[str, Any]) -> str:
     spans = ", ".join(f"{phase} {seconds:.2f}s" for phase, seconds in rollout["durations_s"].items())
     facts = " ".join(f"{k}={v}" for k, v in rollout["facts"].items())
@@ -97,6 +109,7 @@ def deploy(
             "inplace; or blue-green."
         ),
     ] = "auto",
+    model: ModelOption = None,
     wait: Annotated[bool, typer.Option(help="Follow the rollout until it is done, failed or in canary.")] = True,
     timeout: Annotated[float, typer.Option(help="Seconds to follow it.")] = 900,
     config: ConfigOption = None,
@@ -110,17 +123,18 @@ def deploy(
         "gate": gate,
         "lora": lora,
         "strategy": strategy,
+        **({"model": model} if model else {}),
     }
     rollout = _call("POST", gateway, "/admin/rollouts", key, body)
     typer.echo(
-        f"rollout {rollout['id']} accepted: {target} as version {rollout['version']} "
+        f"rollout {rollout['id']} accepted{' for ' + model if model else ''}: {target} as version {rollout['version']} "
         f"-> deployment {rollout['new_deployment']}, {rollout['strategy']}: {rollout['strategy_reason']}"
     )
     if not wait:
         return
     deadline, seen = time.monotonic() + timeout, ""
     while time.monotonic() < deadline:
-        rollout = _call("GET", gateway, "/admin/rollouts/current", key)
+        rollout = _call("GET", gateway, f"/admin/rollouts/current{_query(model)}", key)
         if rollout["phase"] != seen:
             seen = rollout["phase"]
             typer.echo(_line(rollout))
@@ -140,42 +154,63 @@ def status(
     gateway: GatewayOption = "http://127.0.0.1:8080",
     admin_key: AdminKeyOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON.")] = False,
+    model: ModelOption = None,
     config: ConfigOption = None,
 ) -> None:
-    """Deployments, their weights and replicas, and the current rollout."""
-    described = _call("GET", gateway, "/admin/deployments", _admin_key(admin_key, config))
+    """Each model's deployments, their weights and replicas (with their devices), and its current rollout."""
+    described = _call("GET", gateway, f"/admin/deployments{_query(model)}", _admin_key(admin_key, config))
     if as_json:
         typer.echo(json.dumps(described, indent=2))
         return
+    fleet = described["models"] if "models" in described else {described.get("model") or "": described}
+    for name, one in fleet.items():
+        indent = "  " if len(fleet) > 1 else ""
+        if len(fleet) > 1:
+            typer.echo(f"model {name}:")
+        _print_model(one, indent)
+
+
+def _print_model(described: dict[str, Any], indent: str) -> None:
     for name, deployment in described["deployments"].items():
-        typer.echo(f"{name}: weight {deployment['weight']:.2f}")
+        typer.echo(f"{indent}{name}: weight {deployment['weight']:.2f}")
         for r in deployment["replicas"]:
             state = "ready" if r["ready"] else f"NOT READY ({r['error']})"
+            place = (
+                f" gpus={r['devices']}" if r.get("devices") else f" cpus={r['cpu_bind']}" if r.get("cpu_bind") else ""
+            )
             typer.echo(
-                f"  {r['name']} {r['url']} version={r['version']} {state} in_flight={r['in_flight']} "
-                f"restarts={r['restarts']}"
+                f"{indent}  {r['name']} {r['url']} version={r['version']} {state} in_flight={r['in_flight']} "
+                f"restarts={r['restarts']}{place}"
             )
     for alias, target in described["aliases"].items():
-        typer.echo(f"alias {alias} -> {target}")
+        typer.echo(f"{indent}alias {alias} -> {target}")
     if described["rollout"]:
-        typer.echo(_line(described["rollout"]))
+        typer.echo(indent + _line(described["rollout"]))
 
 
 @rollout_app.command("promote")
 def promote(
-    gateway: GatewayOption = "http://127.0.0.1:8080", admin_key: AdminKeyOption = None, config: ConfigOption = None
+    gateway: GatewayOption = "http://127.0.0.1:8080",
+    admin_key: AdminKeyOption = None,
+    model: ModelOption = None,
+    config: ConfigOption = None,
 ) -> None:
     """Send all traffic to the canary and retire the old version."""
-    typer.echo(_line(_call("POST", gateway, "/admin/rollouts/current/promote", _admin_key(admin_key, config))))
+    path = f"/admin/rollouts/current/promote{_query(model)}"
+    typer.echo(_line(_call("POST", gateway, path, _admin_key(admin_key, config))))
 
 
 @rollout_app.command("rollback")
 def rollback(
-    gateway: GatewayOption = "http://127.0.0.1:8080", admin_key: AdminKeyOption = None, config: ConfigOption = None
+    gateway: GatewayOption = "http://127.0.0.1:8080",
+    admin_key: AdminKeyOption = None,
+    model: ModelOption = None,
+    config: ConfigOption = None,
 ) -> None:
     """Return all traffic to the previous version in one step (while it is still running), or reload the
     previous weights after an in-place update."""
-    typer.echo(_line(_call("POST", gateway, "/admin/rollouts/current/rollback", _admin_key(admin_key, config))))
+    path = f"/admin/rollouts/current/rollback{_query(model)}"
+    typer.echo(_line(_call("POST", gateway, path, _admin_key(admin_key, config))))
 
 
 @deploy_app.command("nginx-config")
@@ -221,3 +256,17 @@ def nginx_config(
     except OSError as exc:
         raise fail(f"cannot write {out}: {exc}") from None
     typer.echo(f"wrote {out}", err=True)
+
+
+@deploy_app.command("k8s-manifests")
+def k8s_manifests(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the manifests into.")],
+    config: ConfigOption = None,
+) -> None:
+    """Write Kubernetes manifests for the fleet of the settings (``models:``): engines per model, gateways, Redis."""
+    settings = settings_from(config)
+    try:
+        written = write_manifests(settings, out)
+    except (ValueError, OSError) as exc:
+        raise fail(f"cannot write the manifests: {exc}") from None
+    typer.echo(f"wrote {len(written)} files to {out} (apply with: kubectl apply -k {out})")

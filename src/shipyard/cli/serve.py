@@ -132,9 +132,11 @@ def banner(url: str, model: str, new_key: str | None, settings: Settings) -> str
         key_ref = f"$(cat {settings.api_key_file})"
     else:
         key_ref = "$SHIPYARD_API_KEY"
+    served = model
+    model = served.split(", ")[0]  # the example asks the first model of a fleet
     lines = [
         "",
-        f"shipyard gateway: {url}   model: {model}",
+        f"shipyard gateway: {url}   model{'s' if ', ' in served else ''}: {served}",
     ]
     if new_key:
         lines.append(f"API key (shown once, stored in {settings.api_key_file}): {new_key}")
@@ -205,6 +207,8 @@ def serve_stack(
         )
     except StackError as exc:
         raise fail(str(exc)) from None
+    if workers is not None:
+        workers.models = stack.models
     pid_file = gateway_pid_file(settings)
     try:
         pid_file.parent.mkdir(parents=True, exist_ok=True)

@@ -65,6 +65,8 @@ class ServedModel:
     managed: Mapping[str, ReplicaHandle] | None = None
     store: StateStore | None = None
     kind: str = "generate"
+    discover: Sequence[str] = ()
+    """``dns+http://NAME:PORT[#deployment]`` targets whose addresses are this model's replicas."""
 
 
 def create_app(
@@ -129,9 +131,11 @@ def create_app(
         responses=store,
     )
     monitor = HealthMonitor(pool, http, interval_s=settings.health_interval_s, timeout_s=settings.health_timeout_s)
-    discovery = UpstreamDiscovery(
-        pool.default, [parse_target(u) for u in settings.upstreams if is_discovery(u)], settings.discovery_interval_s
-    )
+    discoveries = [
+        UpstreamDiscovery(pool.pool_of(m.name), [parse_target(u) for u in targets], settings.discovery_interval_s)
+        for n, m in enumerate(models)
+        if (targets := [*m.discover, *(u for u in settings.upstreams if is_discovery(u) and n == 0)])
+    ]
     from shipyard.evaluate.gate import IntentGate
 
     controls: dict[str, ControlPlane] = {}
@@ -171,18 +175,21 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await discovery.refresh()
+        for discovery in discoveries:
+            await discovery.refresh()
         await monitor.check_all()
         for plane in controls.values():
             await plane.start()
         monitor.start()
-        discovery.start()
+        for discovery in discoveries:
+            discovery.start()
         try:
             yield
         finally:
             for plane in controls.values():
                 await plane.stop()
-            await discovery.stop()
+            for discovery in discoveries:
+                await discovery.stop()
             await monitor.stop()
             if own_client:
                 await http.aclose()
@@ -204,7 +211,7 @@ def create_app(
     app.state.limiter = limiter
     app.state.metrics = metrics
     app.state.monitor = monitor
-    app.state.discovery = discovery
+    app.state.discoveries = discoveries
     app.state.control = control
     """The first model's control plane (the only one of a fleet of one)."""
     app.state.controls = controls

@@ -62,6 +62,8 @@ class WorkerSpec:
     settings: Settings
     index: int
     primary_socket: str
+    models: tuple[tuple[str, str], ...] = ()
+    """(name, store scope) of each model of the primary's fleet (scope "": the store of a fleet of one)."""
 
 
 def install_forwarding(
@@ -110,15 +112,19 @@ def install_forwarding(
 def serve_worker(spec: WorkerSpec, sock: socket.socket) -> None:  # pragma: no cover - runs in the worker process
     """The body of one serving worker process."""
     from shipyard.control.store import open_store
-    from shipyard.gateway.app import create_app
+    from shipyard.gateway.app import ServedModel, create_app
     from shipyard.gateway.server import serve_on
 
     set_parent_death_signal()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s[w{spec.index}]: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     # a file store is read, never locked
-    store = open_store(spec.settings.state_url, spec.settings.data_dir, spec.settings.state_key_value())
-    app = create_app(spec.settings, [], store=store, primary_socket=spec.primary_socket)
+    settings = spec.settings
+    models = [
+        ServedModel(name, store=open_store(settings.state_url, settings.data_dir, settings.state_key_value(), scope))
+        for name, scope in spec.models or (("", ""),)
+    ]
+    app = create_app(settings, [], models=models, primary_socket=spec.primary_socket)
     serve_on(app, [sock], log_level="warning")
 
 
@@ -139,6 +145,8 @@ class Workers:
         self._stopping = threading.Event()
         self._shutting_down: Callable[[], bool] = lambda: False
         self._watcher: threading.Thread | None = None
+        self.models: tuple[tuple[str, str], ...] = ()
+        """The fleet the workers serve, (name, store scope) per model: set once the primary built it."""
 
     def sockets(self, public: socket.socket) -> list[socket.socket]:
         """The primary's sockets: ``public`` (shared with the workers) and its private Unix socket."""
@@ -170,7 +178,7 @@ class Workers:
         gateway_id = f"{self.settings.gateway_id or socket.gethostname()}-{os.getpid()}-w{index}"
         # a plain Settings (the loaded one is of a class made per config file, which does not pickle)
         settings = Settings.model_validate({**self.settings.model_dump(), "gateway_id": gateway_id})
-        spec = WorkerSpec(settings, index, self.primary_socket)
+        spec = WorkerSpec(settings, index, self.primary_socket, self.models)
         process = self._context.Process(
             target=serve_worker, args=(spec, self._public), name=f"shipyard-worker-{index}", daemon=False
         )

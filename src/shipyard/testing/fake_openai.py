@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import time
 from collections import deque
@@ -314,7 +315,22 @@ def _message(request: dict[str, Any], n: int, stream: bool) -> Any:
     ]
 
 
+def _embedding(request: dict[str, Any], _n: int, _stream: bool) -> dict[str, Any]:
+    """A unit vector of 8 dimensions per input, the same for the same text (a pooling model's shape)."""
+    texts = request.get("input", "")
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    data = []
+    for index, text in enumerate(texts):
+        digest = hashlib.sha256(str(text).encode()).digest()
+        raw = [b - 127.5 for b in digest[:8]]
+        norm = sum(x * x for x in raw) ** 0.5 or 1.0
+        data.append({"object": "embedding", "index": index, "embedding": [x / norm for x in raw]})
+    usage = {"prompt_tokens": 3 * len(texts), "total_tokens": 3 * len(texts)}
+    return {"object": "list", "model": request.get("model"), "data": data, "usage": usage}
+
+
 _OTHER_ROUTES = {
+    "/v1/embeddings": _embedding,
     "/tokenize": _tokenize,
     "/detokenize": _detokenize,
     "/v1/responses": _response,

@@ -1,0 +1,185 @@
+"""Kubernetes manifests for a fleet, from the same settings ``shipyard serve`` reads.
+
+Per model: a blue and a green engine Deployment (green at 0 replicas until a rollout scales it up), each with a
+Service and a headless twin the gateways discover the pods by, a model volume per color, and GPU requests equal
+to the GPUs one engine takes (``tensor_parallel_size``, or the length of ``gpus``). Once: the namespace, Redis
+(the shared state), the NetworkPolicies, two gateway replicas and the chat page. A fleet of one model keeps the
+plain names (``shipyard-engine-blue``; the gateway finds it through ``SHIPYARD_UPSTREAMS``): that is what
+``deploy/k8s`` holds, written from ``deploy/k8s/fleet.yaml``. A fleet of several gets the model in each name and
+label, and its ``models:`` list (each source the model's headless Service) in a ConfigMap the gateways read.
+
+>>> write_manifests(load_settings(Path("shipyard.yaml")), Path("k8s-out"))   # doctest: +SKIP
+[PosixPath('k8s-out/namespace.yaml'), ...]
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from string import Template
+
+import yaml
+
+from shipyard.settings import ModelSettings, Settings
+
+COLORS = ("blue", "green")
+STATIC = ("namespace.yaml", "redis.yaml", "network-policy.yaml", "ui.yaml")
+ENGINE_PORT = 8000
+DEFAULT_SERVED = "qwen"
+"""The served name of a fleet of one whose settings name none (what the manifests always used)."""
+
+
+@dataclass(frozen=True)
+class EngineManifest:
+    """The names and vLLM arguments of one model's engines on Kubernetes."""
+
+    model: str
+    engine: str
+    """Base name of its Deployments and Services (``shipyard-engine`` or ``shipyard-engine-<model>``)."""
+    volume: str
+    replicas: int
+    gpus: int
+    args: tuple[str, ...]
+    labelled: bool
+    """Whether its labels and selectors carry ``shipyard/model`` (a fleet of several)."""
+
+    def discovery(self, color: str = "blue") -> str:
+        return f"dns+http://{self.engine}-{color}-pods:{ENGINE_PORT}#{color}"
+
+
+def _template(name: str) -> str:
+    return resources.files("shipyard.ops").joinpath("manifests", name).read_text()
+
+
+def _slug(name: str) -> str:
+    slug = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
+    if not slug:
+        raise ValueError(f"model name {name!r} gives no Kubernetes name (letters or digits needed)")
+    return slug
+
+
+def engines_of(settings: Settings) -> list[EngineManifest]:
+    fleet = settings.models or [
+        ModelSettings(name=settings.served_model_name or DEFAULT_SERVED, replicas=settings.engine.replicas)
+    ]
+    several = len(fleet) > 1
+    slugs = [_slug(m.name) for m in fleet]
+    if len(set(slugs)) != len(slugs):
+        raise ValueError(f"two models give the same Kubernetes name: {', '.join(m.name for m in fleet)}")
+    found = []
+    for model, slug in zip(fleet, slugs, strict=True):
+        e = settings.engine_for(model)
+        gpus = len(model.gpus) if isinstance(model.gpus, list) else e.tensor_parallel_size or 1
+        args = [
+            "--model=/models/served",
+            f"--served-model-name={model.name}",
+            "--host=0.0.0.0",
+            f"--port={ENGINE_PORT}",
+            f"--max-model-len={e.max_model_len or 4096}",
+            "--enable-prefix-caching",
+            f"--gpu-memory-utilization={e.gpu_memory_utilization or 0.9}",
+            *([f"--tensor-parallel-size={e.tensor_parallel_size}"] if (e.tensor_parallel_size or 1) > 1 else []),
+            *([f"--quantization={e.quantization}"] if e.quantization else []),
+            *e.extra_args,
+        ]
+        found.append(
+            EngineManifest(
+                model=model.name,
+                engine=f"shipyard-engine-{slug}" if several else "shipyard-engine",
+                volume=f"shipyard-model-{slug}" if several else "shipyard-model",
+                replicas=e.replicas,
+                gpus=gpus,
+                args=tuple(args),
+                labelled=several,
+            )
+        )
+    return found
+
+
+def _engine_file(engine: EngineManifest, color: str) -> str:
+    args = "".join(f"            - {arg}\n" for arg in engine.args[1:])
+    return Template(_template("engine.yaml")).substitute(
+        what=f"{engine.model}, " if engine.labelled else "",
+        color=color,
+        engine=engine.engine,
+        model_flag=f" --model {engine.model}" if engine.labelled else "",
+        model_label=f", shipyard/model: {_slug(engine.model)}" if engine.labelled else "",
+        replicas=engine.replicas if color == "blue" else 0,
+        args=args,
+        gpus=engine.gpus,
+        volume=engine.volume,
+    )
+
+
+def _fleet_config(settings: Settings, engines: list[EngineManifest]) -> str:
+    config: dict[str, object] = {"models": [{"name": e.model, "source": e.discovery()} for e in engines]}
+    for task in ("intent", "reply"):
+        bound = getattr(settings, task).model
+        if bound is not None:
+            config[task] = {"model": bound}
+    text = yaml.safe_dump(config, sort_keys=False)
+    return (
+        "---\n# The fleet the gateways serve: each model's engines found by their headless Service.\n"
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: shipyard-fleet\n  namespace: shipyard\ndata:\n"
+        "  shipyard.yaml: |\n" + "".join(f"    {line}\n" for line in text.splitlines())
+    )
+
+
+def _gateway_file(settings: Settings, engines: list[EngineManifest]) -> str:
+    if len(engines) == 1:
+        models_env = (
+            "            # one replica per blue engine pod (headless Service), re-resolved every 10 s\n"
+            f"            - {{name: SHIPYARD_UPSTREAMS, value: {json.dumps(engines[0].discovery())}}}\n"
+        )
+        mount = volume = config = ""
+    else:
+        models_env = (
+            "            # the fleet (ConfigMap shipyard-fleet): each model's blue engine pods, re-resolved every 10 s\n"
+            "            - {name: SHIPYARD_CONFIG, value: /etc/shipyard/shipyard.yaml}\n"
+        )
+        mount = "            - {name: fleet, mountPath: /etc/shipyard, readOnly: true}\n"
+        volume = "        - name: fleet\n          configMap: {name: shipyard-fleet}\n"
+        config = _fleet_config(settings, engines)
+    text = Template(_template("gateway.yaml")).substitute(models_env=models_env, fleet_mount=mount, fleet_volume=volume)
+    return text + config
+
+
+def render(settings: Settings) -> dict[str, str]:
+    """File name -> text of every manifest of the fleet (and its ``kustomization.yaml``)."""
+    engines = engines_of(settings)
+    files = {"namespace.yaml": _template("namespace.yaml")}
+    volumes = [
+        Template(_template("model-volume.yaml")).substitute(volume=e.volume, color=color, storage="40Gi")
+        for e in engines
+        for color in COLORS
+    ]
+    files["model-volumes.yaml"] = _template("model-volumes-header.yaml") + "---\n".join(volumes)
+    for engine in engines:
+        prefix = engine.engine.removeprefix("shipyard-")
+        for color in COLORS:
+            files[f"{prefix}-{color}.yaml"] = _engine_file(engine, color)
+    for name in STATIC[1:3]:
+        files[name] = _template(name)
+    files["gateway.yaml"] = _gateway_file(settings, engines)
+    files["ui.yaml"] = _template("ui.yaml")
+    resources_list = "".join(f"  - {name}\n" for name in files)
+    files["kustomization.yaml"] = (
+        '# kubectl apply -k deploy/k8s   (after creating the secret: see the README\'s "Operate it")\n'
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: shipyard\nresources:\n"
+        + resources_list
+    )
+    return files
+
+
+def write_manifests(settings: Settings, out: Path) -> list[Path]:
+    """Write :func:`render`'s files into ``out`` (created); returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in render(settings).items():
+        path = out / name
+        path.write_text(text)
+        written.append(path)
+    return written
