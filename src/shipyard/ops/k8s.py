@@ -137,7 +137,7 @@ def _gateway_file(settings: Settings, engines: list[EngineManifest]) -> str:
         mount = volume = config = ""
     else:
         models_env = (
-            "            # the fleet (ConfigMap shipyard-fleet): each model's blue engine pods, re-resolved every 10 s\n"
+            "            # the fleet (ConfigMap shipyard-fleet): each model's blue engine pods, resolved every 10 s\n"
             "            - {name: SHIPYARD_CONFIG, value: /etc/shipyard/shipyard.yaml}\n"
         )
         mount = "            - {name: fleet, mountPath: /etc/shipyard, readOnly: true}\n"
