@@ -122,3 +122,64 @@ def test_serve_replicas_on_a_four_gpu_host_get_one_gpu_each_and_the_whole_fracti
     assert started == ["0", "1", "2", "3"]
     with pytest.raises(StackError, match="do not fit this host's GPUs: assistant replica 0 needs"):
         gpu_plan(settings, spec, [Gpu(0, 16.0)])
+
+
+def sparse_checkpoint(folder: Path, gib: float) -> str:
+    """A model folder whose safetensors header says ``gib`` of tensors (sparse: nothing else is written)."""
+    folder.mkdir(parents=True)
+    raw = json.dumps({"w": {"dtype": "BF16", "shape": [1], "data_offsets": [0, int(gib * 2**30)]}}).encode()
+    with (folder / "model.safetensors").open("wb") as handle:
+        handle.write(struct.pack("<Q", len(raw)) + raw)
+        handle.truncate(8 + len(raw) + int(gib * 2**30))
+    (folder / "config.json").write_text("{}")
+    return str(folder)
+
+
+def test_a_fleet_from_the_settings_is_placed_on_four_24gb_cards(tmp_path: Path) -> None:
+    """The README's worked 4-GPU example, from a `models:` list to each engine's CUDA_VISIBLE_DEVICES."""
+    import dataclasses
+
+    from shipyard.engine import EngineSpec
+    from shipyard.settings import load_settings
+    from shipyard.stack import EngineChoice, engine_launcher, fleet_gpu_plan
+
+    folders = {
+        "assistant": sparse_checkpoint(tmp_path / "qwen14b-gptq", QWEN_14B_INT4),
+        "classifier": sparse_checkpoint(tmp_path / "intent-w4a16", QWEN_7B_INT4),
+        "embed": sparse_checkpoint(tmp_path / "minilm", MINILM),
+    }
+    (tmp_path / "fleet.yaml").write_text(
+        "models:\n"
+        f"  - {{name: assistant, source: {folders['assistant']}, engine: {{tensor_parallel_size: 2}}}}\n"
+        f"  - {{name: classifier, source: {folders['classifier']}, replicas: 2}}\n"
+        f"  - {{name: embed, source: {folders['embed']}}}\n"
+    )
+    settings = load_settings(tmp_path / "fleet.yaml", data_dir=tmp_path / "data")
+    choices = [
+        EngineChoice(folders[m.name], m.name, EngineSpec(model=folders[m.name], served_model_name=m.name), "v1",
+                     m.name, settings.engine_for(m))
+        for m in settings.models
+    ]  # fmt: skip
+    slots = fleet_gpu_plan(settings, choices, FOUR_4090D)
+    assert [(s.model, s.replica, s.visible_devices, s.memory_fraction) for s in slots] == [
+        ("assistant", 0, "0,1", 0.9),
+        ("classifier", 0, "2", 0.779),
+        ("classifier", 1, "3", 0.9),
+        ("embed", 0, "2", 0.12),
+    ]
+    launcher = engine_launcher(settings, choices[2], "default", False, gpu_slots=slots)
+    handle = launcher.handle_for(dataclasses.replace(choices[2].spec), "blue-v1", **launcher.free_place(set()))  # type: ignore[arg-type]
+    assert (handle.process.env or {})["CUDA_VISIBLE_DEVICES"] == "2"
+    assert handle.process.spec.gpu_memory_utilization == 0.12
+    assert launcher.log_dir == tmp_path / "data" / "logs" / "embed"
+    from shipyard.stack import StackError
+
+    too_big = [
+        dataclasses.replace(
+            c, engine=settings.engine_for(settings.models[0]).model_copy(update={"tensor_parallel_size": 4})
+        )
+        for c in choices[:1]
+    ]
+    too_big += choices[1:]
+    with pytest.raises(StackError, match="classifier replica 0: every allowed GPU is taken by a tensor-parallel group"):
+        fleet_gpu_plan(settings, too_big, FOUR_4090D)
