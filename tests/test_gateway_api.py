@@ -3,6 +3,7 @@ engine dev routes never proxied, named keys and per-key limits."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from pathlib import Path
@@ -179,27 +180,35 @@ def test_concurrent_requests_limit(fake: FakeOpenAI) -> None:
 def test_limiter_window_slides_with_the_clock() -> None:
     now = [0.0]
     limiter = KeyLimiter(lambda _: KeyLimits(rpm=1, tpm=10), clock=lambda: now[0])
-    limiter.admit("a").release()
-    limiter.record_tokens("a", 3)
-    with pytest.raises(Exception, match="1 requests per minute; retry in 60 s"):
-        limiter.admit("a")
-    now[0] = 59.5
-    with pytest.raises(Exception, match="retry in 1 s"):
-        limiter.admit("a")
-    now[0] = 60.0
-    limiter.admit("a").release()  # the first request left the window
-    limiter.record_tokens("a", 20)
-    now[0] = 121.0
-    limiter.admit("a")
+
+    async def steps() -> None:
+        (await limiter.admit("a")).release()
+        limiter.record_tokens("a", 3)
+        with pytest.raises(Exception, match="1 requests per minute; retry in 60 s"):
+            await limiter.admit("a")
+        now[0] = 59.5
+        with pytest.raises(Exception, match="retry in 1 s"):
+            await limiter.admit("a")
+        now[0] = 60.0
+        (await limiter.admit("a")).release()  # the first request left the window
+        limiter.record_tokens("a", 20)
+        now[0] = 121.0
+        await limiter.admit("a")
+
+    asyncio.run(steps())
 
 
 def test_limiter_looks_each_keys_limits_up_once() -> None:
     """A lookup builds settings objects; on every request it was a quarter of the gateway's CPU."""
     looked_up: list[str] = []
     limiter = KeyLimiter(lambda name: looked_up.append(name) or KeyLimits(concurrent=2))
-    for _ in range(3):
-        limiter.admit("a").release()
-    limiter.admit("b").release()
+
+    async def steps() -> None:
+        for _ in range(3):
+            (await limiter.admit("a")).release()
+        (await limiter.admit("b")).release()
+
+    asyncio.run(steps())
     assert looked_up == ["a", "b"]
 
 

@@ -70,6 +70,10 @@ class KeyLimits(BaseSettings):
     """Tokens per minute, prompt + output, counted from each answer's ``usage``."""
     concurrent: int | None = Field(default=None, ge=1)
     """Requests being answered at the same time."""
+    priority: int | None = None
+    """Where this key's requests go in each engine's queue (vLLM's priority scheduling: lower first). When any key
+    has one, the engines shipyard starts use ``--scheduling-policy priority`` and every generation request is
+    sent with its key's priority (0 for keys without one), whatever the client asked."""
 
 
 class EngineSettings(BaseSettings):
@@ -133,6 +137,8 @@ class ModelSettings(BaseSettings):
     """Engines for this model (default: ``engine.replicas``)."""
     gpus: Literal["auto"] | list[int] = "auto"
     """``auto``: placed by the planner; or the GPU indexes its engines may use."""
+    routing: Literal["cache-aware", "least-busy", "session", "round-robin"] | None = None
+    """How its replicas are picked (default: the top-level ``routing``)."""
     engine: dict[str, Any] = Field(default_factory=dict)
     """Engine settings for this model only, over the top-level ``engine`` (same keys)."""
 
@@ -234,12 +240,24 @@ class Settings(BaseSettings):
     """Keys for /admin (rollouts), named like api_keys; must differ from api_keys. Empty: ``serve`` generates one."""
     limits: dict[str, KeyLimits] = Field(default_factory=dict)
     """Per-key limits by key name; ``default`` applies to every key without an entry of its own
-    (``SHIPYARD_LIMITS__DEFAULT__RPM=30``, ``SHIPYARD_LIMITS__TEAM_A__TPM=100000``)."""
+    (``SHIPYARD_LIMITS__DEFAULT__RPM=30``, ``SHIPYARD_LIMITS__TEAM_A__TPM=100000``). Counted once for every
+    gateway on the same Redis ``state_url``, or for every process of a ``--workers`` gateway on one host."""
+    limits_fallback: Literal["local", "refuse"] = "local"
+    """While the shared limit counters (Redis) do not answer: ``local`` — each gateway process counts alone (a key
+    may get up to its limit per process), or ``refuse`` — limited keys get 503 until Redis answers."""
     upstreams: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """OpenAI-compatible servers to route to instead of (or besides) a local engine: ``http(s)://host:port``, or
     ``dns+http://NAME:PORT[#deployment]`` for one replica per address NAME resolves to (a Kubernetes headless
     Service: one per engine pod), re-resolved every ``discovery_interval_s``."""
     discovery_interval_s: float = Field(default=10.0, gt=0)
+    routing: Literal["cache-aware", "least-busy", "session", "round-robin"] = "cache-aware"
+    """How a model's replicas are picked: ``cache-aware`` (the replica holding the conversation's prefix in its KV
+    cache, the same from every gateway; the least busy when that one is overloaded), ``least-busy``, ``session``
+    (by ``x-session-id``/``user``, whatever the load) or ``round-robin``. Per model: ``models[].routing``."""
+    routing_balance_abs: int = Field(default=64, ge=0)
+    """Cache-aware routing leaves the preferred replica when it has this many requests more than the least busy
+    one *and* ``routing_balance_rel`` times as many (SGLang's defaults)."""
+    routing_balance_rel: float = Field(default=1.5, ge=1.0)
 
     state_key: SecretStr | None = None
     """Shared by every gateway of a deployment on Redis: the states they save are signed with it (HMAC-SHA256)
@@ -428,6 +446,10 @@ class Settings(BaseSettings):
 
     def engine_key_value(self) -> str | None:
         return self.engine_key.get_secret_value() if self.engine_key else None
+
+    def prioritized(self) -> bool:
+        """Some key has a ``priority`` (the engines are started with vLLM's priority scheduling)."""
+        return any(limits.priority is not None for limits in self.limits.values())
 
     def limits_for(self, name: str) -> KeyLimits:
         """The limits of the key called ``name``: its own entry, else ``default``, else none. Names match

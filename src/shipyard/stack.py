@@ -129,7 +129,7 @@ def engine_spec(
             enable_lora=True if enable_lora else None,
             max_lora_rank=e.max_lora_rank if enable_lora else None,
             tool_call_parser=e.tool_call_parser,
-            extra_args=e.extra_args,
+            extra_args=[*e.extra_args, *(["--scheduling-policy", "priority"] if settings.prioritized() else [])],
         )
     except ValueError as exc:
         raise StackError(str(exc)) from None

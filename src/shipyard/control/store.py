@@ -610,18 +610,29 @@ def open_store(
         return FileStateStore(_model_folder(data_dir / "state", model))
     if state_url.startswith("file://"):
         return FileStateStore(_model_folder(Path(state_url[len("file://") :]), model))
-    if state_url.startswith(("redis://", "rediss://", "unix://")):
-        base, _, query = state_url.partition("?")
-        params = dict(part.partition("=")[::2] for part in query.split("&") if part)
-        prefix = params.pop("prefix", "shipyard") + (f":model:{model}" if model else "")
-        rest = "&".join(f"{k}={v}" for k, v in params.items())
+    if is_redis(state_url):
+        url, prefix = redis_location(state_url)
+        prefix += f":model:{model}" if model else ""
         return RedisStateStore(
-            base + (f"?{rest}" if rest else ""),
+            url,
             prefix=prefix,
             local_copy=data_dir / "state" / f"{prefix.replace('/', '_')}.redis.json",
             signing_key=signing_key,
         )
     raise ValueError(f"state_url {state_url!r} must be file:///DIR or redis://HOST:PORT/DB")
+
+
+def is_redis(state_url: str | None) -> bool:
+    return bool(state_url and state_url.startswith(("redis://", "rediss://", "unix://")))
+
+
+def redis_location(state_url: str) -> tuple[str, str]:
+    """``redis://HOST:PORT/DB?prefix=NAME`` -> (the URL for the client, the key prefix; default ``shipyard``)."""
+    base, _, query = state_url.partition("?")
+    params = dict(part.partition("=")[::2] for part in query.split("&") if part)
+    prefix = params.pop("prefix", "shipyard")
+    rest = "&".join(f"{k}={v}" for k, v in params.items())
+    return base + (f"?{rest}" if rest else ""), prefix
 
 
 def _model_folder(folder: Path, model: str | None) -> Path:

@@ -19,9 +19,10 @@ from shipyard import __version__
 from shipyard.control.audit import AuditLog
 from shipyard.control.launcher import Launcher, ReplicaHandle, UrlLauncher
 from shipyard.control.plane import ControlConfig, ControlPlane
-from shipyard.control.store import MemoryStateStore, StateStore
+from shipyard.control.store import MemoryStateStore, StateStore, is_redis, redis_location
 from shipyard.gateway.admin import install_admin_routes
 from shipyard.gateway.auth import KeyChecker
+from shipyard.gateway.counters import LimitCounters, RedisCounters, SqliteCounters
 from shipyard.gateway.errors import OpenAIError, install_error_handlers
 from shipyard.gateway.limits import KeyLimiter, LimitMiddleware
 from shipyard.gateway.metrics import GatewayMetrics, PoolCollector
@@ -31,7 +32,7 @@ from shipyard.gateway.tasks import install_task_routes
 from shipyard.gateway.transport import UpstreamTransport
 from shipyard.gateway.workers import install_forwarding
 from shipyard.prepare.registry import resolve_input
-from shipyard.router import HealthMonitor, Replica, ReplicaPool
+from shipyard.router import HealthMonitor, Replica, ReplicaPool, routing_policy
 from shipyard.router.discovery import UpstreamDiscovery
 from shipyard.router.fleet import Fleet
 from shipyard.settings import Settings
@@ -67,6 +68,21 @@ class ServedModel:
     kind: str = "generate"
     discover: Sequence[str] = ()
     """``dns+http://NAME:PORT[#deployment]`` targets whose addresses are this model's replicas."""
+    routing: str | None = None
+    """Its routing policy (``router.Routing``); None: the settings' ``routing``."""
+
+
+def limit_counters(settings: Settings) -> LimitCounters | None:
+    """Where the limits are counted: Redis for gateways sharing a Redis state, the host's SQLite file for a
+    gateway of several processes, else this process (None). Nothing is opened while no limit is set."""
+    if not settings.limits:
+        return None
+    if is_redis(settings.state_url):
+        assert settings.state_url is not None
+        return RedisCounters(*redis_location(settings.state_url))
+    if settings.workers > 1:
+        return SqliteCounters(settings.data_dir / "limits.sqlite")
+    return None
 
 
 def create_app(
@@ -107,10 +123,28 @@ def create_app(
     keys = KeyChecker(settings.named_keys())
     if set(settings.admin_key_values()) & set(settings.key_values()):
         raise ValueError("admin keys must differ from API keys")
-    limiter = KeyLimiter(settings.limits_for)
+    limiter = KeyLimiter(
+        settings.limits_for,
+        counters=limit_counters(settings),
+        fallback=settings.limits_fallback,
+        prioritized=settings.prioritized(),
+    )
     labels = load_labels(settings.intent_labels_file)
     templates = load_templates(settings.reply_templates_file)
-    pool = Fleet({m.name: ReplicaPool(m.replicas) for m in models})
+    configured = {m.name: m.routing for m in settings.models}
+    pool = Fleet(
+        {
+            m.name: ReplicaPool(
+                m.replicas,
+                routing=routing_policy(
+                    m.routing or configured.get(m.name) or settings.routing,
+                    settings.routing_balance_abs,
+                    settings.routing_balance_rel,
+                ),
+            )
+            for m in models
+        }
+    )
     metrics = GatewayMetrics()
     metrics.add_collector(PoolCollector(pool))
     own_client = client is None
@@ -193,6 +227,8 @@ def create_app(
             await monitor.stop()
             if own_client:
                 await http.aclose()
+            await limiter.flush()
+            await limiter.counters.close()
             for forwarder in forwarding:
                 await forwarder.aclose()
 

@@ -1,15 +1,16 @@
 """Per-key limits: requests per minute, tokens per minute and concurrent requests, each in a sliding window.
 
-``KeyLimiter.admit`` is a pure decision over the key's recent history and an injected clock; ``LimitMiddleware``
-is the edge: it names the caller from its key, admits (or answers 429 in OpenAI's shape with ``Retry-After`` and
-OpenAI's ``x-ratelimit-*`` headers), and counts the request per key when its answer is complete. Tokens are
-admitted *before* a request runs: the proxy reserves what it may cost (prompt + prompts × n × max_tokens,
-``reserve``) and settles the reservation with the usage the answer reports (``Reservation.settle``), also when
-the client goes away. Counters live in this gateway's memory.
+``KeyLimiter.admit`` decides over the key's counters in the last minute (``gateway.counters``: this process's,
+the host's SQLite file, or Redis for every gateway); ``LimitMiddleware`` is the edge: it names the caller from
+its key, admits (or answers 429 in OpenAI's shape with ``Retry-After``), sends OpenAI's ``x-ratelimit-*``
+headers on every answer, and counts the request per key when its answer is complete. Tokens are admitted
+*before* a request runs: the proxy reserves what it may cost (prompt + prompts × n × max_tokens, ``reserve``)
+and settles the reservation with the usage the answer reports (``Reservation.settle``), also when the client
+goes away.
 
 >>> limiter = KeyLimiter(lambda name: KeyLimits(rpm=2))
->>> limiter.admit("team-a").release(); limiter.admit("team-a").release()
->>> limiter.admit("team-a")
+>>> (await limiter.admit("team-a")).release(); (await limiter.admit("team-a")).release()   # doctest: +SKIP
+>>> await limiter.admit("team-a")                                                            # doctest: +SKIP
 Traceback (most recent call last):
     ...
 shipyard.gateway.limits.LimitExceeded: key 'team-a' is over its limit of 2 requests per minute; retry in 60 s
@@ -17,22 +18,25 @@ shipyard.gateway.limits.LimitExceeded: key 'team-a' is over its limit of 2 reque
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import math
 import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shipyard.gateway.auth import KeyChecker
+from shipyard.gateway.counters import WINDOW_S, Decision, LimitCounters, MemoryCounters, Window, new_id
 from shipyard.gateway.errors import error_body
 from shipyard.gateway.metrics import GatewayMetrics
 from shipyard.settings import KeyLimits
 
-WINDOW_S = 60.0
+log = logging.getLogger("shipyard.gateway")
 
 caller: ContextVar[str | None] = ContextVar("shipyard_caller", default=None)
 """The name of the key the request being answered was sent with (set by ``LimitMiddleware``)."""
@@ -45,28 +49,18 @@ class LimitExceeded(Exception):
         self.headers = headers
 
 
-@dataclass
-class _Usage:
-    requests: deque[float] = field(default_factory=deque)
-    tokens: deque[list[float]] = field(default_factory=deque)
-    """[time, tokens] per answer (a reservation's count changes once, when it is settled)."""
-    in_flight: int = 0
-
-    def expire(self, now: float) -> None:
-        while self.requests and self.requests[0] <= now - WINDOW_S:
-            self.requests.popleft()
-        while self.tokens and self.tokens[0][0] <= now - WINDOW_S:
-            self.tokens.popleft()
-
-    def tokens_used(self) -> int:
-        return int(sum(n for _, n in self.tokens))
+class LimitsUnavailable(Exception):
+    """The shared counters do not answer and ``limits_fallback`` is ``refuse``."""
 
 
 @dataclass
 class Lease:
     """One admitted request; ``release`` when its answer is complete (idempotent)."""
 
-    usage: _Usage
+    limiter: KeyLimiter | None = None
+    name: str = ""
+    id: str = ""
+    counters: LimitCounters | None = None
     released: bool = False
     headers: dict[str, str] = field(default_factory=dict)
     """OpenAI's ``x-ratelimit-*`` headers as they stood once this request was counted (sent on its answer)."""
@@ -74,7 +68,8 @@ class Lease:
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self.usage.in_flight -= 1
+            if self.limiter is not None and self.counters is not None:
+                self.limiter.after(self.counters, self.name, self.id, release=True)
 
 
 @dataclass
@@ -82,15 +77,19 @@ class Reservation:
     """Tokens a request may use, counted against its key's tokens per minute before it runs; ``settle`` puts
     what it really used in their place (once)."""
 
-    entry: list[float]
     reserved: int
     prompt_estimate: int = 0
+    limiter: KeyLimiter | None = None
+    name: str = ""
+    id: str = ""
+    counters: LimitCounters | None = None
     settled: bool = False
 
     def settle(self, used: int) -> None:
         if not self.settled:
             self.settled = True
-            self.entry[1] = max(0, used)
+            if self.limiter is not None and self.counters is not None:
+                self.limiter.after(self.counters, self.name, self.id, tokens=max(0, used))
 
 
 def prompt_estimate(body: bytes) -> int:
@@ -108,92 +107,161 @@ def _reset(seconds: float) -> str:
     return f"{whole // 60}m{whole % 60}s" if whole >= 60 else f"{whole}s"
 
 
+def _left(age_s: float | None) -> float:
+    """Seconds until the oldest entry (``age_s`` old) leaves the window; the whole window when there is none."""
+    return WINDOW_S - age_s if age_s is not None else WINDOW_S
+
+
 class KeyLimiter:
-    def __init__(self, limits_for: Callable[[str], KeyLimits], clock: Callable[[], float] = time.monotonic) -> None:
+    """Admits requests against their key's limits on ``counters`` (this process's by default; shared ones for a
+    gateway of several processes or several gateways, see ``gateway.counters``). ``fallback``: what happens
+    while shared counters do not answer — ``local`` (this process counts alone) or ``refuse`` (503)."""
+
+    def __init__(
+        self,
+        limits_for: Callable[[str], KeyLimits],
+        clock: Callable[[], float] = time.monotonic,
+        counters: LimitCounters | None = None,
+        fallback: str = "local",
+        prioritized: bool = False,
+    ) -> None:
         self.limits_for = limits_for
-        self.clock = clock
-        self._usage: dict[str, _Usage] = {}
+        self.prioritized = prioritized
+        """Some key has a ``priority``: every generation request is sent with its key's (0 for keys without)."""
+        self.local = MemoryCounters(clock)
+        self.counters = counters or self.local
+        self.fallback = fallback
+        self.shared_error = ""
+        """Why the shared counters were last left for this process's (empty while they answer)."""
         self._limits: dict[str, KeyLimits] = {}
         """Each key's limits, looked up once (a lookup builds settings objects: a quarter of the gateway's CPU
         per request when it ran on every request)."""
+        self._pending: set[asyncio.Task[None]] = set()
 
     def _limits_of(self, name: str) -> KeyLimits:
         return self._limits.get(name) or self._limits.setdefault(name, self.limits_for(name))
 
-    def admit(self, name: str) -> Lease:
+    def priority_of(self, name: str) -> int:
+        return self._limits_of(name).priority or 0
+
+    async def _decide(self, ask: Callable[[LimitCounters], Awaitable[Decision]]) -> tuple[Decision, LimitCounters]:
+        if self.counters is self.local:
+            return await ask(self.local), self.local
+        try:
+            decision = await ask(self.counters)
+        except Exception as exc:  # unreachable, timed out
+            why = f"{type(exc).__name__}: {exc}".rstrip(": ")
+            if why != self.shared_error:
+                log.warning("limit counters %s do not answer (%s); %s", self.counters.description, why, self.fallback)
+            self.shared_error = why
+            if self.fallback == "refuse":
+                raise LimitsUnavailable(f"the rate-limit counters cannot be reached ({why}); retry shortly") from None
+            return await ask(self.local), self.local
+        self.shared_error = ""
+        return decision, self.counters
+
+    async def admit(self, name: str) -> Lease:
         """Count one request of key ``name`` or raise LimitExceeded (nothing counted) when it is over a limit."""
         limits = self._limits_of(name)
-        usage = self._usage.setdefault(name, _Usage())
-        now = self.clock()
-        usage.expire(now)
-        headers = self._headers(limits, usage, now)
-        if limits.concurrent is not None and usage.in_flight >= limits.concurrent:
+        id = new_id()
+        decision, counters = await self._decide(lambda c: c.admit(name, limits, id))
+        headers = self._headers(limits, decision.window)
+        window = decision.window
+        if decision.refused_by == "concurrent":
             raise LimitExceeded(
                 f"key '{name}' is over its limit of {limits.concurrent} concurrent requests; retry when one ends",
                 1,
                 headers,
             )
-        if limits.rpm is not None and len(usage.requests) >= limits.rpm:
-            wait = math.ceil(usage.requests[0] + WINDOW_S - now)
+        if decision.refused_by == "rpm":
+            wait = math.ceil(_left(window.oldest_request_s))
             raise LimitExceeded(
                 f"key '{name}' is over its limit of {limits.rpm} requests per minute; retry in {wait} s", wait, headers
             )
-        if limits.tpm is not None and usage.tokens_used() >= limits.tpm:
-            wait = math.ceil(usage.tokens[0][0] + WINDOW_S - now)
+        if decision.refused_by == "tpm":
+            wait = math.ceil(_left(window.oldest_tokens_s))
             raise LimitExceeded(
                 f"key '{name}' is over its limit of {limits.tpm} tokens per minute; retry in {wait} s", wait, headers
             )
-        usage.requests.append(now)
-        usage.in_flight += 1
-        return Lease(usage, headers=self._headers(limits, usage, now))
+        return Lease(self, name, id, counters, headers=headers)
 
-    def record_tokens(self, name: str, tokens: int) -> None:
-        if tokens > 0:
-            self._usage.setdefault(name, _Usage()).tokens.append([self.clock(), tokens])
-
-    def reserve(self, name: str, tokens: int, prompt: int = 0) -> Reservation | None:
+    async def reserve(self, name: str, tokens: int, prompt: int = 0) -> Reservation | None:
         """Count ``tokens`` (what a request may use at most; ``prompt`` of them its prompt) against key ``name``'s
         tokens per minute before it runs; LimitExceeded when they do not fit (nothing counted). None when the key
         has no ``tpm``."""
         limits = self._limits_of(name)
         if limits.tpm is None:
             return None
-        usage = self._usage.setdefault(name, _Usage())
-        now = self.clock()
-        usage.expire(now)
-        if tokens > limits.tpm:
+        id = new_id()
+        decision, counters = await self._decide(lambda c: c.reserve(name, limits, id, tokens))
+        window = decision.window
+        if decision.refused_by == "tpm_request":
             raise LimitExceeded(
                 f"this request may use up to {tokens} tokens (prompt + prompts x n x max_tokens), more than key "
                 f"'{name}' may use in a minute ({limits.tpm}); ask for fewer max_tokens or a smaller n",
                 int(WINDOW_S),
-                self._headers(limits, usage, now),
+                self._headers(limits, window),
             )
-        if usage.tokens_used() + tokens > limits.tpm:
-            wait = math.ceil(usage.tokens[0][0] + WINDOW_S - now) if usage.tokens else int(WINDOW_S)
+        if decision.refused_by:
+            wait = math.ceil(_left(window.oldest_tokens_s))
             raise LimitExceeded(
-                f"key '{name}' has {max(0, limits.tpm - usage.tokens_used())} of its {limits.tpm} tokens per minute "
+                f"key '{name}' has {max(0, limits.tpm - window.tokens)} of its {limits.tpm} tokens per minute "
                 f"left and this request may use up to {tokens}; retry in {wait} s or ask for fewer max_tokens",
                 wait,
-                self._headers(limits, usage, now),
+                self._headers(limits, window),
             )
-        entry = [now, float(tokens)]
-        usage.tokens.append(entry)
-        return Reservation(entry, tokens, prompt_estimate=min(tokens, prompt))
+        return Reservation(tokens, min(tokens, prompt), self, name, id, counters)
+
+    def record_tokens(self, name: str, tokens: int) -> None:
+        """Charge an answer's tokens that no reservation covered (sent without waiting)."""
+        if tokens > 0 and self.counters is self.local:
+            self.local.apply(name, new_id(), tokens=tokens, record=True)
+        elif tokens > 0:
+            self._later(self.counters.record(name, new_id(), tokens))
+
+    def after(
+        self, counters: LimitCounters, name: str, id: str, *, tokens: int | None = None, release: bool = False
+    ) -> None:
+        """A reservation's real usage, or the end of a request in flight (sent without waiting)."""
+        if isinstance(counters, MemoryCounters):
+            counters.apply(name, id, tokens=tokens, release=release)
+        else:
+            self._later(counters.update(name, id, tokens=tokens, release=release))
+
+    def _later(self, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a synchronous caller): do it now
+            asyncio.run(work)
+            return
+        task = loop.create_task(_quietly(work))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def flush(self) -> None:
+        """Wait for the updates sent without waiting (tests; a stopping gateway)."""
+        while self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
 
     @staticmethod
-    def _headers(limits: KeyLimits, usage: _Usage, now: float) -> dict[str, str]:
+    def _headers(limits: KeyLimits, window: Window) -> dict[str, str]:
         headers: dict[str, str] = {}
         if limits.rpm is not None:
-            oldest = usage.requests[0] if usage.requests else now
             headers["x-ratelimit-limit-requests"] = str(limits.rpm)
-            headers["x-ratelimit-remaining-requests"] = str(max(0, limits.rpm - len(usage.requests)))
-            headers["x-ratelimit-reset-requests"] = _reset(oldest + WINDOW_S - now)
+            headers["x-ratelimit-remaining-requests"] = str(max(0, limits.rpm - window.requests))
+            headers["x-ratelimit-reset-requests"] = _reset(_left(window.oldest_request_s))
         if limits.tpm is not None:
-            oldest = usage.tokens[0][0] if usage.tokens else now
             headers["x-ratelimit-limit-tokens"] = str(limits.tpm)
-            headers["x-ratelimit-remaining-tokens"] = str(max(0, limits.tpm - usage.tokens_used()))
-            headers["x-ratelimit-reset-tokens"] = _reset(oldest + WINDOW_S - now)
+            headers["x-ratelimit-remaining-tokens"] = str(max(0, limits.tpm - window.tokens))
+            headers["x-ratelimit-reset-tokens"] = _reset(_left(window.oldest_tokens_s))
         return headers
+
+
+async def _quietly(work: Coroutine[Any, Any, None]) -> None:
+    try:
+        await work
+    except Exception as exc:  # an update lost with the counters: the window forgets it within a minute
+        log.warning("a rate-limit counter update was lost: %s: %s", type(exc).__name__, exc)
 
 
 LIMITED_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/predict", "/pooling", "/score", "/rerank")
@@ -219,10 +287,14 @@ class LimitMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            lease = self.limiter.admit(name)
+            lease = await self.limiter.admit(name)
         except LimitExceeded as exc:
             self.metrics.key_requests.labels(name, "429").inc()
             await _refuse(send, str(exc), {"Retry-After": str(exc.retry_after_s), **exc.headers})
+            return
+        except LimitsUnavailable as exc:
+            self.metrics.key_requests.labels(name, "503").inc()
+            await _refuse(send, str(exc), {"Retry-After": "5"}, status=503)
             return
         token = caller.set(name)
         status = "500"
@@ -247,9 +319,10 @@ class LimitMiddleware:
             self.metrics.key_requests.labels(name, status).inc()
 
 
-async def _refuse(send: Send, message: str, headers: dict[str, str]) -> None:
-    body = json.dumps(error_body(429, message, code="rate_limit_exceeded")).encode()
+async def _refuse(send: Send, message: str, headers: dict[str, str], status: int = 429) -> None:
+    code = "rate_limit_exceeded" if status == 429 else "limits_unavailable"
+    body = json.dumps(error_body(status, message, code=code)).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-    await send({"type": "http.response.start", "status": 429, "headers": raw})
+    await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})

@@ -125,6 +125,14 @@ class GatewayMetrics:
             ["route", "model", "status", "deployment", "version"],
             registry=r,
         )
+        self.route_decisions = Counter(
+            "shipyard_route_decisions",
+            "Replica choices by the model's routing policy, by reason: prefix (the replica holding the request's "
+            "prefix), overloaded (that replica was too busy: the least busy one took it), least_busy, session, "
+            "round_robin",
+            ["model", "reason"],
+            registry=r,
+        )
         self.latency = Histogram(
             "shipyard_request_latency_seconds",
             "End-to-end request latency (until the last byte)",

@@ -18,7 +18,15 @@ from starlette.responses import Response
 from shipyard.control.store import MemoryStateStore, StateStore
 from shipyard.gateway.ejection import ReplicaEjected, until_ejected
 from shipyard.gateway.errors import OpenAIError
-from shipyard.gateway.limits import KeyLimiter, LimitExceeded, Reservation, caller, prompt_estimate, reservation
+from shipyard.gateway.limits import (
+    KeyLimiter,
+    LimitExceeded,
+    LimitsUnavailable,
+    Reservation,
+    caller,
+    prompt_estimate,
+    reservation,
+)
 from shipyard.gateway.metrics import GatewayMetrics
 from shipyard.gateway.schemas import (
     ChatCompletionRequest,
@@ -35,7 +43,7 @@ from shipyard.gateway.schemas import (
 )
 from shipyard.gateway.sse import StreamScan, find_response_id, usage_tokens
 from shipyard.gateway.stream import UpstreamStream
-from shipyard.router import NoReplicaError, Replica, UnknownModelError
+from shipyard.router import NoReplicaError, Replica, UnknownModelError, prefix_key
 from shipyard.router.fleet import Fleet
 from shipyard.router.replica import InFlight
 
@@ -70,10 +78,12 @@ class ApiRoute:
     schema: type[Any]
     usage_option: bool = False
     stream_end: tuple[bytes, ...] = _OPENAI_END
+    scheduled: bool = False
+    """The engine schedules it by the body's ``priority`` (vLLM's generation routes)."""
 
 
-CHAT = ApiRoute("chat", "/v1/chat/completions", ChatCompletionRequest, usage_option=True)
-COMPLETIONS = ApiRoute("completions", "/v1/completions", CompletionRequest, usage_option=True)
+CHAT = ApiRoute("chat", "/v1/chat/completions", ChatCompletionRequest, usage_option=True, scheduled=True)
+COMPLETIONS = ApiRoute("completions", "/v1/completions", CompletionRequest, usage_option=True, scheduled=True)
 RESPONSES = ApiRoute(
     "responses",
     "/v1/responses",
@@ -118,6 +128,9 @@ class Attempt:
     body: bytes
     upstream_model: str
     session: str | None = None
+    prefix: str | None = None
+    """What the request shares with its conversation's other turns (``router.prefix_key``): routes it to the
+    replica that holds them in its KV cache."""
     tried: set[str] = field(default_factory=set)
     pinned: str | None = None
     """The replica this request must go to (the one holding its ``previous_response_id``)."""
@@ -130,7 +143,11 @@ class Attempt:
 
 
 def served_by(replica: Replica) -> dict[str, str]:
-    return {"x-shipyard-deployment": replica.deployment, "x-shipyard-version": replica.version}
+    return {
+        "x-shipyard-deployment": replica.deployment,
+        "x-shipyard-version": replica.version,
+        "x-shipyard-replica": replica.name,
+    }
 
 
 def _version_labels(replica: Replica | None) -> tuple[str, str]:
@@ -248,7 +265,7 @@ class Proxy:
             self.check_model(parsed.model, parsed.output_limit())
             model_label = parsed.model
             stream = bool(getattr(parsed, "stream", False))
-            reserved = self._reserve(parsed, body)
+            reserved = await self._reserve(parsed, body)
             drop_usage = False
             upstream_model = self.pool.upstream_model(parsed.model)
             if upstream_model != parsed.model:
@@ -261,12 +278,15 @@ class Proxy:
                 options["continuous_usage_stats"] = True  # a stream cut short is charged what it had used
             if options != asked_options:
                 data["stream_options"] = options
-            if options != asked_options or upstream_model != parsed.model:
+            priority = self._priority(route)
+            if priority is not None:
+                data["priority"] = priority  # the key's, never the client's own: no key jumps the queue
+            if options != asked_options or upstream_model != parsed.model or priority is not None:
                 body = json.dumps(data).encode()
             session = request.headers.get("x-session-id") or (
                 data.get("user") if isinstance(data.get("user"), str) else None
             )
-            attempt = Attempt(parsed.model, route.path, body, upstream_model, session)
+            attempt = Attempt(parsed.model, route.path, body, upstream_model, session, prefix_key(data))
             if route is RESPONSES and parsed.previous_response_id:
                 attempt.pinned = await self._replica_of_response(parsed.previous_response_id)
             replica, upstream = await self._until_disconnect(request, self._send(attempt))
@@ -293,7 +313,14 @@ class Proxy:
                 self._settle_unreported(0 if status >= 400 and status != 499 else None)
                 self._finish(route.name, model_label, status, started, served)
 
-    def _reserve(self, parsed: Any, body: bytes) -> Reservation | None:
+    def _priority(self, route: ApiRoute) -> int | None:
+        """The engine queue priority of the caller's key (lower first, as vLLM's), when any key has one."""
+        name = caller.get()
+        if not route.scheduled or self.limiter is None or name is None or not self.limiter.prioritized:
+            return None
+        return self.limiter.priority_of(name)
+
+    async def _reserve(self, parsed: Any, body: bytes) -> Reservation | None:
         """Charge the caller's tokens per minute with what this request may use, before it reaches an engine."""
         sequences = parsed.sequences()
         if sequences > self.max_sequences:
@@ -309,10 +336,12 @@ class Proxy:
         per_sequence = parsed.output_limit() or self.max_tokens_limit or self.pool.models().get(parsed.model) or 0
         try:
             prompt = prompt_estimate(body)
-            reserved = self.limiter.reserve(name, prompt + sequences * per_sequence, prompt)
+            reserved = await self.limiter.reserve(name, prompt + sequences * per_sequence, prompt)
         except LimitExceeded as exc:
             headers = {"Retry-After": str(exc.retry_after_s), **exc.headers}
             raise OpenAIError(429, str(exc), code="rate_limit_exceeded", headers=headers) from None
+        except LimitsUnavailable as exc:
+            raise OpenAIError(503, str(exc), code="limits_unavailable", headers={"Retry-After": "5"}) from None
         reservation.set(reserved)
         return reserved
 
@@ -425,7 +454,11 @@ class Proxy:
         """One non-streaming chat completion for a task endpoint; upstream errors become OpenAI errors."""
         upstream_model = self.pool.upstream_model(model)
         attempt = Attempt(
-            model, "/v1/chat/completions", json.dumps({**body, "model": upstream_model}).encode(), upstream_model
+            model,
+            "/v1/chat/completions",
+            json.dumps({**body, "model": upstream_model}).encode(),
+            upstream_model,
+            prefix=prefix_key(body),
         )
         replica, upstream = await self._send(attempt)
         content = await self._read_all(replica, upstream, attempt)
@@ -510,7 +543,9 @@ class Proxy:
                 if replica.name == attempt.pinned and replica.ready and replica.name not in attempt.tried:
                     return replica
             raise NoReplicaError(attempt.model)
-        return self.pool.choose(attempt.model, exclude=frozenset(attempt.tried), session=attempt.session)
+        replica, reason = self.pool.route(attempt.model, frozenset(attempt.tried), attempt.session, attempt.prefix)
+        self.metrics.route_decisions.labels(attempt.model, reason).inc()
+        return replica
 
     async def _resend(self, attempt: Attempt, failed: Replica, why: str) -> tuple[Replica, httpx.Response] | None:
         """Another replica for a stream whose replica failed before it produced a single byte."""

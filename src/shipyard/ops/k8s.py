@@ -83,6 +83,7 @@ def engines_of(settings: Settings) -> list[EngineManifest]:
             f"--gpu-memory-utilization={e.gpu_memory_utilization or 0.9}",
             *([f"--tensor-parallel-size={e.tensor_parallel_size}"] if (e.tensor_parallel_size or 1) > 1 else []),
             *([f"--quantization={e.quantization}"] if e.quantization else []),
+            *(["--scheduling-policy=priority"] if settings.prioritized() else []),
             *e.extra_args,
         ]
         found.append(

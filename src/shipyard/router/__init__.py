@@ -3,7 +3,15 @@ health monitor and discovery. The control plane that changes what is routed live
 
 from shipyard.router.fleet import Fleet
 from shipyard.router.health import HealthMonitor, probe
-from shipyard.router.policy import pick_deployment, pick_least_in_flight, session_draw
+from shipyard.router.policy import (
+    Routing,
+    RoutingPolicy,
+    pick_deployment,
+    pick_least_in_flight,
+    prefix_key,
+    routing_policy,
+    session_draw,
+)
 from shipyard.router.replica import NoReplicaError, Replica, ReplicaPool, UnknownModelError
 
 __all__ = [
@@ -12,9 +20,13 @@ __all__ = [
     "NoReplicaError",
     "Replica",
     "ReplicaPool",
+    "Routing",
+    "RoutingPolicy",
     "UnknownModelError",
     "pick_deployment",
     "pick_least_in_flight",
+    "prefix_key",
     "probe",
+    "routing_policy",
     "session_draw",
 ]

@@ -81,8 +81,15 @@ class Fleet:
                 return pool.upstream_model(model)
         return model
 
-    def choose(self, model: str, exclude: frozenset[str] = frozenset(), session: str | None = None) -> Replica:
-        return self.serving(model).choose(model, exclude=exclude, session=session)
+    def choose(
+        self, model: str, exclude: frozenset[str] = frozenset(), session: str | None = None, prefix: str | None = None
+    ) -> Replica:
+        return self.route(model, exclude, session, prefix)[0]
+
+    def route(
+        self, model: str, exclude: frozenset[str] = frozenset(), session: str | None = None, prefix: str | None = None
+    ) -> tuple[Replica, str]:
+        return self.serving(model).route(model, exclude, session, prefix)
 
     def acquire(self, replica: Replica, upstream_model: str) -> InFlight:
         return self.owner(replica).acquire(replica, upstream_model)

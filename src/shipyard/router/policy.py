@@ -1,18 +1,26 @@
 """Routing decisions: plain functions over replica snapshots, no I/O.
 
-A request first picks a deployment by traffic weight (``pick_deployment``), then a replica inside it
-(``pick_least_in_flight``). With a session key, the weight draw is a hash of the key instead of a random
-number, so one user keeps seeing one version while the weights stay the same.
+A request first picks a deployment by traffic weight (``pick_deployment``), then a replica inside it by the
+model's :class:`RoutingPolicy` (cache-aware by default: the replica that holds the conversation's prefix). With
+a session key, the weight draw is a hash of the key instead of a random number, so one user keeps seeing one
+version while the weights stay the same.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import Protocol, TypeVar
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Protocol, TypeVar
 
 
 class Routable(Protocol):
+    @property
+    def name(self) -> str: ...
+
     @property
     def ready(self) -> bool: ...
 
@@ -61,3 +69,139 @@ def pick_deployment(weights: Mapping[str, float], available: Sequence[str], draw
             return name
         point -= share
     return next(reversed(shares), None)
+
+
+class Routing(str, Enum):
+    """How a request picks a replica inside the deployment its weight draw chose (``routing`` setting)."""
+
+    CACHE_AWARE = "cache-aware"
+    LEAST_BUSY = "least-busy"
+    SESSION = "session"
+    ROUND_ROBIN = "round-robin"
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    """What a routing policy may look at: the request's prefix key (see :func:`prefix_key`) and session."""
+
+    prefix: str | None = None
+    session: str | None = None
+
+
+class RoutingPolicy(ABC):
+    """Picks one of a deployment's ready replicas; returns it and the reason (a metric label)."""
+
+    kind: Routing
+
+    @abstractmethod
+    def pick(self, replicas: Sequence[R], request: RouteRequest) -> tuple[R | None, str]: ...
+
+
+class LeastBusy(RoutingPolicy):
+    kind = Routing.LEAST_BUSY
+
+    def pick(self, replicas: Sequence[R], request: RouteRequest) -> tuple[R | None, str]:
+        return pick_least_in_flight(replicas), "least_busy"
+
+
+class RoundRobin(RoutingPolicy):
+    """Each ready replica in turn (per gateway process): the baseline the other policies are measured against."""
+
+    kind = Routing.ROUND_ROBIN
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def pick(self, replicas: Sequence[R], request: RouteRequest) -> tuple[R | None, str]:
+        ready = [r for r in replicas if r.ready]
+        if not ready:
+            return None, "none"
+        self._next += 1
+        return ready[self._next % len(ready)], "round_robin"
+
+
+class CacheAware(RoutingPolicy):
+    """The replica most likely to hold the request's prefix in its KV cache, unless it is overloaded.
+
+    The replica is chosen by rendezvous hashing of the request's prefix key (:func:`prefix_key`) over the replica
+    names: every gateway process and every gateway sharing a state sees the same names, so they all send a
+    conversation's turns to the same replica without asking anyone (a shared index would cost a round trip per
+    request; a per-process index would not agree across processes). When that replica is overloaded — more than
+    ``balance_abs`` requests over the least busy one *and* more than ``balance_rel`` times as many (SGLang's
+    cache-aware router's guard and defaults) — the least busy replica takes the request instead. Replicas that
+    leave or join move only the conversations hashed to them (rendezvous hashing's property).
+    """
+
+    kind = Routing.CACHE_AWARE
+
+    def __init__(self, balance_abs: int = 64, balance_rel: float = 1.5) -> None:
+        self.balance_abs = balance_abs
+        self.balance_rel = balance_rel
+
+    def pick(self, replicas: Sequence[R], request: RouteRequest) -> tuple[R | None, str]:
+        ready = [r for r in replicas if r.ready]
+        key = request.prefix or request.session
+        if not ready or key is None:
+            return pick_least_in_flight(ready), "least_busy" if ready else "none"
+        preferred = max(ready, key=lambda r: rendezvous_score(key, r.name))
+        idlest = min(r.in_flight for r in ready)
+        if preferred.in_flight - idlest > self.balance_abs and preferred.in_flight > self.balance_rel * idlest:
+            return pick_least_in_flight(ready), "overloaded"
+        return preferred, "prefix"
+
+
+class Sticky(RoutingPolicy):
+    """By session (``x-session-id`` or the body's ``user``) through rendezvous hashing, whatever the load;
+    least busy for requests without one."""
+
+    kind = Routing.SESSION
+
+    def pick(self, replicas: Sequence[R], request: RouteRequest) -> tuple[R | None, str]:
+        ready = [r for r in replicas if r.ready]
+        if not ready or request.session is None:
+            return pick_least_in_flight(ready), "least_busy" if ready else "none"
+        return max(ready, key=lambda r: rendezvous_score(request.session or "", r.name)), "session"
+
+
+def routing_policy(kind: Routing | str, balance_abs: int = 64, balance_rel: float = 1.5) -> RoutingPolicy:
+    kind = Routing(kind)
+    if kind is Routing.CACHE_AWARE:
+        return CacheAware(balance_abs, balance_rel)
+    if kind is Routing.SESSION:
+        return Sticky()
+    if kind is Routing.ROUND_ROBIN:
+        return RoundRobin()
+    return LeastBusy()
+
+
+def rendezvous_score(key: str, name: str) -> int:
+    """Highest-random-weight hashing: the replica with the highest score for ``key`` gets it."""
+    return int.from_bytes(hashlib.blake2b(f"{key}\x00{name}".encode(), digest_size=8).digest(), "big")
+
+
+PREFIX_CHARS = 4096
+"""How much of a prompt (or of a chat's first turn) keys its route: the part every later turn repeats."""
+
+
+def prefix_key(body: Mapping[str, Any]) -> str | None:
+    """What a request shares with the next turn of its conversation, as the engine will see it first.
+
+    Chat (``messages``, or the Responses API's ``input`` list): the messages up to and including the first user
+    message — system prompt and opening question, which every later turn repeats before its history. Completions
+    (``prompt``): its first :data:`PREFIX_CHARS` characters. None when there is nothing to share (embeddings).
+    """
+    messages = body.get("messages")
+    if messages is None and isinstance(body.get("input"), list):
+        messages = body["input"]
+    if isinstance(messages, list) and messages:
+        head = []
+        for message in messages:
+            head.append(message)
+            if isinstance(message, Mapping) and message.get("role") == "user":
+                break
+        text = json.dumps([body.get("model"), head], sort_keys=True, default=str)
+        return hashlib.blake2b(text[: PREFIX_CHARS * 4].encode(), digest_size=16).hexdigest()
+    prompt = body.get("prompt")
+    if isinstance(prompt, str) and prompt:
+        return hashlib.blake2b(f"{body.get('model')}\x00{prompt[:PREFIX_CHARS]}".encode(), digest_size=16).hexdigest()
+    return None

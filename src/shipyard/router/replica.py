@@ -8,7 +8,7 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from shipyard.router.policy import pick_deployment, pick_least_in_flight, session_draw
+from shipyard.router.policy import CacheAware, RouteRequest, RoutingPolicy, pick_deployment, session_draw
 
 log = logging.getLogger("shipyard.router")
 
@@ -88,7 +88,14 @@ class ReplicaPool:
     Aliases: the model name clients use -> the name sent upstream (how a LoRA version is switched in place).
     """
 
-    def __init__(self, replicas: Sequence[Replica], draw: Callable[[], float] = random.random) -> None:
+    def __init__(
+        self,
+        replicas: Sequence[Replica],
+        draw: Callable[[], float] = random.random,
+        routing: RoutingPolicy | None = None,
+    ) -> None:
+        self.routing = routing or CacheAware()
+        """How a replica is picked inside the chosen deployment (``router.policy``; cache-aware by default)."""
         self._replicas = list(replicas)
         self._weights: dict[str, float] = {}
         self._aliases: dict[str, str] = {}
@@ -153,8 +160,17 @@ class ReplicaPool:
                 found[alias] = found[target]
         return found
 
-    def choose(self, model: str, exclude: frozenset[str] = frozenset(), session: str | None = None) -> Replica:
-        """Pick the replica for one request: deployment by weight (sticky per session), then least busy."""
+    def choose(
+        self, model: str, exclude: frozenset[str] = frozenset(), session: str | None = None, prefix: str | None = None
+    ) -> Replica:
+        """Pick the replica for one request: deployment by weight (sticky per session), then by the routing
+        policy (the replica holding ``prefix``, or the least busy)."""
+        return self.route(model, exclude, session, prefix)[0]
+
+    def route(
+        self, model: str, exclude: frozenset[str] = frozenset(), session: str | None = None, prefix: str | None = None
+    ) -> tuple[Replica, str]:
+        """:meth:`choose`, and the reason the routing policy gives (``prefix``, ``overloaded``, ``least_busy``...)."""
         upstream = self.upstream_model(model)
         serving = [r for r in self._replicas if upstream in r.models]
         if not serving:
@@ -167,10 +183,12 @@ class ReplicaPool:
             by_deployment.setdefault(replica.deployment, []).append(replica)
         draw = session_draw(session) if session else self._draw()
         deployment = pick_deployment(self.weights, list(by_deployment), draw)
-        chosen = pick_least_in_flight(by_deployment[deployment]) if deployment else None
+        if deployment is None:
+            raise NoReplicaError(model)
+        chosen, reason = self.routing.pick(by_deployment[deployment], RouteRequest(prefix, session))
         if chosen is None:
             raise NoReplicaError(model)
-        return chosen
+        return chosen, reason
 
     def acquire(self, replica: Replica, upstream_model: str) -> InFlight:
         """Count a request sent to ``replica`` for ``upstream_model`` until the returned ticket is released."""
