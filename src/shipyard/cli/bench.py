@@ -83,7 +83,7 @@ def _workload(
     scenario: str, model: str, *, input_tokens: int, output_tokens: int, endpoint: str, stream: bool,
     system_tokens: int, turns: int, dataset: Path | None, seed: int, task_model: str | None,
     intent_decode: IntentDecode = IntentDecode.SHORTEST, vocabulary: Vocabulary | None = None,
-    intent_labels: Path | None = None,
+    intent_labels: Path | None = None, conversations: int = 64,
 ) -> Workload:  # fmt: skip
     try:
         if scenario == "random":
@@ -95,6 +95,7 @@ def _workload(
                 turn_tokens=max(8, input_tokens // 8),
                 output_tokens=output_tokens,
                 turns=turns,
+                conversations=conversations,
                 stream=stream,
                 seed=seed,
             )
@@ -155,6 +156,9 @@ def bench(
     stream: Annotated[bool, typer.Option(help="Stream (TTFT/TPOT are measured only when streaming).")] = True,
     system_tokens: Annotated[int, typer.Option(min=1, help="chat: words of the shared system prompt.")] = 1024,
     turns: Annotated[int, typer.Option(min=1, help="chat: user turns per conversation.")] = 4,
+    conversations: Annotated[
+        int, typer.Option(min=1, help="chat: conversations open at a time (a turn of each before the next turns).")
+    ] = 64,
     dataset: Annotated[Path | None, typer.Option(help="intent/reply: JSONL (default: data/<task>/test.jsonl).")] = None,
     intent_decode: Annotated[
         IntentDecode,
@@ -221,7 +225,7 @@ def bench(
         intent_decode=intent_decode,
         vocabulary=_engine_vocabulary(url, api_key, model_name)
         if scenario == "intent-engine" and intent_decode is IntentDecode.SHORTEST else None,
-        intent_labels=intent_labels,
+        intent_labels=intent_labels, conversations=conversations,
     )  # fmt: skip
 
     next_index = 0

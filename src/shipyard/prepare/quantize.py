@@ -3,9 +3,12 @@ virtualenv, because llm-compressor 0.14 pins transformers 5.17 / compressed-tens
 pins compressed-tensors 0.17. The environment is made on first use under ``data_dir/venvs`` (torch from the same
 place ``scripts/setup`` takes it), invisibly to the user.
 
-Schemes: ``w8a8-int8`` (SmoothQuant 0.8 + GPTQ, calibrated), ``w4a16`` (GPTQ, 4-bit weights in groups, calibrated;
-the group size is the largest of 128/64/32 that divides the model's widths — SmolLM2's 576 columns do not divide
-by 128), ``fp8-dynamic`` (no calibration; vLLM's CPU backend cannot run it — it is for GPUs).
+Schemes: ``w8a8-int8`` (SmoothQuant 0.8 + GPTQ, calibrated), ``w4a16`` (GPTQ, 4-bit symmetric weights in groups,
+calibrated), ``awq`` (AWQ's activation-aware scales, then 4-bit asymmetric weights in groups, calibrated),
+``fp8-dynamic`` (no calibration; vLLM's CPU backend cannot run it — it is for GPUs). 4-bit group sizes: the
+``group_size`` asked for, else the largest of 128/64/32 that divides the model's widths (SmolLM2's 576 columns do
+not divide by 128). ``keep`` leaves modules in 16 bits (the mixed precision the reference write-ups recommend;
+``sensitivity`` ranks the decoder blocks by how much quantizing each alone hurts).
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-SCHEMES = ("w8a8-int8", "w4a16", "fp8-dynamic")
-CALIBRATED = {"w8a8-int8", "w4a16"}
+SCHEMES = ("w8a8-int8", "w4a16", "awq", "fp8-dynamic")
+CALIBRATED = {"w8a8-int8", "w4a16", "awq"}
+FOUR_BIT = {"w4a16", "awq"}
 LLMCOMPRESSOR = "llmcompressor==0.14.0.1"
 TORCH = "torch==2.13.0"
 TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
@@ -31,8 +35,12 @@ class QuantizeError(ValueError):
     """Quantization cannot be done; the message says why in one line."""
 
 
-def group_size_for(config: dict[str, Any]) -> int:
+def group_size_for(config: dict[str, Any], asked: int | None = None) -> int:
     widths = [int(config[k]) for k in ("hidden_size", "intermediate_size") if k in config]
+    if asked is not None:
+        if widths and any(w % asked for w in widths):
+            raise QuantizeError(f"group size {asked} does not divide the model's widths {widths}")
+        return asked
     for size in (128, 64, 32):
         if widths and all(w % size == 0 for w in widths):
             return size
@@ -114,9 +122,15 @@ def quantize(
     samples: int = 32,
     seq_len: int = 512,
     smoothing_strength: float = 0.8,
+    group_size: int | None = None,
+    actorder: str | None = None,
+    dampening_frac: float = 0.01,
+    keep: list[str] | None = None,
+    holdout: Path | None = None,
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Quantize ``model`` into ``out`` (an empty folder); returns the recipe for the manifest."""
+    """Quantize ``model`` into ``out`` (an empty folder); returns the recipe for the manifest (with the held-out
+    loss before and after when ``holdout`` conversations are given)."""
     if scheme not in SCHEMES:
         raise QuantizeError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
     try:
@@ -125,7 +139,7 @@ def quantize(
         raise QuantizeError(f"{model} is not an HF model folder (no readable config.json)") from None
     if config.get("quantization_config"):
         raise QuantizeError(f"{model} is already quantized ({config['quantization_config'].get('quant_method')})")
-    group_size = group_size_for(config) if scheme == "w4a16" else 0
+    group_size = group_size_for(config, group_size) if scheme in FOUR_BIT else 0
     conversations = calibration_messages(calibration, samples) if scheme in CALIBRATED and calibration else None
     if scheme in CALIBRATED and not conversations:
         raise QuantizeError(f"{scheme} needs calibration data (--calib FILE.jsonl)")
@@ -141,20 +155,12 @@ def quantize(
         "seq_len": seq_len,
         "group_size": group_size,
         "smoothing_strength": smoothing_strength,
+        "actorder": actorder,
+        "dampening_frac": dampening_frac,
+        "keep": keep or [],
+        "holdout": calibration_messages(holdout, 32) if holdout else None,
     }
-    job_file, report_file = out.parent / f"{out.name}.job.json", out.parent / f"{out.name}.report.json"
-    job_file.write_text(json.dumps(job))
-    try:
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-        done = subprocess.run([str(python), str(WORKER), str(job_file), str(report_file)], env=env, text=True,
-                              capture_output=True)  # fmt: skip
-        if done.returncode != 0:
-            last = [line for line in done.stderr.splitlines() if line.strip()][-1:] or ["no error output"]
-            raise QuantizeError(f"llm-compressor failed ({scheme}): {last[0][:400]}")
-        report: dict[str, Any] = json.loads(report_file.read_text())
-    finally:
-        job_file.unlink(missing_ok=True)
-        report_file.unlink(missing_ok=True)
+    report = _run_worker(python, job, out.parent / out.name, scheme)
     return {
         "step": "quantize",
         "source_model": str(model),
@@ -164,5 +170,47 @@ def quantize(
         "calibration_samples": len(conversations or []),
         "seq_len": seq_len if conversations else None,
         "smoothing_strength": smoothing_strength if scheme == "w8a8-int8" else None,
-        **{k: report[k] for k in ("seconds", "llmcompressor", "torch", "recipe")},
+        "actorder": actorder if scheme == "w4a16" else None,
+        "dampening_frac": dampening_frac if scheme == "w4a16" else None,
+        "kept_16_bit": keep or [],
+        **{k: report[k] for k in ("seconds", "llmcompressor", "torch", "recipe", "holdout_loss")},
     }
+
+
+def _run_worker(python: Path, job: dict[str, Any], stem: Path, what: str) -> dict[str, Any]:
+    job_file, report_file = stem.parent / f"{stem.name}.job.json", stem.parent / f"{stem.name}.report.json"
+    job_file.write_text(json.dumps(job))
+    try:
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        done = subprocess.run([str(python), str(WORKER), str(job_file), str(report_file)], env=env, text=True,
+                              capture_output=True)  # fmt: skip
+        if done.returncode != 0:
+            last = [line for line in done.stderr.splitlines() if line.strip()][-1:] or ["no error output"]
+            raise QuantizeError(f"llm-compressor failed ({what}): {last[0][:400]}")
+        report: dict[str, Any] = json.loads(report_file.read_text())
+    finally:
+        job_file.unlink(missing_ok=True)
+        report_file.unlink(missing_ok=True)
+    return report
+
+
+def sensitivity(
+    model: Path, *, venvs_dir: Path, holdout: Path, work: Path, seq_len: int = 512, say: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """The held-out loss with each decoder block alone quantized to 4 bits (round to nearest), most sensitive
+    first: which blocks are worth keeping in 16 bits."""
+    config = json.loads((model / "config.json").read_text())
+    python = ensure_environment(venvs_dir, say)
+    job = {
+        "model": str(model),
+        "out": "",
+        "scheme": "rtn4",
+        "calibration": None,
+        "seq_len": seq_len,
+        "group_size": group_size_for(config),
+        "smoothing_strength": 0.0,
+        "holdout": calibration_messages(holdout, 32),
+        "sensitivity": True,
+    }
+    work.mkdir(parents=True, exist_ok=True)
+    return _run_worker(python, job, work / "sensitivity", "sensitivity")

@@ -3,7 +3,12 @@
 compressed-tensors model into the job's ``out`` folder and a ``quantize_report.json`` beside it.
 
 Job: {"model", "out", "scheme", "calibration": [[{"role", "content"}, ...], ...] | null, "seq_len",
-"group_size", "smoothing_strength"}.
+"group_size", "smoothing_strength", "actorder", "dampening_frac", "keep", "holdout", "sensitivity"}.
+
+``keep``: names (regexes with ``re:``) of modules left in 16 bits besides ``lm_head``. ``holdout``: conversations
+whose mean token loss is measured before and after quantizing (the report's ``holdout_loss``). ``sensitivity``:
+instead of saving a model, quantize each decoder block alone by round-to-nearest and report how much each one
+raises the held-out loss (the blocks worth keeping in 16 bits rank first).
 """
 
 from __future__ import annotations
@@ -15,27 +20,77 @@ from pathlib import Path
 from typing import Any
 
 
-def recipe_for(scheme: str, group_size: int, smoothing_strength: float) -> list[Any]:
+def recipe_for(
+    scheme: str,
+    group_size: int,
+    smoothing_strength: float,
+    *,
+    actorder: str | None = None,
+    dampening_frac: float = 0.01,
+    keep: list[str] | None = None,
+) -> list[Any]:
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
+    ignore = ["lm_head", *(keep or [])]
     if scheme == "w8a8-int8":
         from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
 
         return [
             SmoothQuantModifier(smoothing_strength=smoothing_strength),
-            GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"]),
+            GPTQModifier(targets="Linear", scheme="W8A8", ignore=ignore),
         ]
-    if scheme == "w4a16":
-        weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group_size}
-        return [
-            GPTQModifier(
-                config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
-                ignore=["lm_head"],
-            )
-        ]
+    if scheme in ("w4a16", "awq", "rtn4"):
+        weights = {
+            "num_bits": 4,
+            "type": "int",
+            "symmetric": scheme == "w4a16",
+            "strategy": "group",
+            "group_size": group_size,
+            **({"actorder": actorder} if scheme == "w4a16" and actorder else {}),
+        }
+        groups = {"group_0": {"targets": ["Linear"], "weights": weights}}
+        if scheme == "w4a16":
+            return [GPTQModifier(config_groups=groups, ignore=ignore, dampening_frac=dampening_frac)]
+        if scheme == "rtn4":  # round to nearest: the sensitivity probe
+            return [QuantizationModifier(config_groups=groups, ignore=ignore)]
+        from llmcompressor.modifiers.transform import AWQModifier
+
+        return [AWQModifier(duo_scaling="both"), QuantizationModifier(config_groups=groups, ignore=ignore)]
     if scheme == "fp8-dynamic":
-        return [QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"])]
+        return [QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=ignore)]
     raise SystemExit(f"unknown scheme {scheme!r}")
+
+
+def holdout_loss(model: Any, batches: list[Any]) -> float | None:
+    """Mean loss per token over ``batches`` (None without any)."""
+    import torch
+
+    if not batches:
+        return None
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for ids in batches:
+            loss = model(input_ids=ids, labels=ids).loss
+            total += float(loss) * (ids.shape[1] - 1)
+            tokens += ids.shape[1] - 1
+    return round(total / tokens, 5)
+
+
+def sensitivity(job: dict[str, Any], model_path: str, batches: list[Any], dataset_kwargs: dict[str, Any]) -> Any:
+    """Held-out loss with each decoder block alone quantized (round to nearest, 4-bit groups)."""
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM
+
+    base = holdout_loss(AutoModelForCausalLM.from_pretrained(model_path, dtype="auto"), batches)
+    blocks = []
+    layers = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto").config.num_hidden_layers
+    for index in range(layers):
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto")
+        others = [f"re:model\\.layers\\.(?!{index}\\.).*"]
+        oneshot(model=model, recipe=recipe_for("rtn4", int(job["group_size"]), 0.0, keep=others))
+        loss = holdout_loss(model, batches)
+        blocks.append({"block": index, "holdout_loss": loss, "increase": round((loss or 0) - (base or 0), 5)})
+    return {"base_loss": base, "blocks": sorted(blocks, key=lambda b: -b["increase"])}
 
 
 def main() -> None:
@@ -48,7 +103,24 @@ def main() -> None:
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(job["model"], dtype="auto")
     tokenizer = AutoTokenizer.from_pretrained(job["model"])
-    recipe = recipe_for(job["scheme"], int(job["group_size"]), float(job["smoothing_strength"]))
+    recipe = recipe_for(
+        job["scheme"],
+        int(job["group_size"]),
+        float(job["smoothing_strength"]),
+        actorder=job.get("actorder"),
+        dampening_frac=float(job.get("dampening_frac") or 0.01),
+        keep=job.get("keep") or [],
+    )
+    batches = [
+        tokenizer(tokenizer.apply_chat_template(m, tokenize=False), return_tensors="pt", add_special_tokens=False)[
+            "input_ids"
+        ][:, : int(job["seq_len"])]
+        for m in job.get("holdout") or []
+    ]
+    if job.get("sensitivity"):
+        Path(sys.argv[2]).write_text(json.dumps(sensitivity(job, job["model"], batches, {}), indent=2))
+        return
+    parent_loss = holdout_loss(model, batches)
     kwargs: dict[str, Any] = {}
     if job["calibration"]:
         from datasets import Dataset
@@ -61,6 +133,7 @@ def main() -> None:
             "num_calibration_samples": len(texts),
         }
     oneshot(model=model, recipe=recipe, **kwargs)
+    loss = holdout_loss(model, batches)
     model.save_pretrained(job["out"], save_compressed=True)
     tokenizer.save_pretrained(job["out"])
     import llmcompressor
@@ -72,6 +145,7 @@ def main() -> None:
         "torch": torch.__version__,
         "calibration_samples": len(job["calibration"] or []),
         "recipe": [repr(m) for m in recipe],
+        "holdout_loss": {"parent": parent_loss, "quantized": loss, "conversations": len(batches)},
     }
     Path(sys.argv[2]).write_text(json.dumps(report, indent=2))
 
