@@ -72,3 +72,53 @@ def test_quantize_cli_errors(tmp_path: Path, args: list[str], fragment: str, mon
     result = runner.invoke(app, ["prepare", "quantize", "--model", str(model), "--out", str(tmp_path / "q"), *args])
     assert result.exit_code == 1 and fragment in result.stderr, result.output
     assert not (tmp_path / "q").exists() and not (tmp_path / "venvs").exists()
+
+
+def test_the_smallest_version_that_keeps_every_metric_is_picked_and_misses_are_named() -> None:
+    from shipyard.prepare.search import Candidate, pick_smallest
+
+    parent = {"intent.accuracy": 0.40, "reply.schema_valid_rate": 0.96}
+    w4 = Candidate("m:w4a16", 117e6, {"intent.accuracy": 0.39, "reply.schema_valid_rate": 0.55})
+    awq = Candidate("m:awq", 118e6, {"intent.accuracy": 0.395, "reply.schema_valid_rate": 0.95})
+    w8 = Candidate("m:w8a8", 167e6, {"intent.accuracy": 0.41, "reply.schema_valid_rate": 0.94})
+    choice = pick_smallest(parent, [w8, awq, w4], 0.95)
+    assert choice.chosen is awq  # the smallest whose every metric keeps 95%
+    assert choice.misses == {"m:w4a16": ["reply.schema_valid_rate 0.573 < 0.95"]}
+    assert choice.keeps["m:w8a8"]["intent.accuracy"] == 1.025
+    none = pick_smallest(parent, [w4], 0.95)
+    assert none.chosen is None and none.misses["m:w4a16"]
+    assert pick_smallest({"reply.pass_rate": 0.0}, [w4], 0.95).chosen is w4  # a parent at 0 is kept by anything
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--schemes", "w8a8-int8,awq", "--out", "smollm2:v2"], "several schemes need --out NAME:auto"),
+        (["--schemes", "w8a8-int8,int3", "--out", "smollm2:auto"], "unknown scheme 'int3'"),
+        (["--out", "smollm2:auto"], "give --scheme (or --schemes with --out NAME:auto)"),
+        (["--scheme", "w4a16", "--group-size", "100", "--out", "x:y"], "group size 100 does not divide"),
+    ],
+)
+def test_the_search_refuses_bad_requests_in_one_line(
+    tmp_path: Path, args: list[str], fragment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SHIPYARD_DATA_DIR", str(tmp_path))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"hidden_size": 64, "intermediate_size": 128}))
+    result = runner.invoke(app, ["prepare", "quantize", "--model", str(model), *args])
+    assert result.exit_code == 1 and fragment in result.stderr, result.output
+    assert not (tmp_path / "venvs").exists()
+
+
+def test_default_calibration_mixes_both_tasks_prompts_and_no_test_line() -> None:
+    from shipyard.cli.prepare import default_calibration
+    from shipyard.prepare.quantize import calibration_messages
+    from shipyard.tasks.datasets import project_data
+
+    conversations = calibration_messages(default_calibration(), 64)
+    systems = [c[0]["content"] for c in conversations]
+    assert sum("answer with JSON only" in s for s in systems) == 32  # the reply task's prompt
+    assert sum("answer with JSON only" not in s for s in systems) == 32  # the intent task's
+    tests = {json.loads(line)["text"] for line in project_data("data/intent/test.jsonl").read_text().splitlines()}
+    assert not any(c[-1]["content"] in tests or c[1]["content"] in tests for c in conversations)

@@ -28,6 +28,7 @@ class Engine:
 
 
 def conversation(n: int, turns: int) -> list[dict[str, str]]:
+    """The request of turn ``turns`` of conversation ``n`` (its history, then a new question)."""
     messages = [{"role": "system", "content": "You are a support assistant. " * 50}]
     for turn in range(turns):
         messages.append({"role": "user", "content": f"conversation {n} question {turn}"})
@@ -37,10 +38,12 @@ def conversation(n: int, turns: int) -> list[dict[str, str]]:
 
 
 def test_every_turn_of_a_conversation_has_the_key_of_its_first() -> None:
-    keys = {prefix_key({"model": "m", "messages": conversation(7, turns)}) for turns in range(5)}
+    keys = {prefix_key({"model": "m", "messages": conversation(7, turns)}) for turns in range(1, 5)}
     assert len(keys) == 1 and None not in keys
-    assert prefix_key({"model": "m", "messages": conversation(8, 0)}) not in keys  # another conversation
-    assert prefix_key({"model": "other", "messages": conversation(7, 0)}) not in keys  # another model
+    first = conversation(7, 0)[:2]  # system + the opening question: nothing cached anywhere yet
+    assert prefix_key({"model": "m", "messages": first}) is None
+    assert prefix_key({"model": "m", "messages": conversation(8, 1)}) not in keys  # another conversation
+    assert prefix_key({"model": "other", "messages": conversation(7, 1)}) not in keys  # another model
     grown = "Document: " + "x" * 5000
     assert prefix_key({"model": "m", "prompt": grown + " Q1"}) == prefix_key({"model": "m", "prompt": grown + " Q2"})
     assert prefix_key({"model": "m", "input": "an embedding"}) is None
@@ -119,7 +122,7 @@ def test_a_conversation_keeps_its_replica_across_gateways_and_the_choice_is_coun
     urls, names = two_gateways
     seen: dict[int, set[str]] = {}
     for n in range(12):
-        for turn in range(4):
+        for turn in range(1, 5):  # the turns that continue the conversation
             url = urls[turn % 2]  # each turn through the other gateway
             answer = httpx.post(
                 f"{url}/v1/chat/completions",

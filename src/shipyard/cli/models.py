@@ -50,7 +50,11 @@ def list_command(config: ConfigOption = None) -> None:
     typer.echo(f"{'MODEL':32} {'SCHEME':12} {'PARENT':28} {'SIZE':>9}  {'CREATED':25} EVALS")
     for m in manifests:
         evals = ",".join(sorted(m.evals)) or "-"
-        typer.echo(f"{m.ref:32} {m.scheme:12} {m.parent or '-':28} {_size(m.size_bytes):>9}  {m.created:25} {evals}")
+        search = m.evals.get("search") or {}
+        mark = f"  <- smallest good (keeps {search['min_keep']:.0%})" if search.get("chosen") else ""
+        typer.echo(
+            f"{m.ref:32} {m.scheme:12} {m.parent or '-':28} {_size(m.size_bytes):>9}  {m.created:25} {evals}{mark}"
+        )
 
 
 @models_app.command("show")
