@@ -121,7 +121,9 @@ def hadolint(*files: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_dockerfiles_pass_hadolint(tmp_path: Path) -> None:
-    checked = hadolint(DEPLOY / "docker/Dockerfile.cpu", DEPLOY / "docker/Dockerfile.gpu")
+    checked = hadolint(
+        DEPLOY / "docker/Dockerfile.cpu", DEPLOY / "docker/Dockerfile.gpu", DEPLOY / "docker/Dockerfile.prometheus"
+    )
     assert checked.returncode == 0, checked.stdout + checked.stderr
     for name in ("Dockerfile.cpu", "Dockerfile.gpu"):
         text = (DEPLOY / "docker" / name).read_text()

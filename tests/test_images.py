@@ -1,0 +1,144 @@
+"""The images built and run (issue 27), with podman here (docker where a daemon exists): `scripts/images` builds
+the CPU image and Prometheus' on a local debian:bookworm-slim; a container of the CPU image answers the openai
+SDK through a published port; `deploy/compose.yaml` comes up with podman-compose and Prometheus returns data for
+the dashboard's queries after a little load. Grafana's image is not reachable here: its queries are what is
+proven (each evaluated by Prometheus' own API)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from shipyard.engine import free_port
+from tests.helpers import wait_for
+from tests.services import tool
+
+pytestmark = pytest.mark.images
+KEY, ADMIN = "sk-image-user", "sk-image-admin"
+PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager=cgroupfs"]
+NEEDS_FAULT = {"shipyard_upstream_errors_total", "shipyard_retries_total"}
+"""Series that exist only once an engine failed (the test injects no fault): their queries must parse."""
+
+
+def ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/ready", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def images(repo_root: Path) -> Iterator[dict[str, object]]:
+    for name, package in (("podman", "podman"), ("runc", "runc"), ("podman-compose", "podman-compose")):
+        tool(name, f"apt-get install {package}")
+    started = time.monotonic()
+    built = subprocess.run([str(repo_root / "scripts/images")], capture_output=True, text=True, timeout=2400)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    sizes = {
+        tag: int(subprocess.run([*PODMAN, "image", "inspect", tag, "--format", "{{.Size}}"], capture_output=True,
+                                text=True, check=True).stdout)
+        for tag in ("shipyard:cpu", "shipyard-prometheus:local")
+    }  # fmt: skip
+    facts = {"build_seconds": round(time.monotonic() - started), "sizes": sizes, "log": built.stdout[-2000:]}
+    if os.environ.get("IMAGES_REPORT"):
+        Path(os.environ["IMAGES_REPORT"]).write_text(json.dumps(facts, indent=2) + "\n")
+    yield facts
+
+
+def test_the_cpu_image_runs_as_non_root_and_answers_the_openai_sdk(images: dict[str, object]) -> None:
+    port = free_port()
+    name = f"shipyard-image-test-{port}"
+    run = [*PODMAN, "run", "-d", "--rm", "--name", name, "--ulimit", "nofile=20000:20000", "-p", f"{port}:8080"]
+    run += ["-e", f"SHIPYARD_API_KEYS={KEY}", "-e", f"SHIPYARD_ADMIN_KEYS={ADMIN}", "shipyard:cpu"]
+    run += ["serve", "--host", "0.0.0.0", "--port", "8080"]
+    subprocess.run(run, check=True, capture_output=True, timeout=120)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_for(lambda: ready(url), timeout=420, interval=2), subprocess.run(
+            [*PODMAN, "logs", name], capture_output=True, text=True
+        ).stdout[-3000:]
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+        answer = client.chat.completions.create(
+            model="smollm2-135m-instruct", messages=[{"role": "user", "content": "Say hi"}], max_tokens=8
+        )
+        assert answer.choices[0].message.content
+        user = subprocess.run([*PODMAN, "exec", name, "id", "-u"], capture_output=True, text=True, check=True)
+        assert user.stdout.strip() == "10001"
+        health = subprocess.run([*PODMAN, "healthcheck", "run", name], capture_output=True, text=True)
+        assert health.returncode == 0, health.stdout + health.stderr
+    finally:
+        subprocess.run([*PODMAN, "rm", "-f", "-t", "5", name], capture_output=True, timeout=120)
+
+
+def test_the_compose_stack_comes_up_and_prometheus_answers_every_dashboard_query(
+    images: dict[str, object], repo_root: Path, tmp_path: Path
+) -> None:
+    ports = {name: free_port() for name in ("GATEWAY_PORT", "UI_PORT", "PROMETHEUS_PORT")}
+    env_file = tmp_path / "compose.env"
+    env_file.write_text(
+        "\n".join(
+            [
+                f"SHIPYARD_API_KEYS={KEY}",
+                f"SHIPYARD_ADMIN_KEYS={ADMIN}",
+                f"SHIPYARD_UI_API_KEY={KEY}",
+                "SHIPYARD_UI_USERS=tester:secret-password",
+                "GRAFANA_ADMIN_PASSWORD=unused-here",
+                *(f"{k}={v}" for k, v in ports.items()),
+            ]
+        )
+        + "\n"
+    )
+    project = f"shipyard-test-{ports['GATEWAY_PORT']}"
+    compose = [
+        "podman-compose",
+        "-p",
+        project,
+        "--env-file",
+        str(env_file),
+        "-f",
+        str(repo_root / "deploy/compose.yaml"),
+    ]
+    services = ["engine", "gateway", "ui", "prometheus"]
+    env = {**os.environ, "PODMAN_RUNTIME": "runc"}
+    up = subprocess.run([*compose, "up", "-d", *services], capture_output=True, text=True, timeout=600, env=env)
+    gateway = f"http://127.0.0.1:{ports['GATEWAY_PORT']}"
+    prometheus = f"http://127.0.0.1:{ports['PROMETHEUS_PORT']}"
+    try:
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        assert wait_for(lambda: ready(gateway), timeout=480, interval=2), subprocess.run(
+            [*compose, "logs"], capture_output=True, text=True, env=env
+        ).stdout[-4000:]
+        client = openai.OpenAI(base_url=f"{gateway}/v1", api_key=KEY, max_retries=0)
+        deadline = time.monotonic() + 45  # a little load: streams (TTFT), plain answers, one 404
+        while time.monotonic() < deadline:
+            for _chunk in client.chat.completions.create(
+                model="smollm2-135m-instruct", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, stream=True
+            ):
+                pass
+            client.completions.create(model="smollm2-135m-instruct", prompt="Hello", max_tokens=4)
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="not-served", prompt="x", max_tokens=1)
+        time.sleep(12)  # two more scrapes (every 5 s)
+        dashboard = json.loads((repo_root / "deploy/grafana/dashboards/shipyard.json").read_text())
+        queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+        empty = []
+        for query in queries:
+            expr = query.replace("$__rate_interval", "1m")
+            answer = httpx.get(f"{prometheus}/api/v1/query", params={"query": expr}, timeout=10).json()
+            assert answer["status"] == "success", (query, answer)
+            if not answer["data"]["result"] and not set(re.findall(r"shipyard_\w+|vllm:\w+", query)) & NEEDS_FAULT:
+                empty.append(query)
+        assert not empty, empty
+        targets = httpx.get(f"{prometheus}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
+        assert {t["labels"]["job"]: t["health"] for t in targets} == {"shipyard-gateway": "up", "vllm-engine": "up"}
+    finally:
+        subprocess.run([*compose, "down", "-t", "5"], capture_output=True, timeout=300, env=env)
