@@ -25,6 +25,8 @@ from tests.services import tool
 pytestmark = pytest.mark.images
 KEY, ADMIN = "sk-image-user", "sk-image-admin"
 PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager=cgroupfs"]
+LIMITS = ["--ulimit", "nproc=32768:32768", "--ulimit", "nofile=16384:16384"]
+"""Within what this machine lets a container set (its conmon runs with 32,768 processes, 20,000 files)."""
 NEEDS_FAULT = {"shipyard_upstream_errors_total", "shipyard_retries_total"}
 """Series that exist only once an engine failed (the test injects no fault): their queries must parse."""
 
@@ -36,12 +38,15 @@ def ready(url: str) -> bool:
         return False
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 @pytest.fixture(scope="module")
-def images(repo_root: Path) -> Iterator[dict[str, object]]:
+def images() -> Iterator[dict[str, object]]:
     for name, package in (("podman", "podman"), ("runc", "runc"), ("podman-compose", "podman-compose")):
         tool(name, f"apt-get install {package}")
     started = time.monotonic()
-    built = subprocess.run([str(repo_root / "scripts/images")], capture_output=True, text=True, timeout=2400)
+    built = subprocess.run([str(ROOT / "scripts/images")], capture_output=True, text=True, timeout=2400)
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     sizes = {
         tag: int(subprocess.run([*PODMAN, "image", "inspect", tag, "--format", "{{.Size}}"], capture_output=True,
@@ -57,7 +62,7 @@ def images(repo_root: Path) -> Iterator[dict[str, object]]:
 def test_the_cpu_image_runs_as_non_root_and_answers_the_openai_sdk(images: dict[str, object]) -> None:
     port = free_port()
     name = f"shipyard-image-test-{port}"
-    run = [*PODMAN, "run", "-d", "--rm", "--name", name, "--ulimit", "nofile=20000:20000", "-p", f"{port}:8080"]
+    run = [*PODMAN, "run", "-d", "--rm", "--name", name, *LIMITS, "-p", f"{port}:8080"]
     run += ["-e", f"SHIPYARD_API_KEYS={KEY}", "-e", f"SHIPYARD_ADMIN_KEYS={ADMIN}", "shipyard:cpu"]
     run += ["serve", "--host", "0.0.0.0", "--port", "8080"]
     subprocess.run(run, check=True, capture_output=True, timeout=120)
@@ -80,7 +85,7 @@ def test_the_cpu_image_runs_as_non_root_and_answers_the_openai_sdk(images: dict[
 
 
 def test_the_compose_stack_comes_up_and_prometheus_answers_every_dashboard_query(
-    images: dict[str, object], repo_root: Path, tmp_path: Path
+    images: dict[str, object], tmp_path: Path
 ) -> None:
     ports = {name: free_port() for name in ("GATEWAY_PORT", "UI_PORT", "PROMETHEUS_PORT")}
     env_file = tmp_path / "compose.env"
@@ -105,7 +110,7 @@ def test_the_compose_stack_comes_up_and_prometheus_answers_every_dashboard_query
         "--env-file",
         str(env_file),
         "-f",
-        str(repo_root / "deploy/compose.yaml"),
+        str(ROOT / "deploy/compose.yaml"),
     ]
     services = ["engine", "gateway", "ui", "prometheus"]
     env = {**os.environ, "PODMAN_RUNTIME": "runc"}
@@ -128,7 +133,7 @@ def test_the_compose_stack_comes_up_and_prometheus_answers_every_dashboard_query
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model="not-served", prompt="x", max_tokens=1)
         time.sleep(12)  # two more scrapes (every 5 s)
-        dashboard = json.loads((repo_root / "deploy/grafana/dashboards/shipyard.json").read_text())
+        dashboard = json.loads((ROOT / "deploy/grafana/dashboards/shipyard.json").read_text())
         queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
         empty = []
         for query in queries:
