@@ -68,6 +68,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--skip-sensitivity", action="store_true")
+    parser.add_argument(
+        "--keep-blocks", help="with --skip-sensitivity: the blocks 'keep3' recipes keep (e.g. 29,21,19)"
+    )
     args = parser.parse_args()
     settings = load_settings()
     parent, _ = resolve_input(args.model, settings.models_dir)
@@ -90,13 +93,20 @@ def main() -> None:
             report["sensitivity"] = {**ranked, "seconds": round(time.perf_counter() - started, 1)}
             top = [f"re:model\\.layers\\.{b['block']}\\..*" for b in ranked["blocks"][:3]]
             print(json.dumps(report["sensitivity"]["blocks"][:5]), flush=True)
+            (args.out / "sweep.json").write_text(json.dumps(report, indent=2) + "\n")
+        elif args.keep_blocks:
+            top = [f"re:model\\.layers\\.{b}\\..*" for b in args.keep_blocks.split(",")]
+            report["kept_blocks_from"] = "an earlier sensitivity run (sensitivity-top5.json)"
         mixed = default_calibration()
         registry = Registry(work / "models")
         for name in args.recipes.split(","):
             recipe = dict(RECIPES[name])
             keep = top if recipe.pop("keep", None) == "top3" else []
             calibration = project_data("data/intent/train.jsonl") if recipe.get("calibration") == "intent" else mixed
-            with open_output(f"sweep:{name}", registry.root, scheme=recipe["scheme"], recipe={}) as staging:
+            output = open_output(
+                f"sweep:{name}", registry.root, scheme=recipe["scheme"], parent=None, recipe={}, force=True
+            )
+            with output as staging:
                 made = quantize(
                     parent,
                     staging,
