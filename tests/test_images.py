@@ -25,10 +25,12 @@ from tests.services import tool
 pytestmark = pytest.mark.images
 KEY, ADMIN = "sk-image-user", "sk-image-admin"
 PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager=cgroupfs"]
-LIMITS = ["--ulimit", "nproc=32768:32768", "--ulimit", "nofile=16384:16384"]
-"""Within what this machine lets a container set (its conmon runs with 32,768 processes, 20,000 files)."""
+LIMITS = ["--ulimit", "nproc=32768:32768", "--ulimit", "nofile=16384:16384", "--shm-size", "1g"]
+"""Within what this machine lets a container set (its conmon runs with 32,768 processes, 20,000 files), and the
+shared memory vLLM's engine core needs (160 MiB; containers get 64 MiB by default)."""
 NEEDS_FAULT = {"shipyard_upstream_errors_total", "shipyard_retries_total"}
-"""Series that exist only once an engine failed (the test injects no fault): their queries must parse."""
+"""Series that exist only once an engine failed (the test injects no fault; so does the 5xx share): their queries
+must parse."""
 
 
 def ready(url: str) -> bool:
@@ -88,32 +90,19 @@ def test_the_compose_stack_comes_up_and_prometheus_answers_every_dashboard_query
     images: dict[str, object], tmp_path: Path
 ) -> None:
     ports = {name: free_port() for name in ("GATEWAY_PORT", "UI_PORT", "PROMETHEUS_PORT")}
-    env_file = tmp_path / "compose.env"
-    env_file.write_text(
-        "\n".join(
-            [
-                f"SHIPYARD_API_KEYS={KEY}",
-                f"SHIPYARD_ADMIN_KEYS={ADMIN}",
-                f"SHIPYARD_UI_API_KEY={KEY}",
-                "SHIPYARD_UI_USERS=tester:secret-password",
-                "GRAFANA_ADMIN_PASSWORD=unused-here",
-                *(f"{k}={v}" for k, v in ports.items()),
-            ]
-        )
-        + "\n"
-    )
+    settings = {
+        "SHIPYARD_API_KEYS": KEY,
+        "SHIPYARD_ADMIN_KEYS": ADMIN,
+        "SHIPYARD_UI_API_KEY": KEY,
+        "SHIPYARD_UI_USERS": "tester:secret-password",
+        "GRAFANA_ADMIN_PASSWORD": "unused-here",
+        **{k: str(v) for k, v in ports.items()},
+    }  # podman-compose 1.0 has no --env-file: compose reads them from its environment
     project = f"shipyard-test-{ports['GATEWAY_PORT']}"
-    compose = [
-        "podman-compose",
-        "-p",
-        project,
-        "--env-file",
-        str(env_file),
-        "-f",
-        str(ROOT / "deploy/compose.yaml"),
-    ]
+    compose = ["podman-compose", "-p", project, "--podman-args", " ".join(PODMAN[1:])]
+    compose += ["-f", str(ROOT / "deploy/compose.yaml")]
     services = ["engine", "gateway", "ui", "prometheus"]
-    env = {**os.environ, "PODMAN_RUNTIME": "runc"}
+    env = {**os.environ, **settings}
     up = subprocess.run([*compose, "up", "-d", *services], capture_output=True, text=True, timeout=600, env=env)
     gateway = f"http://127.0.0.1:{ports['GATEWAY_PORT']}"
     prometheus = f"http://127.0.0.1:{ports['PROMETHEUS_PORT']}"
@@ -140,7 +129,8 @@ def test_the_compose_stack_comes_up_and_prometheus_answers_every_dashboard_query
             expr = query.replace("$__rate_interval", "1m")
             answer = httpx.get(f"{prometheus}/api/v1/query", params={"query": expr}, timeout=10).json()
             assert answer["status"] == "success", (query, answer)
-            if not answer["data"]["result"] and not set(re.findall(r"shipyard_\w+|vllm:\w+", query)) & NEEDS_FAULT:
+            needs_fault = set(re.findall(r"shipyard_\w+|vllm:\w+", query)) & NEEDS_FAULT or '"5.."' in query
+            if not answer["data"]["result"] and not needs_fault:
                 empty.append(query)
         assert not empty, empty
         targets = httpx.get(f"{prometheus}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
