@@ -93,9 +93,7 @@ def main() -> None:
                     break
             except httpx.HTTPError:
                 time.sleep(1)
-        report["hf"] = find_max(
-            "http://127.0.0.1:9000", "hf", 0.5, 64, args.out / "hf", began + args.budget_s * 0.4
-        )
+        report["hf"] = find_max("http://127.0.0.1:9000", "hf", 0.5, 64, args.out / "hf", began + args.budget_s * 0.4)
         report["hf"]["max_batch"] = args.hf_max_batch
         log(f"HF: {report['hf']['max_rate']} req/s")
     finally:

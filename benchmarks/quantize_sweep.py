@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shipyard.cli.prepare import default_calibration
+from shipyard.cli.prepare import both_tasks_calibration
 from shipyard.prepare.quantize import quantize, sensitivity
 from shipyard.prepare.registry import Registry, open_output, resolve_input
 from shipyard.settings import load_settings
@@ -97,7 +97,7 @@ def main() -> None:
         elif args.keep_blocks:
             top = [f"re:model\\.layers\\.{b}\\..*" for b in args.keep_blocks.split(",")]
             report["kept_blocks_from"] = "an earlier sensitivity run (sensitivity-top5.json)"
-        mixed = default_calibration()
+        mixed = both_tasks_calibration()
         registry = Registry(work / "models")
         for name in args.recipes.split(","):
             recipe = dict(RECIPES[name])

@@ -116,8 +116,9 @@ def test_every_data_file_of_the_package_is_declared_for_the_wheel() -> None:
     """A file the code reads at run time (labels, templates, manifests) ships in the wheel and the image; found
     missing by the image test (the labels were symlinks no one declared)."""
     import fnmatch
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     root = Path(__file__).resolve().parents[1]
     declared = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["shipyard"]

@@ -111,12 +111,12 @@ def test_the_search_refuses_bad_requests_in_one_line(
     assert not (tmp_path / "venvs").exists()
 
 
-def test_default_calibration_mixes_both_tasks_prompts_and_no_test_line() -> None:
-    from shipyard.cli.prepare import default_calibration
+def test_both_tasks_calibration_mixes_both_tasks_prompts_and_no_test_line() -> None:
+    from shipyard.cli.prepare import both_tasks_calibration
     from shipyard.prepare.quantize import calibration_messages
     from shipyard.tasks.datasets import project_data
 
-    conversations = calibration_messages(default_calibration(), 64)
+    conversations = calibration_messages(both_tasks_calibration(), 64)
     systems = [c[0]["content"] for c in conversations]
     assert sum("answer with JSON only" in s for s in systems) == 32  # the reply task's prompt
     assert sum("answer with JSON only" not in s for s in systems) == 32  # the intent task's
