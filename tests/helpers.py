@@ -57,6 +57,14 @@ def healthy(url: str) -> bool:
         return False
 
 
+def ready(url: str, timeout: float = 1.0) -> bool:
+    """True when ``url``/ready answers 200 (a gateway with a ready replica); not answering is "not yet"."""
+    try:
+        return httpx.get(f"{url}/ready", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

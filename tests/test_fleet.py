@@ -29,7 +29,7 @@ from shipyard.gateway import ServedModel, create_app
 from shipyard.router import Replica
 from shipyard.settings import SettingsError, load_settings
 from shipyard.testing import FakeOpenAI
-from tests.helpers import ServerThread, wait_for
+from tests.helpers import ServerThread, ready, wait_for
 
 KEY, ADMIN = "sk-u", "sk-a"
 FAKE = [sys.executable, "-m", "shipyard.testing.fake_openai", "--token-rate", "500"]
@@ -238,13 +238,6 @@ def serve(tmp_path: Path, data_dir: Path, *args: str) -> tuple[subprocess.Popen[
         text=True,
     )
     return proc, f"http://127.0.0.1:{port}"
-
-
-def ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/ready", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def stop(proc: subprocess.Popen[str], data_dir: Path) -> None:

@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from shipyard.engine import free_port
-from tests.helpers import wait_for
+from tests.helpers import ready, wait_for
 from tests.services import tool
 
 pytestmark = pytest.mark.images
@@ -31,13 +31,6 @@ shared memory vLLM's engine core needs (160 MiB; containers get 64 MiB by defaul
 NEEDS_FAULT = {"shipyard_upstream_errors_total", "shipyard_retries_total"}
 """Series that exist only once an engine failed (the test injects no fault; so does the 5xx share): their queries
 must parse."""
-
-
-def ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/ready", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +63,7 @@ def test_the_cpu_image_runs_as_non_root_and_answers_the_openai_sdk(images: dict[
     subprocess.run(run, check=True, capture_output=True, timeout=120)
     url = f"http://127.0.0.1:{port}"
     try:
-        assert wait_for(lambda: ready(url), timeout=420, interval=2), subprocess.run(
+        assert wait_for(lambda: ready(url, 2), timeout=420, interval=2), subprocess.run(
             [*PODMAN, "logs", name], capture_output=True, text=True
         ).stdout[-3000:]
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
@@ -108,7 +101,7 @@ def test_the_compose_stack_comes_up_and_prometheus_answers_every_dashboard_query
     prometheus = f"http://127.0.0.1:{ports['PROMETHEUS_PORT']}"
     try:
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
-        assert wait_for(lambda: ready(gateway), timeout=480, interval=2), subprocess.run(
+        assert wait_for(lambda: ready(gateway, 2), timeout=480, interval=2), subprocess.run(
             [*compose, "logs"], capture_output=True, text=True, env=env
         ).stdout[-4000:]
         client = openai.OpenAI(base_url=f"{gateway}/v1", api_key=KEY, max_retries=0)

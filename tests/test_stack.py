@@ -16,7 +16,7 @@ import psutil
 from shipyard.engine import free_port
 from shipyard.settings import Settings
 from shipyard.stack import engine_spec
-from tests.helpers import wait_for
+from tests.helpers import ready, wait_for
 
 FAKE = [sys.executable, "-m", "shipyard.testing.fake_openai", "--token-rate", "500"]
 
@@ -46,13 +46,6 @@ def start_serve(tmp_path: Path, data_dir: Path, *args: str) -> tuple[subprocess.
         text=True,
     )
     return proc, f"http://127.0.0.1:{port}"
-
-
-def ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/ready", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def shipyard(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
