@@ -32,14 +32,16 @@ from gpu_campaign import KEY, MODEL, log, meta, start_gateway, stop  # noqa: E40
 
 WORKLOAD = [
     "--scenario", "random", "--endpoint", "completions", "--no-stream", "--input-tokens", "512",
-    "--output-tokens", "128", "--slo", "e2e=5000", "--find-max", "--duration", "15", "--warmup", "3",
+    "--output-tokens", "128", "--find-max", "--duration", "15", "--warmup", "3",
     "--timeout", "60", "--no-resources",
 ]  # fmt: skip
 
 
-def find_max(url: str, model: str, start: float, limit: float, out: Path, deadline: float) -> dict[str, Any]:
+def find_max(
+    url: str, model: str, start: float, limit: float, out: Path, deadline: float, slo_ms: int
+) -> dict[str, Any]:
     args = [sys.executable, "-m", "shipyard.cli", "bench", "--url", url, "--api-key", KEY, "--model", model]
-    args += [*WORKLOAD, "--rate", str(start), "--max-level", str(limit), "--out", str(out)]
+    args += [*WORKLOAD, "--slo", f"e2e={slo_ms}", "--rate", str(start), "--max-level", str(limit), "--out", str(out)]
     try:
         subprocess.run(args, check=True, timeout=max(deadline - time.monotonic(), 10))
     except subprocess.TimeoutExpired:
@@ -71,6 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--budget-s", type=float, default=560)
+    parser.add_argument("--slo-ms", type=int, default=5000, help="P99 end-to-end bound both must hold")
     parser.add_argument("--hf-max-batch", type=int, default=16)
     args = parser.parse_args()
     began = time.monotonic()
@@ -93,7 +96,9 @@ def main() -> None:
                     break
             except httpx.HTTPError:
                 time.sleep(1)
-        report["hf"] = find_max("http://127.0.0.1:9000", "hf", 0.5, 64, args.out / "hf", began + args.budget_s * 0.4)
+        report["hf"] = find_max(
+            "http://127.0.0.1:9000", "hf", 0.25, 64, args.out / "hf", began + args.budget_s * 0.4, args.slo_ms
+        )
         report["hf"]["max_batch"] = args.hf_max_batch
         log(f"HF: {report['hf']['max_rate']} req/s")
     finally:
@@ -110,7 +115,7 @@ def main() -> None:
     report["shipyard_ready_s"] = round(time.monotonic() - started, 1)
     try:
         report["shipyard"] = find_max(
-            "http://127.0.0.1:8080", "qwen2.5-7b", 4, 256, args.out / "shipyard", began + args.budget_s
+            "http://127.0.0.1:8080", "qwen2.5-7b", 4, 256, args.out / "shipyard", began + args.budget_s, args.slo_ms
         )
         log(f"shipyard: {report['shipyard']['max_rate']} req/s")
     finally:

@@ -136,7 +136,7 @@ def routing_phase(work: Path, out: Path, args: argparse.Namespace) -> dict[str, 
     try:
         urls = engines.engine_urls()
         upstreams = [a for u in urls for a in ("--upstream", u)]
-        for policy in ("cache-aware", "least-busy", "round-robin"):
+        for policy in args.policies:
             env = {"SHIPYARD_API_KEYS": USER, "SHIPYARD_ROUTING": policy}
             gateways[policy] = Serve(f"gateway-{policy}", work, ["--no-engine", *upstreams], env).wait(120)
         chat = [
@@ -151,12 +151,12 @@ def routing_phase(work: Path, out: Path, args: argparse.Namespace) -> dict[str, 
         ]  # fmt: skip
         results: dict[str, Any] = {"chat": {}, "random": {}}
         for round_index in range(args.rounds):
-            for seed, policy in enumerate(("cache-aware", "least-busy", "round-robin")):
+            for seed, policy in enumerate(args.policies):
                 before = prefix_counters(urls)
                 run = bench(gateways[policy].url, USER, out / f"chat-{policy}-{round_index}", *chat,
                             "--seed", str(1000 * round_index + seed))  # fmt: skip
                 results["chat"].setdefault(policy, []).append(row(run, before, prefix_counters(urls)))
-            for seed, policy in enumerate(("cache-aware", "least-busy")):
+            for seed, policy in enumerate(p for p in ("cache-aware", "least-busy") if args.random):
                 before = prefix_counters(urls)
                 run = bench(gateways[policy].url, USER, out / f"random-{policy}-{round_index}", *random_load,
                             "--seed", str(5000 + 1000 * round_index + seed))  # fmt: skip
@@ -224,6 +224,16 @@ def priority_phase(work: Path, out: Path, args: argparse.Namespace) -> dict[str,
         engine.stop()
 
 
+def gpu_name() -> str:
+    try:
+        found = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
+        )
+    except FileNotFoundError:
+        return "no GPU"
+    return ", ".join(found.stdout.split("\n")[:-1]) or "no GPU"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--out", type=Path, required=True)
@@ -239,12 +249,15 @@ def main() -> None:
     parser.add_argument("--profile", help="engine profile (default: auto)")
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the engines' shipyard serve")
     parser.add_argument("--flood-concurrency", type=int, default=8)
+    parser.add_argument("--policies", default="cache-aware,least-busy,round-robin", help="comma-separated, in order")
+    parser.add_argument("--no-random", dest="random", action="store_false", help="skip the random load")
     args = parser.parse_args()
+    args.policies = args.policies.split(",")
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {
         "command": " ".join(sys.argv),
         "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {gpu_name()}",
     }
     with tempfile.TemporaryDirectory(prefix="shipyard-routing-") as tmp:
         if args.phase in ("routing", "both"):

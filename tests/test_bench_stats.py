@@ -103,6 +103,9 @@ def test_workloads_are_deterministic_and_shaped() -> None:
     assert first.body["ignore_eos"] and first.body["max_tokens"] == 64 and first.body["stream_options"]
     words = RandomWorkload("m", input_tokens=100, stream=False).request(3)
     assert len(words.body["messages"][0]["content"].split()) == 100 and not words.stream
+    # --no-stream on completions is read as one JSON answer (it was read as a stream: every request "truncated")
+    plain = RandomWorkload("m", endpoint="completions", stream=False).request(0)
+    assert plain.body["stream"] is False and not plain.stream
     with pytest.raises(ValueError):
         RandomWorkload("m", endpoint="embeddings")
 
