@@ -175,7 +175,8 @@ def routing_phase(work: Path, out: Path, args: argparse.Namespace) -> dict[str, 
 
 def priority_phase(work: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     keys = {"SHIPYARD_API_KEYS": "interactive:sk-interactive,batch:sk-batch"}
-    engine = Serve("priority-engine", work, [], {**keys, "SHIPYARD_LIMITS__INTERACTIVE__PRIORITY": "0"}).wait(
+    cli, env = engine_args(args)  # e.g. --env 'SHIPYARD_ENGINE__EXTRA_ARGS=["--max-num-seqs","4"]': a batch to fill
+    engine = Serve("priority-engine", work, cli, {**env, **keys, "SHIPYARD_LIMITS__INTERACTIVE__PRIORITY": "0"}).wait(
         900
     )  # a key with a priority: the engine runs vLLM's priority scheduler
     gateways: dict[str, Serve] = {}
@@ -195,7 +196,7 @@ def priority_phase(work: Path, out: Path, args: argparse.Namespace) -> dict[str,
         flood = [
             "--scenario", "random", "--concurrency", str(args.flood_concurrency),
             "--duration", str(args.duration // 2 + 20), "--warmup", "0",
-            "--input-tokens", "256", "--output-tokens", "256", "--timeout", "900",
+            "--input-tokens", "256", "--output-tokens", str(args.flood_output_tokens), "--timeout", "900",
         ]  # fmt: skip
         results: dict[str, Any] = {}
         results["alone"] = bench(gateways["fcfs"].url, "sk-interactive", out / "priority-alone", *interactive)
@@ -217,7 +218,13 @@ def priority_phase(work: Path, out: Path, args: argparse.Namespace) -> dict[str,
                 "ttft_p99_ms": round(r["ttft_ms"]["p99"], 1),
             }
             for name, r in results.items()
-        } | {"setup": {"interactive": " ".join(interactive), "flood": " ".join(flood)}}
+        } | {
+            "setup": {
+                "engine": " ".join([*cli, *args.env]),
+                "interactive": " ".join(interactive),
+                "flood": " ".join(flood),
+            }
+        }
     finally:
         for gateway in gateways.values():
             gateway.stop()
@@ -249,6 +256,7 @@ def main() -> None:
     parser.add_argument("--profile", help="engine profile (default: auto)")
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the engines' shipyard serve")
     parser.add_argument("--flood-concurrency", type=int, default=8)
+    parser.add_argument("--flood-output-tokens", type=int, default=256)
     parser.add_argument("--policies", default="cache-aware,least-busy,round-robin", help="comma-separated, in order")
     parser.add_argument("--no-random", dest="random", action="store_false", help="skip the random load")
     args = parser.parse_args()

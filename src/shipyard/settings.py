@@ -287,6 +287,10 @@ class Settings(BaseSettings):
     upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
     upstream_read_timeout_s: float = Field(default=300.0, gt=0)
     """Longest silence tolerated from an upstream while it answers (a stream's gap between tokens)."""
+    upstream_keepalive_s: float = Field(default=4.0, gt=0)
+    """How long an idle connection to an upstream is kept for reuse. Below the engine's own idle timeout
+    (vLLM's ``VLLM_HTTP_TIMEOUT_KEEP_ALIVE``, 5 s), so the gateway never sends on a connection the engine is
+    closing (as Envoy advises for upstream idle timeouts)."""
     health_interval_s: float = Field(default=1.0, gt=0)
     health_timeout_s: float = Field(default=2.0, gt=0)
     """A health probe not answered within this is late; a replica late *and* making no progress on its answers

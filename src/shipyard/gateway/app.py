@@ -51,7 +51,9 @@ def upstream_client(settings: Settings) -> httpx.AsyncClient:
         pool=settings.upstream_connect_timeout_s,
     )
     headers = {"authorization": f"Bearer {key}"} if (key := settings.engine_key_value()) else {}
-    return httpx.AsyncClient(timeout=timeout, transport=UpstreamTransport(), headers=headers)
+    return httpx.AsyncClient(
+        timeout=timeout, transport=UpstreamTransport(settings.upstream_keepalive_s), headers=headers
+    )
 
 
 @dataclass

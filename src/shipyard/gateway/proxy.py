@@ -136,6 +136,8 @@ class Attempt:
     """The replica this request must go to (the one holding its ``previous_response_id``)."""
     ticket: InFlight | None = None
     """The in-flight count of the replica it was last sent to (released once, by whichever path ends it)."""
+    reconnected: set[str] = field(default_factory=set)
+    """Replicas this request was sent to again on a fresh connection after one closed under it."""
 
     def release(self) -> None:
         if self.ticket is not None:
@@ -494,7 +496,8 @@ class Proxy:
         """Send to a replica chosen by the pool; move on to another when one is down.
 
         Safe to resend: the connection was refused (nothing reached the engine), or the engine closed it
-        without answering (it died; vLLM aborts what it had not answered). Anything else is a 502.
+        without answering (it died, or its keep-alive timer closed the connection; vLLM aborts what it had not
+        answered). Anything else is a 502.
         """
         while True:
             try:
@@ -525,6 +528,14 @@ class Proxy:
             except _NOTHING_ANSWERED as exc:
                 attempt.release()
                 kind = "connect" if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)) else "died"
+                if kind == "died" and replica.name not in attempt.reconnected:
+                    # Closed without an answer: a kept-alive connection the engine's idle timer closed as the
+                    # request went out (seen under load on an H100, 2026-12-06), or an engine dying. Once more on
+                    # a fresh connection tells which: a dead engine refuses it and is taken out then, a live one
+                    # answers and stays in rotation (taking the only replica out was a 503 for everyone).
+                    attempt.reconnected.add(replica.name)
+                    self.metrics.retries.labels("reconnect").inc()
+                    continue
                 self._upstream_failed(replica, kind, exc)
                 self.pool.mark_unready(replica, f"{kind}: {type(exc).__name__}: {exc}")
                 attempt.tried.add(replica.name)
