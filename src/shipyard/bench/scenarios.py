@@ -95,7 +95,9 @@ class RandomWorkload:
         common = {"model": self.model, "max_tokens": self.output_tokens, "ignore_eos": True, "temperature": 0.0}
         if self.endpoint == "completions":
             prompt = [rng.randrange(*TOKEN_ID_RANGE) for _ in range(self.input_tokens)]
-            return RequestSpec("/v1/completions", {**common, "prompt": prompt, **_stream_fields(self.stream)}, self.stream)
+            return RequestSpec(
+                "/v1/completions", {**common, "prompt": prompt, **_stream_fields(self.stream)}, self.stream
+            )
         text = " ".join(rng.choice(_WORDS) for _ in range(self.input_tokens))
         body = {**common, "messages": [{"role": "user", "content": text}], **_stream_fields(self.stream)}
         return RequestSpec("/v1/chat/completions", body, self.stream)
