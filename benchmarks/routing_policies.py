@@ -182,11 +182,15 @@ def priority_phase(work: Path, out: Path, args: argparse.Namespace) -> dict[str,
     gateways: dict[str, Serve] = {}
     try:
         (url,) = engine.engine_urls()
-        for name, batch_priority in (("fcfs", "0"), ("priority", "10")):
+        setups = [("fcfs", "0", None), ("priority", "10", None)]
+        if args.batch_concurrent:  # the batch key kept below the engine's batch: a slot always free for the other
+            setups.append(("reserved", "10", str(args.batch_concurrent)))
+        for name, batch_priority, batch_concurrent in setups:
             env = {
                 **keys,
                 "SHIPYARD_LIMITS__INTERACTIVE__PRIORITY": "0",
                 "SHIPYARD_LIMITS__BATCH__PRIORITY": batch_priority,
+                **({"SHIPYARD_LIMITS__BATCH__CONCURRENT": batch_concurrent} if batch_concurrent else {}),
             }
             gateways[name] = Serve(f"gateway-{name}", work, ["--no-engine", "--upstream", url], env).wait(120)
         interactive = [
@@ -200,9 +204,11 @@ def priority_phase(work: Path, out: Path, args: argparse.Namespace) -> dict[str,
         ]  # fmt: skip
         results: dict[str, Any] = {}
         results["alone"] = bench(gateways["fcfs"].url, "sk-interactive", out / "priority-alone", *interactive)
-        for name in ("fcfs", "priority"):
+        for name, _, batch_concurrent in setups:
+            # a batch job that keeps to its key's `concurrent` (more would be 429s, answered at once, in a loop)
+            sent = [batch_concurrent if a == str(args.flood_concurrency) and batch_concurrent else a for a in flood]
             flooding = threading.Thread(
-                target=bench, args=(gateways[name].url, "sk-batch", out / f"priority-flood-{name}", *flood)
+                target=bench, args=(gateways[name].url, "sk-batch", out / f"priority-flood-{name}", *sent)
             )
             flooding.start()
             time.sleep(10)  # the batch key's requests fill the engine first
@@ -257,6 +263,7 @@ def main() -> None:
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the engines' shipyard serve")
     parser.add_argument("--flood-concurrency", type=int, default=8)
     parser.add_argument("--flood-output-tokens", type=int, default=256)
+    parser.add_argument("--batch-concurrent", type=int, help="also a run with the batch key's `concurrent` at N")
     parser.add_argument("--policies", default="cache-aware,least-busy,round-robin", help="comma-separated, in order")
     parser.add_argument("--no-random", dest="random", action="store_false", help="skip the random load")
     args = parser.parse_args()
