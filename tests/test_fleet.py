@@ -435,3 +435,19 @@ def test_k8s_manifests_of_a_fleet_validate_and_give_each_model_its_engines(tmp_p
     gateway = deployments["shipyard-gateway"]["spec"]["template"]["spec"]["containers"][0]
     assert {"name": "SHIPYARD_CONFIG", "value": "/etc/shipyard/shipyard.yaml"} in gateway["env"]
     assert "shipyard:model:embed" in open_store("redis://x:6379/0", tmp_path, model="embed").description
+
+
+def test_model_cards_say_which_models_embed_and_the_chat_page_lists_only_the_others() -> None:
+    from shipyard.ui.client import GatewayClient
+
+    with ServerThread(FakeOpenAI("chat")) as chat, ServerThread(FakeOpenAI("embed")) as embed:
+        models = [
+            ServedModel("chat", [Replica(chat.url, name="blue-chat1")]),
+            ServedModel("embed", [Replica(embed.url, name="blue-embed1")], kind="embed"),
+        ]
+        app = create_app(load_settings(api_keys=KEY, health_interval_s=0.1), [], models=models)
+        with ServerThread(app) as gateway:
+            assert wait_for(lambda: httpx.get(f"{gateway.url}/ready").status_code == 200, timeout=10)
+            cards = httpx.get(f"{gateway.url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
+            assert {m["id"]: m["kind"] for m in cards["data"]} == {"chat": "generate", "embed": "embed"}
+            assert GatewayClient(gateway.url, KEY).models() == ["chat"]  # chatting with "embed" would be a 400

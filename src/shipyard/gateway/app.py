@@ -290,8 +290,14 @@ def create_app(
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.exposition()), media_type=CONTENT_TYPE_LATEST)
 
+    def kind_of(name: str) -> str:
+        return next((m.kind for m in models if name in pool.pool_of(m.name).models()), "generate")
+
     def model_card(name: str, max_len: int | None) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": 0, "owned_by": "shipyard", "max_model_len": max_len}
+        """OpenAI's fields, vLLM's ``max_model_len``, and ``kind``: ``generate`` (chat, completions) or ``embed``
+        (embeddings, score, rerank), so a chat client can leave embedding models out of its picker."""
+        card = {"id": name, "object": "model", "created": 0, "owned_by": "shipyard", "max_model_len": max_len}
+        return card | {"kind": kind_of(name)}
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:

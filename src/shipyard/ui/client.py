@@ -96,7 +96,8 @@ class GatewayClient:
         except httpx.HTTPError as exc:
             raise self._fail(exc) from None
         self._check(response)
-        return sorted(str(m["id"]) for m in response.json().get("data", []))
+        cards = response.json().get("data", [])
+        return sorted(str(m["id"]) for m in cards if m.get("kind", "generate") == "generate")  # no embedding models
 
     def stream_chat(
         self, model: str, messages: list[dict[str, str]], temperature: float, top_p: float, max_tokens: int
