@@ -250,9 +250,10 @@ def test_metrics_count_requests_tokens_and_ttft(stack: Stack) -> None:
     list(client.chat.completions.create(model="fake-model", messages=MESSAGES, max_tokens=4, stream=True))
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="other", messages=MESSAGES)
-    text = httpx.get(f"{stack.url}/metrics").text
     served = 'deployment="blue",model="fake-model",route="chat",status="200",version="v1"'
-    assert f"shipyard_requests_total{{{served}}} 2.0" in text
+    # a stream is counted when the gateway closes it, which may be just after the client read its last event
+    assert wait_for(lambda: f"shipyard_requests_total{{{served}}} 2.0" in httpx.get(f"{stack.url}/metrics").text)
+    text = httpx.get(f"{stack.url}/metrics").text
     assert 'shipyard_requests_total{deployment="-",model="-",route="chat",status="404",version="-"} 1.0' in text
     assert 'shipyard_output_tokens_total{model="fake-model"} 7.0' in text
     ttft = 'shipyard_time_to_first_token_seconds_count{deployment="blue",model="fake-model",route="chat",version="v1"}'
