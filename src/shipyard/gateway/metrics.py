@@ -202,7 +202,7 @@ class GatewayMetrics:
         )
         self.retries = Counter(
             "shipyard_retries",
-            "Requests moved to another replica before any output (by reason)",
+            "Requests sent again before any output, to another replica or on a fresh connection (by reason)",
             ["reason"],
             registry=r,
         )
