@@ -1,6 +1,7 @@
 """Issue 25, item 2, on the lent GPU: the highest Poisson request rate an HF-transformers service and shipyard
-each hold with P99 end-to-end ≤ --slo-ms (5,000) and no errors, on one workload (512-token prompts, 128 tokens out), one after
-the other in the same call on the same card, through the same load generator (`shipyard bench --find-max`).
+each hold with P99 end-to-end ≤ --slo-ms (5,000) and no errors, on one workload (512-token prompts, 128 tokens
+out), one after the other in the same call on the same card, through the same load generator (`shipyard bench
+--find-max`).
 
 HF: `benchmarks/hf_server.py` (``generate`` on batches of whatever waits, up to 16). shipyard: `shipyard serve`
 (one vLLM engine, the gateway in front). Model: the kit's Qwen2.5-7B-Instruct shape, dummy weights, bf16.

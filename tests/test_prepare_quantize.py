@@ -62,6 +62,7 @@ def test_refusals_happen_before_any_environment_is_made(tmp_path: Path) -> None:
     [
         (["--scheme", "int3"], "unknown scheme 'int3'"),
         (["--scheme", "w8a8-int8", "--calib", "/nonexistent.jsonl"], "cannot read calibration data"),
+        (["--scheme", "w4a16", "--actorder", "group"], "unknown --actorder 'group'; choose among weight"),
     ],
 )
 def test_quantize_cli_errors(tmp_path: Path, args: list[str], fragment: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -122,3 +123,15 @@ def test_both_tasks_calibration_mixes_both_tasks_prompts_and_no_test_line() -> N
     assert sum("answer with JSON only" not in s for s in systems) == 32  # the intent task's
     tests = {json.loads(line)["text"] for line in project_data("data/intent/test.jsonl").read_text().splitlines()}
     assert not any(c[-1]["content"] in tests or c[1]["content"] in tests for c in conversations)
+
+
+def test_a_worker_failure_names_what_went_wrong_not_pydantics_footer() -> None:
+    from shipyard.prepare.quantize import _last_error_line
+
+    stderr = """Traceback (most recent call last):
+pydantic_core._pydantic_core.ValidationError: 1 validation error for GPTQModifier
+  Value error, actorder='group' has been removed. Consider using actorder='weight' or actorder=None instead.
+    For further information visit https://errors.pydantic.dev/2.14/v/value_error
+"""  # llm-compressor 0.14's own stderr for --actorder group (2026-12-06)
+    assert _last_error_line(stderr).startswith("Value error, actorder='group' has been removed")
+    assert _last_error_line("") == "no error output"

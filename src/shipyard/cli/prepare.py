@@ -87,7 +87,9 @@ def quantize_command(
     group_size: Annotated[
         int | None, typer.Option(min=8, help="4-bit schemes: weights per scale (default: 128/64/32, what divides).")
     ] = None,
-    actorder: Annotated[str | None, typer.Option(help="w4a16: GPTQ activation ordering, static or group.")] = None,
+    actorder: Annotated[
+        str | None, typer.Option(help="w4a16: GPTQ activation ordering: weight, static or dynamic.")
+    ] = None,
     keep: Annotated[
         list[str] | None,
         typer.Option(help="Modules left in 16 bits (name or re:REGEX; repeatable), besides lm_head."),
@@ -99,7 +101,7 @@ def quantize_command(
     the intent train set rendered with the chat template, plus the reply set. llm-compressor runs in its own
     virtualenv, made on first use under data_dir/venvs. With ``--out NAME:auto`` and ``--schemes``: quantize with
     each, evaluate each against the parent, register all, and mark the smallest that keeps ``--min-keep``."""
-    from shipyard.prepare.quantize import CALIBRATED, SCHEMES, QuantizeError, quantize
+    from shipyard.prepare.quantize import ACTORDERS, CALIBRATED, SCHEMES, QuantizeError, quantize
     from shipyard.prepare.registry import parse_ref
 
     settings = settings_from(config)
@@ -110,6 +112,8 @@ def quantize_command(
     for name in wanted:
         if name not in SCHEMES:
             raise fail(f"unknown scheme {name!r}; choose among {', '.join(SCHEMES)}")
+    if actorder is not None and actorder not in ACTORDERS:
+        raise fail(f"unknown --actorder {actorder!r}; choose among {', '.join(ACTORDERS)}")
     if len(wanted) > 1 and not auto:
         raise fail("several schemes need --out NAME:auto (each becomes NAME:<parent version>-<scheme>)")
     from shipyard.tasks.datasets import project_data

@@ -24,6 +24,8 @@ from typing import Any
 
 SCHEMES = ("w8a8-int8", "w4a16", "awq", "fp8-dynamic")
 CALIBRATED = {"w8a8-int8", "w4a16", "awq"}
+ACTORDERS = ("weight", "static", "dynamic")
+"""GPTQ activation orderings compressed-tensors accepts (its "group" was removed: a validation error in 0.14)."""
 FOUR_BIT = {"w4a16", "awq"}
 LLMCOMPRESSOR = "llmcompressor==0.14.0.1"
 TORCH = "torch==2.13.0"
@@ -177,6 +179,13 @@ def quantize(
     }
 
 
+def _last_error_line(stderr: str) -> str:
+    """The line of a worker's stderr that says what went wrong: the last one, less pydantic's "For further
+    information visit ..." footer (a bare URL told the user nothing)."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip() and not ln.strip().startswith("For further")]
+    return lines[-1] if lines else "no error output"
+
+
 def _run_worker(python: Path, job: dict[str, Any], stem: Path, what: str) -> dict[str, Any]:
     job_file, report_file = stem.parent / f"{stem.name}.job.json", stem.parent / f"{stem.name}.report.json"
     job_file.write_text(json.dumps(job))
@@ -185,8 +194,7 @@ def _run_worker(python: Path, job: dict[str, Any], stem: Path, what: str) -> dic
         done = subprocess.run([str(python), str(WORKER), str(job_file), str(report_file)], env=env, text=True,
                               capture_output=True)  # fmt: skip
         if done.returncode != 0:
-            last = [line for line in done.stderr.splitlines() if line.strip()][-1:] or ["no error output"]
-            raise QuantizeError(f"llm-compressor failed ({what}): {last[0][:400]}")
+            raise QuantizeError(f"llm-compressor failed ({what}): {_last_error_line(done.stderr)[:400]}")
         report: dict[str, Any] = json.loads(report_file.read_text())
     finally:
         job_file.unlink(missing_ok=True)
