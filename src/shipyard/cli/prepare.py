@@ -98,7 +98,7 @@ def quantize_command(
     config: ConfigOption = None,
 ) -> None:
     """Quantize with llm-compressor into compressed-tensors (what vLLM loads natively); calibration defaults to
-    the intent train set rendered with the chat template, plus the reply set. llm-compressor runs in its own
+    both tasks' prompts (the intent train set as /v1/intent and /v1/reply ask it). llm-compressor runs in its own
     virtualenv, made on first use under data_dir/venvs. With ``--out NAME:auto`` and ``--schemes``: quantize with
     each, evaluate each against the parent, register all, and mark the smallest that keeps ``--min-keep``."""
     from shipyard.prepare.quantize import ACTORDERS, CALIBRATED, SCHEMES, QuantizeError, quantize
