@@ -38,6 +38,7 @@ from typing import Any
 import httpx
 
 from shipyard.engine import free_port
+from shipyard.engine.placement import gpus
 from shipyard.testing.process import wait_until_ready
 
 USER, ADMIN, ENGINE_KEY = "sk-route-user", "sk-route-admin", "sk-engine-route"
@@ -197,16 +198,19 @@ def priority_phase(work: Path, out: Path, args: argparse.Namespace) -> dict[str,
             "--scenario", "random", "--concurrency", "1", "--duration", str(args.duration // 2), "--warmup", "0",
             "--input-tokens", "128", "--output-tokens", "16",
         ]  # fmt: skip
-        flood = [
-            "--scenario", "random", "--concurrency", str(args.flood_concurrency),
-            "--duration", str(args.duration // 2 + 20), "--warmup", "0",
-            "--input-tokens", "256", "--output-tokens", str(args.flood_output_tokens), "--timeout", "900",
-        ]  # fmt: skip
+
+        def flood(concurrency: int) -> list[str]:
+            return [
+                "--scenario", "random", "--concurrency", str(concurrency),
+                "--duration", str(args.duration // 2 + 20), "--warmup", "0",
+                "--input-tokens", "256", "--output-tokens", str(args.flood_output_tokens), "--timeout", "900",
+            ]  # fmt: skip
+
         results: dict[str, Any] = {}
         results["alone"] = bench(gateways["fcfs"].url, "sk-interactive", out / "priority-alone", *interactive)
         for name, _, batch_concurrent in setups:
             # a batch job that keeps to its key's `concurrent` (more would be 429s, answered at once, in a loop)
-            sent = [batch_concurrent if a == str(args.flood_concurrency) and batch_concurrent else a for a in flood]
+            sent = flood(int(batch_concurrent) if batch_concurrent else args.flood_concurrency)
             flooding = threading.Thread(
                 target=bench, args=(gateways[name].url, "sk-batch", out / f"priority-flood-{name}", *sent)
             )
@@ -228,23 +232,13 @@ def priority_phase(work: Path, out: Path, args: argparse.Namespace) -> dict[str,
             "setup": {
                 "engine": " ".join([*cli, *args.env]),
                 "interactive": " ".join(interactive),
-                "flood": " ".join(flood),
+                "flood": " ".join(flood(args.flood_concurrency)),
             }
         }
     finally:
         for gateway in gateways.values():
             gateway.stop()
         engine.stop()
-
-
-def gpu_name() -> str:
-    try:
-        found = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
-        )
-    except FileNotFoundError:
-        return "no GPU"
-    return ", ".join(found.stdout.split("\n")[:-1]) or "no GPU"
 
 
 def main() -> None:
@@ -272,7 +266,7 @@ def main() -> None:
     meta = {
         "command": " ".join(sys.argv),
         "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {gpu_name()}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {', '.join(g.name for g in gpus()) or 'no GPU'}",
     }
     with tempfile.TemporaryDirectory(prefix="shipyard-routing-") as tmp:
         if args.phase in ("routing", "both"):

@@ -67,7 +67,9 @@ class _Stream(httpx.AsyncByteStream):
 class UpstreamTransport(AiohttpTransport):
     """An ``AiohttpTransport`` on an uncapped connection pool whose errors are the httpx kinds they mean."""
 
-    def __init__(self, keepalive_s: float = 4.0) -> None:
+    def __init__(self, keepalive_s: float) -> None:
+        """``keepalive_s``: how long an idle connection is kept (``Settings.upstream_keepalive_s``)."""
+
         def session() -> aiohttp.ClientSession:  # made on first use, inside the serving event loop
             return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=keepalive_s))
 
