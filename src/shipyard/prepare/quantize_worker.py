@@ -61,6 +61,20 @@ def recipe_for(
     raise SystemExit(f"unknown scheme {scheme!r}")
 
 
+def without_pinning_on_cpu() -> None:
+    """llm-compressor 0.14's AWQ pins its cached activations for faster host-to-device copies and calls
+    ``Tensor.pin_memory()`` unguarded, which raises "Cannot access accelerator device when none is available" on
+    a machine without one (its own data loader checks ``torch.accelerator.is_available()`` first). With no
+    accelerator there is no copy to speed up: pinning is skipped and the tensors stay as they are."""
+    import torch
+
+    if torch.accelerator.is_available():
+        return
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None  # type: ignore[method-assign]
+
+
 def holdout_loss(model: Any, batches: list[Any]) -> float | None:
     """Mean loss per token over ``batches`` (None without any)."""
     import torch
@@ -100,6 +114,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
+    without_pinning_on_cpu()
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(job["model"], dtype="auto")
     tokenizer = AutoTokenizer.from_pretrained(job["model"])
