@@ -42,6 +42,8 @@ from shipyard.engine.placement import gpus
 from shipyard.testing.process import wait_until_ready
 
 USER, ADMIN, ENGINE_KEY = "sk-route-user", "sk-route-admin", "sk-engine-route"
+OPENING_LEAST_BUSY = "+first-least-busy"
+"""A policy name's suffix (``cache-aware+first-least-busy``): first turns go to the least busy replica."""
 PREFIX_METRIC = re.compile(r"^vllm:prefix_cache_(hits|queries)_total\{[^}]*\} ([0-9.e+]+)$", re.M)
 
 
@@ -138,13 +140,16 @@ def routing_phase(work: Path, out: Path, args: argparse.Namespace) -> dict[str, 
         urls = engines.engine_urls()
         upstreams = [a for u in urls for a in ("--upstream", u)]
         for policy in args.policies:
-            env = {"SHIPYARD_API_KEYS": USER, "SHIPYARD_ROUTING": policy}
+            env = {"SHIPYARD_API_KEYS": USER, "SHIPYARD_ROUTING": policy.removesuffix(OPENING_LEAST_BUSY)}
+            if policy.endswith(OPENING_LEAST_BUSY):  # cache-aware as before 2026-12-06: first turns to the least busy
+                env["SHIPYARD_ROUTING_OPENING_SLACK"] = "-1"
             gateways[policy] = Serve(f"gateway-{policy}", work, ["--no-engine", *upstreams], env).wait(120)
         chat = [
             "--scenario", "chat", "--concurrency", str(args.concurrency), "--duration", str(args.duration),
             "--warmup", "0", "--system-tokens", "64", "--input-tokens", str(args.turn_words * 8),
             "--output-tokens", str(args.output_tokens), "--turns", str(args.turns),
             "--conversations", str(args.conversations),
+            *(["--first-turn-words", str(args.first_turn_words)] if args.first_turn_words else []),
         ]  # fmt: skip
         random_load = [
             "--scenario", "random", "--concurrency", str(args.concurrency), "--duration", str(args.duration // 2),
@@ -157,7 +162,7 @@ def routing_phase(work: Path, out: Path, args: argparse.Namespace) -> dict[str, 
                 run = bench(gateways[policy].url, USER, out / f"chat-{policy}-{round_index}", *chat,
                             "--seed", str(1000 * round_index + seed))  # fmt: skip
                 results["chat"].setdefault(policy, []).append(row(run, before, prefix_counters(urls)))
-            for seed, policy in enumerate(p for p in ("cache-aware", "least-busy") if args.random):
+            for seed, policy in enumerate(p for p in args.policies if args.random and p != "round-robin"):
                 before = prefix_counters(urls)
                 run = bench(gateways[policy].url, USER, out / f"random-{policy}-{round_index}", *random_load,
                             "--seed", str(5000 + 1000 * round_index + seed))  # fmt: skip
@@ -249,6 +254,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--turns", type=int, default=5)
     parser.add_argument("--turn-words", type=int, default=256)
+    parser.add_argument("--first-turn-words", type=int, help="words of each conversation's opening message")
     parser.add_argument("--output-tokens", type=int, default=32)
     parser.add_argument("--conversations", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=1)

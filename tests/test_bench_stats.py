@@ -119,6 +119,10 @@ def test_workloads_are_deterministic_and_shaped() -> None:
     assert len(later.body["messages"]) == 2
     sent = [json.dumps(chat.request(i).body) for i in range(50)]
     assert len(set(sent)) == 50  # nothing is ever sent twice
+    document = ChatWorkload("m", system_tokens=5, turn_tokens=5, output_tokens=7, conversations=1, first_turn_tokens=40)
+    opening, follow_up = document.request(0).body["messages"], document.request(1).body["messages"]
+    assert len(opening[1]["content"].split()) == 40 and follow_up[1] == opening[1]  # every turn repeats it
+    assert len(follow_up[3]["content"].split()) == 5
 
     intent = DatasetWorkload("intent", [{"text": "where is my card"}], model="m").request(5)
     assert intent.path == "/v1/intent" and intent.body == {"text": "where is my card", "model": "m"}

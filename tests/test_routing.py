@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from shipyard.gateway import create_app
-from shipyard.router import Replica, ReplicaPool, prefix_key, routing_policy
+from shipyard.router import Replica, ReplicaPool, opens_conversation, prefix_key, routing_policy
 from shipyard.router.policy import CacheAware, RouteRequest
 from shipyard.settings import load_settings
 from shipyard.testing import FakeOpenAI
@@ -40,8 +40,10 @@ def conversation(n: int, turns: int) -> list[dict[str, str]]:
 def test_every_turn_of_a_conversation_has_the_key_of_its_first() -> None:
     keys = {prefix_key({"model": "m", "messages": conversation(7, turns)}) for turns in range(1, 5)}
     assert len(keys) == 1 and None not in keys
-    first = conversation(7, 0)[:2]  # system + the opening question: nothing cached anywhere yet
-    assert prefix_key({"model": "m", "messages": first}) is None
+    first = {"model": "m", "messages": conversation(7, 0)}  # system + the opening question: cached nowhere yet
+    assert prefix_key(first) in keys and opens_conversation(first)  # the key its later turns will have
+    assert not opens_conversation({"model": "m", "messages": conversation(7, 1)})
+    assert not opens_conversation({"model": "m", "prompt": "text"})
     assert prefix_key({"model": "m", "messages": conversation(8, 1)}) not in keys  # another conversation
     assert prefix_key({"model": "other", "messages": conversation(7, 1)}) not in keys  # another model
     grown = "Document: " + "x" * 5000
@@ -79,6 +81,26 @@ def test_an_overloaded_replica_gives_the_request_to_the_least_busy_one() -> None
     engines[0].ready = False
     assert policy.pick(engines, RouteRequest(key)) == (engines[1], "prefix")  # not ready: the next by hash
     assert policy.pick([Engine("a", 3), Engine("b", 1)], RouteRequest(None)) == (Engine("b", 1), "least_busy")
+
+
+def test_a_first_turn_goes_where_its_later_turns_will_unless_that_unbalances() -> None:
+    """The promise: a conversation's first turn lands on the replica its later turns hash to (so the second turn
+    finds its history), while the replicas stay within ``opening_slack + 1`` requests of each other."""
+    policy = CacheAware(opening_slack=1)
+    engines = [Engine("a"), Engine("b")]
+    key = next(f"c{i}" for i in range(100) if policy.pick(engines, RouteRequest(f"c{i}"))[0].name == "a")  # type: ignore[union-attr]
+    engines[0].in_flight, engines[1].in_flight = 4, 3  # one more than the least busy: still its home
+    assert policy.pick(engines, RouteRequest(key, opening=True)) == (engines[0], "opening")
+    engines[0].in_flight = 5  # two more: balance first, a first turn is cached nowhere yet
+    assert policy.pick(engines, RouteRequest(key, opening=True)) == (engines[1], "least_busy")
+    assert policy.pick(engines, RouteRequest(key)) == (engines[0], "prefix")  # a later turn: its history is there
+    engines[0].in_flight = 4  # within the slack of one: home, unless first turns always go to the least busy
+    assert CacheAware(opening_slack=-1).pick(engines, RouteRequest(key, opening=True)) == (engines[1], "least_busy")
+    loads = {"a": 0, "b": 0}  # unique first turns arriving one after another, none finishing: kept balanced
+    for i in range(200):
+        chosen, _ = policy.pick([Engine(n, loads[n]) for n in loads], RouteRequest(f"u{i}", opening=True))
+        loads[chosen.name] += 1  # type: ignore[union-attr]
+        assert abs(loads["a"] - loads["b"]) <= 2
 
 
 def test_the_policies_by_name() -> None:
@@ -122,7 +144,7 @@ def test_a_conversation_keeps_its_replica_across_gateways_and_the_choice_is_coun
     urls, names = two_gateways
     seen: dict[int, set[str]] = {}
     for n in range(12):
-        for turn in range(1, 5):  # the turns that continue the conversation
+        for turn in range(5):  # the first turn, then the turns that continue the conversation
             url = urls[turn % 2]  # each turn through the other gateway
             answer = httpx.post(
                 f"{url}/v1/chat/completions",
@@ -134,7 +156,8 @@ def test_a_conversation_keeps_its_replica_across_gateways_and_the_choice_is_coun
     assert all(len(replicas) == 1 for replicas in seen.values()), seen
     assert {r for replicas in seen.values() for r in replicas} == set(names)  # and the conversations spread
     metrics = httpx.get(f"{urls[0]}/metrics").text
-    assert 'shipyard_route_decisions_total{model="m",reason="prefix"} 24.0' in metrics
+    assert 'shipyard_route_decisions_total{model="m",reason="opening"} 12.0' in metrics  # turns 0
+    assert 'shipyard_route_decisions_total{model="m",reason="prefix"} 24.0' in metrics  # turns 2 and 4
 
 
 def test_least_busy_is_still_there_and_ignores_the_prefix() -> None:
@@ -145,4 +168,4 @@ def test_least_busy_is_still_there_and_ignores_the_prefix() -> None:
     for replica in pool.replicas:
         replica.ready, replica.models = True, {"m": None}
     pool.replicas[0].in_flight = 3
-    assert pool.route("m", prefix="any") == (pool.replicas[1], "least_busy")
+    assert pool.route("m", request=RouteRequest("any")) == (pool.replicas[1], "least_busy")

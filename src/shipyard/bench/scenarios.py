@@ -109,7 +109,9 @@ class ChatWorkload:
     shared system prompt (``system_tokens`` words) and its conversation's history so far, then a new question.
     Request ``i`` is turn ``(i // conversations) % turns`` of conversation ``i % conversations`` of the current
     group; once a group has had all its turns the next group begins with fresh conversations, so requests share
-    prefixes the way a busy chat service does but no request is ever sent twice."""
+    prefixes the way a busy chat service does but no request is ever sent twice. ``first_turn_tokens``: words of
+    each conversation's opening message (a pasted document or ticket history that every later turn repeats;
+    default ``turn_tokens``)."""
 
     model: str
     system_tokens: int = 1024
@@ -117,20 +119,25 @@ class ChatWorkload:
     output_tokens: int = 128
     conversations: int = 64
     turns: int = 4
+    first_turn_tokens: int | None = None
     stream: bool = True
     seed: int = 0
     name: str = "chat"
     _system: str = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if min(self.system_tokens, self.turn_tokens, self.output_tokens, self.conversations, self.turns) < 1:
+        sizes = (self.system_tokens, self.turn_tokens, self.output_tokens, self.conversations, self.turns)
+        if min(*sizes, self.first_turn_tokens or 1) < 1:
             raise ValueError("chat workload sizes must be at least 1")
         rng = random.Random(self.seed)
         self._system = "You are a support assistant. " + " ".join(rng.choice(_WORDS) for _ in range(self.system_tokens))
 
     def _words(self, conversation: int, turn: int, role: str) -> str:
         rng = random.Random(f"{self.seed}/{conversation}/{turn}/{role}")
-        return " ".join(rng.choice(_WORDS) for _ in range(self.turn_tokens if role == "user" else self.output_tokens))
+        count = self.turn_tokens if role == "user" else self.output_tokens
+        if role == "user" and turn == 0 and self.first_turn_tokens:
+            count = self.first_turn_tokens
+        return " ".join(rng.choice(_WORDS) for _ in range(count))
 
     def request(self, index: int) -> RequestSpec:
         group, turn = divmod(index // self.conversations, self.turns)

@@ -83,7 +83,7 @@ def _workload(
     scenario: str, model: str, *, input_tokens: int, output_tokens: int, endpoint: str, stream: bool,
     system_tokens: int, turns: int, dataset: Path | None, seed: int, task_model: str | None,
     intent_decode: IntentDecode = IntentDecode.SHORTEST, vocabulary: Vocabulary | None = None,
-    intent_labels: Path | None = None, conversations: int = 64,
+    intent_labels: Path | None = None, conversations: int = 64, first_turn_words: int | None = None,
 ) -> Workload:  # fmt: skip
     try:
         if scenario == "random":
@@ -96,6 +96,7 @@ def _workload(
                 output_tokens=output_tokens,
                 turns=turns,
                 conversations=conversations,
+                first_turn_tokens=first_turn_words,
                 stream=stream,
                 seed=seed,
             )
@@ -159,6 +160,14 @@ def bench(
     conversations: Annotated[
         int, typer.Option(min=1, help="chat: conversations open at a time (a turn of each before the next turns).")
     ] = 64,
+    first_turn_words: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="chat: words of each conversation's opening message (a pasted document, a ticket's "
+            "history) [default: a turn's words].",
+        ),
+    ] = None,
     dataset: Annotated[Path | None, typer.Option(help="intent/reply: JSONL (default: data/<task>/test.jsonl).")] = None,
     intent_decode: Annotated[
         IntentDecode,
@@ -225,7 +234,7 @@ def bench(
         intent_decode=intent_decode,
         vocabulary=_engine_vocabulary(url, api_key, model_name)
         if scenario == "intent-engine" and intent_decode is IntentDecode.SHORTEST else None,
-        intent_labels=intent_labels, conversations=conversations,
+        intent_labels=intent_labels, conversations=conversations, first_turn_words=first_turn_words,
     )  # fmt: skip
 
     next_index = 0

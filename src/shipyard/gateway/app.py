@@ -142,6 +142,7 @@ def create_app(
                     m.routing or configured.get(m.name) or settings.routing,
                     settings.routing_balance_abs,
                     settings.routing_balance_rel,
+                    settings.routing_opening_slack,
                 ),
             )
             for m in models

@@ -43,7 +43,7 @@ from shipyard.gateway.schemas import (
 )
 from shipyard.gateway.sse import StreamScan, find_response_id, usage_tokens
 from shipyard.gateway.stream import UpstreamStream
-from shipyard.router import NoReplicaError, Replica, UnknownModelError, prefix_key
+from shipyard.router import NoReplicaError, Replica, RouteRequest, UnknownModelError, opens_conversation, prefix_key
 from shipyard.router.fleet import Fleet
 from shipyard.router.replica import InFlight
 
@@ -131,6 +131,8 @@ class Attempt:
     prefix: str | None = None
     """What the request shares with its conversation's other turns (``router.prefix_key``): routes it to the
     replica that holds them in its KV cache."""
+    opening: bool = False
+    """The first turn of a conversation (``router.opens_conversation``): cached nowhere yet."""
     tried: set[str] = field(default_factory=set)
     pinned: str | None = None
     """The replica this request must go to (the one holding its ``previous_response_id``)."""
@@ -288,7 +290,9 @@ class Proxy:
             session = request.headers.get("x-session-id") or (
                 data.get("user") if isinstance(data.get("user"), str) else None
             )
-            attempt = Attempt(parsed.model, route.path, body, upstream_model, session, prefix_key(data))
+            attempt = Attempt(
+                parsed.model, route.path, body, upstream_model, session, prefix_key(data), opens_conversation(data)
+            )
             if route is RESPONSES and parsed.previous_response_id:
                 attempt.pinned = await self._replica_of_response(parsed.previous_response_id)
             replica, upstream = await self._until_disconnect(request, self._send(attempt))
@@ -461,6 +465,7 @@ class Proxy:
             json.dumps({**body, "model": upstream_model}).encode(),
             upstream_model,
             prefix=prefix_key(body),
+            opening=opens_conversation(body),
         )
         replica, upstream = await self._send(attempt)
         content = await self._read_all(replica, upstream, attempt)
@@ -554,7 +559,8 @@ class Proxy:
                 if replica.name == attempt.pinned and replica.ready and replica.name not in attempt.tried:
                     return replica
             raise NoReplicaError(attempt.model)
-        replica, reason = self.pool.route(attempt.model, frozenset(attempt.tried), attempt.session, attempt.prefix)
+        request = RouteRequest(attempt.prefix, attempt.session, attempt.opening)
+        replica, reason = self.pool.route(attempt.model, frozenset(attempt.tried), request)
         self.metrics.route_decisions.labels(attempt.model, reason).inc()
         return replica
 

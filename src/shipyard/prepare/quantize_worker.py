@@ -72,7 +72,7 @@ def without_pinning_on_cpu() -> None:
         return
     from llmcompressor.pipelines.cache import IntermediatesCache
 
-    IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None  # type: ignore[method-assign]
+    IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
 
 
 def holdout_loss(model: Any, batches: list[Any]) -> float | None:

@@ -4,8 +4,10 @@ health monitor and discovery. The control plane that changes what is routed live
 from shipyard.router.fleet import Fleet
 from shipyard.router.health import HealthMonitor, probe
 from shipyard.router.policy import (
+    RouteRequest,
     Routing,
     RoutingPolicy,
+    opens_conversation,
     pick_deployment,
     pick_least_in_flight,
     prefix_key,
@@ -20,9 +22,11 @@ __all__ = [
     "NoReplicaError",
     "Replica",
     "ReplicaPool",
+    "RouteRequest",
     "Routing",
     "RoutingPolicy",
     "UnknownModelError",
+    "opens_conversation",
     "pick_deployment",
     "pick_least_in_flight",
     "prefix_key",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from shipyard.router.policy import RouteRequest
 from shipyard.router.replica import InFlight, Replica, ReplicaPool, UnknownModelError
 
 
@@ -81,15 +82,13 @@ class Fleet:
                 return pool.upstream_model(model)
         return model
 
-    def choose(
-        self, model: str, exclude: frozenset[str] = frozenset(), session: str | None = None, prefix: str | None = None
-    ) -> Replica:
-        return self.route(model, exclude, session, prefix)[0]
+    def choose(self, model: str, exclude: frozenset[str] = frozenset(), request: RouteRequest | None = None) -> Replica:
+        return self.route(model, exclude, request)[0]
 
     def route(
-        self, model: str, exclude: frozenset[str] = frozenset(), session: str | None = None, prefix: str | None = None
+        self, model: str, exclude: frozenset[str] = frozenset(), request: RouteRequest | None = None
     ) -> tuple[Replica, str]:
-        return self.serving(model).route(model, exclude, session, prefix)
+        return self.serving(model).route(model, exclude, request)
 
     def acquire(self, replica: Replica, upstream_model: str) -> InFlight:
         return self.owner(replica).acquire(replica, upstream_model)

@@ -160,15 +160,13 @@ class ReplicaPool:
                 found[alias] = found[target]
         return found
 
-    def choose(
-        self, model: str, exclude: frozenset[str] = frozenset(), session: str | None = None, prefix: str | None = None
-    ) -> Replica:
+    def choose(self, model: str, exclude: frozenset[str] = frozenset(), request: RouteRequest | None = None) -> Replica:
         """Pick the replica for one request: deployment by weight (sticky per session), then by the routing
-        policy (the replica holding ``prefix``, or the least busy)."""
-        return self.route(model, exclude, session, prefix)[0]
+        policy (the replica holding the request's prefix, or the least busy)."""
+        return self.route(model, exclude, request)[0]
 
     def route(
-        self, model: str, exclude: frozenset[str] = frozenset(), session: str | None = None, prefix: str | None = None
+        self, model: str, exclude: frozenset[str] = frozenset(), request: RouteRequest | None = None
     ) -> tuple[Replica, str]:
         """:meth:`choose`, and the reason the routing policy gives (``prefix``, ``overloaded``, ``least_busy``...)."""
         upstream = self.upstream_model(model)
@@ -181,11 +179,13 @@ class ReplicaPool:
         by_deployment: dict[str, list[Replica]] = {}
         for replica in candidates:
             by_deployment.setdefault(replica.deployment, []).append(replica)
+        request = request or RouteRequest()
+        session = request.session
         draw = session_draw(session) if session else self._draw()
         deployment = pick_deployment(self.weights, list(by_deployment), draw)
         if deployment is None:
             raise NoReplicaError(model)
-        chosen, reason = self.routing.pick(by_deployment[deployment], RouteRequest(prefix, session))
+        chosen, reason = self.routing.pick(by_deployment[deployment], request)
         if chosen is None:
             raise NoReplicaError(model)
         return chosen, reason
