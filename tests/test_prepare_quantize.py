@@ -135,3 +135,56 @@ pydantic_core._pydantic_core.ValidationError: 1 validation error for GPTQModifie
 """  # llm-compressor 0.14's own stderr for --actorder group (2026-12-06)
     assert _last_error_line(stderr).startswith("Value error, actorder='group' has been removed")
     assert _last_error_line("") == "no error output"
+
+
+def test_a_search_reuses_the_parents_evaluation_on_the_same_examples_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The promise: the parent is evaluated once per set of examples — a second search on the same files and
+    sampling reuses it; other examples (or --reevaluate-parent) measure it again. Candidates are always measured."""
+    from types import SimpleNamespace
+
+    from shipyard.prepare import search as search_module
+    from shipyard.prepare.registry import Registry
+
+    registry = Registry(tmp_path / "models")
+    for version, parent in (("merged", None), ("merged-w4a16", "m:merged")):
+        with registry.new_version("m", version, scheme="bf16", parent=parent) as folder:
+            (folder / "config.json").write_text("{}")
+    evaluated: list[str] = []
+
+    class Served:
+        def __init__(self, ref: str, *_: object) -> None:
+            self.ref, self.url, self.key = ref, ref, "k"
+
+        def __enter__(self) -> Served:
+            evaluated.append(self.ref)
+            return self
+
+        def __exit__(self, *_: object) -> None:
+            return None
+
+    monkeypatch.setattr(search_module, "Served", Served)
+    monkeypatch.setattr(
+        search_module, "evaluate_served", lambda url, *_: {"intent.accuracy": 0.4 if "w4" not in url else 0.39}
+    )
+    monkeypatch.setattr("shipyard.evaluate.embeddings.Embedder", lambda _: SimpleNamespace(encode=None))
+    intent, reply = tmp_path / "intent.jsonl", tmp_path / "reply.jsonl"
+    intent.write_text('{"text": "a", "label": "b"}\n')
+    reply.write_text("{}\n")
+
+    def run(sample: search_module.Sample, **kwargs: bool) -> None:
+        search_module.search(
+            "m:merged", ["w4a16"], models_dir=tmp_path / "models", quantize_one=lambda *_: None, sample=sample,
+            min_keep=0.95, port=1, logs=tmp_path / "logs", say=lambda _: None, **kwargs,
+        )  # fmt: skip
+
+    run(search_module.Sample(intent, reply, 10, 2))
+    run(search_module.Sample(intent, reply, 10, 2))
+    assert evaluated == ["m:merged", "m:merged-w4a16", "m:merged-w4a16"]  # the parent once
+    run(search_module.Sample(intent, reply, 10, 2), reevaluate_parent=True)
+    intent.write_text('{"text": "other", "label": "b"}\n')  # same path, other content: not the same examples
+    run(search_module.Sample(intent, reply, 10, 2))
+    assert evaluated[3:] == ["m:merged", "m:merged-w4a16"] * 2
+    record = registry.get("m", "merged").evals["search"]
+    assert record["role"] == "parent" and record["metrics"] == {"intent.accuracy": 0.4} and record["evaluated"]

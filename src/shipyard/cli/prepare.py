@@ -94,6 +94,10 @@ def quantize_command(
         list[str] | None,
         typer.Option(help="Modules left in 16 bits (name or re:REGEX; repeatable), besides lm_head."),
     ] = None,
+    reevaluate_parent: Annotated[
+        bool,
+        typer.Option(help="With NAME:auto: evaluate the parent again, not reuse its evaluation on the same examples."),
+    ] = False,
     force: ForceOption = False,
     config: ConfigOption = None,
 ) -> None:
@@ -160,7 +164,7 @@ def quantize_command(
             return
         if parse_ref(out)[0] != parse_ref(model)[0]:
             raise fail(f"--out {out}: the versions join the model they come from ({parse_ref(model)[0]}:auto)")
-        choice = run_search(model, wanted, one, settings, min_keep, intent_sample, reply_sample)
+        choice = run_search(model, wanted, one, settings, min_keep, intent_sample, reply_sample, reevaluate_parent)
     except (RegistryError, QuantizeError) as exc:
         raise fail(str(exc)) from None
     except OSError as exc:
@@ -210,6 +214,7 @@ def run_search(
     min_keep: float,
     intent_n: int | None,
     reply_n: int | None,
+    reevaluate_parent: bool = False,
 ) -> Any:
     from shipyard.engine import free_port
     from shipyard.prepare.search import Sample, search
@@ -226,6 +231,7 @@ def run_search(
         port=free_port(),
         logs=settings.data_dir / "logs" / "search",
         say=typer.echo,
+        reevaluate_parent=reevaluate_parent,
     )
 
 

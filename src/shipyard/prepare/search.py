@@ -13,6 +13,8 @@ behind the gateway) and the evaluation through the gateway's task endpoints, as 
 from __future__ import annotations
 
 import asyncio
+import datetime
+import hashlib
 import os
 import random
 import signal
@@ -171,10 +173,15 @@ def search(
     port: int,
     logs: Path,
     say: Callable[[str], None] = print,
+    reevaluate_parent: bool = False,
 ) -> Choice:
     """Quantize ``model`` (a registered ``NAME[:VERSION]``) with each scheme (``quantize_one(scheme, ref)``
     registers ``NAME:<parent version>-<scheme>``), evaluate the parent and each version on ``sample``, record
-    each evaluation and the decision in the manifests (``evals["search"]``), and return the decision."""
+    each evaluation and the decision in the manifests (``evals["search"]``), and return the decision.
+
+    The parent's evaluation from an earlier search is reused when it was made on the same examples (same files,
+    same digests, same sampling), unless ``reevaluate_parent``: a registered version's weights do not change
+    (its manifest's checksums), and the parent's evaluation is the longest of the search's."""
     from shipyard.evaluate.embeddings import Embedder
     from shipyard.prepare.registry import Registry, parse_ref
 
@@ -187,15 +194,24 @@ def search(
     embedder = Embedder(None)
     logs.mkdir(parents=True, exist_ok=True)
     measured: dict[str, dict[str, float]] = {}
-    for ref in [parent.ref, *refs.values()]:
+    record = _sample_record(sample)
+    earlier = parent.evals.get("search") or {}
+    reused = not reevaluate_parent and earlier.get("role") == "parent" and earlier.get("sample") == record
+    if reused:
+        measured[parent.ref] = {k: float(v) for k, v in earlier["metrics"].items()}
+        say(f"{parent.ref}: its evaluation of {earlier.get('evaluated', '?')} on the same examples is reused")
+    for ref in [r for r in [parent.ref, *refs.values()] if r not in measured]:
         say(f"evaluating {ref} (intent {sample.intent_n or 'all'}, reply {sample.reply_n or 'all'}) ...")
         with Served(ref, models_dir, port, logs / f"serve-{ref.replace(':', '-')}.log") as served:
             measured[ref] = evaluate_served(served.url, served.key, sample, embedder.encode)
         say(f"  {ref}: " + ", ".join(f"{k} {v:.3f}" for k, v in measured[ref].items()))
     candidates = [Candidate(ref, registry.get(*parse_ref(ref)).size_bytes, measured[ref]) for ref in refs.values()]
     choice = pick_smallest(measured[parent.ref], candidates, min_keep)
-    basis = {"min_keep": min_keep, "parent": parent.ref, "sample": _sample_record(sample)}
-    registry.attach_eval(parent.ref, "search", {**basis, "metrics": measured[parent.ref], "role": "parent"})
+    basis = {"min_keep": min_keep, "parent": parent.ref, "sample": record}
+    evaluated = earlier.get("evaluated") if reused else _now()
+    registry.attach_eval(
+        parent.ref, "search", {**basis, "metrics": measured[parent.ref], "role": "parent", "evaluated": evaluated}
+    )
     for candidate in candidates:
         registry.attach_eval(
             candidate.version,
@@ -214,8 +230,14 @@ def search(
 def _sample_record(sample: Sample) -> dict[str, Any]:
     return {
         "intent": str(sample.intent),
+        "intent_sha256": hashlib.sha256(sample.intent.read_bytes()).hexdigest(),
         "intent_n": sample.intent_n,
         "reply": str(sample.reply),
+        "reply_sha256": hashlib.sha256(sample.reply.read_bytes()).hexdigest(),
         "reply_n": sample.reply_n,
         "seed": sample.seed,
     }
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
