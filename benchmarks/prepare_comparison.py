@@ -1,8 +1,8 @@
 """Issue 6's journey on the embedded default, from scratch, with shipyard's own commands only:
 
-    base (SmolLM2-135M-Instruct) -> LoRA finetune on data/intent/train.jsonl -> merged -> W8A8 / W4A16 / FP8
-    -> each served by vLLM-CPU behind the gateway -> shipyard eval intent + reply (--register) + shipyard bench
-    -> comparison.json + report.md
+    base (SmolLM2-135M-Instruct) -> LoRA finetune on data/intent/train.jsonl -> merged -> W8A8 / W4A16 (GPTQ) /
+    AWQ / FP8 -> each served by vLLM-CPU behind the gateway -> shipyard eval intent + reply (--register) + shipyard
+    bench -> comparison.json + report.md
 
     .venv/bin/python benchmarks/prepare_comparison.py --out reports/prepare/2026-11-21-cpu
 
@@ -28,7 +28,8 @@ from shipyard.testing.process import wait_until_ready
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-prepare"
 PORT, ENGINE_PORT = 8090, 8091
-SERVED = ("base", "merged", "w8a8", "w4a16")
+SERVED = ("base", "merged", "w8a8", "w4a16", "awq")
+QUANTIZED = ("w8a8", "w4a16", "awq")
 
 
 def log(message: str) -> None:
@@ -70,18 +71,18 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         + f" Load: {meta['load']}.",
         "",
         "| version | scheme | intent accuracy | intent macro-F1 | reply pass rate (cos ≥ 0.85) | reply mean cosine "
-        "| size on disk | intent p50 / p99 ms | output tok/s | errors |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| reply schema-valid | size on disk | intent p50 / p99 ms | output tok/s | errors |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         size = f"{r['size_bytes'] / 1e6:.0f} MB"
         if r.get("served") is False:
-            lines.append(f"| {r['version']} | {r['scheme']} | — | — | — | — | {size} | — | — | — ({r['why']}) |")
+            lines.append(f"| {r['version']} | {r['scheme']} | — | — | — | — | — | {size} | — | — | — ({r['why']}) |")
             continue
         lines.append(
             f"| {r['version']} | {r['scheme']} | {r['intent_accuracy']:.3f} | {r['intent_macro_f1']:.3f} | "
-            f"{r['reply_pass_rate']:.3f} | {r['reply_mean_cosine']:.3f} | {size} | {r['p50_ms']:.0f} / "
-            f"{r['p99_ms']:.0f} | {r['output_tok_per_s']:.0f} | {r['errors']} |"
+            f"{r['reply_pass_rate']:.3f} | {r['reply_mean_cosine']:.3f} | {r['reply_schema_valid']:.3f} | {size} | "
+            f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f} | {r['output_tok_per_s']:.0f} | {r['errors']} |"
         )
     by = {r["version"].split(":")[1]: r for r in rows}
     merged, base = by["merged"], by["base"]
@@ -91,10 +92,11 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"- LoRA-merged beats base on intent accuracy: {verdict} "
         f"({merged['intent_accuracy']:.3f} vs {base['intent_accuracy']:.3f})."
     )
-    for name in ("w8a8", "w4a16"):
-        kept = by[name]["intent_accuracy"] / merged["intent_accuracy"] if merged["intent_accuracy"] else 0.0
-        status = "keeps" if kept >= 0.95 else "**falls short of**"
-        lines.append(f"- {name} {status} 95% of the merged model's intent accuracy: {kept * 100:.1f}%.")
+    for name in (n for n in QUANTIZED if n in by):
+        for metric, label in (("intent_accuracy", "intent accuracy"), ("reply_schema_valid", "reply schema validity")):
+            kept = by[name][metric] / merged[metric] if merged[metric] else 0.0
+            status = "keeps" if kept >= 0.95 else "**falls short of**"
+            lines.append(f"- {name} {status} 95% of the merged model's {label}: {kept * 100:.1f}%.")
     training = meta["training"]
     lines += [
         "",
@@ -157,7 +159,7 @@ def main() -> None:
         "smollm2:merged",
         "--force",
     )
-    for name, scheme in (("w8a8", "w8a8-int8"), ("w4a16", "w4a16"), ("fp8", "fp8-dynamic")):
+    for name, scheme in (("w8a8", "w8a8-int8"), ("w4a16", "w4a16"), ("awq", "awq"), ("fp8", "fp8-dynamic")):
         step(
             f"quantize_{name}", "prepare", "quantize", "--model", "smollm2:merged", "--scheme", scheme,
             "--out", f"smollm2:{name}", "--force",

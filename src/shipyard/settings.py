@@ -258,10 +258,10 @@ class Settings(BaseSettings):
     """Cache-aware routing leaves the preferred replica when it has this many requests more than the least busy
     one *and* ``routing_balance_rel`` times as many (SGLang's defaults)."""
     routing_balance_rel: float = Field(default=1.5, ge=1.0)
-    routing_opening_slack: int = Field(default=1, ge=-1)
+    routing_opening_slack: float = Field(default=0.25, ge=-1)
     """Cache-aware routing sends a conversation's first turn to the replica its later turns will hash to while
-    that one has at most this many requests more than the least busy (else to the least busy); -1: every first
-    turn to the least busy replica."""
+    that one is busier than the least busy by at most this share of the least busy one's load (0.25: 9 in flight
+    against 8; with none in flight only a tie), else to the least busy; -1: every first turn to the least busy."""
 
     state_key: SecretStr | None = None
     """Shared by every gateway of a deployment on Redis: the states they save are signed with it (HMAC-SHA256)
