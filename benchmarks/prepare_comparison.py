@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,6 +109,33 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def prepare(step: Any, models: Path, adapter: Path, args: argparse.Namespace) -> None:
+    """Base -> LoRA -> merged -> every quantized version, registered in the data dir."""
+    step("pull_default", "models", "pull-default")
+    step("import_base", "models", "import", str(models / "smollm2-135m-instruct"), "--as", "smollm2:base", "--force")
+    step(
+        "finetune", "prepare", "finetune", "--base", "smollm2:base", "--out", str(adapter), "--epochs",
+        str(args.epochs), "--force", *(["--max-steps", str(args.max_steps)] if args.max_steps else []),
+    )  # fmt: skip
+    step(
+        "merge",
+        "prepare",
+        "merge",
+        "--base",
+        "smollm2:base",
+        "--adapter",
+        str(adapter),
+        "--out",
+        "smollm2:merged",
+        "--force",
+    )
+    for name, scheme in (("w8a8", "w8a8-int8"), ("w4a16", "w4a16"), ("awq", "awq"), ("fp8", "fp8-dynamic")):
+        step(
+            f"quantize_{name}", "prepare", "quantize", "--model", "smollm2:merged", "--scheme", scheme,
+            "--out", f"smollm2:{name}", "--force",
+        )  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--out", type=Path, required=True)
@@ -116,6 +144,9 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="cap the finetune (CPU time: ~27 s a step)")
     parser.add_argument("--report-only", action="store_true", help="only build comparison.json from the run folders")
     parser.add_argument("--note", default=None, help="recorded in meta.json (how the run went)")
+    parser.add_argument(
+        "--skip-prepare", action="store_true", help="serve and evaluate the versions already in --data-dir"
+    )
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -141,33 +172,14 @@ def main() -> None:
             note=args.note,
         )
         return
-    step("pull_default", "models", "pull-default")
-    step("import_base", "models", "import", str(models / "smollm2-135m-instruct"), "--as", "smollm2:base", "--force")
-    step(
-        "finetune", "prepare", "finetune", "--base", "smollm2:base", "--out", str(adapter), "--epochs",
-        str(args.epochs), "--force", *(["--max-steps", str(args.max_steps)] if args.max_steps else []),
-    )  # fmt: skip
-    step(
-        "merge",
-        "prepare",
-        "merge",
-        "--base",
-        "smollm2:base",
-        "--adapter",
-        str(adapter),
-        "--out",
-        "smollm2:merged",
-        "--force",
-    )
-    for name, scheme in (("w8a8", "w8a8-int8"), ("w4a16", "w4a16"), ("awq", "awq"), ("fp8", "fp8-dynamic")):
-        step(
-            f"quantize_{name}", "prepare", "quantize", "--model", "smollm2:merged", "--scheme", scheme,
-            "--out", f"smollm2:{name}", "--force",
-        )  # fmt: skip
-
+    if not args.skip_prepare:
+        prepare(step, models, adapter, args)
     for version in SERVED:
         folder = out / version
         folder.mkdir(exist_ok=True)
+        # each version starts from its own deployment state: a state left by the version before would be served
+        # instead of --model (a restarted `serve` serves what its state names, the last rollout's result)
+        shutil.rmtree(args.data_dir.resolve() / "state", ignore_errors=True)
         t0 = time.perf_counter()
         proc = serve(env, f"smollm2:{version}", folder / "serve.log")
         timings[f"serve_{version}_start"] = round(time.perf_counter() - t0, 1)

@@ -157,3 +157,39 @@ def test_replicas_divide_the_memory_unless_it_is_set() -> None:
     assert share("default", replicas=3) == 0.3
     assert share("cpu", replicas=2) == 0.3  # the profile's smaller share stays
     assert share("default", replicas=2, gpu_memory_utilization=0.3) == 0.3  # what the operator set
+
+
+def test_a_restart_with_another_model_says_that_the_state_is_served_not_the_model(tmp_path: Path) -> None:
+    """The promise: a restarted `serve` serves what its deployment state names (the last rollout's result), and
+    when `--model` names something else it says so in one line instead of silently serving another model."""
+    data_dir = tmp_path / "data"
+    first, url = start_serve(tmp_path, data_dir)
+    try:
+        assert wait_for(lambda: ready(url), timeout=60), first.stdout
+    finally:
+        first.send_signal(signal.SIGINT)  # Ctrl-C: the gateway and its engine stop, the state stays
+        first.wait(timeout=60)
+    other = tmp_path / "v2"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    port = free_port()
+    second = subprocess.Popen(
+        [sys.executable, "-m", "shipyard.cli", "serve", "--model", str(other), "--port", str(port)],
+        env=serve_env(data_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert wait_for(lambda: ready(f"http://127.0.0.1:{port}"), timeout=60)
+        described = httpx.get(
+            f"http://127.0.0.1:{port}/admin/deployments", headers={"Authorization": "Bearer sk-a"}
+        ).json()
+        (record,) = described["deployments"]["blue"]["replicas"]
+        assert record["version"] == "v1"  # the state's model, as documented
+    finally:
+        second.send_signal(signal.SIGINT)
+        out, _ = second.communicate(timeout=60)
+        shipyard(data_dir, "stop")
+    notes = [line for line in out.splitlines() if line.startswith("note: that state serves")]
+    assert len(notes) == 1 and str(tmp_path / "v1") in notes[0] and str(other) in notes[0], out

@@ -392,6 +392,13 @@ def _bring_up_model(
     adopted: list[str] = []
     if state is not None and state.replicas:
         say(f"serving the deployment state{of} from {store.description} (revision {state.revision})")
+        if choice is not None and not _state_serves(state, choice.folder):
+            live = ", ".join(sorted({f"{r.version or '?'} ({r.target})" for r in state.replicas}))
+            say(
+                f"note: that state serves {live}, not {choice.folder}: a restart serves what the state names (the "
+                f"last rollout's result); roll the new model out (`shipyard deploy`), or remove {store.description} "
+                "to start from the configured model"
+            )
         if launcher is not None:
             engines = _Engines(launcher, say)
             records = engines.bring_up(state)
@@ -440,6 +447,18 @@ def _bring_up_model(
         handles[name] = handle
         replicas.append(Replica(handle.url, name=name, deployment="blue", version=choice.version))
     return ServedModel(served, replicas, launcher, handles, store, kind), []
+
+
+def _state_serves(state: DeploymentState, folder: str) -> bool:
+    """Whether some replica of ``state`` serves ``folder`` (the same path, or the same URL)."""
+
+    def same(target: str) -> bool:
+        if "://" in folder or "://" in target:
+            return target.rstrip("/") == folder.rstrip("/")
+        return Path(target).resolve() == Path(folder).resolve()
+
+    targets = [r.target for r in state.replicas if r.target]
+    return not targets or any(same(t) for t in targets)  # no target recorded: nothing to tell
 
 
 def _carry_over(settings: Settings, store: StateStore, choice: EngineChoice, say: Say) -> DeploymentState | None:
