@@ -1,8 +1,9 @@
-"""`shipyard prepare quantize --schemes w8a8-int8,w4a16 --out NAME:auto` for real on the default model (issue 24):
+"""`shipyard prepare quantize --schemes w8a8-int8,awq --out NAME:auto` for real on the default model (issue 24):
 each scheme quantized by llm-compressor in its own virtualenv (compressed-tensors, so vLLM loads it natively),
 the parent and each version served by `shipyard serve` (vLLM-CPU) and evaluated on the same small sample,
-everything registered, and the pick checked against the evaluations it registered. AWQ is not in it: llm-compressor
-0.14's AWQ modifier stops on a machine without an accelerator ("Cannot access accelerator device")."""
+everything registered, and the pick checked against the evaluations it registered. AWQ also checks that the
+worker's way around llm-compressor 0.14 pinning memory on a machine without an accelerator still works (the
+4-bit scheme that keeps the replies; W8A8 runs GPTQ, the algorithm of `w4a16`)."""
 
 from __future__ import annotations
 
@@ -30,12 +31,12 @@ def test_the_search_registers_every_version_and_marks_the_smallest_that_keeps_qu
     monkeypatch.setenv("SHIPYARD_DATA_DIR", str(data))
     registered = CliRunner().invoke(app, ["models", "import", str(default_model_dir), "--as", "smollm2:base"])
     assert registered.exit_code == 0, registered.output
-    args = ["prepare", "quantize", "--model", "smollm2:base", "--schemes", "w8a8-int8,w4a16", "--out", "smollm2:auto"]
+    args = ["prepare", "quantize", "--model", "smollm2:base", "--schemes", "w8a8-int8,awq", "--out", "smollm2:auto"]
     args += ["--samples", "16", "--intent-sample", "24", "--reply-sample", "2", "--min-keep", "0.5"]
     result = CliRunner().invoke(app, args)
     registry = Registry(data / "models")
     versions = {m.version: m for m in registry.manifests()}
-    assert {"base", "base-w8a8-int8", "base-w4a16"} <= set(versions), result.output
+    assert {"base", "base-w8a8-int8", "base-awq"} <= set(versions), result.output
     parent = versions["base"].evals["search"]
     assert parent["role"] == "parent" and set(parent["metrics"]) == {
         "intent.accuracy",
@@ -43,7 +44,7 @@ def test_the_search_registers_every_version_and_marks_the_smallest_that_keeps_qu
         "reply.mean_cosine",
         "reply.schema_valid_rate",
     }
-    candidates = [versions["base-w8a8-int8"], versions["base-w4a16"]]
+    candidates = [versions["base-w8a8-int8"], versions["base-awq"]]
     for version in candidates:
         search = version.evals["search"]
         for metric, value in search["metrics"].items():  # what it keeps is what its evaluation says
@@ -59,9 +60,12 @@ def test_the_search_registers_every_version_and_marks_the_smallest_that_keeps_qu
         assert "smallest good" in listing.output
     else:
         assert result.exit_code == 1 and "no version keeps 50%" in result.output
-    assert versions["base-w4a16"].size_bytes < 0.6 * versions["base"].size_bytes  # 4-bit weights
+    assert versions["base-awq"].size_bytes < 0.6 * versions["base"].size_bytes  # 4-bit weights
     assert versions["base-w8a8-int8"].size_bytes < 0.8 * versions["base"].size_bytes  # int8 weights
     for version in candidates:
         assert version.recipe and version.recipe["calibration_samples"] == 16 and registry.verify(version) == []
         config = json.loads((registry.folder(version) / "config.json").read_text())
         assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    awq = json.loads((registry.folder(versions["base-awq"]) / "config.json").read_text())["quantization_config"]
+    assert awq["config_groups"]["group_0"]["weights"]["symmetric"] is False  # AWQ's zero points, served by vLLM-CPU
+    assert any("AWQModifier" in step for step in (versions["base-awq"].recipe or {})["recipe"])
