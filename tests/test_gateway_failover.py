@@ -23,7 +23,9 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 
 def test_refused_replica_is_skipped_and_marked_unready() -> None:
     fake = FakeOpenAI("m")
-    settings = load_settings(api_keys=API_KEY, health_interval_s=30)
+    # least-busy picks the first listed on a tie, so the dead replica is tried (cache-aware would send this one
+    # conversation to whichever replica it hashes to)
+    settings = load_settings(api_keys=API_KEY, health_interval_s=30, routing="least-busy")
     with ServerThread(fake) as live:
         dead = Replica(f"http://127.0.0.1:{free_port()}", name="dead")
         app = create_app(settings, [dead, Replica(live.url, name="live")])
