@@ -31,6 +31,7 @@ PUBLIC = {
         "pick_least_in_flight",
         "prefix_key",
         "probe",
+        "route_request",
         "routing_policy",
         "session_draw",
     ],

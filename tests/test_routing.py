@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from shipyard.gateway import create_app
-from shipyard.router import Replica, ReplicaPool, opens_conversation, prefix_key, routing_policy
+from shipyard.router import Replica, ReplicaPool, opens_conversation, prefix_key, route_request, routing_policy
 from shipyard.router.policy import CacheAware, RouteRequest
 from shipyard.settings import load_settings
 from shipyard.testing import FakeOpenAI
@@ -44,6 +44,9 @@ def test_every_turn_of_a_conversation_has_the_key_of_its_first() -> None:
     assert prefix_key(first) in keys and opens_conversation(first)  # the key its later turns will have
     assert not opens_conversation({"model": "m", "messages": conversation(7, 1)})
     assert not opens_conversation({"model": "m", "prompt": "text"})
+    later = {"model": "m", "messages": conversation(7, 2)}
+    assert route_request(first, "s") == RouteRequest(prefix_key(first), "s", opening=True)
+    assert route_request(later) == RouteRequest(prefix_key(later), None, opening=False)
     assert prefix_key({"model": "m", "messages": conversation(8, 1)}) not in keys  # another conversation
     assert prefix_key({"model": "other", "messages": conversation(7, 1)}) not in keys  # another model
     grown = "Document: " + "x" * 5000

@@ -43,7 +43,7 @@ from shipyard.gateway.schemas import (
 )
 from shipyard.gateway.sse import StreamScan, find_response_id, usage_tokens
 from shipyard.gateway.stream import UpstreamStream
-from shipyard.router import NoReplicaError, Replica, RouteRequest, UnknownModelError, opens_conversation, prefix_key
+from shipyard.router import NoReplicaError, Replica, RouteRequest, UnknownModelError, route_request
 from shipyard.router.fleet import Fleet
 from shipyard.router.replica import InFlight
 
@@ -127,12 +127,9 @@ class Attempt:
     path: str
     body: bytes
     upstream_model: str
-    session: str | None = None
-    prefix: str | None = None
-    """What the request shares with its conversation's other turns (``router.prefix_key``): routes it to the
-    replica that holds them in its KV cache."""
-    opening: bool = False
-    """The first turn of a conversation (``router.opens_conversation``): cached nowhere yet."""
+    routing: RouteRequest = field(default_factory=RouteRequest)
+    """What the routing policy looks at (``router.route_request``): session, the prefix the request shares with
+    its conversation's other turns (the replica holding it in its KV cache), whether it is a first turn."""
     tried: set[str] = field(default_factory=set)
     pinned: str | None = None
     """The replica this request must go to (the one holding its ``previous_response_id``)."""
@@ -290,9 +287,7 @@ class Proxy:
             session = request.headers.get("x-session-id") or (
                 data.get("user") if isinstance(data.get("user"), str) else None
             )
-            attempt = Attempt(
-                parsed.model, route.path, body, upstream_model, session, prefix_key(data), opens_conversation(data)
-            )
+            attempt = Attempt(parsed.model, route.path, body, upstream_model, route_request(data, session))
             if route is RESPONSES and parsed.previous_response_id:
                 attempt.pinned = await self._replica_of_response(parsed.previous_response_id)
             replica, upstream = await self._until_disconnect(request, self._send(attempt))
@@ -464,8 +459,7 @@ class Proxy:
             "/v1/chat/completions",
             json.dumps({**body, "model": upstream_model}).encode(),
             upstream_model,
-            prefix=prefix_key(body),
-            opening=opens_conversation(body),
+            route_request(body),
         )
         replica, upstream = await self._send(attempt)
         content = await self._read_all(replica, upstream, attempt)
@@ -559,8 +553,7 @@ class Proxy:
                 if replica.name == attempt.pinned and replica.ready and replica.name not in attempt.tried:
                     return replica
             raise NoReplicaError(attempt.model)
-        request = RouteRequest(attempt.prefix, attempt.session, attempt.opening)
-        replica, reason = self.pool.route(attempt.model, frozenset(attempt.tried), request)
+        replica, reason = self.pool.route(attempt.model, frozenset(attempt.tried), attempt.routing)
         self.metrics.route_decisions.labels(attempt.model, reason).inc()
         return replica
 

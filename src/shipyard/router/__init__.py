@@ -11,6 +11,7 @@ from shipyard.router.policy import (
     pick_deployment,
     pick_least_in_flight,
     prefix_key,
+    route_request,
     routing_policy,
     session_draw,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "pick_least_in_flight",
     "prefix_key",
     "probe",
+    "route_request",
     "routing_policy",
     "session_draw",
 ]

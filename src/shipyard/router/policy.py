@@ -210,10 +210,19 @@ def _messages(body: Mapping[str, Any]) -> list[Any] | None:
     return messages if isinstance(messages, list) and messages else None
 
 
+def route_request(body: Mapping[str, Any], session: str | None = None) -> RouteRequest:
+    """What the routing policy needs of a request body (its messages read once): prefix key and first turn."""
+    messages = _messages(body)
+    return RouteRequest(_prefix_key(body, messages), session, _opens(messages))
+
+
+def _opens(messages: list[Any] | None) -> bool:
+    return messages is not None and not any(isinstance(m, Mapping) and m.get("role") == "assistant" for m in messages)
+
+
 def opens_conversation(body: Mapping[str, Any]) -> bool:
     """A chat request with no assistant turn yet: the first turn of its conversation, cached on no replica."""
-    messages = _messages(body)
-    return messages is not None and not any(isinstance(m, Mapping) and m.get("role") == "assistant" for m in messages)
+    return _opens(_messages(body))
 
 
 def prefix_key(body: Mapping[str, Any]) -> str | None:
@@ -224,7 +233,10 @@ def prefix_key(body: Mapping[str, Any]) -> str | None:
     has the key of its later turns (:func:`opens_conversation` tells the policy it is one). Completions
     (``prompt``): its first :data:`PREFIX_CHARS` characters. None when there is nothing to share (embeddings).
     """
-    messages = _messages(body)
+    return _prefix_key(body, _messages(body))
+
+
+def _prefix_key(body: Mapping[str, Any], messages: list[Any] | None) -> str | None:
     if messages is not None:
         head = []
         for message in messages:
