@@ -63,6 +63,7 @@ def test_refusals_happen_before_any_environment_is_made(tmp_path: Path) -> None:
         (["--scheme", "int3"], "unknown scheme 'int3'"),
         (["--scheme", "w8a8-int8", "--calib", "/nonexistent.jsonl"], "cannot read calibration data"),
         (["--scheme", "w4a16", "--actorder", "group"], "unknown --actorder 'group'; choose among weight"),
+        (["--scheme", "w8a8-int8", "--asymmetric"], "--asymmetric applies to the 4-bit schemes (awq, w4a16), not w8a8"),
     ],
 )
 def test_quantize_cli_errors(tmp_path: Path, args: list[str], fragment: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -188,3 +189,31 @@ def test_a_search_reuses_the_parents_evaluation_on_the_same_examples_only(
     assert evaluated[3:] == ["m:merged", "m:merged-w4a16"] * 2
     record = registry.get("m", "merged").evals["search"]
     assert record["role"] == "parent" and record["metrics"] == {"intent.accuracy": 0.4} and record["evaluated"]
+
+
+@pytest.mark.parametrize(
+    ("scheme", "asked", "symmetric"),
+    [("w4a16", None, True), ("w4a16", False, False), ("awq", None, False), ("awq", True, True), ("w8a8-int8", None, None)],
+)
+def test_the_4_bit_schemes_zero_points_reach_the_worker_and_the_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scheme: str, asked: bool | None, symmetric: bool | None
+) -> None:
+    import shipyard.prepare.quantize as module
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"hidden_size": 64, "intermediate_size": 128}))
+    (tmp_path / "calib.jsonl").write_text(json.dumps({"text": "where is my order", "label": "order_status"}) + "\n")
+    jobs: list[dict[str, object]] = []
+
+    def worker(python: Path, job: dict[str, object], stem: Path, what: str) -> dict[str, object]:
+        jobs.append(job)
+        return {"seconds": 1.0, "llmcompressor": "x", "torch": "y", "recipe": [], "holdout_loss": None}
+
+    monkeypatch.setattr(module, "ensure_environment", lambda venvs, say: tmp_path / "python")
+    monkeypatch.setattr(module, "_run_worker", worker)
+    recipe = quantize(
+        model, tmp_path / "o", scheme, venvs_dir=tmp_path / "v", calibration=tmp_path / "calib.jsonl", symmetric=asked
+    )
+    assert jobs[0]["symmetric"] is asked  # None: the worker's default for the scheme
+    assert recipe["symmetric"] is symmetric

@@ -90,6 +90,13 @@ def quantize_command(
     actorder: Annotated[
         str | None, typer.Option(help="w4a16: GPTQ activation ordering: weight, static or dynamic.")
     ] = None,
+    symmetric: Annotated[
+        bool | None,
+        typer.Option(
+            "--symmetric/--asymmetric",
+            help="4-bit schemes: scales only, or scales and zero points (default: w4a16 symmetric, awq asymmetric).",
+        ),
+    ] = None,
     keep: Annotated[
         list[str] | None,
         typer.Option(help="Modules left in 16 bits (name or re:REGEX; repeatable), besides lm_head."),
@@ -105,7 +112,7 @@ def quantize_command(
     the intent train set as /v1/intent asks it (``--calib both`` adds the reply prompts). llm-compressor runs in its own
     virtualenv, made on first use under data_dir/venvs. With ``--out NAME:auto`` and ``--schemes``: quantize with
     each, evaluate each against the parent, register all, and mark the smallest that keeps ``--min-keep``."""
-    from shipyard.prepare.quantize import ACTORDERS, CALIBRATED, SCHEMES, QuantizeError, quantize
+    from shipyard.prepare.quantize import ACTORDERS, CALIBRATED, FOUR_BIT, SCHEMES, QuantizeError, quantize
     from shipyard.prepare.registry import parse_ref
 
     settings = settings_from(config)
@@ -118,6 +125,9 @@ def quantize_command(
             raise fail(f"unknown scheme {name!r}; choose among {', '.join(SCHEMES)}")
     if actorder is not None and actorder not in ACTORDERS:
         raise fail(f"unknown --actorder {actorder!r}; choose among {', '.join(ACTORDERS)}")
+    if symmetric is not None and not set(wanted) <= FOUR_BIT:
+        flag = "--symmetric" if symmetric else "--asymmetric"
+        raise fail(f"{flag} applies to the 4-bit schemes ({', '.join(sorted(FOUR_BIT))}), not {', '.join(wanted)}")
     if len(wanted) > 1 and not auto:
         raise fail("several schemes need --out NAME:auto (each becomes NAME:<parent version>-<scheme>)")
     from shipyard.tasks.datasets import project_data
@@ -151,6 +161,7 @@ def quantize_command(
                     seq_len=seq_len,
                     group_size=group_size,
                     actorder=actorder,
+                    symmetric=symmetric,
                     keep=keep,
                     say=typer.echo,
                 )

@@ -127,6 +127,7 @@ def quantize(
     group_size: int | None = None,
     actorder: str | None = None,
     dampening_frac: float = 0.01,
+    symmetric: bool | None = None,
     keep: list[str] | None = None,
     holdout: Path | None = None,
     say: Callable[[str], None] = print,
@@ -159,6 +160,7 @@ def quantize(
         "smoothing_strength": smoothing_strength,
         "actorder": actorder,
         "dampening_frac": dampening_frac,
+        "symmetric": symmetric,
         "keep": keep or [],
         "holdout": calibration_messages(holdout, 32) if holdout else None,
     }
@@ -174,6 +176,7 @@ def quantize(
         "smoothing_strength": smoothing_strength if scheme == "w8a8-int8" else None,
         "actorder": actorder if scheme == "w4a16" else None,
         "dampening_frac": dampening_frac if scheme == "w4a16" else None,
+        "symmetric": (scheme == "w4a16" if symmetric is None else symmetric) if scheme in FOUR_BIT else None,
         "kept_16_bit": keep or [],
         **{k: report[k] for k in ("seconds", "llmcompressor", "torch", "recipe", "holdout_loss")},
     }

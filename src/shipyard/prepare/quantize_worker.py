@@ -3,7 +3,7 @@
 compressed-tensors model into the job's ``out`` folder and a ``quantize_report.json`` beside it.
 
 Job: {"model", "out", "scheme", "calibration": [[{"role", "content"}, ...], ...] | null, "seq_len",
-"group_size", "smoothing_strength", "actorder", "dampening_frac", "keep", "holdout", "sensitivity"}.
+"group_size", "smoothing_strength", "actorder", "dampening_frac", "symmetric", "keep", "holdout", "sensitivity"}.
 
 ``keep``: names (regexes with ``re:``) of modules left in 16 bits besides ``lm_head``. ``holdout``: conversations
 whose mean token loss is measured before and after quantizing (the report's ``holdout_loss``). ``sensitivity``:
@@ -28,6 +28,7 @@ def recipe_for(
     actorder: str | None = None,
     dampening_frac: float = 0.01,
     keep: list[str] | None = None,
+    symmetric: bool | None = None,
 ) -> list[Any]:
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
@@ -43,7 +44,7 @@ def recipe_for(
         weights = {
             "num_bits": 4,
             "type": "int",
-            "symmetric": scheme == "w4a16",
+            "symmetric": scheme == "w4a16" if symmetric is None else symmetric,
             "strategy": "group",
             "group_size": group_size,
             **({"actorder": actorder} if scheme == "w4a16" and actorder else {}),
@@ -125,6 +126,7 @@ def main() -> None:
         actorder=job.get("actorder"),
         dampening_frac=float(job.get("dampening_frac") or 0.01),
         keep=job.get("keep") or [],
+        symmetric=job.get("symmetric"),
     )
     batches = [
         tokenizer(tokenizer.apply_chat_template(m, tokenize=False), return_tensors="pt", add_special_tokens=False)[
