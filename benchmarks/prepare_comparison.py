@@ -147,7 +147,18 @@ def main() -> None:
     parser.add_argument(
         "--skip-prepare", action="store_true", help="serve and evaluate the versions already in --data-dir"
     )
+    parser.add_argument(
+        "--versions",
+        default=",".join(SERVED),
+        help="with --skip-prepare: the versions to serve and evaluate again (comma list); the others' rows are read "
+        "from their folders under --out, as an earlier run left them",
+    )
     args = parser.parse_args()
+    versions = [v.strip() for v in args.versions.split(",") if v.strip()]
+    if unknown := set(versions) - set(SERVED):
+        parser.error(f"--versions: unknown {', '.join(sorted(unknown))}; choose among {', '.join(SERVED)}")
+    if set(versions) != set(SERVED) and not args.skip_prepare:
+        parser.error("--versions needs --skip-prepare (a fresh prepare changes every version)")
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "SHIPYARD_DATA_DIR": str(args.data_dir.resolve()), "SHIPYARD_API_KEYS": KEY}
@@ -174,7 +185,7 @@ def main() -> None:
         return
     if not args.skip_prepare:
         prepare(step, models, adapter, args)
-    for version in SERVED:
+    for version in versions:
         folder = out / version
         folder.mkdir(exist_ok=True)
         # each version starts from its own deployment state: a state left by the version before would be served
@@ -202,7 +213,7 @@ def main() -> None:
             )  # fmt: skip
         finally:
             stop(proc)
-    write_report(out, models, adapter, started, timings)
+    write_report(out, models, adapter, started, timings, note=args.note)
 
 
 def write_report(

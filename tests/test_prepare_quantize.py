@@ -193,7 +193,13 @@ def test_a_search_reuses_the_parents_evaluation_on_the_same_examples_only(
 
 @pytest.mark.parametrize(
     ("scheme", "asked", "symmetric"),
-    [("w4a16", None, True), ("w4a16", False, False), ("awq", None, False), ("awq", True, True), ("w8a8-int8", None, None)],
+    [
+        ("w4a16", None, False),
+        ("w4a16", True, True),
+        ("awq", None, False),
+        ("awq", True, True),
+        ("w8a8-int8", None, None),
+    ],
 )
 def test_the_4_bit_schemes_zero_points_reach_the_worker_and_the_manifest(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scheme: str, asked: bool | None, symmetric: bool | None
@@ -213,7 +219,8 @@ def test_the_4_bit_schemes_zero_points_reach_the_worker_and_the_manifest(
     monkeypatch.setattr(module, "ensure_environment", lambda venvs, say: tmp_path / "python")
     monkeypatch.setattr(module, "_run_worker", worker)
     recipe = quantize(
-        model, tmp_path / "o", scheme, venvs_dir=tmp_path / "v", calibration=tmp_path / "calib.jsonl", symmetric=asked
-    )
-    assert jobs[0]["symmetric"] is asked  # None: the worker's default for the scheme
+        model, tmp_path / "o", scheme, venvs_dir=tmp_path / "v", calibration=tmp_path / "calib.jsonl",
+        **({} if asked is None else {"symmetric": asked}),
+    )  # fmt: skip
+    assert jobs[0]["symmetric"] is bool(asked)  # zero points unless asked
     assert recipe["symmetric"] is symmetric

@@ -94,7 +94,7 @@ def quantize_command(
         bool | None,
         typer.Option(
             "--symmetric/--asymmetric",
-            help="4-bit schemes: scales only, or scales and zero points (default: w4a16 symmetric, awq asymmetric).",
+            help="4-bit schemes: scales only, or scales and zero points (the default: it keeps the replies' JSON).",
         ),
     ] = None,
     keep: Annotated[
@@ -161,7 +161,7 @@ def quantize_command(
                     seq_len=seq_len,
                     group_size=group_size,
                     actorder=actorder,
-                    symmetric=symmetric,
+                    symmetric=bool(symmetric),
                     keep=keep,
                     say=typer.echo,
                 )

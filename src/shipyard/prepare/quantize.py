@@ -3,8 +3,10 @@ virtualenv, because llm-compressor 0.14 pins transformers 5.17 / compressed-tens
 pins compressed-tensors 0.17. The environment is made on first use under ``data_dir/venvs`` (torch from the same
 place ``scripts/setup`` takes it), invisibly to the user.
 
-Schemes: ``w8a8-int8`` (SmoothQuant 0.8 + GPTQ, calibrated), ``w4a16`` (GPTQ, 4-bit symmetric weights in groups,
-calibrated), ``awq`` (AWQ's activation-aware scales, then 4-bit asymmetric weights in groups, calibrated),
+Schemes: ``w8a8-int8`` (SmoothQuant 0.8 + GPTQ, calibrated), ``w4a16`` (GPTQ, 4-bit weights in groups with
+scales and zero points, calibrated), ``awq`` (AWQ's activation-aware scales, then the same 4-bit groups,
+calibrated), ``symmetric`` drops the zero points (GPTQ's old default; with it the LoRA-merged default model kept 53%
+of its replies' schema validity, without 104%: reports/prepare/search-2026-12-06/),
 ``fp8-dynamic`` (no calibration; vLLM's CPU backend cannot run it — it is for GPUs). 4-bit group sizes: the
 ``group_size`` asked for, else the largest of 128/64/32 that divides the model's widths (SmolLM2's 576 columns do
 not divide by 128). ``keep`` leaves modules in 16 bits (the mixed precision the reference write-ups recommend;
@@ -127,7 +129,7 @@ def quantize(
     group_size: int | None = None,
     actorder: str | None = None,
     dampening_frac: float = 0.01,
-    symmetric: bool | None = None,
+    symmetric: bool = False,
     keep: list[str] | None = None,
     holdout: Path | None = None,
     say: Callable[[str], None] = print,
@@ -176,7 +178,7 @@ def quantize(
         "smoothing_strength": smoothing_strength if scheme == "w8a8-int8" else None,
         "actorder": actorder if scheme == "w4a16" else None,
         "dampening_frac": dampening_frac if scheme == "w4a16" else None,
-        "symmetric": (scheme == "w4a16" if symmetric is None else symmetric) if scheme in FOUR_BIT else None,
+        "symmetric": symmetric if scheme in FOUR_BIT else None,
         "kept_16_bit": keep or [],
         **{k: report[k] for k in ("seconds", "llmcompressor", "torch", "recipe", "holdout_loss")},
     }

@@ -28,7 +28,7 @@ def recipe_for(
     actorder: str | None = None,
     dampening_frac: float = 0.01,
     keep: list[str] | None = None,
-    symmetric: bool | None = None,
+    symmetric: bool = False,
 ) -> list[Any]:
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
@@ -44,7 +44,7 @@ def recipe_for(
         weights = {
             "num_bits": 4,
             "type": "int",
-            "symmetric": scheme == "w4a16" if symmetric is None else symmetric,
+            "symmetric": symmetric,  # zero points unless asked: see shipyard.prepare.quantize
             "strategy": "group",
             "group_size": group_size,
             **({"actorder": actorder} if scheme == "w4a16" and actorder else {}),
@@ -126,7 +126,7 @@ def main() -> None:
         actorder=job.get("actorder"),
         dampening_frac=float(job.get("dampening_frac") or 0.01),
         keep=job.get("keep") or [],
-        symmetric=job.get("symmetric"),
+        symmetric=bool(job.get("symmetric")),
     )
     batches = [
         tokenizer(tokenizer.apply_chat_template(m, tokenize=False), return_tensors="pt", add_special_tokens=False)[
