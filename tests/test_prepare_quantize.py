@@ -224,3 +224,31 @@ def test_the_4_bit_schemes_zero_points_reach_the_worker_and_the_manifest(
     )  # fmt: skip
     assert jobs[0]["symmetric"] is bool(asked)  # zero points unless asked
     assert recipe["symmetric"] is symmetric
+
+
+@pytest.mark.parametrize(
+    ("scheme", "calib", "expected"),
+    [("w8a8-int8", None, "shipyard-calibration.jsonl"), ("w4a16", None, "train.jsonl"), ("awq", None, "train.jsonl"),
+     ("w8a8-int8", "intent", "train.jsonl"), ("w4a16", "both", "shipyard-calibration.jsonl")],
+)  # fmt: skip
+def test_each_scheme_calibrates_on_its_measured_default_unless_told(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scheme: str, calib: str | None, expected: str
+) -> None:
+    import shipyard.prepare.quantize as module
+
+    monkeypatch.setenv("SHIPYARD_DATA_DIR", str(tmp_path))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"hidden_size": 64, "intermediate_size": 128}))
+    seen: list[Path | None] = []
+
+    def fake(source: Path, staging: Path, name: str, **kwargs: object) -> dict[str, object]:
+        seen.append(kwargs["calibration"])  # type: ignore[arg-type]
+        (staging / "config.json").write_text("{}")
+        return {"seconds": 1.0}
+
+    monkeypatch.setattr(module, "quantize", fake)
+    args = ["prepare", "quantize", "--model", str(model), "--scheme", scheme, "--out", str(tmp_path / "q")]
+    result = runner.invoke(app, [*args, *(["--calib", calib] if calib else [])])
+    assert result.exit_code == 0, result.output
+    assert seen and seen[0] is not None and seen[0].name == expected
