@@ -66,6 +66,9 @@ def test_the_search_registers_every_version_and_marks_the_smallest_that_keeps_qu
         assert version.recipe and version.recipe["calibration_samples"] == 16 and registry.verify(version) == []
         config = json.loads((registry.folder(version) / "config.json").read_text())
         assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    # the measured defaults: W8A8 calibrated on both tasks' prompts, the 4-bit schemes on the intent prompts
+    assert (versions["base-w8a8-int8"].recipe or {})["calibration"].endswith("shipyard-calibration.jsonl")
+    assert (versions["base-awq"].recipe or {})["calibration"].endswith("intent/train.jsonl")
     awq = json.loads((registry.folder(versions["base-awq"]) / "config.json").read_text())["quantization_config"]
     assert awq["config_groups"]["group_0"]["weights"]["symmetric"] is False  # AWQ's zero points, served by vLLM-CPU
     assert any("AWQModifier" in step for step in (versions["base-awq"].recipe or {})["recipe"])
