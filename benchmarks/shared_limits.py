@@ -113,9 +113,15 @@ def run(seconds: float, work: Path) -> dict[str, Any]:
             for thread in threads:
                 thread.join()
         finally:
-            for proc, _ in gateways:
+            for index, (proc, _) in enumerate(gateways):
                 proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=60)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:  # seen once (2026-12-06, a full unit run): say what it waited on
+                    proc.kill()
+                    tail = (work / f"gateway{index + 1}.log").read_text(errors="replace").splitlines()[-40:]
+                    raise RuntimeError(f"gateway{index + 1} did not stop within 60 s of SIGTERM; its log ends:\n"
+                                       + "\n".join(tail)) from None  # fmt: skip
     admitted = sorted(at - started for at, status, _ in results if status == 200)
     per_minute = [sum(1 for t in admitted if m * 60 <= t < (m + 1) * 60) for m in range(int(-(-seconds // 60)))]
     most_in_any_window = max(
