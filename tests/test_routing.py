@@ -6,12 +6,13 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
 
 from shipyard.gateway import create_app
-from shipyard.router import Replica, ReplicaPool, opens_conversation, prefix_key, route_request, routing_policy
+from shipyard.router import Replica, ReplicaPool, route_request, routing_policy
 from shipyard.router.policy import CacheAware, RouteRequest
 from shipyard.settings import load_settings
 from shipyard.testing import FakeOpenAI
@@ -35,6 +36,14 @@ def conversation(n: int, turns: int) -> list[dict[str, str]]:
         messages.append({"role": "assistant", "content": f"answer {turn}"})
     messages.append({"role": "user", "content": f"conversation {n} question {turns}"})
     return messages
+
+
+def prefix_key(body: dict[str, Any]) -> str | None:
+    return route_request(body).prefix
+
+
+def opens_conversation(body: dict[str, Any]) -> bool:
+    return route_request(body).opening
 
 
 def test_every_turn_of_a_conversation_has_the_key_of_its_first() -> None:

@@ -82,8 +82,8 @@ class Routing(str, Enum):
 
 @dataclass(frozen=True)
 class RouteRequest:
-    """What a routing policy may look at: the request's prefix key (see :func:`prefix_key`), its session, and
-    whether it opens a conversation (no replica holds anything of it yet: :func:`opens_conversation`)."""
+    """What a routing policy may look at (made by :func:`route_request`): the request's prefix key, its session,
+    and whether it opens a conversation (no replica holds anything of it yet)."""
 
     prefix: str | None = None
     session: str | None = None
@@ -125,7 +125,7 @@ class RoundRobin(RoutingPolicy):
 class CacheAware(RoutingPolicy):
     """The replica most likely to hold the request's prefix in its KV cache, unless it is overloaded.
 
-    The replica is chosen by rendezvous hashing of the request's prefix key (:func:`prefix_key`) over the replica
+    The replica is chosen by rendezvous hashing of the request's prefix key (:func:`route_request`) over the replica
     names: every gateway process and every gateway sharing a state sees the same names, so they all send a
     conversation's turns to the same replica without asking anyone (a shared index would cost a round trip per
     request; a per-process index would not agree across processes). When that replica is overloaded — more than
@@ -211,29 +211,20 @@ def _messages(body: Mapping[str, Any]) -> list[Any] | None:
 
 
 def route_request(body: Mapping[str, Any], session: str | None = None) -> RouteRequest:
-    """What the routing policy needs of a request body (its messages read once): prefix key and first turn."""
-    messages = _messages(body)
-    return RouteRequest(_prefix_key(body, messages), session, _opens(messages))
+    """What the routing policy needs of a request body, its messages read once.
 
-
-def _opens(messages: list[Any] | None) -> bool:
-    return messages is not None and not any(isinstance(m, Mapping) and m.get("role") == "assistant" for m in messages)
-
-
-def opens_conversation(body: Mapping[str, Any]) -> bool:
-    """A chat request with no assistant turn yet: the first turn of its conversation, cached on no replica."""
-    return _opens(_messages(body))
-
-
-def prefix_key(body: Mapping[str, Any]) -> str | None:
-    """What a request shares with the next turn of its conversation, as the engine will see it first.
-
+    ``prefix``: what the request shares with the next turn of its conversation, as the engine will see it first.
     Chat (``messages``, or the Responses API's ``input`` list): the messages up to and including the first user
     message — system prompt and opening question, which every turn repeats before its history; the first turn
-    has the key of its later turns (:func:`opens_conversation` tells the policy it is one). Completions
-    (``prompt``): its first :data:`PREFIX_CHARS` characters. None when there is nothing to share (embeddings).
+    has the key of its later turns. Completions (``prompt``): its first :data:`PREFIX_CHARS` characters. None when
+    there is nothing to share (embeddings). ``opening``: a chat request with no assistant turn yet, the first turn
+    of its conversation, cached on no replica.
     """
-    return _prefix_key(body, _messages(body))
+    messages = _messages(body)
+    opening = messages is not None and not any(
+        isinstance(m, Mapping) and m.get("role") == "assistant" for m in messages
+    )
+    return RouteRequest(_prefix_key(body, messages), session, opening)
 
 
 def _prefix_key(body: Mapping[str, Any], messages: list[Any] | None) -> str | None:
