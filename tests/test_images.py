@@ -54,6 +54,21 @@ def images() -> Iterator[dict[str, object]]:
     yield facts
 
 
+def podman_output(*args: str) -> str:
+    return subprocess.run([*PODMAN, *args], capture_output=True, text=True, timeout=60).stdout.strip()
+
+
+def project_logs(project: str) -> str:
+    """Each container's last lines (podman-compose 1.0's own `logs` exits 125 and shows nothing)."""
+    names = podman_output("ps", "-a", "--filter", f"label=io.podman.compose.project={project}", "--format",
+                          "{{.Names}}").split()  # fmt: skip
+    tails = []
+    for name in names:
+        log = subprocess.run([*PODMAN, "logs", "--tail", "25", name], capture_output=True, text=True, timeout=60)
+        tails.append(f"--- {name}\n{(log.stdout + log.stderr)[-1500:]}")
+    return "\n".join(tails)
+
+
 def test_the_cpu_image_runs_as_non_root_and_answers_the_openai_sdk(images: dict[str, object]) -> None:
     port = free_port()
     name = f"shipyard-image-test-{port}"
@@ -96,14 +111,21 @@ def test_the_compose_stack_comes_up_and_prometheus_answers_every_dashboard_query
     compose += ["-f", str(ROOT / "deploy/compose.yaml")]
     services = ["engine", "gateway", "ui", "prometheus"]
     env = {**os.environ, **settings}
+    backend = podman_output("info", "--format", "{{.Host.NetworkBackend}}")
+    assert backend == "netavark", (
+        f"podman's network backend is {backend!r}: its compose networks have no DNS, so the gateway cannot resolve "
+        "`engine`. Install netavark and aardvark-dns (scripts/system-deps does), then `podman system reset`."
+    )
     up = subprocess.run([*compose, "up", "-d", *services], capture_output=True, text=True, timeout=600, env=env)
     gateway = f"http://127.0.0.1:{ports['GATEWAY_PORT']}"
     prometheus = f"http://127.0.0.1:{ports['PROMETHEUS_PORT']}"
     try:
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
-        assert wait_for(lambda: ready(gateway, 2), timeout=480, interval=2), subprocess.run(
-            [*compose, "logs"], capture_output=True, text=True, env=env
-        ).stdout[-4000:]
+        dns = podman_output("network", "inspect", f"{project}_default", "--format", "{{.DNSEnabled}}")
+        assert dns == "true", (
+            f"the compose network {project}_default has no DNS (DNSEnabled={dns!r}; backend {backend})"
+        )
+        assert wait_for(lambda: ready(gateway, 2), timeout=480, interval=2), project_logs(project)
         client = openai.OpenAI(base_url=f"{gateway}/v1", api_key=KEY, max_retries=0)
         deadline = time.monotonic() + 45  # a little load: streams (TTFT), plain answers, one 404
         while time.monotonic() < deadline:
