@@ -451,8 +451,6 @@ class RedisStateStore(StateStore):
     def __init__(
         self, url: str, prefix: str = "shipyard", local_copy: Path | None = None, signing_key: str | None = None
     ) -> None:
-        import redis.asyncio
-
         self.signing_key = signing_key.encode() if signing_key else None
         """With a key, every state saved carries an HMAC of it and a state without a valid one is refused: what
         Redis holds chooses where prompts go and which processes are signalled, so only the gateways (which
@@ -460,7 +458,7 @@ class RedisStateStore(StateStore):
         self.url = url
         self.prefix = prefix
         self.description = f"redis {_redact(url)} (prefix {prefix})"
-        self.redis = redis.asyncio.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self.redis = redis_client(url, timeout_s=5.0)
         self.local_copy = local_copy
         """The last state read from Redis, kept on this host: what a gateway serves when it starts while Redis
         is unreachable (instead of crash-looping), until Redis answers again."""
@@ -620,6 +618,26 @@ def open_store(
             signing_key=signing_key,
         )
     raise ValueError(f"state_url {state_url!r} must be file:///DIR or redis://HOST:PORT/DB")
+
+
+REDIS_CONNECTIONS = 256
+"""Connections one process opens to Redis at most; past them a command waits for one to come free (up to its
+timeout) — redis-py's default pool raises at its 100th instead, at random under load."""
+
+
+def redis_client(url: str, timeout_s: float) -> Any:
+    """An asyncio Redis client for ``url`` whose every wait (connect, answer, a free pooled connection) is
+    bounded by ``timeout_s``."""
+    import redis.asyncio
+
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        url,
+        max_connections=REDIS_CONNECTIONS,
+        timeout=timeout_s,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+    )
+    return redis.asyncio.Redis.from_pool(pool)
 
 
 def is_redis(state_url: str | None) -> bool:

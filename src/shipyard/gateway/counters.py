@@ -31,11 +31,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shipyard.control.store import redis_client
 from shipyard.settings import KeyLimits
 
 WINDOW_S = 60.0
-LEASE_TTL_S = 3600.0
-"""A request counted in flight by a process that died stops counting after this long."""
+LEASE_TTL_S = 8.0
+"""How long a request's in-flight entry in shared counters lives unless its gateway renews it: a slot whose
+release was lost (the counters stalled) or whose gateway died comes back within this long."""
+RENEW_EVERY_S = 2.0
+"""How often a gateway renews the in-flight entries of its requests that are still running (a renewal lost to a
+stall of up to ``LEASE_TTL_S - 2 * RENEW_EVERY_S`` leaves the request counted)."""
 
 log = logging.getLogger("shipyard.gateway")
 
@@ -81,6 +86,11 @@ class LimitCounters(ABC):
     @abstractmethod
     async def record(self, name: str, id: str, tokens: int) -> None:
         """Charge the tokens of an answer that had no reservation."""
+
+    async def renew(self, running: dict[str, list[str]]) -> None:
+        """Keep the in-flight entries of requests still running (key name -> ids) for another ``LEASE_TTL_S``
+        (entries in this process need none: they end with it)."""
+        return None
 
     async def close(self) -> None:
         return None
@@ -241,6 +251,14 @@ class SqliteCounters(LimitCounters):
         with _transaction(self.db):
             self.db.execute("INSERT OR REPLACE INTO tokens VALUES (?, ?, ?, ?)", (name, id, time.time(), tokens))
 
+    async def renew(self, running: dict[str, list[str]]) -> None:
+        until = time.time() + LEASE_TTL_S
+        with _transaction(self.db):
+            self.db.executemany(
+                "UPDATE in_flight SET until = ? WHERE name = ? AND id = ?",
+                [(until, name, id) for name, ids in running.items() for id in ids],
+            )
+
     async def close(self) -> None:
         self.db.close()
 
@@ -263,21 +281,34 @@ local now_parts = redis.call('TIME')
 local now = tonumber(now_parts[1]) * 1000 + math.floor(tonumber(now_parts[2]) / 1000)
 local window = tonumber(ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('HEXISTS', KEYS[3], '') == 0 and redis.call('HLEN', KEYS[3]) > 0 then  -- written before the sum was kept
+  local sum = 0
+  for _, n in ipairs(redis.call('HVALS', KEYS[3])) do sum = sum + tonumber(n) end
+  redis.call('HSET', KEYS[3], '', sum)
+end
 local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - window)
 if #expired > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
-  redis.call('HDEL', KEYS[3], unpack(expired))
+  for first = 1, #expired, 1000 do  -- unpack() takes a few thousand values at most
+    local ids = {unpack(expired, first, math.min(first + 999, #expired))}
+    local gone = 0
+    for _, n in ipairs(redis.call('HMGET', KEYS[3], unpack(ids))) do gone = gone + (tonumber(n) or 0) end
+    redis.call('HDEL', KEYS[3], unpack(ids))
+    redis.call('HINCRBY', KEYS[3], '', -gone)
+  end
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
 local function window_of()
-  local used = 0
-  for _, n in ipairs(redis.call('HVALS', KEYS[3])) do used = used + tonumber(n) end
+  local used = tonumber(redis.call('HGET', KEYS[3], '') or '0')
   local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2] or -1
   local oldest_tokens = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')[2] or -1
-  return {redis.call('ZCARD', KEYS[1]), used, redis.call('ZCARD', KEYS[4]), now - tonumber(oldest),
+  return {redis.call('ZCARD', KEYS[1]), math.max(used, 0), redis.call('ZCARD', KEYS[4]), now - tonumber(oldest),
           now - tonumber(oldest_tokens), tonumber(oldest) < 0 and 1 or 0, tonumber(oldest_tokens) < 0 and 1 or 0}
 end
 """
+"""The window of one key: requests (a sorted set by time), token charges (times in a sorted set, amounts in a
+hash whose field ``""`` keeps their sum, so no decision re-adds the window), requests in flight (a sorted set by
+the time their entry expires)."""
 
 _ADMIT = (
     _WINDOW_LUA
@@ -289,38 +320,60 @@ if rpm >= 0 and w[1] >= rpm then return {'rpm', unpack(w)} end
 if tpm >= 0 and w[2] >= tpm then return {'tpm', unpack(w)} end
 redis.call('ZADD', KEYS[1], now, id)
 redis.call('ZADD', KEYS[4], now + tonumber(ARGV[6]), id)
-for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[6]) + window) end
+redis.call('PEXPIRE', KEYS[1], window)
+redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[6]))
 return {'', unpack(window_of())}
 """
 )
 
+_CHARGE_LUA = """
+local function charge(id, tokens)
+  redis.call('ZADD', KEYS[2], now, id)
+  local before = tonumber(redis.call('HGET', KEYS[3], id) or '0')
+  redis.call('HSET', KEYS[3], id, tokens)
+  redis.call('HINCRBY', KEYS[3], '', tokens - before)
+  for i = 2, 3 do redis.call('PEXPIRE', KEYS[i], window * 2) end
+end
+"""
+
 _RESERVE = (
     _WINDOW_LUA
+    + _CHARGE_LUA
     + """
 local tpm, id, tokens = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 local w = window_of()
 if tokens > tpm then return {'tpm_request', unpack(w)} end
 if w[2] + tokens > tpm then return {'tpm', unpack(w)} end
-redis.call('ZADD', KEYS[2], now, id)
-redis.call('HSET', KEYS[3], id, tokens)
-for i = 2, 3 do redis.call('PEXPIRE', KEYS[i], window * 2) end
+charge(id, tokens)
 return {'', unpack(window_of())}
 """
 )
 
 _RECORD = (
     _WINDOW_LUA
+    + _CHARGE_LUA
     + """
-redis.call('ZADD', KEYS[2], now, ARGV[2])
-redis.call('HSET', KEYS[3], ARGV[2], tonumber(ARGV[3]))
-for i = 2, 3 do redis.call('PEXPIRE', KEYS[i], window * 2) end
+charge(ARGV[2], tonumber(ARGV[3]))
 return 1
 """
 )
 
 _UPDATE = """
-if ARGV[2] ~= '' and redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+local before = redis.call('HGET', KEYS[1], ARGV[1])
+if ARGV[2] ~= '' and before then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('HINCRBY', KEYS[1], '', tonumber(ARGV[2]) - tonumber(before))
+end
 if ARGV[3] == '1' then redis.call('ZREM', KEYS[2], ARGV[1]) end
+return 1
+"""
+
+_RENEW = """
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) * 1000 + math.floor(tonumber(now_parts[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[i]) end
+if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
 return 1
 """
 
@@ -329,11 +382,9 @@ class RedisCounters(LimitCounters):
     """Counters in Redis under ``PREFIX:limits:NAME:*``, shared by every gateway process on that Redis."""
 
     def __init__(self, url: str, prefix: str = "shipyard", timeout_s: float = 2.0) -> None:
-        import redis.asyncio
-
         self.prefix = prefix
         self.description = f"redis (prefix {prefix}:limits)"
-        self.redis = redis.asyncio.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self.redis = redis_client(url, timeout_s)
         self.timeout_s = timeout_s
 
     def _keys(self, name: str) -> list[str]:
@@ -368,6 +419,10 @@ class RedisCounters(LimitCounters):
 
     async def record(self, name: str, id: str, tokens: int) -> None:
         await self._run(_RECORD, self._keys(name), int(WINDOW_S * 1000), id, tokens)
+
+    async def renew(self, running: dict[str, list[str]]) -> None:
+        for name, ids in running.items():  # ZADD XX: an entry that expired or was released stays gone
+            await self._run(_RENEW, [self._keys(name)[3]], int(LEASE_TTL_S * 1000), *ids)
 
     async def close(self) -> None:
         await self.redis.aclose()

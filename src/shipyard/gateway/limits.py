@@ -31,7 +31,15 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shipyard.gateway.auth import KeyChecker
-from shipyard.gateway.counters import WINDOW_S, Decision, LimitCounters, MemoryCounters, Window, new_id
+from shipyard.gateway.counters import (
+    RENEW_EVERY_S,
+    WINDOW_S,
+    Decision,
+    LimitCounters,
+    MemoryCounters,
+    Window,
+    new_id,
+)
 from shipyard.gateway.errors import error_body
 from shipyard.gateway.metrics import GatewayMetrics
 from shipyard.settings import KeyLimits
@@ -53,6 +61,10 @@ class LimitsUnavailable(Exception):
     """The shared counters do not answer and ``limits_fallback`` is ``refuse``."""
 
 
+class _BreakerOpen(Exception):
+    """The shared counters failed less than ``breaker_s`` ago: not asked again yet."""
+
+
 @dataclass
 class Lease:
     """One admitted request; ``release`` when its answer is complete (idempotent)."""
@@ -69,6 +81,7 @@ class Lease:
         if not self.released:
             self.released = True
             if self.limiter is not None and self.counters is not None:
+                self.limiter.running.pop(self.id, None)
                 self.limiter.after(self.counters, self.name, self.id, release=True)
 
 
@@ -115,7 +128,9 @@ def _left(age_s: float | None) -> float:
 class KeyLimiter:
     """Admits requests against their key's limits on ``counters`` (this process's by default; shared ones for a
     gateway of several processes or several gateways, see ``gateway.counters``). ``fallback``: what happens
-    while shared counters do not answer — ``local`` (this process counts alone) or ``refuse`` (503)."""
+    while shared counters do not answer — ``local`` (this process counts alone) or ``refuse`` (503); after a
+    failure they are not asked again for ``breaker_s`` (a breaker: an outage costs one timeout, not one per
+    request). Keys without ``rpm``, ``tpm`` or ``concurrent`` are never counted."""
 
     def __init__(
         self,
@@ -124,6 +139,7 @@ class KeyLimiter:
         counters: LimitCounters | None = None,
         fallback: str = "local",
         prioritized: bool = False,
+        breaker_s: float = 5.0,
     ) -> None:
         self.limits_for = limits_for
         self.prioritized = prioritized
@@ -137,6 +153,12 @@ class KeyLimiter:
         """Each key's limits, looked up once (a lookup builds settings objects: a quarter of the gateway's CPU
         per request when it ran on every request)."""
         self._pending: set[asyncio.Task[None]] = set()
+        self.running: dict[str, Lease] = {}
+        """The leases on shared counters whose requests still run, by id: renewed every ``RENEW_EVERY_S`` so
+        their in-flight entries outlive them only by the counters' short TTL."""
+        self._renewing: asyncio.Task[None] | None = None
+        self.breaker_s = breaker_s
+        self._shared_down_until = 0.0
 
     def _limits_of(self, name: str) -> KeyLimits:
         return self._limits.get(name) or self._limits.setdefault(name, self.limits_for(name))
@@ -148,12 +170,18 @@ class KeyLimiter:
         if self.counters is self.local:
             return await ask(self.local), self.local
         try:
+            if time.monotonic() < self._shared_down_until:
+                raise _BreakerOpen
             decision = await ask(self.counters)
-        except Exception as exc:  # unreachable, timed out
-            why = f"{type(exc).__name__}: {exc}".rstrip(": ")
-            if why != self.shared_error:
-                log.warning("limit counters %s do not answer (%s); %s", self.counters.description, why, self.fallback)
-            self.shared_error = why
+        except Exception as exc:  # unreachable, timed out, or not asked again yet
+            if not isinstance(exc, _BreakerOpen):
+                why = _why(exc)
+                if why != self.shared_error:
+                    log.warning("limit counters %s do not answer (%s); %s", self.counters.description, why,
+                                self.fallback)  # fmt: skip
+                self.shared_error = why
+                self._shared_down_until = time.monotonic() + self.breaker_s
+            why = self.shared_error
             if self.fallback == "refuse":
                 raise LimitsUnavailable(f"the rate-limit counters cannot be reached ({why}); retry shortly") from None
             return await ask(self.local), self.local
@@ -163,6 +191,8 @@ class KeyLimiter:
     async def admit(self, name: str) -> Lease:
         """Count one request of key ``name`` or raise LimitExceeded (nothing counted) when it is over a limit."""
         limits = self._limits_of(name)
+        if limits.rpm is None and limits.tpm is None and limits.concurrent is None:
+            return Lease()  # nothing to count (a key with a priority only)
         id = new_id()
         decision, counters = await self._decide(lambda c: c.admit(name, limits, id))
         headers = self._headers(limits, decision.window)
@@ -183,7 +213,27 @@ class KeyLimiter:
             raise LimitExceeded(
                 f"key '{name}' is over its limit of {limits.tpm} tokens per minute; retry in {wait} s", wait, headers
             )
-        return Lease(self, name, id, counters, headers=headers)
+        lease = Lease(self, name, id, counters, headers=headers)
+        if counters is not self.local:
+            self.running[id] = lease
+            if self._renewing is None or self._renewing.done():
+                self._renewing = asyncio.get_running_loop().create_task(self._renew())
+        return lease
+
+    async def _renew(self) -> None:
+        """Every ``RENEW_EVERY_S`` while requests on shared counters run: keep their in-flight entries."""
+        while self.running:
+            await asyncio.sleep(RENEW_EVERY_S)
+            by_counters: dict[LimitCounters, dict[str, list[str]]] = {}
+            for lease in list(self.running.values()):
+                assert lease.counters is not None
+                by_counters.setdefault(lease.counters, {}).setdefault(lease.name, []).append(lease.id)
+            for counters, running in by_counters.items():
+                try:
+                    await counters.renew(running)
+                except Exception as exc:  # the entries expire unless a later renewal gets through
+                    log.warning("renewing %d requests in flight on %s failed: %s", len(self.running),
+                                counters.description, _why(exc))  # fmt: skip
 
     async def reserve(self, name: str, tokens: int, prompt: int = 0) -> Reservation | None:
         """Count ``tokens`` (what a request may use at most; ``prompt`` of them its prompt) against key ``name``'s
@@ -242,6 +292,8 @@ class KeyLimiter:
         """Wait for the updates sent without waiting (tests; a stopping gateway)."""
         while self._pending:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
+        if self._renewing is not None and not self.running:
+            self._renewing.cancel()
 
     @staticmethod
     def _headers(limits: KeyLimits, window: Window) -> dict[str, str]:
@@ -255,6 +307,10 @@ class KeyLimiter:
             headers["x-ratelimit-remaining-tokens"] = str(max(0, limits.tpm - window.tokens))
             headers["x-ratelimit-reset-tokens"] = _reset(_left(window.oldest_tokens_s))
         return headers
+
+
+def _why(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".rstrip(": ")
 
 
 async def _quietly(work: Coroutine[Any, Any, None]) -> None:
