@@ -231,6 +231,26 @@ def test_kubernetes_manifests_validate_against_the_api_schemas() -> None:
         assert "preStop" in engine["lifecycle"] and engine["readinessProbe"]["httpGet"]["path"] == "/health"
         engine_key = {"secretKeyRef": {"name": "shipyard-keys", "key": "engine-key"}}
         assert {"name": "VLLM_API_KEY", "valueFrom": engine_key} in engine["env"]
+        # issue 34 item 2: every route but /health asks for the key (vLLM's --api-key guards only /v1)
+        assert "--middleware=shipyard.engine.guard.EngineKeyGuard" in engine["args"]
+        # item 9: a busy engine answering /health late is not restarted; no root, no privileges, no API token
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert engine[probe]["timeoutSeconds"] >= 5, probe
+        pod = deployments[f"shipyard-engine-{color}"]["spec"]["template"]["spec"]
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == 10001
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert engine["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    # item 2: Prometheus is let in from its own namespace only (a pod label is anyone's to set)
+    scrapers = [p for p in policies["shipyard-engines-from-gateways"]["ingress"][0]["from"] if "namespaceSelector" in p]
+    assert scrapers and all(p["namespaceSelector"].get("matchLabels") for p in scrapers), scrapers
+    # item 10: Redis evicts what expires anyway before its pod's memory limit kills it
+    redis_container = deployments["shipyard-redis"]["spec"]["template"]["spec"]["containers"][0]
+    args = redis_container["args"]
+    assert args[args.index("--maxmemory-policy") + 1] == "volatile-lru"
+    assert int(args[args.index("--maxmemory") + 1].removesuffix("mb")) * 2 <= int(
+        redis_container["resources"]["limits"]["memory"].removesuffix("Mi")
+    )
 
 
 def test_the_schema_check_catches_mistakes() -> None:

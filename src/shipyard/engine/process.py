@@ -17,6 +17,7 @@ from types import TracebackType
 import httpx
 import psutil
 
+from shipyard.engine.guard import GUARD
 from shipyard.engine.spec import EngineSpec
 
 _PR_SET_PDEATHSIG = 1
@@ -205,7 +206,9 @@ class EngineProcess:
         return self._adopted.pid if self._adopted is not None else None
 
     def argv(self) -> list[str]:
-        return [*self.command, *self.spec.vllm_args(self.port)]
+        """The engine's command line; with a key, every route but ``/health`` asks for it (``engine.guard``)."""
+        guard = ["--middleware", GUARD] if (self.env or {}).get("VLLM_API_KEY") else []
+        return [*self.command, *self.spec.vllm_args(self.port), *guard]
 
     def start(self) -> None:
         if self.alive():

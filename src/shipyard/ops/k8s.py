@@ -28,6 +28,9 @@ from shipyard.settings import ModelSettings, Settings
 COLORS = ("blue", "green")
 STATIC = ("namespace.yaml", "redis.yaml", "network-policy.yaml", "ui.yaml")
 ENGINE_PORT = 8000
+PROMETHEUS_NAMESPACE = "monitoring"
+"""The namespace whose Prometheus may scrape the engines (kube-prometheus-stack's usual one; edit the policy
+where yours differs)."""
 DEFAULT_SERVED = "qwen"
 """The served name of a fleet of one whose settings name none (what the manifests always used)."""
 
@@ -162,8 +165,10 @@ def render(settings: Settings) -> dict[str, str]:
         prefix = engine.engine.removeprefix("shipyard-")
         for color in COLORS:
             files[f"{prefix}-{color}.yaml"] = _engine_file(engine, color)
-    for name in STATIC[1:3]:
-        files[name] = _template(name)
+    files["redis.yaml"] = _template("redis.yaml")
+    files["network-policy.yaml"] = Template(_template("network-policy.yaml")).substitute(
+        prometheus_namespace=PROMETHEUS_NAMESPACE
+    )
     files["gateway.yaml"] = _gateway_file(settings, engines)
     files["ui.yaml"] = _template("ui.yaml")
     resources_list = "".join(f"  - {name}\n" for name in files)
