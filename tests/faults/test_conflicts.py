@@ -15,7 +15,7 @@ import httpx
 
 from shipyard.control.audit import AuditLog
 from shipyard.control.plane import ControlConfig, ControlPlane
-from shipyard.control.rollout import Rollout, RolloutPlan
+from shipyard.control.rollout import Phase, Rollout, RolloutPlan
 from shipyard.control.state import DeploymentState, ReplicaRecord
 from shipyard.control.store import LoadReport, MemoryStateStore
 from shipyard.control.strategies import wait_idle
@@ -70,5 +70,33 @@ def test_a_drain_that_cannot_read_the_other_gateways_load_waits_instead_of_stopp
         started = asyncio.get_running_loop().time()
         assert await wait_idle(control, rollout, replicas={"blue-0"}) is False  # timed out, never "idle"
         assert asyncio.get_running_loop().time() - started >= 0.3
+
+    asyncio.run(body())
+
+
+def test_a_gateway_without_the_rollout_lease_never_puts_the_owners_rollout_back_a_phase() -> None:
+    """Issue 34 item 6: a non-owner whose copy of the rollout is older (canary) commits a change of its own after
+    the owner saved the switch: the saved rollout stays the owner's (it was retried with the stale copy)."""
+
+    async def body() -> None:
+        store = MemoryStateStore()
+        a = ReplicaRecord("a", "http://a.test")
+        canary = Rollout(RolloutPlan("/m/v2", "v2", "green", "blue", canary_percent=10))
+        for phase in (Phase.STARTING, Phase.WARMING, Phase.CANARY):
+            canary.advance(phase)
+        seed = DeploymentState().evolve(by="seed", replicas=[a], weights={"blue": 1.0}, rollout=canary.to_record())
+        await store.save(seed)
+        assert await store.acquire_lease("owner", 60) is not None  # the owner runs the rollout
+        other = _plane(store)
+        await other.start()  # the follower's copy: canary
+        assert other.current is not None and other.current.phase is Phase.CANARY and not other.running_here()
+        canary.advance(Phase.SWITCHING)  # the owner moves on and saves; the follower has not read it yet
+        await store.save(seed.evolve(by="owner", rollout=canary.to_record()))
+        await other.commit(replicas=other.state.with_replica(dataclasses.replace(a, held=True)))
+        final = await store.load()
+        assert final is not None and final.rollout is not None
+        assert final.rollout["phase"] == Phase.SWITCHING.value, "a non-owner wrote its stale copy of the rollout"
+        assert final.replica("a").held  # type: ignore[union-attr]
+        await other.stop()
 
     asyncio.run(body())

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from shipyard.control.commands import RolloutCommand
+from shipyard.control.inplace import reload_weights
 from shipyard.control.rollout import Phase
 from shipyard.control.store import MemoryStateStore
 from shipyard.router import NoReplicaError
@@ -180,5 +181,66 @@ def test_a_gateway_restarted_during_an_update_releases_no_hold_and_trusts_no_wei
         assert not record.held and record.version == "v1" and not record.quarantined
         assert [step for _, step in engine.calls][-4:] == ["pause", "reload v1", "reset_prefix_cache", "resume"]
         await again.stop()
+
+    asyncio.run(body())
+
+
+class PerHostEngine(Engine):
+    """Engine, with reloads refused per replica: ``fail`` holds ``host:checkpoint`` pairs."""
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/collective_rpc":
+            name = Path(json.loads(request.content)["kwargs"]["weights_path"]).name
+            if f"{request.url.host}:{name}" in self.fail:
+                self.calls.append((request.url.host, f"reload {name}"))
+                return httpx.Response(500, json={"error": {"message": "Error while deserializing header"}})
+        return await super().__call__(request)
+
+
+def test_a_revert_that_fails_on_one_replica_still_reverts_the_others_and_ends_the_rollout(tmp_path: Path) -> None:
+    """Issue 34 item 7: the update fails on the third replica; putting v1 back fails on the first (quarantined,
+    restarted from v1) — the second is still reverted, no replica keeps v2, and the rollout ends FAILED with its
+    history entry (the revert's error used to end the rollout's task before any of that)."""
+
+    async def body() -> None:
+        v1, v2 = checkpoint_folder(tmp_path, "v1"), checkpoint_folder(tmp_path, "v2")
+        engine = PerHostEngine(fail={"blue-c.test:v2", "blue-a.test:v1"})
+        store = MemoryStateStore()
+        control = in_place_plane(store, engine, ["blue-a", "blue-b", "blue-c"], v1, reload_timeout_s=0.5)
+        control.supervisor.backoff_s = 0.01
+        handle = Handle("http://blue-a.test", v1)
+        control.supervisor.manage("blue-a", handle)  # type: ignore[arg-type]
+        await store.save(control._seed)  # type: ignore[attr-defined]
+        await control.start()
+        await until(lambda: all(r.ready for r in control.pool.replicas))
+        rollout = await control.request(RolloutCommand(v2, version="v2", strategy="inplace"))
+        await until(lambda: rollout.phase is Phase.FAILED and not control.running_here(), timeout=10)
+        await until(lambda: bool(handle.restarted_from), timeout=10)
+        state = await store.load()
+        assert state is not None
+        versions = {r.name: r.version for r in state.replicas}
+        assert versions == {"blue-a": "v1", "blue-b": "v1", "blue-c": "v1"}, versions
+        assert not any(r.held for r in state.replicas), "a hold outlived its rollout"
+        assert handle.restarted_from == [v1]
+        assert [h["phase"] for h in state.history if h.get("id") == rollout.id] == [Phase.FAILED.value]
+        assert "blue-a" in str(rollout.facts.get("retire_error")), rollout.facts
+        await control.stop()
+
+    asyncio.run(body())
+
+
+def test_a_reload_cancelled_mid_step_still_resumes_the_engine() -> None:
+    """Issue 34 item 7: the task running a reload is cancelled (its lease was lost) while the engine is paused
+    and reloading: /resume is still sent, so the engine is not left paused for whoever takes over."""
+
+    async def body() -> None:
+        engine = Engine(hang="v2")
+        async with httpx.AsyncClient(transport=httpx.MockTransport(engine)) as client:
+            task = asyncio.create_task(reload_weights(client, "http://blue-a.test", "/models/v2", 5.0))
+            await until(lambda: any(step == "reload v2" for _, step in engine.calls), timeout=5)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await until(lambda: any(step == "resume" for _, step in engine.calls), timeout=5)
 
     asyncio.run(body())

@@ -213,14 +213,25 @@ class RolloutExecutor:
             rollout.advance(Phase.FAILED, reason)
             self.control.audit.record("rollout", "rollout_failed", rollout=rollout.id, error=reason)
             await self.control.commit(**strategy.restore(self.control, rollout))
-            await strategy.retire_new(self.control, rollout)
+            await self._retire(strategy, rollout)
             await self._finish(rollout, Phase.FAILED)
             return Observation(retired=True)
         elif action is Action.RETIRE_NEW:
-            await strategy.retire_new(self.control, rollout)
+            await self._retire(strategy, rollout)
             await self._finish(rollout, Phase.ROLLED_BACK)
             return Observation(retired=True)
         return Observation(done=True)
+
+    async def _retire(self, strategy: RolloutStrategy, rollout: Rollout) -> None:
+        """Take the new version out. A failure (the strategy has put what it could back, and quarantined what it
+        could not) is recorded on the rollout, which still ends with its history entry."""
+        try:
+            await strategy.retire_new(self.control, rollout)
+        except Exception as exc:
+            rollout.facts["retire_error"] = f"{type(exc).__name__}: {exc}"
+            self.control.audit.record(
+                "rollout", "retire_failed", rollout=rollout.id, error=rollout.facts["retire_error"]
+            )
 
     async def _finish(self, rollout: Rollout, phase: Phase) -> None:
         if rollout.phase is not phase:

@@ -54,6 +54,7 @@ async def reload_weights(client: httpx.AsyncClient, url: str, folder: str, timeo
     failure: Exception | None = None
     rpc_timeout = timeout_s + min(5.0, timeout_s)  # the engine gives up after timeout_s; this side a little later
     step = "/pause"
+    cancelled: asyncio.CancelledError | None = None
     try:
         await _engine_call(client, url, "/pause?mode=wait", timeout_s)
         times["pause_s"] = clock.lap()
@@ -66,14 +67,19 @@ async def reload_weights(client: httpx.AsyncClient, url: str, folder: str, timeo
         times["reset_prefix_cache_s"] = clock.lap()
     except (asyncio.TimeoutError, httpx.TimeoutException) as exc:
         failure = EngineWedged(f"{step} did not answer in time ({type(exc).__name__}) at {url}")
+    except asyncio.CancelledError as exc:  # the lease was lost mid-reload: resume first, then stop acting
+        cancelled = exc
+        failure = EngineWedged(f"{step} was cancelled at {url}")
     except Exception as exc:
         failure = exc
-    try:
-        await _engine_call(client, url, "/resume", RESUME_TIMEOUT_S)
+    try:  # shielded: a cancellation must not leave the engine paused
+        await asyncio.shield(_engine_call(client, url, "/resume", RESUME_TIMEOUT_S))
         times["resume_s"] = clock.lap()
     except Exception as exc:
         if not isinstance(failure, EngineWedged):
             failure = EngineWedged(f"/resume failed at {url} ({type(exc).__name__}: {exc}) after: {failure}")
+    if cancelled is not None:
+        raise cancelled
     if failure is not None:
         raise failure
     return times
@@ -120,12 +126,20 @@ class InPlace(RolloutStrategy):
         rollout.facts.setdefault("drain_timed_out", False)
 
     async def retire_new(self, d: Deployer, rollout: Rollout) -> None:
-        """Put the previous weights back on every replica that has the new ones (or was caught holding)."""
+        """Put the previous weights back on every replica that has the new ones (or was caught holding). One that
+        cannot take them back is quarantined and restarted from them (``_update``); the others are still
+        reverted, and the failures are raised together at the end."""
+        failed = []
         for name, previous in (rollout.facts.get("previous") or {}).items():
             record = d.state.replica(name)
             if record is None or (record.version != rollout.plan.version and not record.held):
                 continue
-            await self._update(d, rollout, name, previous["target"], previous["version"], None, reverting=True)
+            try:
+                await self._update(d, rollout, name, previous["target"], previous["version"], None, reverting=True)
+            except Exception as exc:
+                failed.append(f"{name}: {type(exc).__name__}: {exc}")
+        if failed:
+            raise RuntimeError(f"the previous weights could not be put back on {'; '.join(failed)}")
 
     async def _update(
         self,

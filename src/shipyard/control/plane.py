@@ -186,13 +186,16 @@ class ControlPlane:
         )
 
     async def commit(self, **changes: Any) -> DeploymentState:
-        """Save the current state with ``changes`` (and the current rollout) as the next revision, then apply it."""
+        """Save the current state with ``changes`` as the next revision, then apply it. The rollout is written
+        only by the gateway that holds the rollout lease (from its ``current``); any other keeps the rollout of
+        the latest state, re-read after a conflict, so it never puts the owner's rollout back a phase."""
         async with self._lock:
             base = self._state
             for _ in range(5):
-                if self.current is not None and "rollout" not in changes:
-                    changes["rollout"] = self.current.to_record()
-                state = self._state.evolve(by=self.gateway_id, at=self.clock(), **rebase(changes, base, self._state))
+                these = dict(changes)
+                if "rollout" not in these and self.current is not None and self._lease_token is not None:
+                    these["rollout"] = self.current.to_record()
+                state = self._state.evolve(by=self.gateway_id, at=self.clock(), **rebase(these, base, self._state))
                 try:
                     await self.store.save(state, fence=self._fence())
                 except LeaseLost:
