@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -166,3 +167,19 @@ def test_parallelism_flags_for_several_gpus() -> None:
     assert args[args.index("--tensor-parallel-size") + 1] == "2"
     assert args[args.index("--data-parallel-size") + 1] == "2"
     assert load_settings(engine={"data_parallel_size": 2}).engine.data_parallel_size == 2
+
+
+def test_a_request_without_max_tokens_is_capped_by_the_models_default() -> None:
+    """Issue 34 item 12: without max_tokens vLLM generates to the context length (minutes on a busy engine, then a
+    gateway timeout); every engine shipyard starts caps it with the model's default_max_tokens."""
+    from shipyard.settings import load_settings
+    from shipyard.stack import engine_spec
+
+    settings = load_settings(api_keys="sk-x")
+    args = engine_spec(settings, "/models/m", "m", "cpu", False).vllm_args(8000)
+    flag = args.index("--override-generation-config")
+    assert (
+        json.loads(args[flag + 1]) == {"max_new_tokens": settings.engine.default_max_tokens} == {"max_new_tokens": 1024}
+    )
+    off = load_settings(api_keys="sk-x", engine={"default_max_tokens": None})
+    assert "--override-generation-config" not in engine_spec(off, "/models/m", "m", "cpu", False).vllm_args(8000)

@@ -225,6 +225,19 @@ def test_silent_upstream_hits_read_timeout_with_error_event(fake: FakeOpenAI) ->
             )
 
 
+def test_an_answer_slower_than_the_read_timeout_is_a_504_that_says_what_to_do(fake: FakeOpenAI) -> None:
+    """Issue 34 item 12: a non-streamed answer still being generated when the gateway stops waiting was a 502
+    upstream_error "ReadTimeout"; it is a 504 naming the limit, streaming and max_tokens."""
+    fake.token_rate = 20.0  # 40 tokens: 2 s, past the 0.5 s read timeout
+    for slow in start_stack(fake, upstream_read_timeout_s=0.5):
+        with slow.http() as http:
+            r = http.post("/v1/chat/completions", json={"model": "fake-model", "messages": MESSAGES, "max_tokens": 40})
+        assert r.status_code == 504, r.text
+        error = error_of(r)
+        assert error["code"] == "upstream_timeout" and "0.5 s" in error["message"]
+        assert "stream" in error["message"] and "max_tokens" in error["message"]
+
+
 def test_client_disconnect_aborts_upstream_stream(stack: Stack) -> None:
     stack.fake.token_rate = 20.0
     with (

@@ -183,3 +183,57 @@ def test_a_fleet_from_the_settings_is_placed_on_four_24gb_cards(tmp_path: Path) 
     too_big += choices[1:]
     with pytest.raises(StackError, match="classifier replica 0: every allowed GPU is taken by a tensor-parallel group"):
         fleet_gpu_plan(settings, too_big, FOUR_4090D)
+
+
+def test_models_sharing_a_gpu_split_its_budget_and_a_share_that_breaks_it_is_refused(tmp_path: Path) -> None:
+    """Issue 34 item 3: the top-level engine.gpu_memory_utilization is copied into every model's settings, and it
+    used to override the plan: two models on GPU 0 both started at 0.85 (the second vLLM refused to start)."""
+    from shipyard.engine import EngineSpec
+    from shipyard.settings import load_settings
+    from shipyard.stack import EngineChoice, StackError, fleet_gpu_plan
+
+    folders = {"chat": sparse_checkpoint(tmp_path / "chat", 4.0), "embed": sparse_checkpoint(tmp_path / "e", 1.0)}
+    settings = load_settings(
+        engine={"gpu_memory_utilization": 0.85},
+        models=[{"name": name, "source": folder} for name, folder in folders.items()],
+        data_dir=tmp_path / "data",
+    )
+
+    def choices(own: dict[str, float]) -> list[EngineChoice]:
+        return [
+            EngineChoice(folders[m.name], m.name, EngineSpec(model=folders[m.name], served_model_name=m.name), "v1",
+                         m.name, settings.engine_for(m), memory_fraction=own.get(m.name))
+            for m in settings.models
+        ]  # fmt: skip
+
+    slots = fleet_gpu_plan(settings, choices({}), [Gpu(0, 24.0)])
+    assert sum(s.memory_fraction for s in slots) <= 0.85 and all(s.memory_fraction < 0.85 for s in slots)
+    assert {s.model: s.memory_fraction for s in fleet_gpu_plan(settings, choices({"embed": 0.1}), [Gpu(0, 24.0)])}[
+        "embed"
+    ] == 0.1
+    with pytest.raises(StackError, match=r"GPU 0 is shared by .*embed #0 0.5.* over the budget of 0.85"):
+        fleet_gpu_plan(settings, choices({"embed": 0.5}), [Gpu(0, 24.0)])
+
+
+def test_cpu_engines_reserve_what_their_model_needs_and_a_fleet_short_of_ram_is_refused_in_one_line(
+    tmp_path: Path,
+) -> None:
+    """Issue 34 item 3: on CPU, vLLM's gpu_memory_utilization is a share of the host's RAM and every engine took
+    the profile's 0.3 (7 GiB here for a 90 MB embedding model): the second engine of a fleet failed a minute
+    into its start. A pooling model gets a small explicit KV cache; a model that cannot get its RAM is refused
+    before its engine starts, naming it and the shortfall."""
+    from shipyard.cli.serve import _sized_for_cpu
+    from shipyard.engine import EngineSpec
+    from shipyard.stack import EMBED_KV_CACHE_BYTES, EngineChoice, StackError, check_cpu_memory, cpu_memory_gib
+
+    folder = sparse_checkpoint(tmp_path / "minilm", 0.09)
+    spec = EngineSpec.from_profile("cpu", model=folder, served_model_name="minilm")
+    embed = _sized_for_cpu(spec, "embed", "cpu", None)
+    assert embed.extra_args[-2:] == ("--kv-cache-memory-bytes", str(EMBED_KV_CACHE_BYTES))
+    assert cpu_memory_gib(embed, 23.5) < 1.5 < cpu_memory_gib(spec, 23.5) == 0.3 * 23.5
+    assert _sized_for_cpu(spec, "generate", "cpu", None) is spec and _sized_for_cpu(spec, "embed", "cpu", 0.2) is spec
+    check_cpu_memory(EngineChoice(folder, "minilm", embed, "v1"), 1, available_gib=5.64, total_gib=23.54)
+    with pytest.raises(
+        StackError, match=r"^chat's engine need 7\.1 GiB of RAM and 5\.6 GiB is free \(1\.4 GiB short\)"
+    ):
+        check_cpu_memory(EngineChoice(folder, "chat", spec, "v1"), 1, available_gib=5.64, total_gib=23.54)

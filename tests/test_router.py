@@ -91,5 +91,43 @@ def test_slow_health_probes_take_a_busy_replica_out_only_after_three_in_a_row() 
     ]
     assert "3 health probe(s) in a row timed out" in replica.last_error
     assert asyncio.run(run("ok", "refused")) == [True, False]  # a refused connection: out at once
-    replica.last_byte_at = 0.0  # hung: late on /health and no answer made progress either
+    replica.last_byte_at = 0.0  # nothing in flight here: no evidence of a hang (an idle gateway worker)
+    assert asyncio.run(run("ok", "slow")) == [True, True]
+    replica.in_flight = 1  # hung: late on /health, and the answers this process waits for made no progress
     assert asyncio.run(run("ok", "slow")) == [True, False]
+
+
+def test_an_ejected_replica_stays_out_for_a_hold_down_that_doubles_unless_it_is_the_only_one() -> None:
+    """Issue 34 item 11: the next 200 on /health put an ejected replica back at once (Envoy holds it out for
+    base x ejections); with no other replica ready it comes back at once (Envoy's panic threshold)."""
+    import asyncio
+    import time
+
+    import httpx
+
+    from shipyard.router.health import probe
+    from shipyard.router.replica import EJECTION_BASE_S
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            return httpx.Response(200)
+        return httpx.Response(200, json={"data": [{"id": "m", "max_model_len": 4096}]})
+
+    flaky, steady = Replica("http://flaky:1", name="flaky"), Replica("http://steady:1", name="steady")
+    pool = ReplicaPool([flaky, steady])
+
+    async def probed(replica: Replica) -> bool:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            await probe(client, replica, pool=pool)
+        return replica.ready
+
+    assert asyncio.run(probed(flaky)) and asyncio.run(probed(steady))
+    pool.eject(flaky, "hung")
+    assert not asyncio.run(probed(flaky)) and "held out" in flaky.last_error
+    first = flaky.held_out_until
+    flaky.held_out_until = time.monotonic() - 0.01  # the hold-down passed
+    assert asyncio.run(probed(flaky))
+    pool.eject(flaky, "hung again")
+    assert flaky.ejections == 2 and flaky.held_out_until - first >= EJECTION_BASE_S  # doubled (4 s, was 2 s)
+    steady.ready = False  # the only one left: back at once
+    assert asyncio.run(probed(flaky))

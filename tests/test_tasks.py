@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -345,3 +346,28 @@ def test_task_endpoints_use_the_model_bound_to_them_when_several_are_served() ->
             answer = httpx.post(f"{bound.url}/predict", json={"text": "where is my parcel"}, headers=auth)
             assert answer.status_code == 200 and set(answer.json()) == {"intent"}
             assert chat.requests and not other.requests
+
+
+def test_the_reply_budget_is_sized_to_the_schema_and_every_string_is_bounded() -> None:
+    """Issue 34 item 12: a resolution step had no maxLength (a model could loop inside one until max_tokens, a
+    502); the budget is the longest draft the schema allows at 2 characters a token."""
+    from shipyard.tasks.reply import DRAFT_MAX_TOKENS, DRAFT_SCHEMA, ReplyDraft, longest_draft_chars
+
+    def strings(schema: dict[str, Any]) -> list[dict[str, Any]]:
+        if schema.get("type") == "object":
+            return [s for v in schema["properties"].values() for s in strings(v)]
+        if schema.get("type") == "array":
+            return strings(schema["items"])
+        return [schema] if schema.get("type") == "string" and "enum" not in schema else []
+
+    assert all("maxLength" in s for s in strings(DRAFT_SCHEMA))
+    longest = ReplyDraft.model_validate(
+        {
+            "summary": {"issue": "i" * 240, "demands": ["d" * 120] * 5, "sentiment": "negative"},
+            "apology": "a" * 320,
+            "resolution_steps": ["s" * 240] * 3,
+        }
+    )
+    text = json.dumps(longest.model_dump(), separators=(",", ":"))
+    assert len(text) == longest_draft_chars(DRAFT_SCHEMA)
+    assert DRAFT_MAX_TOKENS * 2 >= len(text)

@@ -96,9 +96,16 @@ class EngineSettings(BaseSettings):
     """Engines ``serve`` starts for the model, each a replica behind the gateway (least busy first), all on the
     devices this process sees. Several on one GPU serve more short requests than one engine can: one vLLM
     engine's Python processes (API server, engine core) top out at ~350 one-token classifications/s with the GPU
-    half idle (benchmarks/README.md). Without ``gpu_memory_utilization`` each takes 0.9/N of the memory; with
+    half idle (benchmarks/README.md). Engines sharing a GPU split the top-level ``gpu_memory_utilization``
+    (default 0.9) by their weights' sizes; a value in a model's own ``engine`` is that model's engines' share,
+    and a fleet whose shares on one GPU add up past the top-level value is refused at start. With
     ``port`` set, the n-th listens on ``port + n``. An in-place update reloads them one at a time; blue-green
     starts one engine of the new version."""
+    default_max_tokens: int | None = Field(default=1024, ge=1)
+    """Most tokens a request that names no ``max_tokens`` generates (vLLM's ``--override-generation-config
+    '{"max_new_tokens": N}'``): without it vLLM generates up to the context length, and one forgotten parameter
+    holds a slot of the engine for minutes and ends in a gateway timeout. A request's own ``max_tokens`` wins;
+    None: vLLM's default."""
     tool_call_parser: str = "auto"
     """vLLM's tool-call parser (``--enable-auto-tool-choice --tool-call-parser``): ``auto`` picks it from the
     model's chat template (Qwen2.5 and other ChatML models: ``hermes``), ``none`` turns tool calling off, any

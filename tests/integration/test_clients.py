@@ -114,6 +114,17 @@ def test_anthropic_sdk_messages_streaming_and_not(gateway: str, engine: EnginePr
         )
 
 
+def test_anthropic_sdk_counts_tokens_through_the_gateway(gateway: str, engine: EngineProcess) -> None:
+    """Issue 34 item 13: ``messages.count_tokens`` was a 404 at the gateway (the engine serves it)."""
+    counts = [
+        anthropic.Anthropic(base_url=base, api_key=KEY, max_retries=0, timeout=60)
+        .messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": QUESTION}])
+        .input_tokens
+        for base in (gateway, engine.url)
+    ]
+    assert counts[0] > 0 and counts[0] == counts[1]
+
+
 def test_langchain_chat_openai_streams(gateway: str) -> None:
     llm = ChatOpenAI(base_url=f"{gateway}/v1", api_key=KEY, model=MODEL, temperature=0, max_tokens=12, streaming=True)  # type: ignore[arg-type]
     chunks = list(llm.stream(QUESTION))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.metadata
 import logging
 import os
@@ -17,7 +18,7 @@ from pydantic import SecretStr
 
 from shipyard.cli.app import ConfigOption, app, fail, port_is_free, settings_from
 from shipyard.cli.ui import start_page
-from shipyard.engine import Profile
+from shipyard.engine import EngineSpec, Profile
 from shipyard.engine.checkpoint import CheckpointError, model_kind
 from shipyard.gateway.auth import ensure_api_key
 from shipyard.gateway.metrics import enable_multiprocess
@@ -27,7 +28,15 @@ from shipyard.prepare.default_model import DEFAULT_MODEL_NAME, DefaultModelError
 from shipyard.prepare.registry import RegistryError, resolve_input
 from shipyard.router import Replica
 from shipyard.settings import Settings
-from shipyard.stack import EngineChoice, StackError, build_stack, engine_spec, gateway_pid_file, stop_everything
+from shipyard.stack import (
+    EMBED_KV_CACHE_BYTES,
+    EngineChoice,
+    StackError,
+    build_stack,
+    engine_spec,
+    gateway_pid_file,
+    stop_everything,
+)
 from shipyard.tasks import load_labels, load_templates
 from shipyard.tasks.config import TaskConfigError
 from shipyard.upstreams import check_upstreams, is_discovery
@@ -101,8 +110,9 @@ def fleet_choices(settings: Settings, profile: str, enable_lora: bool) -> list[E
     """What to start for each model of the fleet (``models:``, or the one of ``model:``)."""
     if not settings.models:
         folder, served = resolve_model(settings)
-        spec = engine_spec(settings, folder, served, profile, enable_lora)
-        return [EngineChoice(folder, served, spec, settings.version_label or Path(folder).name, kind=_kind(folder))]
+        spec, kind = engine_spec(settings, folder, served, profile, enable_lora), _kind(folder)
+        spec = _sized_for_cpu(spec, kind, profile, settings.engine.gpu_memory_utilization)
+        return [EngineChoice(folder, served, spec, settings.version_label or Path(folder).name, kind=kind)]
     choices = []
     for model in settings.models:
         if model.is_url:
@@ -114,8 +124,20 @@ def fleet_choices(settings: Settings, profile: str, enable_lora: bool) -> list[E
         spec = engine_spec(settings, folder, model.name, profile, enable_lora, engine)
         gpus = tuple(model.gpus) if isinstance(model.gpus, list) else None
         version = model.version or Path(folder).name
-        choices.append(EngineChoice(folder, model.name, spec, version, model.name, engine, gpus, _kind(folder)))
+        own, kind = model.engine.get("gpu_memory_utilization"), _kind(folder)
+        spec = _sized_for_cpu(spec, kind, profile, own)
+        choices.append(EngineChoice(folder, model.name, spec, version, model.name, engine, gpus, kind, own))
     return choices
+
+
+def _sized_for_cpu(spec: EngineSpec, kind: str, profile: str, fraction: float | None) -> EngineSpec:
+    """A pooling model's CPU engine with a small explicit KV cache (an encoder keeps none between requests)
+    instead of the profile's share of the host's RAM; unless a fraction was set for it."""
+    if kind != "embed" or profile != Profile.CPU.value or fraction is not None:
+        return spec
+    return dataclasses.replace(
+        spec, extra_args=(*spec.extra_args, "--kv-cache-memory-bytes", str(EMBED_KV_CACHE_BYTES))
+    )
 
 
 def _kind(folder: str) -> str:

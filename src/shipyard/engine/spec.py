@@ -125,6 +125,8 @@ class EngineSpec:
     """vLLM's ``--tool-call-parser`` (with ``--enable-auto-tool-choice``); ``auto`` picks one from the model's chat
     template (``detect_tool_parser``) when the engine starts, so a rollout to another family gets its own;
     ``none`` or None: tool calling off."""
+    default_max_tokens: int | None = None
+    """Tokens generated for a request that names no ``max_tokens`` (``--override-generation-config``)."""
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
     @classmethod
@@ -160,7 +162,7 @@ class EngineSpec:
         """Arguments for ``python -m vllm.entrypoints.openai.api_server`` (same flags as ``vllm serve``)."""
         args = ["--model", self.model, "--host", self.host, "--port", str(port)]
         for spec_field in fields(self):
-            if spec_field.name in {"model", "host", "extra_args", "tool_call_parser"}:
+            if spec_field.name in {"model", "host", "extra_args", "tool_call_parser", "default_max_tokens"}:
                 continue
             value = getattr(self, spec_field.name)
             if value is None:
@@ -170,6 +172,8 @@ class EngineSpec:
                 args.append(flag if value else "--no-" + flag[2:])
             else:
                 args.extend([flag, str(value)])
+        if self.default_max_tokens is not None:
+            args.extend(["--override-generation-config", json.dumps({"max_new_tokens": self.default_max_tokens})])
         parser = self.resolved_tool_parser()
         if parser is not None:
             args.extend(["--enable-auto-tool-choice", "--tool-call-parser", parser])

@@ -19,6 +19,7 @@ from shipyard.gateway.proxy import (
     API_ROUTES,
     CHAT,
     COMPLETIONS,
+    COUNT_TOKENS,
     DETOKENIZE,
     EMBEDDINGS,
     MESSAGES,
@@ -37,6 +38,7 @@ ROUTE_SUMMARIES: dict[ApiRoute, str] = {
     COMPLETIONS: "OpenAI text completions (streaming as SSE)",
     RESPONSES: "OpenAI Responses API (streaming as SSE)",
     MESSAGES: "Anthropic Messages API (streaming as SSE), as vLLM serves it; the key may come as x-api-key",
+    COUNT_TOKENS: "Anthropic's token count of a Messages request (messages.count_tokens), as vLLM serves it",
     TOKENIZE: "vLLM's tokenizer: a prompt or chat messages to token ids",
     DETOKENIZE: "vLLM's tokenizer: token ids to text",
     EMBEDDINGS: "OpenAI embeddings, from a served pooling model (e.g. all-MiniLM-L6-v2)",
@@ -70,8 +72,10 @@ _WHY = {
     429: "The key is over its requests/tokens per minute or concurrent requests limit (Retry-After, x-ratelimit-*)",
     502: "The engine failed or answered something invalid",
     503: "No replica serving the model is ready (Retry-After)",
+    504: "The engine did not finish a non-streamed answer within upstream_read_timeout_s (stream it, or ask for "
+    "fewer max_tokens)",
 }
-_API = (400, 401, 404, 413, 422, 429, 502, 503)
+_API = (400, 401, 404, 413, 422, 429, 502, 503, 504)
 _READ_ONLY = (401, 429, 503)
 _ADMIN = (400, 401, 404, 409, 413, 422, 503)
 
@@ -132,7 +136,9 @@ def document_api(app: FastAPI) -> None:
                 for status in [s for s in responses if s not in ("200", "202")]:
                     del responses[status]  # FastAPI's own 422 shape is not what the gateway answers
                 if path.startswith(("/v1/", "/tokenize", "/detokenize", "/predict", "/admin/")):
-                    operation["security"] = [{"bearer": []}] + ([{"x-api-key": []}] if path == MESSAGES.path else [])
+                    operation["security"] = [{"bearer": []}] + (
+                        [{"x-api-key": []}] if path in (MESSAGES.path, COUNT_TOKENS.path) else []
+                    )
                 if streams:
                     responses.setdefault("200", {"description": "Successful Response"})["content"] = {
                         "application/json": {"schema": {"type": "object"}},

@@ -31,6 +31,7 @@ from shipyard.gateway.metrics import GatewayMetrics
 from shipyard.gateway.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
+    CountTokensRequest,
     DetokenizeRequest,
     EmbeddingRequest,
     MessagesRequest,
@@ -91,6 +92,7 @@ RESPONSES = ApiRoute(
     stream_end=(b"response.completed", b"response.incomplete", b"response.failed"),
 )
 MESSAGES = ApiRoute("messages", "/v1/messages", MessagesRequest, stream_end=(b"message_stop",))
+COUNT_TOKENS = ApiRoute("count_tokens", "/v1/messages/count_tokens", CountTokensRequest)
 TOKENIZE = ApiRoute("tokenize", "/tokenize", TokenizeRequest)
 DETOKENIZE = ApiRoute("detokenize", "/detokenize", DetokenizeRequest)
 EMBEDDINGS = ApiRoute("embeddings", "/v1/embeddings", EmbeddingRequest)
@@ -99,7 +101,19 @@ SCORE = ApiRoute("score", "/score", PoolingRequest)
 RERANK = ApiRoute("rerank", "/rerank", PoolingRequest)
 API_ROUTES = {
     route.name: route
-    for route in (CHAT, COMPLETIONS, RESPONSES, MESSAGES, TOKENIZE, DETOKENIZE, EMBEDDINGS, POOLING, SCORE, RERANK)
+    for route in (
+        CHAT,
+        COMPLETIONS,
+        RESPONSES,
+        MESSAGES,
+        COUNT_TOKENS,
+        TOKENIZE,
+        DETOKENIZE,
+        EMBEDDINGS,
+        POOLING,
+        SCORE,
+        RERANK,
+    )
 }
 
 RESPONSE_TTL_S = 24 * 3600.0
@@ -428,7 +442,7 @@ class Proxy:
             return content
         except httpx.HTTPError as exc:
             self._upstream_failed(replica, "read", exc)
-            raise OpenAIError(502, f"upstream failed while answering: {exc}", code="upstream_error") from None
+            raise self._upstream_error(exc, "upstream failed while answering") from None
         finally:
             await upstream.aclose()
             attempt.release()
@@ -542,7 +556,7 @@ class Proxy:
             except httpx.HTTPError as exc:
                 attempt.release()
                 self._upstream_failed(replica, "request", exc)
-                raise OpenAIError(502, f"upstream failed: {type(exc).__name__}: {exc}", code="upstream_error") from None
+                raise self._upstream_error(exc, "upstream failed") from None
             except BaseException:  # cancelled (the client went away while the engine worked): not in flight
                 attempt.release()
                 raise
@@ -635,6 +649,19 @@ class Proxy:
                 reserved.settle(prompt + output)
             elif self.limiter is not None:
                 self.limiter.record_tokens(name, prompt + output)
+
+    def _upstream_error(self, exc: httpx.HTTPError, what: str) -> OpenAIError:
+        """502 for an engine that failed; 504, naming the limit and the way out, for one still generating when
+        the gateway stopped waiting (the engine aborts the request when the gateway hangs up)."""
+        if isinstance(exc, httpx.ReadTimeout):
+            return OpenAIError(
+                504,
+                f"the engine did not finish this answer within the gateway's upstream read timeout "
+                f'({self.client.timeout.read:g} s, setting upstream_read_timeout_s): stream it ("stream": true) '
+                "or ask for fewer tokens (max_tokens)",
+                code="upstream_timeout",
+            )
+        return OpenAIError(502, f"{what}: {type(exc).__name__}: {exc}", code="upstream_error")
 
     def _upstream_failed(self, replica: Replica, kind: str, exc: Exception) -> None:
         self.metrics.upstream_errors.labels(replica.name, kind).inc()

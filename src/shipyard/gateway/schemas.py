@@ -139,6 +139,14 @@ class MessagesRequest(_ApiRequest):
         return self.max_tokens
 
 
+class CountTokensRequest(_ApiRequest):
+    """Anthropic's ``POST /v1/messages/count_tokens`` (the SDK's ``messages.count_tokens``), as vLLM serves it."""
+
+    model: str = Field(min_length=1, description=_MODEL)
+    messages: list[AnthropicMessage] = Field(min_length=1)
+    system: str | list[dict[str, Any]] | None = None
+
+
 def _exactly_one_input(schema: dict[str, Any]) -> None:
     """In the JSON schema: exactly one of ``prompt`` / ``messages``, neither of them null."""
     _no_removed_fields(schema)

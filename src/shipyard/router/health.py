@@ -30,6 +30,14 @@ async def probe(
     was_ready = replica.ready
     if await _probe(client, replica, timeout) and pool is not None:
         pool.eject(replica, replica.last_error)
+    if replica.ready and not was_ready and time.monotonic() < replica.held_out_until and pool is not None:
+        others = [r for r in pool.replicas if r is not replica and r.ready and r.models.keys() & replica.models.keys()]
+        if others:  # back too soon after an ejection: held out a while longer (unless it is all there is)
+            replica.ready = False
+            replica.last_error = (
+                f"ejected {replica.ejections} time(s) in a row: held out for "
+                f"{replica.held_out_until - time.monotonic():.1f} s more although it answers again"
+            )
     if replica.ready != was_ready:
         if replica.ready:
             log.info("replica %s is ready (%s)", replica.name, ", ".join(sorted(replica.models)))
@@ -72,9 +80,11 @@ async def _probe(client: httpx.AsyncClient, replica: Replica, timeout: float) ->
 
 
 def hung(replica: Replica, timeout: float) -> bool:
-    """A replica whose health probe timed out is *hung*, not busy, when none of its answers made progress
-    (sent a byte) within the probe's timeout either: a saturated engine answers /health late but still streams."""
-    return time.monotonic() - replica.last_byte_at > timeout
+    """A replica whose health probe timed out is *hung*, not busy, when this process is waiting on it and none
+    of its answers made progress (sent a byte) within the probe's timeout either: a saturated engine answers
+    /health late but still streams. A process with nothing in flight there has no evidence either way (an idle
+    gateway worker): its late probes count towards ``SLOW_PROBES_TO_UNREADY`` instead."""
+    return replica.in_flight > 0 and time.monotonic() - replica.last_byte_at > timeout
 
 
 def tokenizer_roots(cards: list[dict[str, Any]]) -> dict[str, str]:

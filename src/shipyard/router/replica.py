@@ -5,12 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from shipyard.router.policy import CacheAware, RouteRequest, RoutingPolicy, pick_deployment, session_draw
 
 log = logging.getLogger("shipyard.router")
+
+
+EJECTION_BASE_S = 2.0
+"""How long an ejected replica stays out after it answers its probes again; doubled at each ejection in a row
+(Envoy's outlier detection), up to ``EJECTION_MAX_S``. Not applied while no other replica of its models is
+ready (Envoy's panic threshold: a held-out replica is better than none)."""
+EJECTION_MAX_S = 60.0
 
 
 @dataclass
@@ -36,6 +44,10 @@ class Replica:
     """Why its weights are unknown: never chosen, not counted as ready, until the state clears it."""
     last_byte_at: float = 0.0
     """Monotonic time it last sent a byte of any answer (a busy engine makes progress; a hung one does not)."""
+    ejections: int = 0
+    """Times it was ejected without a quiet ``EJECTION_MAX_S`` since (each doubles the next hold-down)."""
+    held_out_until: float = 0.0
+    """Monotonic time before which a passing health probe does not put it back (Envoy's ejection time)."""
     _outage: asyncio.Future[None] | None = field(default=None, repr=False, compare=False)
 
     def outage(self) -> asyncio.Future[None]:
@@ -228,6 +240,11 @@ class ReplicaPool:
         """Out of rotation, and every request waiting on it stops waiting (Envoy's outlier ejection): those
         that got no byte yet go to another replica, streams already under way end with an error event."""
         self.mark_unready(replica, reason)
+        now = time.monotonic()
+        if now - replica.held_out_until > EJECTION_MAX_S:  # quiet for a while: start again from the base
+            replica.ejections = 0
+        replica.ejections += 1
+        replica.held_out_until = now + min(EJECTION_BASE_S * 2 ** (replica.ejections - 1), EJECTION_MAX_S)
         if replica._outage is not None and not replica._outage.done():
             replica._outage.set_result(None)
         replica._outage = None

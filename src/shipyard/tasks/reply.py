@@ -128,7 +128,7 @@ DRAFT_SCHEMA: dict[str, Any] = {
         "apology": {"type": "string", "minLength": 3, "maxLength": 320},
         "resolution_steps": {
             "type": "array",
-            "items": {"type": "string", "minLength": 3},
+            "items": {"type": "string", "minLength": 3, "maxLength": 240},
             "minItems": 1,
             "maxItems": 3,
         },
@@ -136,6 +136,27 @@ DRAFT_SCHEMA: dict[str, Any] = {
     "required": ["summary", "apology", "resolution_steps"],
     "additionalProperties": False,
 }
+
+
+def longest_draft_chars(schema: Mapping[str, Any]) -> int:
+    """Characters of the longest JSON the draft schema allows (every string and list at its maximum, no
+    whitespace): every string of it has a ``maxLength``, so the grammar closes each one in bounded time."""
+    kind = schema.get("type")
+    if kind == "object":
+        props = schema["properties"]
+        return 2 + len(props) - 1 + sum(len(json.dumps(k)) + 1 + longest_draft_chars(v) for k, v in props.items())
+    if kind == "array":
+        items = int(schema["maxItems"])
+        return 2 + max(items - 1, 0) + items * longest_draft_chars(schema["items"])
+    if "enum" in schema:
+        return max(len(json.dumps(v)) for v in schema["enum"])
+    return 2 + int(schema["maxLength"])
+
+
+DRAFT_MAX_TOKENS = longest_draft_chars(DRAFT_SCHEMA) // 2 + 64
+"""The draft's token budget, sized to its schema: the longest draft it allows at 2 characters a token (the
+tokenizers served here take 3-4 on this English text), plus room; it was 600, under which a model writing long
+fields was cut off (502) before its JSON closed."""
 
 
 def reply_body(model: str, template: ReplyTemplate, messages: Sequence[Message]) -> dict[str, Any]:
@@ -155,7 +176,7 @@ def reply_body(model: str, template: ReplyTemplate, messages: Sequence[Message])
         "temperature": 0,
         # Small models loop under greedy decoding; a mild penalty keeps the JSON strings short and varied.
         "repetition_penalty": 1.15,
-        "max_tokens": 600,
+        "max_tokens": DRAFT_MAX_TOKENS,
         "response_format": {
             "type": "json_schema",
             "json_schema": {"name": "support_reply", "schema": DRAFT_SCHEMA, "strict": True},
