@@ -63,6 +63,40 @@ def test_every_turn_of_a_conversation_has_the_key_of_its_first() -> None:
     assert prefix_key({"model": "m", "input": "an embedding"}) is None
 
 
+def test_conversations_behind_one_long_system_prompt_get_keys_of_their_own() -> None:
+    """Issue 34 item 8: the key read the first ~16K characters, so a longer shared system prompt gave every
+    conversation behind it one key, and all of them one replica."""
+    system = {"role": "system", "content": "You follow the handbook. " * 2000}  # 50,000 characters
+
+    def opening(n: int) -> dict[str, Any]:
+        return {"model": "m", "messages": [system, {"role": "user", "content": f"customer {n} asks"}]}
+
+    keys = {prefix_key(opening(n)) for n in range(50)}
+    assert len(keys) == 50
+    later = {"model": "m", "messages": [*opening(3)["messages"], {"role": "assistant", "content": "a"}]}
+    later["messages"].append({"role": "user", "content": "and then?"})
+    assert prefix_key(later) == prefix_key(opening(3))  # a conversation still keeps its key
+    spread = Counter(CacheAware().pick([Engine("a"), Engine("b")], RouteRequest(k))[0].name for k in keys)  # type: ignore[union-attr]
+    assert min(spread.values()) >= 15, spread
+
+
+def test_the_overload_guard_counts_what_the_other_gateways_send_to_a_replica() -> None:
+    """Issue 34 item 8: the guard compared this process's own counts only, so N gateway processes could each put
+    64 more on the preferred replica; the load the others report counts too."""
+
+    @dataclass
+    class Shared(Engine):
+        elsewhere_in_flight: int = 0
+
+    policy = CacheAware(balance_abs=4, balance_rel=1.5)
+    engines = [Shared("a"), Shared("b")]
+    key = next(f"c{i}" for i in range(100) if policy.pick(engines, RouteRequest(f"c{i}"))[0].name == "a")  # type: ignore[union-attr]
+    engines[0].in_flight, engines[1].in_flight = 2, 1  # here: barely busier
+    assert policy.pick(engines, RouteRequest(key)) == (engines[0], "prefix")
+    engines[0].elsewhere_in_flight = 30  # the other gateways keep it full
+    assert policy.pick(engines, RouteRequest(key)) == (engines[1], "overloaded")
+
+
 def test_cache_aware_sends_a_key_to_one_replica_whatever_the_order_and_spreads_keys() -> None:
     policy = CacheAware()
     engines = [Engine("blue-v1"), Engine("blue-v1-2"), Engine("blue-v1-3")]

@@ -100,3 +100,30 @@ def test_a_gateway_without_the_rollout_lease_never_puts_the_owners_rollout_back_
         await other.stop()
 
     asyncio.run(body())
+
+
+def test_each_replica_carries_the_load_the_other_gateways_report_on_it() -> None:
+    """Issue 34 item 8: the routing guard sees a replica's whole load, not this process's share of it."""
+
+    async def body() -> None:
+        store = MemoryStateStore()
+        a = ReplicaRecord("a", "http://a.test")
+        await store.save(DeploymentState().evolve(by="seed", replicas=[a], weights={"blue": 1.0}))
+        control = ControlPlane(
+            ReplicaPool([]),
+            httpx.AsyncClient(transport=httpx.MockTransport(engines)),
+            store,
+            FakeLauncher(),
+            audit=AuditLog(None),
+            config=ControlConfig(watch_interval_s=0.02),
+        )
+        await control.start()
+        await store.report_load(LoadReport("other-gateway", 1, {"replica:a": 5, "model:m": 5}, 0.0), ttl_s=60)
+        for _ in range(100):
+            if control.pool.replicas[0].elsewhere_in_flight == 5:
+                break
+            await asyncio.sleep(0.02)
+        assert control.pool.replicas[0].elsewhere_in_flight == 5
+        await control.stop()
+
+    asyncio.run(body())

@@ -251,6 +251,7 @@ class ControlPlane:
                     LoadReport(self.gateway_id, self._state.revision, self._local_load(), self.clock()),
                     ttl_s=max(self.config.watch_interval_s * 10, 2.0),
                 )
+                self._see_load_elsewhere(await self.store.load_reports())
                 rollout = self.current
                 if self.config.follower:
                     pass  # the primary process runs every rollout; a follower never holds the lease
@@ -333,6 +334,17 @@ class ControlPlane:
         load = {f"replica:{r.name}": r.in_flight for r in self.pool.replicas if r.in_flight}
         load.update({f"model:{m}": n for m, n in self.pool.model_load().items() if n})
         return load
+
+    def _see_load_elsewhere(self, reports: list[LoadReport]) -> None:
+        """Each replica's requests in flight at the other gateways, for the routing guard."""
+        elsewhere: dict[str, int] = {}
+        for report in reports:
+            if report.gateway != self.gateway_id:
+                for key, n in report.in_flight.items():
+                    if key.startswith("replica:"):
+                        elsewhere[key[8:]] = elsewhere.get(key[8:], 0) + max(int(n), 0)
+        for replica in self.pool.replicas:
+            replica.elsewhere_in_flight = elsewhere.get(replica.name, 0)
 
     async def in_flight(self, replicas: set[str] = frozenset(), model: str | None = None) -> int:  # type: ignore[assignment]
         """Requests in flight on this gateway and on every other one that reported recently."""

@@ -32,12 +32,19 @@ R = TypeVar("R", bound=Routable)
 
 
 def pick_least_in_flight(replicas: Sequence[R]) -> R | None:
-    """The ready replica with the fewest requests in flight; ties go to the earliest in the list."""
+    """The ready replica with the fewest requests in flight (:func:`load_of`); ties go to the earliest."""
     best: R | None = None
     for replica in replicas:
-        if replica.ready and (best is None or replica.in_flight < best.in_flight):
+        if replica.ready and (best is None or load_of(replica) < load_of(best)):
             best = replica
     return best
+
+
+def load_of(replica: Routable) -> int:
+    """Requests in flight on a replica: this process's, plus what the other gateways and gateway processes last
+    reported on it (``elsewhere_in_flight``, where the replica carries it): a guard that sees only its own
+    process's share lets every process pile onto one replica."""
+    return replica.in_flight + int(getattr(replica, "elsewhere_in_flight", 0))
 
 
 def session_draw(session_key: str) -> float:
@@ -158,12 +165,13 @@ class CacheAware(RoutingPolicy):
         if not ready or key is None:
             return pick_least_in_flight(ready), "least_busy" if ready else "none"
         preferred = max(ready, key=lambda r: rendezvous_score(key, r.name))
-        idlest = min(r.in_flight for r in ready)
+        idlest = min(load_of(r) for r in ready)
+        busy = load_of(preferred)
         if request.opening:
-            if self.opening_slack < 0 or preferred.in_flight - idlest > self.opening_slack * idlest:
+            if self.opening_slack < 0 or busy - idlest > self.opening_slack * idlest:
                 return pick_least_in_flight(ready), "least_busy"
             return preferred, "opening"
-        if preferred.in_flight - idlest > self.balance_abs and preferred.in_flight > self.balance_rel * idlest:
+        if busy - idlest > self.balance_abs and busy > self.balance_rel * idlest:
             return pick_least_in_flight(ready), "overloaded"
         return preferred, "prefix"
 
@@ -234,8 +242,10 @@ def _prefix_key(body: Mapping[str, Any], messages: list[Any] | None) -> str | No
             head.append(message)
             if isinstance(message, Mapping) and message.get("role") == "user":
                 break
+        # the whole head, however long: a system prompt longer than any cut would give every conversation
+        # behind it one key (and one replica)
         text = json.dumps([body.get("model"), head], sort_keys=True, default=str)
-        return hashlib.blake2b(text[: PREFIX_CHARS * 4].encode(), digest_size=16).hexdigest()
+        return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
     prompt = body.get("prompt")
     if isinstance(prompt, str) and prompt:
         return hashlib.blake2b(f"{body.get('model')}\x00{prompt[:PREFIX_CHARS]}".encode(), digest_size=16).hexdigest()

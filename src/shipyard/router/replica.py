@@ -44,6 +44,9 @@ class Replica:
     """Why its weights are unknown: never chosen, not counted as ready, until the state clears it."""
     last_byte_at: float = 0.0
     """Monotonic time it last sent a byte of any answer (a busy engine makes progress; a hung one does not)."""
+    elsewhere_in_flight: int = 0
+    """Requests in flight on it that the other gateways (and gateway processes) last reported (the routing
+    guard's view of its whole load; refreshed by the control plane every ``watch_interval_s``)."""
     ejections: int = 0
     """Times it was ejected without a quiet ``EJECTION_MAX_S`` since (each doubles the next hold-down)."""
     held_out_until: float = 0.0
