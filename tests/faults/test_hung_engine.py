@@ -214,3 +214,29 @@ def test_an_engine_hung_longer_than_hung_restart_s_is_restarted_by_the_superviso
         )
         assert wait_for(lambda: ready_replicas(url) == {"fake-0"}, timeout=10)
         assert ask(url, stream=False)[0] == "ok"
+
+
+def test_a_stream_stalled_by_an_in_place_pause_is_not_judged_hung_and_finishes() -> None:
+    """Issue 34 item 13: a stream that reached the engine just before an in-place update paused it stalls
+    through the reload while /health answers late; it was judged hung and ended with an error event (one failed
+    stream in 22 updates under 8 streams). While shipyard itself holds the replica, silence is not a hang."""
+    import asyncio
+
+    engine = FakeOpenAI("fake-model", token_rate=20.0, default_tokens=40)
+    with ServerThread(engine) as upstream:
+        replica = Replica(upstream.url, name="fake-0", deployment="blue", version="v1")
+        app = create_app(load_settings(api_keys=KEY), [replica])
+        with ServerThread(app) as served:
+            assert wait_for(lambda: ready_replicas(served.url) == {"fake-0"}, timeout=10)
+            chunks = client(served.url).chat.completions.create(
+                model="fake-model", messages=[{"role": "user", "content": "hi"}], stream=True
+            )
+            seen, finish = 0, None
+            for chunk in chunks:
+                seen, finish = seen + 1, chunk.choices[0].finish_reason if chunk.choices else finish
+                if seen == 3:  # the update holds the replica and pauses the engine for longer than a probe waits
+                    replica.hold = asyncio.Event()
+                    engine.fault = Fault.HANG
+                    threading.Timer(OUT_OF_ROTATION_S + 1, lambda: setattr(engine, "fault", Fault.NONE)).start()
+            assert seen >= 40 and finish == "length"
+            replica.hold = None

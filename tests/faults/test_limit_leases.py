@@ -29,6 +29,7 @@ from shipyard.gateway.counters import LEASE_TTL_S, RedisCounters
 from shipyard.gateway.limits import KeyLimiter, LimitExceeded, LimitsUnavailable
 from shipyard.settings import KeyLimits
 from shipyard.testing.services import RedisServer
+from tests.faults.report import record
 from tests.services import start_redis
 
 TWO = KeyLimits(concurrent=2)
@@ -72,6 +73,11 @@ def test_slots_ended_during_a_redis_stall_come_back_within_10s_at_every_gateway(
         waited = await _seconds_until_admitted(second, ended)
         assert waited < 10, f"the slots came back {waited:.1f} s after their requests ended"
         assert not first.running, "a released lease is still renewed"
+        record(
+            "Redis stalled 3 s (CLIENT PAUSE) while a `concurrent: 2` key's two requests end (releases lost)",
+            "both slots free again at every gateway within 10 s",
+            slots_free_after_s=round(waited, 2),
+        )
 
     asyncio.run(body())
 
@@ -110,6 +116,12 @@ def test_a_killed_gateways_slots_come_back_within_10s_and_a_running_request_keep
             killed = time.monotonic()
             waited = await _seconds_until_admitted(other, killed)
             assert waited < 10, f"the killed gateway's slots came back after {waited:.1f} s"
+            record(
+                "a gateway SIGKILLed with a `concurrent: 2` key's two requests in flight",
+                "its slots free again at the other gateways within 10 s; running requests keep theirs past the TTL",
+                held_past_ttl_s=LEASE_TTL_S + 2,
+                slots_free_after_kill_s=round(waited, 2),
+            )
 
         asyncio.run(body())
     finally:

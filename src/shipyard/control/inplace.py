@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import os
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -160,13 +161,15 @@ class InPlace(RolloutStrategy):
         if record is None or replica is None:
             raise RuntimeError(f"replica {name} left the deployment during the update")
         known_good = (folder, version) if reverting else (_served_folder(record), record.version)
+        # what needs only the old weights is read before the hold: users wait for the reload and its checks
+        before = await self._before(d, rollout, replica, folder, known_good[0])
         held_at = d.monotonic()
         await d.commit(replicas=d.state.with_replica(dataclasses.replace(record, held=True)))
         try:
             await d.settle()
             if not await wait_idle(d, rollout, replicas={name}):
                 rollout.facts["drain_timed_out"] = True  # vLLM's pause?mode=wait still lets them finish
-            steps, fingerprint = await self._swap(d, rollout, replica, folder, gate, known_good[0])
+            steps, fingerprint = await self._swap(d, rollout, replica, folder, gate, before)
         except asyncio.CancelledError:
             raise
         except Exception as failure:
@@ -187,6 +190,21 @@ class InPlace(RolloutStrategy):
         rollout.facts.setdefault("steps_s", {})[name] = steps
         d.paused(paused, rollout.plan.strategy.value)
 
+    async def _before(
+        self, d: Deployer, rollout: Rollout, replica: Replica, folder: str, previous: str | None
+    ) -> _Before:
+        """What a swap to ``folder`` checks against, read while the replica still serves ``previous``: the new
+        checkpoint's digest and, when the checkpoints differ, the engine's fingerprint on the old weights."""
+        digest = await asyncio.to_thread(checkpoint_digest, folder)
+        before = _Before(digest)
+        if previous is not None and previous != folder:
+            previous_digest = await asyncio.to_thread(checkpoint_digest, previous)
+            if previous_digest != digest:
+                before.fingerprint = await take_fingerprint(d.client, replica.url, self.model(d, rollout))
+                if before.fingerprint is not None and previous_digest not in d.state.fingerprints:
+                    before.seen[previous_digest] = before.fingerprint.to_record()
+        return before
+
     async def _swap(
         self,
         d: Deployer,
@@ -194,20 +212,15 @@ class InPlace(RolloutStrategy):
         replica: Replica,
         folder: str,
         gate: Gate | None,
-        previous: str | None = None,
+        before: _Before | None = None,
     ) -> tuple[dict[str, float], dict[str, Any]]:
         """Reload ``folder``, prove the engine now serves it (it answers; its fingerprint matches the one recorded
-        for that checkpoint, and differs from before when the checkpoints differ), run the gate; the step times
-        and the fingerprint to record."""
+        for that checkpoint, and differs from ``before`` when the checkpoints differ), run the gate; the step
+        times and the fingerprints to record."""
         model = self.model(d, rollout)
-        digest = await asyncio.to_thread(checkpoint_digest, folder)
-        before, seen = None, {}
-        if previous is not None and previous != folder:
-            previous_digest = await asyncio.to_thread(checkpoint_digest, previous)
-            if previous_digest != digest:
-                before = await take_fingerprint(d.client, replica.url, model)
-                if before is not None and previous_digest not in d.state.fingerprints:
-                    seen[previous_digest] = before.to_record()
+        if before is None:
+            before = await self._before(d, rollout, replica, folder, None)
+        digest, seen = before.digest, dict(before.seen)
         steps = await reload_weights(d.client, replica.url, folder, d.reload_timeout_s)
         await d.warm([replica], model, light=True)
         after = await take_fingerprint(d.client, replica.url, model)
@@ -217,7 +230,7 @@ class InPlace(RolloutStrategy):
                 f"after reloading {folder}, {replica.name} answers the probe prompts unlike when it last served that "
                 f"checkpoint ({after.texts!r} vs {recorded.texts!r}): its weights are not the ones given"
             )
-        if after is not None and before is not None and after.identical_to(before):
+        if after is not None and before.fingerprint is not None and after.identical_to(before.fingerprint):
             raise WeightsMismatch(
                 f"after reloading {folder}, {replica.name} answers exactly as before although the checkpoints differ: "
                 "the reload kept the old weights (vLLM #32718, #48312)"
@@ -248,6 +261,13 @@ class InPlace(RolloutStrategy):
         if handle is not None:
             handle.serve_from(folder)
             d.supervisor.restart_now(name, f"weights unknown after a failed in-place update: {why}")
+
+
+@dataclass
+class _Before:
+    digest: str
+    fingerprint: Fingerprint | None = None
+    seen: dict[str, Any] = field(default_factory=dict)
 
 
 def _serving(record: ReplicaRecord, folder: str, version: str) -> ReplicaRecord:

@@ -83,7 +83,11 @@ def hung(replica: Replica, timeout: float) -> bool:
     """A replica whose health probe timed out is *hung*, not busy, when this process is waiting on it and none
     of its answers made progress (sent a byte) within the probe's timeout either: a saturated engine answers
     /health late but still streams. A process with nothing in flight there has no evidence either way (an idle
-    gateway worker): its late probes count towards ``SLOW_PROBES_TO_UNREADY`` instead."""
+    gateway worker): its late probes count towards ``SLOW_PROBES_TO_UNREADY`` instead. A held replica is being
+    paused and reloaded by shipyard: a stream that slipped in before the hold stalls through the reload, and
+    cutting it would fail a request the update promised to finish."""
+    if replica.hold is not None:  # paused by shipyard itself (an in-place reload): silent, not hung
+        return False
     return replica.in_flight > 0 and time.monotonic() - replica.last_byte_at > timeout
 
 
