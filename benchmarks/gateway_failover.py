@@ -31,8 +31,8 @@ import httpx
 
 from shipyard.bench.rollout_load import StreamingClients
 from shipyard.engine import free_port
+from shipyard.engine.process import wait_until_ready
 from shipyard.ops import NginxConfig, render_nginx
-from shipyard.testing.process import wait_until_ready
 from shipyard.testing.services import Nginx, RedisServer
 
 API_KEY, ADMIN_KEY = "sk-failover-user", "sk-failover-admin"

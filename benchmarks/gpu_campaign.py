@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from shipyard.engine import EngineProcess, EngineSpec  # noqa: E402
-from shipyard.testing.process import wait_until_ready  # noqa: E402
+from shipyard.engine.process import wait_until_ready  # noqa: E402
 
 MODEL = Path("/root/qwen2.5-7b")
 KEY, ADMIN = "sk-campaign", "sk-campaign-admin"

@@ -32,10 +32,10 @@ from typing import Any
 import httpx
 
 from shipyard.engine import EngineProcess, EngineSpec, free_port
+from shipyard.engine.process import wait_until_ready
 from shipyard.prepare.default_model import DEFAULT_MODEL_NAME, pull_default
 from shipyard.stats import summarize
 from shipyard.tasks.datasets import IntentExample, load_jsonl
-from shipyard.testing.process import wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-intent-decode"

@@ -24,10 +24,10 @@ import httpx
 import uvicorn
 
 from shipyard.engine import free_port
+from shipyard.engine.process import wait_until_ready
 from shipyard.prepare.default_model import pull_default
 from shipyard.tasks.vocab import Vocabulary
 from shipyard.testing import FakeOpenAI
-from shipyard.testing.process import wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-gateway-cpu"

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shipyard.testing.process import wait_until_ready
+from shipyard.engine.process import wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-prepare"

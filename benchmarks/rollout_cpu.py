@@ -27,9 +27,9 @@ import psutil
 
 from shipyard.bench import rollout_scenarios as scenarios
 from shipyard.engine import free_port
+from shipyard.engine.process import wait_until_ready
 from shipyard.prepare.default_model import DEFAULT_MODEL_NAME, pull_default
 from shipyard.testing.lora import write_random_adapter
-from shipyard.testing.process import wait_until_ready
 
 API_KEY, ADMIN_KEY = "sk-rollout-user", "sk-rollout-admin"
 

@@ -39,7 +39,7 @@ import httpx
 
 from shipyard.engine import free_port
 from shipyard.engine.placement import gpus
-from shipyard.testing.process import wait_until_ready
+from shipyard.engine.process import wait_until_ready
 
 USER, ADMIN, ENGINE_KEY = "sk-route-user", "sk-route-admin", "sk-engine-route"
 OPENING_LEAST_BUSY = "+first-least-busy"

@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 
 from shipyard.engine import free_port
-from shipyard.testing.process import wait_until_ready
+from shipyard.engine.process import wait_until_ready
 from shipyard.testing.services import RedisServer
 
 KEY = "sk-limited"

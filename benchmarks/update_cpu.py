@@ -37,10 +37,10 @@ import psutil
 
 from shipyard.bench.rollout_load import StreamingClients
 from shipyard.engine import free_port
+from shipyard.engine.process import wait_until_ready
 from shipyard.prepare.default_model import DEFAULT_MODEL_NAME, pull_default
 from shipyard.stack import shipyard_engines
 from shipyard.testing.lora import write_random_adapter
-from shipyard.testing.process import wait_until_ready
 
 API_KEY, ADMIN_KEY = "sk-update-user", "sk-update-admin"
 PROMPTS = [

@@ -15,10 +15,10 @@ import httpx
 import pytest
 
 from shipyard.engine import free_port
+from shipyard.engine.process import wait_until_ready
 from shipyard.gateway.counters import MemoryCounters, RedisCounters, SqliteCounters
 from shipyard.gateway.limits import KeyLimiter, LimitExceeded, LimitsUnavailable
 from shipyard.settings import KeyLimits
-from shipyard.testing.process import wait_until_ready
 from tests.services import start_redis, tool
 
 FAKE = [sys.executable, "-m", "shipyard.testing.fake_openai", "--token-rate", "2000"]

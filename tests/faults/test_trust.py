@@ -151,14 +151,14 @@ def test_previous_response_id_is_shared_by_gateways_and_belongs_to_the_key_that_
     settings = load_settings(api_keys="alice:sk-alice,bob:sk-bob", health_interval_s=60)
     with ServerThread(fakes[0]) as one, ServerThread(fakes[1]) as two:
 
-        def gateway() -> ServerThread:
-            replicas = [Replica(one.url, name="r1"), Replica(two.url, name="r2")]
+        def gateway(replicas: list[Replica]) -> ServerThread:
             store = RedisStateStore(redis_server.url, prefix=prefix)
             from shipyard.gateway import create_app
 
             return ServerThread(create_app(settings, replicas, store=store))
 
-        with gateway() as first, gateway() as second:
+        seconds = [Replica(one.url, name="r1"), Replica(two.url, name="r2")]
+        with gateway([Replica(one.url, name="r1"), Replica(two.url, name="r2")]) as first, gateway(seconds) as second:
             for gw in (first, second):
                 assert wait_for(lambda gw=gw: httpx.get(f"{gw.url}/ready").json()["status"] == "ready", timeout=10)
             alice, bob = {"Authorization": "Bearer sk-alice"}, {"Authorization": "Bearer sk-bob"}
@@ -170,3 +170,8 @@ def test_previous_response_id_is_shared_by_gateways_and_belongs_to_the_key_that_
             assert len(fakes[maker].requests) == 5 and not fakes[1 - maker].requests
             foreign = httpx.post(f"{second.url}/v1/responses", json=body, headers=bob)
             assert foreign.status_code == 404 and foreign.json()["error"]["code"] == "previous_response_not_found"
+            # issue 34 (low): its replica quarantined (weights unknown) — refused, never sent there
+            seconds[maker].quarantined = "weights unknown after a failed in-place update"
+            held = httpx.post(f"{second.url}/v1/responses", json=body, headers=alice)
+            assert held.status_code == 400 and "not serving now" in held.json()["error"]["message"]
+            assert len(fakes[maker].requests) == 5

@@ -385,7 +385,7 @@ class Proxy:
                 param="previous_response_id",
                 code="previous_response_not_found",
             )
-        if not any(r.name == name and r.ready for r in self.pool.replicas):
+        if not any(r.name == name and r.ready and not r.quarantined for r in self.pool.replicas):
             raise OpenAIError(
                 400,
                 f"previous_response_id '{response_id}' was answered by replica '{name}', which is not serving now; "
@@ -564,7 +564,8 @@ class Proxy:
     def _pick(self, attempt: Attempt) -> Replica:
         if attempt.pinned is not None:
             for replica in self.pool.replicas:
-                if replica.name == attempt.pinned and replica.ready and replica.name not in attempt.tried:
+                pinned = replica.name == attempt.pinned and replica.name not in attempt.tried
+                if pinned and replica.ready and not replica.quarantined:
                     return replica
             raise NoReplicaError(attempt.model)
         replica, reason = self.pool.route(attempt.model, frozenset(attempt.tried), attempt.routing)

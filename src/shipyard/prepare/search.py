@@ -134,7 +134,7 @@ class Served:
         )
 
     def __enter__(self) -> Served:
-        from shipyard.testing.process import wait_until_ready
+        from shipyard.engine.process import wait_until_ready
 
         try:
             wait_until_ready(self.proc, self.url, 900, str(Path(self.log.name)), poll_s=0.5)
