@@ -42,6 +42,10 @@ class _ApiRequest(_Passthrough):
         """How many sequences it generates (each up to ``output_limit`` tokens)."""
         return 1
 
+    def output_limit(self) -> int | None:
+        """Most tokens one sequence may generate (None: nothing generated, or no limit asked for)."""
+        return None
+
 
 def _integral(value: Any) -> Any:
     """JSON Schema counts 1.0 as an integer (and so do vLLM and the OpenAI API): take it as 1."""
@@ -146,6 +150,9 @@ class CountTokensRequest(_ApiRequest):
     messages: list[AnthropicMessage] = Field(min_length=1)
     system: str | list[dict[str, Any]] | None = None
 
+    def sequences(self) -> int:
+        return 0  # nothing is generated: only the input counts (its estimate) against tpm
+
 
 def _exactly_one_input(schema: dict[str, Any]) -> None:
     """In the JSON schema: exactly one of ``prompt`` / ``messages``, neither of them null."""
@@ -174,17 +181,11 @@ class TokenizeRequest(_ApiRequest):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
         return self
 
-    def output_limit(self) -> int | None:
-        return None
-
 
 class PoolingRequest(_ApiRequest):
     """vLLM's pooling routes (``/pooling``, ``/score``, ``/rerank``): forwarded as they are, to the model named."""
 
     model: str = Field(min_length=1, description=_MODEL)
-
-    def output_limit(self) -> int | None:
-        return None
 
     def sequences(self) -> int:
         return 0  # nothing is generated: only the inputs count (their estimate) against tpm
@@ -205,9 +206,6 @@ class DetokenizeRequest(_ApiRequest):
 
     model: str | None = Field(default=None, min_length=1, description=_MODEL + " Default: the only one served.")
     tokens: list[Annotated[int, Field(ge=0, lt=2**31), BeforeValidator(_integral)]] = Field(max_length=1_000_000)
-
-    def output_limit(self) -> int | None:
-        return None
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
