@@ -23,14 +23,14 @@ from shipyard.router.replica import ReplicaPool
 from tests.test_control import FakeLauncher, engines
 
 
-def _plane(store: MemoryStateStore, **config: object) -> ControlPlane:
+def _plane(store: MemoryStateStore, watch_interval_s: float = 60, **config: object) -> ControlPlane:
     return ControlPlane(
         ReplicaPool([]),
         httpx.AsyncClient(transport=httpx.MockTransport(engines)),
         store,
         FakeLauncher(),
         audit=AuditLog(None),
-        config=ControlConfig(watch_interval_s=60, **config),  # type: ignore[arg-type]
+        config=ControlConfig(watch_interval_s=watch_interval_s, **config),  # type: ignore[arg-type]
     )
 
 
@@ -109,14 +109,7 @@ def test_each_replica_carries_the_load_the_other_gateways_report_on_it() -> None
         store = MemoryStateStore()
         a = ReplicaRecord("a", "http://a.test")
         await store.save(DeploymentState().evolve(by="seed", replicas=[a], weights={"blue": 1.0}))
-        control = ControlPlane(
-            ReplicaPool([]),
-            httpx.AsyncClient(transport=httpx.MockTransport(engines)),
-            store,
-            FakeLauncher(),
-            audit=AuditLog(None),
-            config=ControlConfig(watch_interval_s=0.02),
-        )
+        control = _plane(store, watch_interval_s=0.02)
         await control.start()
         await store.report_load(LoadReport("other-gateway", 1, {"replica:a": 5, "model:m": 5}, 0.0), ttl_s=60)
         for _ in range(100):
