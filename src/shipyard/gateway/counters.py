@@ -35,10 +35,10 @@ from shipyard.control.store import redis_client
 from shipyard.settings import KeyLimits
 
 WINDOW_S = 60.0
-LEASE_TTL_S = 8.0
+LEASE_TTL_S = 6.0
 """How long a request's in-flight entry in shared counters lives unless its gateway renews it: a slot whose
 release was lost (the counters stalled) or whose gateway died comes back within this long."""
-RENEW_EVERY_S = 2.0
+RENEW_EVERY_S = 1.5
 """How often a gateway renews the in-flight entries of its requests that are still running (a renewal lost to a
 stall of up to ``LEASE_TTL_S - 2 * RENEW_EVERY_S`` leaves the request counted)."""
 

@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shipyard.gateway.auth import KeyChecker
 from shipyard.gateway.counters import (
+    LEASE_TTL_S,
     RENEW_EVERY_S,
     WINDOW_S,
     Decision,
@@ -275,8 +276,23 @@ class KeyLimiter:
         """A reservation's real usage, or the end of a request in flight (sent without waiting)."""
         if isinstance(counters, MemoryCounters):
             counters.apply(name, id, tokens=tokens, release=release)
+        elif release:
+            self._later(self._release(counters, name, id, tokens))
         else:
-            self._later(counters.update(name, id, tokens=tokens, release=release))
+            self._later(counters.update(name, id, tokens=tokens))
+
+    async def _release(self, counters: LimitCounters, name: str, id: str, tokens: int | None) -> None:
+        """End a request's in-flight entry, again every ``RENEW_EVERY_S`` while the counters do not answer (its
+        entry would expire by itself ``LEASE_TTL_S`` after its last renewal: no use trying past that)."""
+        give_up = time.monotonic() + LEASE_TTL_S
+        while True:
+            try:
+                await counters.update(name, id, tokens=tokens, release=True)
+                return
+            except Exception:
+                if time.monotonic() + RENEW_EVERY_S > give_up:
+                    raise
+            await asyncio.sleep(RENEW_EVERY_S)
 
     def _later(self, work: Coroutine[Any, Any, None]) -> None:
         try:
