@@ -163,13 +163,17 @@ class InPlace(RolloutStrategy):
         known_good = (folder, version) if reverting else (_served_folder(record), record.version)
         # what needs only the old weights is read before the hold: users wait for the reload and its checks
         before = await self._before(d, rollout, replica, folder, known_good[0])
-        held_at = d.monotonic()
+        held_at, hold = d.monotonic(), _Stopwatch()
         await d.commit(replicas=d.state.with_replica(dataclasses.replace(record, held=True)))
+        parts = {"hold_saved_s": hold.lap()}  # what the hold is made of, for the rollout's facts
         try:
             await d.settle()
+            parts["every_gateway_holds_s"] = hold.lap()
             if not await wait_idle(d, rollout, replicas={name}):
                 rollout.facts["drain_timed_out"] = True  # vLLM's pause?mode=wait still lets them finish
+            parts["requests_in_flight_finish_s"] = hold.lap()
             steps, fingerprint = await self._swap(d, rollout, replica, folder, gate, before)
+            parts["reload_and_checks_s"] = hold.lap()
         except asyncio.CancelledError:
             raise
         except Exception as failure:
@@ -185,9 +189,11 @@ class InPlace(RolloutStrategy):
         handle = d.supervisor.handles.get(name)
         if handle is not None:
             handle.serve_from(folder)
+        parts["release_saved_s"] = hold.lap()
         paused = round(d.monotonic() - held_at, 4)
         rollout.facts.setdefault("pause_s", {})[name] = paused
         rollout.facts.setdefault("steps_s", {})[name] = steps
+        rollout.facts.setdefault("hold_s", {})[name] = parts
         d.paused(paused, rollout.plan.strategy.value)
 
     async def _before(
@@ -222,8 +228,11 @@ class InPlace(RolloutStrategy):
             before = await self._before(d, rollout, replica, folder, None)
         digest, seen = before.digest, dict(before.seen)
         steps = await reload_weights(d.client, replica.url, folder, d.reload_timeout_s)
+        checks = _Stopwatch()
         await d.warm([replica], model, light=True)
+        steps["warm_s"] = checks.lap()
         after = await take_fingerprint(d.client, replica.url, model)
+        steps["fingerprint_s"] = checks.lap()
         recorded = Fingerprint.from_record(d.state.fingerprints.get(digest))
         if after is not None and recorded is not None and not after.answers_like(recorded):
             raise WeightsMismatch(
