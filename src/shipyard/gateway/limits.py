@@ -217,8 +217,9 @@ class KeyLimiter:
         lease = Lease(self, name, id, counters, headers=headers)
         if counters is not self.local:
             self.running[id] = lease
-            if self._renewing is None or self._renewing.done():
-                self._renewing = asyncio.get_running_loop().create_task(self._renew())
+            loop = asyncio.get_running_loop()
+            if self._renewing is None or self._renewing.done() or self._renewing.get_loop() is not loop:
+                self._renewing = loop.create_task(self._renew())
         return lease
 
     async def _renew(self) -> None:
