@@ -14,7 +14,7 @@ import asyncio
 import dataclasses
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -161,8 +161,7 @@ class InPlace(RolloutStrategy):
         if record is None or replica is None:
             raise RuntimeError(f"replica {name} left the deployment during the update")
         known_good = (folder, version) if reverting else (_served_folder(record), record.version)
-        # what needs only the old weights is read before the hold: users wait for the reload and its checks
-        before = await self._before(d, rollout, replica, folder, known_good[0])
+        before = await self._before(folder, known_good[0])  # files only: read before users are held
         held_at, hold = d.monotonic(), _Stopwatch()
         await d.commit(replicas=d.state.with_replica(dataclasses.replace(record, held=True)))
         parts = {"hold_saved_s": hold.lap()}  # what the hold is made of, for the rollout's facts
@@ -196,20 +195,16 @@ class InPlace(RolloutStrategy):
         rollout.facts.setdefault("hold_s", {})[name] = parts
         d.paused(paused, rollout.plan.strategy.value)
 
-    async def _before(
-        self, d: Deployer, rollout: Rollout, replica: Replica, folder: str, previous: str | None
-    ) -> _Before:
-        """What a swap to ``folder`` checks against, read while the replica still serves ``previous``: the new
-        checkpoint's digest and, when the checkpoints differ, the engine's fingerprint on the old weights."""
+    async def _before(self, folder: str, previous: str | None) -> _Before:
+        """The digests of the new checkpoint and of ``previous`` (files only: read before the hold). The engine's
+        fingerprint on the old weights is taken inside the hold, once the replica is idle: batch composition moves
+        log-probabilities, and a loaded "before" next to an idle "after" would hide a reload that kept the old
+        weights."""
         digest = await asyncio.to_thread(checkpoint_digest, folder)
-        before = _Before(digest)
+        previous_digest = None
         if previous is not None and previous != folder:
             previous_digest = await asyncio.to_thread(checkpoint_digest, previous)
-            if previous_digest != digest:
-                before.fingerprint = await take_fingerprint(d.client, replica.url, self.model(d, rollout))
-                if before.fingerprint is not None and previous_digest not in d.state.fingerprints:
-                    before.seen[previous_digest] = before.fingerprint.to_record()
-        return before
+        return _Before(digest, previous_digest if previous_digest != digest else None)
 
     async def _swap(
         self,
@@ -225,8 +220,12 @@ class InPlace(RolloutStrategy):
         times and the fingerprints to record."""
         model = self.model(d, rollout)
         if before is None:
-            before = await self._before(d, rollout, replica, folder, None)
-        digest, seen = before.digest, dict(before.seen)
+            before = await self._before(folder, None)
+        digest, seen, old = before.digest, {}, None
+        if before.previous_digest is not None:
+            old = await take_fingerprint(d.client, replica.url, model)
+            if old is not None and before.previous_digest not in d.state.fingerprints:
+                seen[before.previous_digest] = old.to_record()
         steps = await reload_weights(d.client, replica.url, folder, d.reload_timeout_s)
         checks = _Stopwatch()
         await d.warm([replica], model, light=True)
@@ -239,7 +238,7 @@ class InPlace(RolloutStrategy):
                 f"after reloading {folder}, {replica.name} answers the probe prompts unlike when it last served that "
                 f"checkpoint ({after.texts!r} vs {recorded.texts!r}): its weights are not the ones given"
             )
-        if after is not None and before.fingerprint is not None and after.identical_to(before.fingerprint):
+        if after is not None and old is not None and after.identical_to(old):
             raise WeightsMismatch(
                 f"after reloading {folder}, {replica.name} answers exactly as before although the checkpoints differ: "
                 "the reload kept the old weights (vLLM #32718, #48312)"
@@ -272,11 +271,11 @@ class InPlace(RolloutStrategy):
             d.supervisor.restart_now(name, f"weights unknown after a failed in-place update: {why}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Before:
     digest: str
-    fingerprint: Fingerprint | None = None
-    seen: dict[str, Any] = field(default_factory=dict)
+    previous_digest: str | None = None
+    """The checkpoint served before, when it differs from the new one (then the fingerprints must differ)."""
 
 
 def _serving(record: ReplicaRecord, folder: str, version: str) -> ReplicaRecord:
