@@ -335,16 +335,20 @@ class ControlPlane:
         load.update({f"model:{m}": n for m, n in self.pool.model_load().items() if n})
         return load
 
-    def _see_load_elsewhere(self, reports: list[LoadReport]) -> None:
-        """Each replica's requests in flight at the other gateways, for the routing guard."""
-        elsewhere: dict[str, int] = {}
+    def _others_load(self, reports: list[LoadReport]) -> dict[str, int]:
+        """What the other gateways reported in flight, summed by key (``replica:NAME``, ``model:NAME``)."""
+        load: dict[str, int] = {}
         for report in reports:
             if report.gateway != self.gateway_id:
                 for key, n in report.in_flight.items():
-                    if key.startswith("replica:"):
-                        elsewhere[key[8:]] = elsewhere.get(key[8:], 0) + max(int(n), 0)
+                    load[key] = load.get(key, 0) + max(int(n), 0)
+        return load
+
+    def _see_load_elsewhere(self, reports: list[LoadReport]) -> None:
+        """Each replica's requests in flight at the other gateways, for the routing guard."""
+        elsewhere = self._others_load(reports)
         for replica in self.pool.replicas:
-            replica.elsewhere_in_flight = elsewhere.get(replica.name, 0)
+            replica.elsewhere_in_flight = elsewhere.get(f"replica:{replica.name}", 0)
 
     async def in_flight(self, replicas: set[str] = frozenset(), model: str | None = None) -> int:  # type: ignore[assignment]
         """Requests in flight on this gateway and on every other one that reported recently."""
@@ -355,10 +359,7 @@ class ControlPlane:
         except Exception as exc:  # unknown is not idle: a drain waits (up to its deadline) rather than stop early
             log.warning("load reports unreadable (%s); counting the other gateways as busy", exc)
             return total + 1
-        for report in reports:
-            if report.gateway != self.gateway_id:
-                total += sum(max(int(n), 0) for k, n in report.in_flight.items() if k in keys)
-        return total
+        return total + sum(n for k, n in self._others_load(reports).items() if k in keys)
 
     async def pause(self, seconds: float) -> None:
         await self.sleep(seconds)
