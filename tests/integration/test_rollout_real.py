@@ -48,5 +48,5 @@ def test_rollouts_under_load_with_real_engines(default_model_dir: Path, tmp_path
     lora = report["lora"]
     assert lora["rollout"]["phase"] == "done" and lora["load"]["failed"] == 0, lora
     assert lora["aliases"] == {"smollm2-135m-instruct": "smollm2-135m-instruct@lora1"}
-    assert lora["serving_after_s"] <= 2.0 and not lora["rollout"]["facts"]["drain_timed_out"], lora["rollout"]
+    assert lora["serving_after_s"] <= 3.0 and not lora["rollout"]["facts"]["drain_timed_out"], lora["rollout"]
     assert report["engines_left_after_ctrl_c"] == 0
