@@ -12,6 +12,7 @@ and writes raw files under ``--out``. The model is the Qwen2.5-7B-Instruct shape
     python3 benchmarks/gpu_campaign.py rollout   --out /tmp/campaign   # e: blue-green on one GPU under load
     python3 benchmarks/gpu_campaign.py multigpu  --out /tmp/campaign --layouts dp2,single   # issue 5, 2 GPUs
     python3 benchmarks/gpu_campaign.py multigpu  --out /tmp/campaign --layouts tp2
+    python3 benchmarks/gpu_campaign.py sleep     --out /tmp/campaign   # issue 35: autoscale.idle: sleep
 """
 
 from __future__ import annotations
@@ -415,6 +416,95 @@ def rollout(out: Path, args: argparse.Namespace) -> None:
         stop(gateway)
 
 
+def gpu_memory_mib() -> int | None:
+    try:
+        line = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, check=True,
+        ).stdout.splitlines()[0]  # fmt: skip
+        return int(line.strip())
+    except (OSError, subprocess.CalledProcessError, IndexError, ValueError):
+        return None
+
+
+def sleep_mode(out: Path, args: argparse.Namespace) -> None:
+    """Issue 35: ``autoscale.idle: sleep`` through shipyard's own scaler on one GPU. Two replicas (0.4 of the
+    GPU each); ``/admin/scale`` to 1: the scaler drains one and puts its engine to sleep (vLLM's sleep mode,
+    level 1); then back to 2: it wakes that engine instead of starting one. Times each step, the GPU memory in
+    use after each, and one chat request through the gateway after each."""
+    work = out / "sleep"
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    import yaml
+
+    config = work / "shipyard.yaml"
+    entry = {
+        "name": "qwen",
+        "source": str(MODEL),
+        "version": "v1",
+        "replicas": 2,
+        "engine": {"gpu_memory_utilization": 0.4, "max_model_len": MAX_MODEL_LEN, "extra_args": list(BASE_ARGS)},
+        "autoscale": {
+            "min_replicas": 1,
+            "max_replicas": 2,
+            "idle": "sleep",
+            "target_waiting": 2,
+            "scale_in_after_s": 3600,
+        },  # fmt: skip
+    }
+    config.write_text(yaml.safe_dump({"models": [entry]}))
+    env = {
+        **os.environ,
+        "SHIPYARD_API_KEYS": KEY,
+        "SHIPYARD_ADMIN_KEYS": ADMIN,
+        "SHIPYARD_DATA_DIR": str(work / "data"),
+    }
+    log_file = open(work / "logs" / "gateway.log", "ab")  # noqa: SIM115 - lives as long as the process
+    args_ = [sys.executable, "-m", "shipyard.cli", "serve", "--config", str(config), "--port", str(GATEWAY_PORT),
+             "--profile", "default"]  # fmt: skip
+    started = time.monotonic()
+    proc = subprocess.Popen(args_, env=env, stdout=log_file, stderr=log_file, start_new_session=True)
+    url = f"http://127.0.0.1:{GATEWAY_PORT}"
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    result: dict[str, Any] = {**meta("sleep_gpu"), "settings": entry, "steps": []}
+    try:
+        wait_until_ready(proc, url, args.ready_timeout, str(work / "logs" / "gateway.log"))
+        result["two_engines_started_s"] = round(time.monotonic() - started, 1)
+
+        def chat() -> dict[str, Any]:
+            t0 = time.monotonic()
+            answer = httpx.post(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=120,
+                                json={"model": "qwen", "messages": [{"role": "user", "content": "hi"}],
+                                      "max_tokens": 16, "ignore_eos": True})  # fmt: skip
+            return {"status": answer.status_code, "seconds": round(time.monotonic() - t0, 3)}
+
+        def scale_to(n: int, done: Any) -> dict[str, Any]:
+            t0 = time.monotonic()
+            httpx.post(f"{url}/admin/scale", headers=admin, json={"replicas": n}, timeout=30).raise_for_status()
+            status: dict[str, Any] = {}
+            while time.monotonic() - t0 < 600:
+                status = httpx.get(f"{url}/admin/scale", headers=admin, timeout=30).json()
+                if done(status["replicas"]):
+                    break
+                time.sleep(0.1)
+            return {"to": n, "seconds": round(time.monotonic() - t0, 2), "replicas": status.get("replicas"),
+                    "gpu_memory_used_mib": gpu_memory_mib(), "request_after": chat()}  # fmt: skip
+
+        result["gpu_memory_used_mib_two_awake"] = gpu_memory_mib()
+        result["request_before"] = chat()
+        result["steps"].append(scale_to(1, lambda r: r["sleeping"] == 1 and r["serving"] == 1))
+        result["steps"].append(scale_to(2, lambda r: r["serving"] == 2 and r["sleeping"] == 0))
+        audit = work / "data" / "audit.jsonl"
+        result["audit"] = [
+            json.loads(line)
+            for line in (audit.read_text().splitlines() if audit.exists() else [])
+            if '"replica_' in line or '"scale_' in line or "wake" in line
+        ]
+    finally:
+        stop(proc)
+        subprocess.run([sys.executable, "-m", "shipyard.cli", "stop"], env=env, capture_output=True, timeout=120)
+    write(out, "sleep.json", result)
+
+
 # Multi-GPU layouts (issue 5): name -> one entry per engine, each (GPU indices, EngineSpec fields).
 LAYOUTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "single": [("0", {})],
@@ -517,6 +607,7 @@ EXPERIMENTS = {
     "repeat": repeat,
     "latency": latency_profile,
     "multigpu": multigpu,
+    "sleep": sleep_mode,
 }
 
 if __name__ == "__main__":

@@ -48,6 +48,17 @@ def test_a_sine_load_keeps_its_replicas_where_a_threshold_scaler_flaps() -> None
     assert flaps >= 20 and changes <= 3, (flaps, changes)
 
 
+def test_a_ramp_is_followed_one_step_at_a_time_and_never_back_down_while_it_rises() -> None:
+    ramp = [second * 12 / 120 for second in range(180)]  # 0 -> 12 waiting over two minutes, then held
+    seen = run(POLICY, ramp)
+    assert all(b >= a for a, b in zip(seen, seen[1:], strict=False)), seen  # no scale-in on the way up
+    ups = [second for second in range(1, len(seen)) if seen[second] != seen[second - 1]]
+    assert [seen[s] for s in ups] == [2, 3, 4]  # each replica added once, in order, up to max_replicas
+    for second in ups:  # each added within the short window of the load first asking for it
+        asked = next(t for t in range(second + 1) if ramp[t] / seen[second - 1] > 2 * (1 + POLICY.tolerance))
+        assert second - asked <= POLICY.scale_out_after_s + 1, (second, asked)
+
+
 def test_scale_in_waits_for_its_window_and_halves_at_most() -> None:
     seen = run(POLICY, [0.0] * 200, start=4)
     assert seen[:59] == [4] * 59  # the window is not covered yet

@@ -387,7 +387,12 @@ def test_k8s_manifests_of_a_fleet_validate_and_give_each_model_its_engines(tmp_p
             {
                 "models": [
                     {"name": "assistant", "engine": {"tensor_parallel_size": 2, "max_model_len": 8192}},
-                    {"name": "classifier", "replicas": 2, "engine": {"quantization": "gptq"}},
+                    {
+                        "name": "classifier",
+                        "replicas": 2,
+                        "engine": {"quantization": "gptq"},
+                        "autoscale": {"min_replicas": 1, "max_replicas": 3, "ttft_p90_ms": 800},
+                    },
                     {"name": "embed"},
                 ],
                 "intent": {"model": "classifier"},
@@ -403,8 +408,17 @@ def test_k8s_manifests_of_a_fleet_validate_and_give_each_model_its_engines(tmp_p
     kustomization = yaml.safe_load((out / "kustomization.yaml").read_text())
     docs = [d for name in kustomization["resources"] for d in yaml.safe_load_all((out / name).read_text()) if d]
     for doc in docs:
-        kubernetes_validate.validate(doc, "1.31.0", strict=True)
+        if doc["kind"] != "ScaledObject":  # KEDA's CRD: not in Kubernetes' own schemas
+            kubernetes_validate.validate(doc, "1.31.0", strict=True)
     deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    scaled = {d["spec"]["scaleTargetRef"]["name"]: d for d in docs if d["kind"] == "ScaledObject"}
+    assert set(scaled) == {"shipyard-engine-classifier-blue", "shipyard-engine-classifier-green"}  # autoscale only
+    for name, obj in scaled.items():
+        assert name in deployments and obj["spec"]["maxReplicaCount"] == 3
+        (trigger,) = obj["spec"]["triggers"]
+        color = name.rsplit("-", 1)[1]
+        query = f'max(shipyard_autoscale_desired_replicas{{model="classifier",deployment="{color}"}})'
+        assert trigger["type"] == "prometheus" and trigger["metadata"]["query"] == query
     gpus = {
         name: d["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"].get("nvidia.com/gpu")
         for name, d in deployments.items()
@@ -432,6 +446,8 @@ def test_k8s_manifests_of_a_fleet_validate_and_give_each_model_its_engines(tmp_p
         assert services[target.host]["spec"]["clusterIP"] == "None"
         assert services[target.host]["spec"]["selector"]["shipyard/model"] == model.name
     assert fleet.intent.model == "classifier"
+    autoscale = next(m.autoscale for m in fleet.models if m.name == "classifier")
+    assert autoscale is not None and (autoscale.max_replicas, autoscale.ttft_p90_ms) == (3, 800)  # the gateway decides
     gateway = deployments["shipyard-gateway"]["spec"]["template"]["spec"]["containers"][0]
     assert {"name": "SHIPYARD_CONFIG", "value": "/etc/shipyard/shipyard.yaml"} in gateway["env"]
     assert "shipyard:model:embed" in open_store("redis://x:6379/0", tmp_path, model="embed").description

@@ -119,6 +119,50 @@ class EngineSettings(BaseSettings):
     """Command that starts vLLM's CLI; empty means ``<this python> -m vllm.entrypoints.cli.main``."""
 
 
+class AutoscaleSettings(BaseSettings):
+    """A model's ``autoscale:``: its replica count follows its load (``shipyard.control.autoscale``). Every target
+    given is a signal; the most pressed one decides.
+
+    >>> AutoscaleSettings(min_replicas=1, max_replicas=4, target_waiting=2, ttft_p90_ms=800)  # doctest: +SKIP
+    """
+
+    model_config = SettingsConfigDict(extra="forbid")
+
+    min_replicas: int = Field(default=1, ge=0, le=16)
+    """0: the model may scale to zero (its first request then waits for a cold start, up to ``cold_start_wait_s``)."""
+    max_replicas: int = Field(default=2, ge=1, le=16)
+    target_waiting: float | None = Field(default=2.0, gt=0)
+    """Requests waiting in an engine's queue per replica (vLLM's ``num_requests_waiting``)."""
+    target_kv_cache: float | None = Field(default=0.8, gt=0, le=1)
+    """Mean KV-cache use of the replicas (vLLM's ``kv_cache_usage_perc``)."""
+    ttft_p90_ms: float | None = Field(default=None, gt=0)
+    """The time-to-first-token SLO: P90 of this gateway's streams over the last interval."""
+    scale_out_after_s: float = Field(default=6.0, ge=0)
+    """How long every recommendation must ask for more before a replica is added (0: at once)."""
+    scale_in_after_s: float = Field(default=300.0, ge=0)
+    """How long the load must stay low before a replica is removed (the highest recommendation of the window)."""
+    tolerance: float = Field(default=0.1, ge=0, lt=1)
+    panic_ratio: float = Field(default=2.0, gt=1)
+    """A signal this many times its target scales out at once (the SLO is already broken)."""
+    interval_s: float = Field(default=1.0, gt=0)
+    """How often the load is observed and the decision made."""
+    cold_start_wait_s: float = Field(default=120.0, ge=0)
+    """With the model at zero: how long a request waits for its engine before a 503 with ``Retry-After``."""
+    idle: Literal["stop", "sleep"] = "stop"
+    """What scaling in does to a replica once its requests ended: ``stop`` its engine, or put it to ``sleep``
+    (vLLM's sleep mode, level 1: weights offloaded to host RAM, KV cache freed, the GPU's memory given back; a
+    scale-out wakes it in seconds instead of a cold start). ``sleep`` needs a GPU: vLLM's sleep mode is
+    CUDA/ROCm/XPU only, and ``serve`` refuses it on CPU."""
+
+    @model_validator(mode="after")
+    def _range(self) -> AutoscaleSettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"autoscale: min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
+        if self.target_waiting is None and self.target_kv_cache is None and self.ttft_p90_ms is None:
+            raise ValueError("autoscale needs a target: target_waiting, target_kv_cache or ttft_p90_ms")
+        return self
+
+
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}")
 
 
@@ -146,6 +190,9 @@ class ModelSettings(BaseSettings):
     """``auto``: placed by the planner; or the GPU indexes its engines may use."""
     routing: Literal["cache-aware", "least-busy", "session", "round-robin"] | None = None
     """How its replicas are picked (default: the top-level ``routing``)."""
+    autoscale: AutoscaleSettings | None = None
+    """Its replica count follows its load between ``min_replicas`` and ``max_replicas`` (``replicas`` is then the
+    count it starts with); None: ``replicas`` engines, always."""
     engine: dict[str, Any] = Field(default_factory=dict)
     """Engine settings for this model only, over the top-level ``engine`` (same keys)."""
 
@@ -436,11 +483,19 @@ class Settings(BaseSettings):
             ).model_copy(update={"name": self.served_model_name or ""})
         ]
 
+    def autoscale_of(self, model: str) -> AutoscaleSettings | None:
+        """The ``autoscale:`` of fleet model ``model`` (None: it has none, or no such model)."""
+        entry = next((m for m in self.models if m.name == model), None)
+        return entry.autoscale if entry is not None else None
+
     def engine_for(self, model: ModelSettings) -> EngineSettings:
         """The engine settings of one model: the top-level ``engine`` with the model's own keys over it."""
         merged = {**self.engine.model_dump(), **model.engine}
         if model.replicas is not None:
             merged["replicas"] = model.replicas
+        if model.autoscale is not None:  # it starts within its range (and with one at least: 0 is reached idle)
+            low, high = max(model.autoscale.min_replicas, 1), model.autoscale.max_replicas
+            merged["replicas"] = min(max(int(merged["replicas"]), low), high)
         return EngineSettings(**merged)
 
     def named_keys(self) -> list[tuple[str, str]]:

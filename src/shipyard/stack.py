@@ -165,7 +165,7 @@ def fleet_gpu_plan(settings: Settings, choices: list[EngineChoice], inventory: l
             Need(
                 choice.served,
                 weights_gib(choice.spec.model),
-                replicas=e.replicas,
+                replicas=engine_places(settings, choice),  # an autoscaled model: room for its maximum
                 tensor_parallel=e.tensor_parallel_size or 1,
                 gpus=choice.gpus,
             )
@@ -249,6 +249,8 @@ def engine_launcher(
         command=e.vllm_command or None,
         env={
             **({"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if enable_lora else {}),
+            # vLLM registers /sleep and /wake_up in its dev mode only (the engine listens on loopback, keyed)
+            **({"VLLM_SERVER_DEV_MODE": "1"} if SLEEP_FLAG in choice.spec.extra_args else {}),
             **({"VLLM_API_KEY": key} if (key := settings.engine_key_value()) else {}),
         },
         ready_timeout_s=e.startup_timeout_s,
@@ -257,6 +259,29 @@ def engine_launcher(
         marker=str(settings.data_dir.resolve()),
         die_with_parent=False,
     )
+
+
+SLEEP_FLAG = "--enable-sleep-mode"
+
+
+def sleeps(settings: Settings, model: str) -> bool:
+    """Whether fleet model ``model`` puts replicas to sleep when scaling in (``autoscale.idle: sleep``)."""
+    autoscale = settings.autoscale_of(model)
+    return autoscale is not None and autoscale.idle == "sleep"
+
+
+def with_sleep_mode(spec: EngineSpec) -> EngineSpec:
+    return (
+        spec if SLEEP_FLAG in spec.extra_args else dataclasses.replace(spec, extra_args=(*spec.extra_args, SLEEP_FLAG))
+    )
+
+
+def engine_places(settings: Settings, choice: EngineChoice) -> int:
+    """How many engines of the model may run at once here (each gets a CPU set of its own): its replicas, or its
+    autoscale maximum when that is larger."""
+    autoscale = settings.autoscale_of(choice.name)
+    count = choice.settings_of(settings).replicas
+    return max(count, autoscale.max_replicas) if autoscale is not None else count
 
 
 def serves(url: str, model: str, timeout: float = 3.0, api_key: str | None = None) -> bool:
@@ -378,7 +403,7 @@ def build_stack(
     names = [c.name for c in choices] or [""]
     engines = [c for c in choices if c.spec is not None]
     cpu = profile == Profile.CPU.value
-    total = sum(c.settings_of(settings).replicas for c in engines)
+    total = sum(engine_places(settings, c) for c in engines)
     binds = cpu_sets(max(total, 2)) if cpu and engines else []
     slots = fleet_gpu_plan(settings, engines) if engines and not cpu else []
     stores: list[StateStore] = []
@@ -395,8 +420,15 @@ def build_stack(
             if state is None and name and choice is not None:
                 state = _carry_over(settings, store, choice, say)
             launcher = None
+            if choice is not None and choice.spec is not None and sleeps(settings, choice.name):
+                if cpu:
+                    raise StackError(
+                        f"{choice.served}: autoscale.idle: sleep needs a GPU (vLLM's sleep mode runs on CUDA, ROCm "
+                        "and XPU only); on CPU use idle: stop"
+                    )
+                choice = dataclasses.replace(choice, spec=with_sleep_mode(choice.spec))
             if choice is not None and choice.spec is not None:
-                count = choice.settings_of(settings).replicas
+                count = engine_places(settings, choice)
                 own = binds[taken : taken + count] if binds else []
                 taken += count
                 launcher = engine_launcher(

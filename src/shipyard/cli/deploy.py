@@ -178,14 +178,56 @@ def _print_model(described: dict[str, Any], indent: str) -> None:
             place = (
                 f" gpus={r['devices']}" if r.get("devices") else f" cpus={r['cpu_bind']}" if r.get("cpu_bind") else ""
             )
+            rotation = f" [{r['rotation']}]" if r.get("rotation") else ""
             typer.echo(
-                f"{indent}  {r['name']} {r['url']} version={r['version']} {state} in_flight={r['in_flight']} "
-                f"restarts={r['restarts']}{place}"
+                f"{indent}  {r['name']} {r['url']} version={r['version']} {state}{rotation} "
+                f"in_flight={r['in_flight']} restarts={r['restarts']}{place}"
             )
     for alias, target in described["aliases"].items():
         typer.echo(f"{indent}alias {alias} -> {target}")
     if described["rollout"]:
         typer.echo(indent + _line(described["rollout"]))
+    if described.get("scale") and described["scale"]["mode"] != "fixed":
+        typer.echo(indent + _scale_line(described["scale"]))
+
+
+def _scale_line(scale: dict[str, Any]) -> str:
+    """``scale [auto] 2 -> 2 replicas (1 serving, 1 starting): waiting at 1.80x its target``."""
+    counts = ", ".join(f"{n} {state}" for state, n in scale["replicas"].items() if n)
+    pending = f" | pending: {scale['pending']}" if scale.get("pending") else ""
+    have = sum(n for state, n in scale["replicas"].items() if state != "draining")
+    counts = counts or "none"
+    return f"scale [{scale['mode']}] {have} -> {scale['desired']} replicas ({counts}): {scale['reason']}{pending}"
+
+
+@app.command("scale")
+def scale(
+    replicas: Annotated[
+        int | None, typer.Option("--replicas", "-n", min=0, max=16, help="Hold this many replicas (by hand).")
+    ] = None,
+    auto: Annotated[bool, typer.Option("--auto", help="Hand the count back to the model's autoscaler.")] = False,
+    gateway: GatewayOption = "http://127.0.0.1:8080",
+    admin_key: AdminKeyOption = None,
+    model: ModelOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Set a model's replica count by hand (`--replicas N`), or hand it back to its autoscaler (`--auto`); with
+    neither, show how it is scaled. The gateway's control plane carries it out under the model's lease."""
+    key = _admin_key(admin_key, config)
+    if replicas is not None and auto:
+        raise fail("give --replicas N or --auto, not both")
+    if replicas is None and not auto:
+        shown = _call("GET", gateway, f"/admin/scale{_query(model)}", key)
+    else:
+        body: dict[str, Any] = {"replicas": replicas} if replicas is not None else {"auto": True}
+        shown = _call("POST", gateway, "/admin/scale", key, {**body, **({"model": model} if model else {})})
+    if as_json:
+        typer.echo(json.dumps(shown, indent=2))
+        return
+    fleet = shown["models"] if "models" in shown else {model or "": shown}
+    for name, one in fleet.items():
+        typer.echo((f"{name}: " if name else "") + _scale_line(one))
 
 
 @rollout_app.command("promote")

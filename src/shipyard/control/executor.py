@@ -6,23 +6,53 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
+from shipyard.control.audit import AuditLog
 from shipyard.control.checks import GateFailed
 from shipyard.control.commands import RolloutCommand, RolloutRejected, plan_rollout
 from shipyard.control.rollout import Action, Observation, Phase, Rollout, Strategy, next_action
-from shipyard.control.strategies import RolloutStrategy
-
-if TYPE_CHECKING:
-    from shipyard.control.plane import ControlPlane
+from shipyard.control.store import StateStore
+from shipyard.control.strategies import Deployer, RolloutStrategy
 
 log = logging.getLogger("shipyard.control")
+
+
+class RolloutHost(Deployer, Protocol):
+    """What the executor uses of the control plane: the state and its saves, the lease, the audit log, and
+    the strategies (each given the host as their :class:`Deployer`). The plane builds the executor; the executor
+    knows only this."""
+
+    current: Rollout | None
+    store: StateStore
+    audit: AuditLog
+    gateway_id: str
+    lease_error: str
+    strategies: dict[Strategy, RolloutStrategy]
+    clock: Callable[[], float]
+
+    @property
+    def model_name(self) -> str: ...
+
+    async def acquire_lease(self) -> bool: ...
+
+    async def release_lease(self, lost: bool = False) -> None: ...
+
+    async def keep_lease(self, on_lost: Callable[[str], object]) -> None: ...
+
+    def running_here(self) -> bool: ...
+
+    def scaling_here(self) -> str | None:
+        """What the scaler is doing to the model's replicas on this gateway right now, or None."""
+
+    def spawn(self, coro: Any, name: str | None = None) -> None: ...
 
 
 class RolloutExecutor:
     """Runs one rollout at a time for a :class:`ControlPlane` (which owns the state and the lease)."""
 
-    def __init__(self, control: ControlPlane) -> None:
+    def __init__(self, control: RolloutHost) -> None:
         self.control = control
         self.promoted = asyncio.Event()
         """Set by ``promote`` (and by a rollback, to end the wait) while a canary waits."""
@@ -38,6 +68,13 @@ class RolloutExecutor:
             gate=self.control.gate,
             records=list(self.control.state.replicas),
         )
+        scaling = self.control.scaling_here()
+        if scaling is not None:
+            raise RolloutRejected(
+                409,
+                f"{self.control.model_name or 'the model'} is being scaled ({scaling}); a rollout starts once that "
+                "step ends: try again in a moment",
+            )
         if not await self.control.acquire_lease():
             if self.control.lease_error:
                 raise RolloutRejected(
@@ -46,7 +83,7 @@ class RolloutExecutor:
                     "rollouts wait until it answers",
                 )
             owner = await self.control.store.lease_owner()
-            of = f" of {self.control.config.model}" if self.control.config.model else ""
+            of = f" of {self.control.model_name}" if self.control.model_name else ""
             raise RolloutRejected(
                 409, f"gateway {owner} is running a rollout{of}; one at a time per model across all gateways"
             )

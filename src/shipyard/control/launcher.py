@@ -42,6 +42,10 @@ class Launcher(Protocol):
     def adopt(self, identity: Mapping[str, Any], url_port: int, name: str) -> ReplicaHandle:
         """The running process ``identity`` names; ProcessLookupError when it is gone."""
 
+    def room(self, busy: Iterable[str]) -> str | None:
+        """None when one more replica has a place of its own (``busy``: the CPU sets and GPU sets the running
+        ones use), else why not, in words for people."""
+
 
 class ExternalReplica:
     """A server someone else runs (an http(s) URL): never restarted or stopped by shipyard."""
@@ -92,3 +96,9 @@ class UrlLauncher:
 
     def adopt(self, identity: Mapping[str, Any], url_port: int, name: str) -> ReplicaHandle:
         raise ProcessLookupError("this gateway starts no engines, so it adopts none")
+
+    def room(self, busy: Iterable[str]) -> str | None:
+        return (
+            "this gateway starts no engines: the servers are scaled where they run (on Kubernetes by the "
+            "ScaledObject shipyard generates)"
+        )

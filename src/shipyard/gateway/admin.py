@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shipyard.control.commands import RolloutCommand, RolloutRejected
 from shipyard.control.plane import ControlPlane
+from shipyard.control.scaler import ScaleRejected
 from shipyard.gateway.auth import KeyChecker
 from shipyard.gateway.errors import OpenAIError
 from shipyard.gateway.proxy import Proxy
@@ -27,6 +28,14 @@ class RolloutRequest(BaseModel):
     lora: bool = False
     strategy: Literal["auto", "inplace", "blue-green"] = "auto"
     model: str | None = Field(default=None, min_length=1, description="the fleet model to update")
+
+
+class ScaleRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    replicas: int | None = Field(default=None, ge=0, le=16, description="the count to hold, set by hand")
+    auto: bool = Field(default=False, description="hand the count back to the model's autoscaler")
+    model: str | None = Field(default=None, min_length=1, description="the fleet model to scale")
 
 
 def install_admin_routes(
@@ -104,6 +113,24 @@ def install_admin_routes(
             control.audit.record(admin, "rollout_rejected", target=parsed.target, reason=str(exc))
             raise rejected(exc) from None
         return JSONResponse(rollout.to_dict(), status_code=202)
+
+    @app.get("/admin/scale")
+    async def scale_status(request: Request, model: str | None = None) -> dict[str, Any]:
+        authorize(request)
+        if model is None and len(controls) > 1:
+            return {"models": {name: c.scale_status() for name, c in controls.items()}}
+        return plane(model).scale_status()
+
+    @app.post("/admin/scale")
+    async def scale(request: Request) -> dict[str, Any]:
+        admin = authorize(request)
+        parsed = validate(ScaleRequest, parse_json_object(await proxy.read_body(request)))
+        if (parsed.replicas is None) == (not parsed.auto):
+            raise OpenAIError(400, "give either 'replicas' (a count to hold) or 'auto': true", code="scale_rejected")
+        try:
+            return await plane(parsed.model).scale(parsed.replicas, admin)
+        except ScaleRejected as exc:
+            raise OpenAIError(exc.status, str(exc), code="scale_rejected") from None
 
     @app.get("/admin/rollouts")
     async def list_rollouts(request: Request, model: str | None = None) -> dict[str, Any]:

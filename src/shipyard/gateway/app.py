@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,8 +18,10 @@ from starlette.responses import Response
 
 from shipyard import __version__
 from shipyard.control.audit import AuditLog
+from shipyard.control.autoscale import AutoscalePolicy
 from shipyard.control.launcher import Launcher, ReplicaHandle, UrlLauncher
 from shipyard.control.plane import ControlConfig, ControlPlane
+from shipyard.control.scaler import HistogramWindow
 from shipyard.control.store import MemoryStateStore, StateStore, is_redis, redis_location
 from shipyard.gateway.admin import install_admin_routes
 from shipyard.gateway.auth import KeyChecker
@@ -85,6 +88,42 @@ def limit_counters(settings: Settings) -> LimitCounters | None:
     if settings.workers > 1:
         return SqliteCounters(settings.data_dir / "limits.sqlite")
     return None
+
+
+def autoscale_policy(settings: Settings, model: str) -> AutoscalePolicy | None:
+    """The ``autoscale:`` of fleet model ``model`` as the decision's policy (None: it has none)."""
+    a = settings.autoscale_of(model)
+    if a is None:
+        return None
+    return AutoscalePolicy(
+        min_replicas=a.min_replicas,
+        max_replicas=a.max_replicas,
+        target_waiting=a.target_waiting,
+        target_kv_cache=a.target_kv_cache,
+        ttft_p90_ms=a.ttft_p90_ms,
+        scale_out_after_s=a.scale_out_after_s,
+        scale_in_after_s=a.scale_in_after_s,
+        tolerance=a.tolerance,
+        panic_ratio=a.panic_ratio,
+    )
+
+
+def places_of_others(controls: Mapping[str, ControlPlane], model: str) -> set[str]:
+    """The CPU sets and GPU sets the engines of the fleet's other models use (a new replica goes elsewhere)."""
+    return {
+        place
+        for name, plane in controls.items()
+        if name != model
+        for r in plane.state.replicas
+        for place in (r.cpu_bind, r.devices)
+        if place
+    }
+
+
+def scale_metrics(metrics: GatewayMetrics, model: str, status: dict[str, Any], change: str | None) -> None:
+    metrics.observe_scale(model, status)
+    if change is not None:
+        metrics.autoscale_changes.labels(model, change).inc()
 
 
 def create_app(
@@ -203,10 +242,20 @@ def create_app(
                 follower=primary_socket is not None,
                 model=model.name,
                 kind=model.kind,
+                autoscale=autoscale_policy(settings, model.name),
+                autoscale_interval_s=getattr(settings.autoscale_of(model.name), "interval_s", 1.0),
+                autoscale_idle=getattr(settings.autoscale_of(model.name), "idle", "stop"),
+                shutdown_grace_s=settings.shutdown_grace_s,
             ),
             on_pause=lambda seconds, strategy: metrics.rollout_pause.labels(strategy).observe(seconds),
+            ttft_p90_ms=HistogramWindow(functools.partial(metrics.ttft_buckets, model.name)).p90_ms,
+            busy_elsewhere=functools.partial(places_of_others, controls, model.name),
+            on_scale=functools.partial(scale_metrics, metrics, model.name),
         )
     control = controls[models[0].name]
+    for entry in settings.models:  # a model that may scale to zero: its requests wait for a cold start
+        if entry.autoscale is not None and entry.autoscale.min_replicas == 0 and entry.name in controls:
+            pool.pool_of(entry.name).cold_start_wait_s = entry.autoscale.cold_start_wait_s
 
     forwarding: list[httpx.AsyncClient] = []
 
@@ -279,7 +328,8 @@ def create_app(
             for model, model_pool in pool.pools.items()
             for r in model_pool.replicas
         ]
-        is_ready = bool(pool.ready())
+        # a model scaled to zero counts as ready: its requests wait while its first replica starts
+        is_ready = bool(pool.ready()) or any(p.cold_start_wait_s and not p.replicas for p in pool.pools.values())
         body: dict[str, Any] = {"status": "ready" if is_ready else "unavailable", "replicas": replicas}
         degraded = next((d for c in controls.values() if (d := getattr(c.store, "degraded", None))), None)
         if degraded:

@@ -14,8 +14,9 @@ import gc
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.core import GaugeMetricFamily
@@ -206,6 +207,43 @@ class GatewayMetrics:
             ["reason"],
             registry=r,
         )
+        self.autoscale_desired = Gauge(
+            "shipyard_autoscale_desired_replicas",
+            "Replicas each deployment of a model should have now: for the serving one the autoscaler's decision "
+            "(or the count set by hand), for another (a rollout's) the count it has. KEDA's ScaledObjects on "
+            "Kubernetes scale the engine Deployments to it",
+            ["model", "deployment"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.autoscale_replicas = Gauge(
+            "shipyard_autoscale_replicas",
+            "Replicas of the model's serving deployment by rotation: serving, starting (warming up), draining",
+            ["model", "state"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.autoscale_signal = Gauge(
+            "shipyard_autoscale_signal",
+            "What the autoscaler last observed: waiting (requests queued in the engines), kv_cache (mean use, "
+            "0..1), ttft_p90_ms, requests (in flight)",
+            ["model", "signal"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.autoscale_pending = Gauge(
+            "shipyard_autoscale_pending",
+            "1 while the desired count cannot be reached (no room, a rollout runs, the lease is elsewhere)",
+            ["model"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.autoscale_changes = Counter(
+            "shipyard_autoscale_changes",
+            "Replicas added (out) and removed (in) by the scaler",
+            ["model", "direction"],
+            registry=r,
+        )
         self.gc_pause = Histogram(
             "shipyard_gc_pause_seconds",
             "Garbage collections of the gateway's process(es), by generation: each one stops the event loop",
@@ -213,6 +251,30 @@ class GatewayMetrics:
             buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
             registry=r,
         )
+
+    def ttft_buckets(self, model: str) -> dict[float, float]:
+        """This process's cumulative time-to-first-token buckets of ``model`` (upper bound -> count), over every
+        route, deployment and version: the autoscaler's TTFT signal is their growth between two looks."""
+        buckets: dict[float, float] = {}
+        for family in self.ttft.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_bucket") and sample.labels.get("model") == model:
+                    bound = float(sample.labels["le"])
+                    buckets[bound] = buckets.get(bound, 0.0) + sample.value
+        return buckets
+
+    def observe_scale(self, model: str, status: Mapping[str, Any]) -> None:
+        """The scaler's status (``ControlPlane.scale_status()``) as gauges."""
+        for deployment, count in (status.get("deployments") or {}).items():
+            serving = deployment == status.get("deployment") and status.get("desired") is not None
+            self.autoscale_desired.labels(model, deployment).set(status["desired"] if serving else count)
+        for state, count in (status.get("replicas") or {}).items():
+            self.autoscale_replicas.labels(model, state).set(count)
+        for signal in ("waiting", "kv_cache", "ttft_p90_ms", "requests"):
+            value = (status.get("load") or {}).get(signal)
+            if value is not None:
+                self.autoscale_signal.labels(model, signal).set(value)
+        self.autoscale_pending.labels(model).set(1 if status.get("pending") else 0)
 
     def add_collector(self, collector: Collector) -> None:
         """A collector read at every scrape (in every process of the gateway)."""

@@ -241,6 +241,28 @@ class Proxy:
     def unavailable(self, why: str) -> OpenAIError:
         return OpenAIError(503, why, code="no_replica_ready", headers={"Retry-After": str(self.retry_after_s)})
 
+    async def woken(self, model: str) -> None:
+        """A model scaled to zero: wait (up to its ``cold_start_wait_s``) while its scaler starts a replica,
+        counted in the load the scaler sees; past the bound a 503 with ``Retry-After``."""
+        pool = self.pool.pools.get(model)
+        if pool is None or not pool.cold_start_wait_s or model in pool.models():
+            return
+        pool.waiting_for_replicas += 1
+        try:
+            deadline = time.monotonic() + pool.cold_start_wait_s
+            while model not in pool.models():
+                if time.monotonic() > deadline:
+                    raise OpenAIError(
+                        503,
+                        f"'{model}' is scaled to zero and its first replica did not start within "
+                        f"{pool.cold_start_wait_s:g} s; retry shortly",
+                        code="cold_start",
+                        headers={"Retry-After": str(self.retry_after_s)},
+                    )
+                await asyncio.sleep(0.1)
+        finally:
+            pool.waiting_for_replicas -= 1
+
     def check_model(self, model: str, output_limit: int | None) -> None:
         models = self.pool.models()
         if model not in models:
@@ -277,6 +299,7 @@ class Proxy:
             if parsed.model is None:  # tokenize/detokenize may leave it out: the only model served
                 data["model"] = parsed.model = self.resolve_model(None)
                 body = json.dumps(data).encode()
+            await self.woken(parsed.model)
             self.check_model(parsed.model, parsed.output_limit())
             model_label = parsed.model
             stream = bool(getattr(parsed, "stream", False))
@@ -385,7 +408,7 @@ class Proxy:
                 param="previous_response_id",
                 code="previous_response_not_found",
             )
-        if not any(r.name == name and r.ready and not r.quarantined for r in self.pool.replicas):
+        if not any(r.name == name and r.routable for r in self.pool.replicas):
             raise OpenAIError(
                 400,
                 f"previous_response_id '{response_id}' was answered by replica '{name}', which is not serving now; "
@@ -565,7 +588,7 @@ class Proxy:
         if attempt.pinned is not None:
             for replica in self.pool.replicas:
                 pinned = replica.name == attempt.pinned and replica.name not in attempt.tried
-                if pinned and replica.ready and not replica.quarantined:
+                if pinned and replica.routable:
                     return replica
             raise NoReplicaError(attempt.model)
         replica, reason = self.pool.route(attempt.model, frozenset(attempt.tried), attempt.routing)

@@ -31,6 +31,9 @@ ENGINE_PORT = 8000
 PROMETHEUS_NAMESPACE = "monitoring"
 """The namespace whose Prometheus may scrape the engines (kube-prometheus-stack's usual one; edit the policy
 where yours differs)."""
+PROMETHEUS_URL = "http://prometheus-operated.monitoring.svc:9090"
+"""Where KEDA's ScaledObjects query the gateways' decisions (kube-prometheus-stack's Service; edit it where yours
+differs)."""
 DEFAULT_SERVED = "qwen"
 """The served name of a fleet of one whose settings name none (what the manifests always used)."""
 
@@ -48,6 +51,8 @@ class EngineManifest:
     args: tuple[str, ...]
     labelled: bool
     """Whether its labels and selectors carry ``shipyard/model`` (a fleet of several)."""
+    max_replicas: int | None = None
+    """Its ``autoscale.max_replicas`` (None: no autoscale, no ScaledObject)."""
 
     def discovery(self, color: str = "blue") -> str:
         return f"dns+http://{self.engine}-{color}-pods:{ENGINE_PORT}#{color}"
@@ -98,6 +103,7 @@ def engines_of(settings: Settings) -> list[EngineManifest]:
                 gpus=gpus,
                 args=tuple(args),
                 labelled=several,
+                max_replicas=model.autoscale.max_replicas if model.autoscale else None,
             )
         )
     return found
@@ -118,8 +124,29 @@ def _engine_file(engine: EngineManifest, color: str) -> str:
     )
 
 
+def _scaled_object(engine: EngineManifest, color: str) -> str:
+    return Template(_template("scaledobject.yaml")).substitute(
+        engine=engine.engine,
+        color=color,
+        model=engine.model,
+        model_label=f", shipyard/model: {_slug(engine.model)}" if engine.labelled else "",
+        max_replicas=engine.max_replicas,
+        prometheus=PROMETHEUS_URL,
+    )
+
+
 def _fleet_config(settings: Settings, engines: list[EngineManifest]) -> str:
-    config: dict[str, object] = {"models": [{"name": e.model, "source": e.discovery()} for e in engines]}
+    autoscale = {m.name: m.autoscale.model_dump(exclude_defaults=True) for m in settings.models if m.autoscale}
+    config: dict[str, object] = {
+        "models": [
+            {
+                "name": e.model,
+                "source": e.discovery(),
+                **({"autoscale": autoscale[e.model]} if e.model in autoscale else {}),
+            }
+            for e in engines
+        ]
+    }
     for task in ("intent", "reply"):
         bound = getattr(settings, task).model
         if bound is not None:
@@ -133,7 +160,7 @@ def _fleet_config(settings: Settings, engines: list[EngineManifest]) -> str:
 
 
 def _gateway_file(settings: Settings, engines: list[EngineManifest]) -> str:
-    if len(engines) == 1:
+    if len(engines) == 1 and engines[0].max_replicas is None:
         models_env = (
             "            # one replica per blue engine pod (headless Service), re-resolved every 10 s\n"
             f"            - {{name: SHIPYARD_UPSTREAMS, value: {json.dumps(engines[0].discovery())}}}\n"
@@ -165,6 +192,8 @@ def render(settings: Settings) -> dict[str, str]:
         prefix = engine.engine.removeprefix("shipyard-")
         for color in COLORS:
             files[f"{prefix}-{color}.yaml"] = _engine_file(engine, color)
+        if engine.max_replicas is not None:
+            files[f"{prefix}-autoscale.yaml"] = "".join(_scaled_object(engine, color) for color in COLORS)
     files["redis.yaml"] = _template("redis.yaml")
     files["network-policy.yaml"] = Template(_template("network-policy.yaml")).substitute(
         prometheus_namespace=PROMETHEUS_NAMESPACE

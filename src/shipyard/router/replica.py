@@ -42,6 +42,9 @@ class Replica:
     """Monotonic time of the first probe in the current run of timed-out probes (None while it answers)."""
     quarantined: str = ""
     """Why its weights are unknown: never chosen, not counted as ready, until the state clears it."""
+    rotation: str = ""
+    """``starting`` (being added: warming up) or ``draining`` (being removed: its requests finish): listed, never
+    chosen for a new request; ``""`` in rotation (see ``control.scaler``)."""
     last_byte_at: float = 0.0
     """Monotonic time it last sent a byte of any answer (a busy engine makes progress; a hung one does not)."""
     elsewhere_in_flight: int = 0
@@ -67,6 +70,11 @@ class Replica:
         self.url = self.url.rstrip("/")
         if not self.name:
             self.name = self.url
+
+    @property
+    def routable(self) -> bool:
+        """Ready, its weights known, and in rotation: a new request may go to it."""
+        return self.ready and not self.quarantined and not self.rotation
 
 
 class InFlight:
@@ -116,6 +124,10 @@ class ReplicaPool:
         self._aliases: dict[str, str] = {}
         self._draw = draw
         self._model_in_flight: dict[str, int] = {}
+        self.waiting_for_replicas = 0
+        """Requests waiting at the gateway for a replica of a model scaled to zero (its first one is starting)."""
+        self.cold_start_wait_s = 0.0
+        """How long a request for this model waits while it has no replica (a model that may scale to zero)."""
 
     @property
     def replicas(self) -> list[Replica]:
@@ -161,7 +173,7 @@ class ReplicaPool:
         return self._aliases.get(model, model)
 
     def ready(self) -> list[Replica]:
-        return [r for r in self._replicas if r.ready and not r.quarantined]
+        return [r for r in self._replicas if r.routable]
 
     def models(self) -> dict[str, int | None]:
         """Every model a ready replica serves (and every alias to one), with the smallest context length."""
@@ -188,7 +200,7 @@ class ReplicaPool:
         serving = [r for r in self._replicas if upstream in r.models]
         if not serving:
             raise UnknownModelError(model)
-        candidates = [r for r in serving if r.ready and not r.quarantined and r.name not in exclude]
+        candidates = [r for r in serving if r.routable and r.name not in exclude]
         free = [r for r in candidates if r.hold is None]
         candidates = free or candidates  # a held replica only when every other one is held too (it waits)
         by_deployment: dict[str, list[Replica]] = {}
