@@ -229,7 +229,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--models-dir", type=Path, default=Path.home() / ".cache" / "shipyard" / "models")
-    parser.add_argument("--slo-ms", type=float, default=400.0, help="the autoscaled arm's ttft_p90_ms")
+    parser.add_argument("--slo-ms", type=float, default=600.0, help="the autoscaled arm's ttft_p90_ms")
     parser.add_argument("--scale-in-after", type=float, default=45.0, help="its scale_in_after_s")
     parser.add_argument("--phases", default="30,150,90", help="seconds of 1, 6 and 1 streams")
     args = parser.parse_args()

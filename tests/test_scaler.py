@@ -14,7 +14,13 @@ from shipyard.control.autoscale import AutoscalePolicy
 from shipyard.control.commands import RolloutCommand, RolloutRejected
 from shipyard.control.plane import ControlConfig, ControlPlane
 from shipyard.control.rollout import Rollout, RolloutPlan
-from shipyard.control.scaler import EngineLoad, ScaleRejected, histogram_quantile, parse_engine_metrics
+from shipyard.control.scaler import (
+    EngineLoad,
+    HistogramWindow,
+    ScaleRejected,
+    histogram_quantile,
+    parse_engine_metrics,
+)
 from shipyard.control.state import DeploymentState, ReplicaRecord
 from shipyard.router.replica import Replica, ReplicaPool
 from tests.test_control import FakeHandle, RecordingStore, engines, until
@@ -340,3 +346,15 @@ def test_with_idle_sleep_a_replica_scaled_in_sleeps_and_a_scale_out_wakes_it_ins
         await control.stop()
 
     asyncio.run(body())
+
+
+def test_the_ttft_window_slides_and_keeps_a_burst_of_first_tokens_for_its_length() -> None:
+    now, counts = [0.0], {0.5: 0.0, 1.0: 0.0, float("inf"): 0.0}
+    window = HistogramWindow(lambda: dict(counts), window_s=10, clock=lambda: now[0])
+    assert window.p90_ms() is None  # nothing observed yet
+    now[0], counts[1.0], counts[float("inf")] = 1.0, 10.0, 10.0  # a burst of 10 first tokens in (0.5, 1] s
+    assert window.p90_ms() == pytest.approx(950.0)
+    now[0] = 6.0
+    assert window.p90_ms() == pytest.approx(950.0)  # no new first token: the burst is still in the window
+    now[0] = 12.0
+    assert window.p90_ms() is None  # the window moved past it

@@ -28,6 +28,8 @@ import contextlib
 import dataclasses
 import logging
 import math
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -168,16 +170,28 @@ def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | 
 
 
 class HistogramWindow:
-    """The P90 of a cumulative Prometheus histogram over the interval since the last call (its buckets' growth)."""
+    """The P90 of a cumulative Prometheus histogram over the last ``window_s`` (the growth of its buckets since
+    the look at least that old). A window of several seconds, not one tick: first tokens arrive in bursts (a
+    client's next request starts when its stream ends), and a tick without any would read as no load."""
 
-    def __init__(self, read: Callable[[], dict[float, float]]) -> None:
+    def __init__(
+        self,
+        read: Callable[[], dict[float, float]],
+        window_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.read = read
-        self._last: dict[float, float] = {}
+        self.window_s = window_s
+        self.clock = clock
+        self._looks: deque[tuple[float, dict[float, float]]] = deque()
 
     def p90_ms(self) -> float | None:
-        now = self.read()
-        grown = sorted((bound, count - self._last.get(bound, 0.0)) for bound, count in now.items())
-        self._last = now
+        now, buckets = self.clock(), self.read()
+        self._looks.append((now, buckets))
+        while len(self._looks) > 1 and self._looks[1][0] <= now - self.window_s:
+            self._looks.popleft()
+        base = self._looks[0][1]
+        grown = sorted((bound, count - base.get(bound, 0.0)) for bound, count in buckets.items())
         value = histogram_quantile(0.9, grown)
         return None if value is None else value * 1000
 
@@ -238,6 +252,7 @@ class Scaler:
         """Called after every observation (the control plane exports the status as gauges)."""
         self.status = ScaleStatus(mode="auto" if policy is not None else "fixed")
         self._acting: asyncio.Task[None] | None = None
+        self._last_ttft: float | None = None
 
     # ----- observing and deciding ----------------------------------------------------------------------------
 
@@ -272,14 +287,18 @@ class Scaler:
         names = {r.name for r in records}
         replicas = [r for r in self.host.pool.replicas if r.name in names and r.ready and not r.rotation]
         loads = [x for x in await asyncio.gather(*(self.engine_load(r) for r in replicas)) if x is not None]
-        requests = await self.host.in_flight(names, waiting=True)
+        requests = max(await self.host.in_flight(names, waiting=True), int(sum(x.waiting + x.running for x in loads)))
+        ttft = self.ttft_p90_ms()
+        if ttft is None and requests > 0:  # no first token in the window while requests run: the last one stands
+            ttft = self._last_ttft
+        self._last_ttft = ttft
         load = Load(
             at=self.clock(),
             replicas=len(records),
             waiting=sum(x.waiting for x in loads),
             kv_cache=sum(x.kv_cache for x in loads) / len(loads) if loads else 0.0,
-            ttft_p90_ms=self.ttft_p90_ms(),
-            requests=requests + sum(x.waiting + x.running for x in loads),
+            ttft_p90_ms=ttft,
+            requests=requests,
         )
         self.status.load = {k: v for k, v in dataclasses.asdict(load).items() if k != "at"}
         return load
