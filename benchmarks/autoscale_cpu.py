@@ -1,8 +1,8 @@
 """Elastic fleets measured with real vLLM-CPU engines of the default model (issue 35).
 
 A step load — 1 stream, then 6, then 1 again — against `shipyard serve` twice, one after the other in one run:
-**fixed** (one replica, no autoscale) and **autoscaled** (``min_replicas: 1, max_replicas: 2``, the TTFT P90 SLO
-``--slo-ms``). Each replica of the default model runs on its own half of the CPUs (vLLM-CPU binds its threads),
+**fixed** (one replica, no autoscale) and **autoscaled** (``min_replicas: 1, max_replicas: 2``, 4 requests in
+flight per replica and the TTFT P90 SLO ``--slo-ms``). Each replica of the default model runs on its own half of the CPUs (vLLM-CPU binds its threads),
 so a second replica doubles what the engines can compute. Records every request (start, TTFT, end, error,
 cut streams) and the gateway's ``/admin/scale`` every 0.5 s (replicas serving/starting/draining, desired, the
 signals), then writes ``autoscale.json``, ``requests-<arm>.jsonl``, ``scale-<arm>.jsonl`` and
@@ -230,8 +230,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--models-dir", type=Path, default=Path.home() / ".cache" / "shipyard" / "models")
     parser.add_argument("--slo-ms", type=float, default=600.0, help="the autoscaled arm's ttft_p90_ms")
+    parser.add_argument("--target-in-flight", type=float, default=4.0, help="its target_in_flight")
     parser.add_argument("--scale-in-after", type=float, default=45.0, help="its scale_in_after_s")
-    parser.add_argument("--phases", default="30,150,90", help="seconds of 1, 6 and 1 streams")
+    parser.add_argument("--phases", default="30,240,90", help="seconds of 1, 6 and 1 streams")
     args = parser.parse_args()
     phases = tuple(float(x) for x in args.phases.split(","))
     assert len(phases) == 3
@@ -241,6 +242,7 @@ def main() -> None:
         "min_replicas": 1,
         "max_replicas": 2,
         "ttft_p90_ms": args.slo_ms,
+        "target_in_flight": args.target_in_flight,
         "target_waiting": 2,
         "target_kv_cache": 0.8,
         "scale_in_after_s": args.scale_in_after,

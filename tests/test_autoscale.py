@@ -83,3 +83,17 @@ def test_a_policy_without_a_target_or_with_an_empty_range_is_refused() -> None:
         AutoscalePolicy(target_waiting=None, target_kv_cache=None)
     with pytest.raises(ValueError, match="is empty"):
         AutoscalePolicy(min_replicas=3, max_replicas=2)
+
+
+def test_a_latency_slo_scales_out_when_broken_and_never_holds_replicas_the_load_does_not_need() -> None:
+    policy = AutoscalePolicy(
+        min_replicas=1, max_replicas=2, target_waiting=None, target_kv_cache=None, target_in_flight=4,
+        ttft_p90_ms=600, scale_in_after_s=30,
+    )  # fmt: skip
+    scaler, replicas = Autoscaler(policy), 1
+    for second in range(10):  # 2 in flight (half the target) but TTFT at 1.5x its SLO: out after the window
+        replicas = scaler.decide(Load(at=float(second), replicas=replicas, requests=2, ttft_p90_ms=900)).replicas
+    assert replicas == 2
+    for second in range(10, 60):  # one request left, TTFT at its floor (0.8x the SLO): in, once the window passed
+        replicas = scaler.decide(Load(at=float(second), replicas=replicas, requests=1, ttft_p90_ms=480)).replicas
+    assert replicas == 1

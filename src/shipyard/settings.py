@@ -135,8 +135,11 @@ class AutoscaleSettings(BaseSettings):
     """Requests waiting in an engine's queue per replica (vLLM's ``num_requests_waiting``)."""
     target_kv_cache: float | None = Field(default=0.8, gt=0, le=1)
     """Mean KV-cache use of the replicas (vLLM's ``kv_cache_usage_perc``)."""
+    target_in_flight: float | None = Field(default=None, gt=0)
+    """Requests in flight per replica, at every gateway (Ray Serve's ``target_ongoing_requests``)."""
     ttft_p90_ms: float | None = Field(default=None, gt=0)
-    """The time-to-first-token SLO: P90 of this gateway's streams over the last interval."""
+    """The time-to-first-token SLO: P90 of this gateway's streams over the last 30 s. It scales out when broken
+    and never holds replicas (latency has a floor): give a load target too for scale-in under load."""
     scale_out_after_s: float = Field(default=6.0, ge=0)
     """How long every recommendation must ask for more before a replica is added (0: at once)."""
     scale_in_after_s: float = Field(default=300.0, ge=0)
@@ -158,8 +161,10 @@ class AutoscaleSettings(BaseSettings):
     def _range(self) -> AutoscaleSettings:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"autoscale: min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
-        if self.target_waiting is None and self.target_kv_cache is None and self.ttft_p90_ms is None:
-            raise ValueError("autoscale needs a target: target_waiting, target_kv_cache or ttft_p90_ms")
+        if all(t is None for t in (self.target_waiting, self.target_kv_cache, self.ttft_p90_ms, self.target_in_flight)):
+            raise ValueError(
+                "autoscale needs a target: target_waiting, target_kv_cache, target_in_flight or ttft_p90_ms"
+            )
         return self
 
 

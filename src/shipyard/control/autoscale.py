@@ -38,7 +38,11 @@ class AutoscalePolicy:
     target_kv_cache: float | None = 0.8
     """Mean KV-cache use of the replicas (0..1)."""
     ttft_p90_ms: float | None = None
-    """The time-to-first-token SLO, P90 over the last observation's interval."""
+    """The time-to-first-token SLO, P90 over a recent window. An SLO asks for more replicas when it is broken and
+    never holds them: latency has a floor (one request alone), so a ratio under 1 says nothing about how many
+    replicas the load needs; the load signals decide scale-in."""
+    target_in_flight: float | None = None
+    """Requests in flight per replica (Ray Serve's ``target_ongoing_requests``, Knative's concurrency target)."""
     scale_out_after_s: float = 6.0
     scale_in_after_s: float = 300.0
     tolerance: float = 0.1
@@ -47,8 +51,11 @@ class AutoscalePolicy:
     def __post_init__(self) -> None:
         if not 0 <= self.min_replicas <= self.max_replicas:
             raise ValueError(f"min_replicas {self.min_replicas} .. max_replicas {self.max_replicas} is empty")
-        if self.target_waiting is None and self.target_kv_cache is None and self.ttft_p90_ms is None:
-            raise ValueError("autoscale needs a target: target_waiting, target_kv_cache or ttft_p90_ms")
+        targets = (self.target_waiting, self.target_kv_cache, self.ttft_p90_ms, self.target_in_flight)
+        if all(t is None for t in targets):
+            raise ValueError(
+                "autoscale needs a target: target_waiting, target_kv_cache, target_in_flight or ttft_p90_ms"
+            )
 
 
 @dataclass(frozen=True)
@@ -86,8 +93,12 @@ class Autoscaler:
             ratios.append((load.waiting / max(load.replicas, 1) / p.target_waiting, "waiting"))
         if p.target_kv_cache:
             ratios.append((load.kv_cache / p.target_kv_cache, "kv_cache"))
+        if p.target_in_flight:
+            ratios.append((load.requests / max(load.replicas, 1) / p.target_in_flight, "in_flight"))
         if p.ttft_p90_ms and load.ttft_p90_ms is not None:
-            ratios.append((load.ttft_p90_ms / p.ttft_p90_ms, "ttft_p90"))
+            ratio = load.ttft_p90_ms / p.ttft_p90_ms
+            if ratio > 1 + p.tolerance or not ratios:  # broken: more; met: the load signals decide
+                ratios.append((ratio, "ttft_p90"))
         return max(ratios, default=(0.0, "idle"))
 
     def decide(self, load: Load) -> Scale:

@@ -101,6 +101,7 @@ def autoscale_policy(settings: Settings, model: str) -> AutoscalePolicy | None:
         target_waiting=a.target_waiting,
         target_kv_cache=a.target_kv_cache,
         ttft_p90_ms=a.ttft_p90_ms,
+        target_in_flight=a.target_in_flight,
         scale_out_after_s=a.scale_out_after_s,
         scale_in_after_s=a.scale_in_after_s,
         tolerance=a.tolerance,

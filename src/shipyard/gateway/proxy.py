@@ -620,12 +620,14 @@ class Proxy:
         drop_usage: bool,
         started: float,
     ) -> UpstreamStream:
+        def on_first_chunk(stream: UpstreamStream) -> None:
+            assert stream.first_chunk_at is not None
+            self.metrics.ttft.labels(route.name, model, *_version_labels(stream.replica)).observe(
+                stream.first_chunk_at - started
+            )
+
         def on_close(stream: UpstreamStream) -> None:
             attempt.release()
-            if stream.first_chunk_at is not None:
-                self.metrics.ttft.labels(route.name, model, *_version_labels(stream.replica)).observe(
-                    stream.first_chunk_at - started
-                )
             if stream.scan.completion_tokens is not None or stream.scan.prompt_tokens is not None:
                 self._count_tokens(model, stream.scan.prompt_tokens or 0, stream.scan.completion_tokens or 0)
             self._settle_unreported(None)
@@ -644,7 +646,7 @@ class Proxy:
 
         headers = {**served_by(replica), "cache-control": "no-cache", "x-accel-buffering": "no"}
         scan = StreamScan(drop_usage=drop_usage, end_markers=route.stream_end, find_response_id=route is RESPONSES)
-        return UpstreamStream(replica, upstream, scan, headers, on_close, resend, self.write_timeout_s)
+        return UpstreamStream(replica, upstream, scan, headers, on_close, resend, self.write_timeout_s, on_first_chunk)
 
     def _finish(self, route: str, model: str, status: int, started: float, replica: Replica | None) -> None:
         labels = _version_labels(replica)

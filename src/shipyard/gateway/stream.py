@@ -37,6 +37,7 @@ class UpstreamStream(Response):
         on_close: Callable[[UpstreamStream], None],
         resend: Resend | None = None,
         write_timeout_s: float = 30.0,
+        on_first_chunk: Callable[[UpstreamStream], None] | None = None,
     ) -> None:
         self.write_timeout_s = write_timeout_s
         """A client that takes longer than this to take one chunk has stopped reading: the stream ends (and the
@@ -50,6 +51,9 @@ class UpstreamStream(Response):
         self.upstream = upstream
         self.scan = scan
         self.on_close = on_close
+        self.on_first_chunk = on_first_chunk
+        """Called once, when the first chunk with output arrives (the TTFT is known then, not at the stream's
+        end: the autoscaler's TTFT signal would otherwise lag by a whole generation)."""
         self.resend = resend
         self.resends = 0
         self.first_chunk_at: float | None = None
@@ -122,6 +126,8 @@ class UpstreamStream(Response):
                 if out:
                     if self.first_chunk_at is None:
                         self.first_chunk_at = time.perf_counter()
+                        if self.on_first_chunk is not None:
+                            self.on_first_chunk(self)
                     with anyio.move_on_after(self.write_timeout_s) as writing:
                         await send({"type": "http.response.body", "body": out, "more_body": True})
                     if writing.cancelled_caught:  # it stopped reading: end here, closing the upstream aborts it
