@@ -2,13 +2,14 @@
 
 A step load — 1 stream, then 6, then 1 again — against `shipyard serve` twice, one after the other in one run:
 **fixed** (one replica, no autoscale) and **autoscaled** (``min_replicas: 1, max_replicas: 2``, 4 requests in
-flight per replica and the TTFT P90 SLO ``--slo-ms``). Each replica of the default model runs on its own half of the CPUs (vLLM-CPU binds its threads),
-so a second replica doubles what the engines can compute. Records every request (start, TTFT, end, error,
-cut streams) and the gateway's ``/admin/scale`` every 0.5 s (replicas serving/starting/draining, desired, the
-signals), then writes ``autoscale.json``, ``requests-<arm>.jsonl``, ``scale-<arm>.jsonl`` and
-``timeline.png`` under ``--out``.
+flight per replica and the TTFT P90 SLO ``--slo-ms``). Each replica of the default model runs on its own half of
+the CPUs (vLLM-CPU binds its threads), so a second replica doubles what the engines can compute. Records every
+request (start, TTFT, end, error, cut streams) and the gateway's ``/admin/scale`` every 0.5 s (replicas
+serving/starting/draining, desired, the signals), then writes ``autoscale.json``, ``requests-<arm>.jsonl``,
+``scale-<arm>.jsonl`` and ``timeline.png`` under ``--out``.
 
     .venv/bin/python benchmarks/autoscale_cpu.py --out reports/autoscale/2026-12-07-cpu
+    .venv/bin/python benchmarks/autoscale_cpu.py --out reports/autoscale/2026-12-07-cpu --zero   # from zero
 """
 
 from __future__ import annotations
@@ -188,6 +189,45 @@ def summarize(
     }
 
 
+def from_zero(model_dir: Path, out: Path, idle_s: float) -> dict[str, Any]:
+    """``min_replicas: 0``: serve, let it idle to zero, then one request: how long it waited, the cold start."""
+    autoscale = {"min_replicas": 0, "max_replicas": 1, "target_in_flight": 4, "scale_in_after_s": idle_s,
+                 "cold_start_wait_s": 300}  # fmt: skip
+    work = Path(tempfile.mkdtemp(prefix="shipyard-autoscale-zero-"))
+    process, gateway = serve(work, model_dir, autoscale)
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    result: dict[str, Any] = {"autoscale": autoscale}
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < idle_s + 120:
+            status = httpx.get(f"{gateway}/admin/scale", headers=admin, timeout=10).json()
+            if not any(status["replicas"].values()):
+                break
+            time.sleep(0.5)
+        result["at_zero_after_s"] = round(time.monotonic() - started, 1)
+        ready = httpx.get(f"{gateway}/ready", timeout=10)
+        result["ready_at_zero"] = ready.status_code
+        sent = time.monotonic()
+        answer = httpx.post(
+            f"{gateway}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            json={"model": DEFAULT_MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8},
+            timeout=400,
+        )
+        result["first_request"] = {"status": answer.status_code, "waited_s": round(time.monotonic() - sent, 2)}
+        audit = work / "audit.jsonl"
+        events = [json.loads(line) for line in audit.read_text().splitlines()] if audit.exists() else []
+        result["events"] = [
+            {k: e.get(k) for k in ("at", "action", "replica", "to", "reason", "cold_start_s", "cut_in_flight")}
+            for e in events
+            if str(e.get("action", "")).startswith(("scale_", "replica_"))
+        ]
+    finally:
+        stop(process, work)
+    (out / "zero.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
 def plot(out: Path, arms: dict[str, dict[str, Any]]) -> None:
     from shipyard.plots import _pyplot
 
@@ -233,11 +273,15 @@ def main() -> None:
     parser.add_argument("--target-in-flight", type=float, default=4.0, help="its target_in_flight")
     parser.add_argument("--scale-in-after", type=float, default=45.0, help="its scale_in_after_s")
     parser.add_argument("--phases", default="30,240,90", help="seconds of 1, 6 and 1 streams")
+    parser.add_argument("--zero", action="store_true", help="only the scale-from-zero measurement (zero.json)")
     args = parser.parse_args()
     phases = tuple(float(x) for x in args.phases.split(","))
     assert len(phases) == 3
     model_dir = pull_default(args.models_dir).path
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.zero:
+        print(json.dumps(from_zero(model_dir, args.out, idle_s=20), indent=1), flush=True)
+        return
     autoscale = {
         "min_replicas": 1,
         "max_replicas": 2,

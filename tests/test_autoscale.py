@@ -59,6 +59,19 @@ def test_a_ramp_is_followed_one_step_at_a_time_and_never_back_down_while_it_rise
         assert second - asked <= POLICY.scale_out_after_s + 1, (second, asked)
 
 
+def test_windows_hold_on_a_real_clock_whose_ticks_never_land_on_the_window_edge() -> None:
+    """Seen on the CPU run of 2026-12-07: with observations at 1.03 s steps, the window was never "covered" (its
+    oldest kept observation was always younger than the window), so scale-in never came."""
+    scaler, replicas = Autoscaler(POLICY), 2
+    seen = []
+    for tick in range(120):
+        at = 0.37 + tick * 1.03
+        replicas = scaler.decide(Load(at=at, replicas=replicas, waiting=0.0, requests=1)).replicas
+        seen.append((round(at, 2), replicas))
+    scaled_in_at = next(at for at, n in seen if n == 1)
+    assert POLICY.scale_in_after_s <= scaled_in_at - 0.37 <= POLICY.scale_in_after_s + 2.5, seen
+
+
 def test_scale_in_waits_for_its_window_and_halves_at_most() -> None:
     seen = run(POLICY, [0.0] * 200, start=4)
     assert seen[:59] == [4] * 59  # the window is not covered yet

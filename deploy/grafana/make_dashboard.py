@@ -124,6 +124,21 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], int]] = [
         ],
         8,
     ),
+    (
+        "Replicas: desired and by rotation (autoscale)",
+        "short",
+        [
+            ("max by (model, deployment) (shipyard_autoscale_desired_replicas)", "desired {{model}} {{deployment}}"),
+            ("max by (model, state) (shipyard_autoscale_replicas)", "{{model}} {{state}}"),
+        ],
+        12,
+    ),
+    (
+        "Autoscale signals",
+        "short",
+        [("max by (model, signal) (shipyard_autoscale_signal)", "{{model}} {{signal}}")],
+        12,
+    ),
 ]
 
 

@@ -119,6 +119,19 @@ class EngineSettings(BaseSettings):
     """Command that starts vLLM's CLI; empty means ``<this python> -m vllm.entrypoints.cli.main``."""
 
 
+class ClusterSettings(BaseSettings):
+    """``cluster:``: where engines run beyond this host. Without it, engines are local processes (unchanged)."""
+
+    model_config = SettingsConfigDict(extra="forbid")
+
+    backend: Literal["ray"] = "ray"
+    address: str = Field(min_length=3)
+    """The Ray cluster's head, ``HOST:PORT`` (``ray start --head`` prints it; 6379 by default). With Ray's token
+    authentication on (``RAY_AUTH_MODE=token``), the gateway needs the cluster's ``RAY_AUTH_TOKEN`` too."""
+    namespace: str = Field(default="shipyard", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    """The Ray namespace of this shipyard's engine actors (one per deployment sharing a cluster)."""
+
+
 class AutoscaleSettings(BaseSettings):
     """A model's ``autoscale:``: its replica count follows its load (``shipyard.control.autoscale``). Every target
     given is a signal; the most pressed one decides.
@@ -375,6 +388,8 @@ class Settings(BaseSettings):
     restart_backoff_s: float = Field(default=1.0, gt=0)
     """First wait before restarting a crashed engine; doubles per failed attempt, up to 30 s."""
 
+    cluster: ClusterSettings | None = None
+    """Run engines on a Ray cluster's nodes (``shipyard.cluster``) instead of as this host's processes."""
     state_url: str | None = None
     """Where the deployment state lives: None (default) = the file ``data_dir/state/state.json``, for one gateway;
     ``file:///DIR``; or ``redis://[:PASSWORD@]HOST:PORT/DB[?prefix=NAME]`` for several gateways sharing it."""

@@ -243,6 +243,24 @@ def engine_launcher(
     if gpu_slots is None and profile != Profile.CPU.value:
         gpu_slots = fleet_gpu_plan(settings, [choice])
     logs = settings.data_dir / "logs"
+    if settings.cluster is not None:  # Ray places the engines: no CPU sets or GPU slots of this host
+        from shipyard.cluster.ray_backend import RayLauncher
+
+        return RayLauncher(
+            choice.spec,
+            logs / choice.name.replace("/", "_") if choice.name else logs,
+            address=settings.cluster.address,
+            model=choice.name,
+            namespace=settings.cluster.namespace,
+            command=e.vllm_command or None,
+            env={
+                **({"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if enable_lora else {}),
+                **({"VLLM_API_KEY": key} if (key := settings.engine_key_value()) else {}),
+            },
+            ready_timeout_s=e.startup_timeout_s,
+            marker=str(settings.data_dir.resolve()),
+            die_with_parent=False,
+        )
     return EngineLauncher(
         choice.spec,
         logs / choice.name.replace("/", "_") if choice.name else logs,
@@ -335,8 +353,9 @@ class _Engines:
         )
         here = socket.gethostname()
         records = []
+        spans_hosts = getattr(self.launcher, "spans_hosts", False)  # a cluster's engines: adopted wherever they run
         for record in state.replicas:
-            if not record.managed or (record.host and record.host != here):
+            if not record.managed or (record.host and record.host != here and not spans_hosts):
                 records.append(record)
                 continue
             adopted = self._adopt(record, check=record.deployment != interrupted_new)
@@ -523,7 +542,7 @@ def _bring_up_model(
         ours = [h.identity() for h in handles.values() if isinstance(h, EngineHandle)]
         busy = {i["cpu_bind"] for i in ours if i["cpu_bind"]} | {i["devices"] for i in ours if i["devices"]}
         handle = launcher.handle_for(choice.spec, name, port=port, **launcher.free_place(busy))
-        say(f"starting vLLM for {choice.served} from {choice.folder} (log: {handle.process.log_file}) ...")
+        say(f"starting vLLM for {choice.served} from {choice.folder} (log: {handle.log_file}) ...")
         try:
             start(handle)
         except StackError:
@@ -633,6 +652,12 @@ def stop_everything(settings: Settings, say: Say, grace_s: float = 30.0) -> int:
                 gateway.wait(timeout=grace_s)
             if gateway.is_running():
                 gateway.kill()
+            stopped += 1
+    if settings.cluster is not None:  # the engines this shipyard placed on the cluster's nodes
+        from shipyard.cluster.ray_backend import stop_actors
+
+        for name in stop_actors(settings.cluster.address, settings.cluster.namespace):
+            say(f"stopped engine actor {name} on the Ray cluster")
             stopped += 1
     processes = shipyard_engines(settings.data_dir)
     groups = set()

@@ -177,7 +177,7 @@ def _print_model(described: dict[str, Any], indent: str) -> None:
             state = "ready" if r["ready"] else f"NOT READY ({r['error']})"
             place = (
                 f" gpus={r['devices']}" if r.get("devices") else f" cpus={r['cpu_bind']}" if r.get("cpu_bind") else ""
-            )
+            ) + (f" host={r['host']}" if r.get("host") else "")
             rotation = f" [{r['rotation']}]" if r.get("rotation") else ""
             typer.echo(
                 f"{indent}  {r['name']} {r['url']} version={r['version']} {state}{rotation} "

@@ -114,8 +114,9 @@ class Autoscaler:
                 raw = 0
         raw = min(max(raw, p.min_replicas), p.max_replicas)
         self._recommended.append((load.at, raw))
-        while self._recommended and self._recommended[0][0] < load.at - max(p.scale_in_after_s, p.scale_out_after_s):
-            self._recommended.popleft()
+        horizon = load.at - max(p.scale_in_after_s, p.scale_out_after_s)
+        while len(self._recommended) > 1 and self._recommended[1][0] <= horizon:
+            self._recommended.popleft()  # the first one left is at or before the horizon: the windows are covered
         if ratio >= p.panic_ratio:
             self._panic_until = load.at + p.scale_out_after_s
         panic = load.at < self._panic_until

@@ -209,10 +209,9 @@ class ControlPlane:
         return self.record(replica.name, handle, deployment=replica.deployment, version=replica.version, target=target)
 
     def record(self, name: str, handle: ReplicaHandle, **fields: Any) -> ReplicaRecord:
-        identity = handle.identity()
-        return ReplicaRecord(
-            name=name, url=handle.url, host=socket.gethostname() if identity else "", **fields, **identity
-        )
+        identity = handle.identity()  # a replica on a cluster node names its own url and host
+        base = {"name": name, "url": handle.url, "host": socket.gethostname() if identity else ""}
+        return ReplicaRecord(**{**base, **fields, **identity})
 
     async def commit(self, **changes: Any) -> DeploymentState:
         """Save the current state with ``changes`` as the next revision, then apply it. The rollout is written
@@ -252,6 +251,9 @@ class ControlPlane:
             if replica is None:
                 replica = Replica(record.url, name=name, deployment=record.deployment, version=record.version)
                 self.pool.add(replica)
+                self.spawn(probe(self.client, replica))
+            if replica.url != record.url:  # its engine moved (a cluster node died): the new address, probed anew
+                replica.url, replica.ready = record.url, False
                 self.spawn(probe(self.client, replica))
             replica.version = record.version
             replica.quarantined = record.quarantined
@@ -608,6 +610,7 @@ class ControlPlane:
                         "pid": getattr(self._state.replica(r.name), "pid", None),
                         "devices": getattr(self._state.replica(r.name), "devices", None),
                         "cpu_bind": getattr(self._state.replica(r.name), "cpu_bind", None),
+                        "host": getattr(self._state.replica(r.name), "host", None) or None,
                         "rotation": r.rotation or None,
                     }
                     for r in replicas

@@ -25,6 +25,10 @@ class EngineHandle:
         self.ready_timeout_s = ready_timeout_s
         self.url = process.url
 
+    @property
+    def log_file(self) -> Path:
+        return self.process.log_file
+
     def alive(self) -> bool:
         return self.process.alive()
 

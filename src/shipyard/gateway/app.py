@@ -313,12 +313,19 @@ def create_app(
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    def host_of(model: str, name: str) -> str | None:
+        """The host a replica's engine runs on, as its state records it (a cluster node's address)."""
+        plane = controls.get(model)
+        record = plane.state.replica(name) if plane is not None else None
+        return (record.host or None) if record is not None else None
+
     @app.get("/ready")
     async def ready() -> JSONResponse:
         replicas = [
             {
                 "name": r.name,
                 "model": model,
+                "host": host_of(model, r.name),
                 "deployment": r.deployment,
                 "version": r.version,
                 "ready": r.ready,

@@ -1,0 +1,2 @@
+"""Engines beyond one host: the Ray cluster backend (``shipyard.cluster.ray_backend``, imported only when the
+settings name ``cluster:``)."""

@@ -1,0 +1,340 @@
+"""The Ray cluster backend: each engine replica a named, detached Ray actor that runs the vLLM server on its node.
+
+``cluster: {backend: ray, address: HEAD:6379}`` puts a :class:`RayLauncher` behind the launcher seam
+(``shipyard.control.launcher``): the control plane, its rollouts, the supervisor and the scaler use it as they use
+local processes. Ray places each actor on a node with the resources it asks for (``num_gpus`` = the engine's
+GPUs, one CPU where the cluster has no GPUs) and restarts it on another node when its node dies
+(``max_restarts=-1``); the actor starts the engine on its node, listening on the node's address with the engine
+key (every route but ``/health`` needs it). A replica's URL is its node's address and port, so a replica that
+moved has a new URL: the handle reports it and the state records it.
+
+Ray is an optional extra (``pip install 'shipyard[ray]'``); nothing on the single-host path imports this module.
+Every node runs the same shipyard and sees the model folders at the same paths (shared storage).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from shipyard.engine.launcher import EngineLauncher
+from shipyard.engine.process import EngineStartError
+from shipyard.engine.spec import EngineSpec
+
+log = logging.getLogger("shipyard.cluster")
+
+NAMESPACE = "shipyard"
+"""Default Ray namespace of shipyard's actors (named, detached: they outlive the gateway that made them); one per
+shipyard deployment sharing a cluster (``cluster.namespace``)."""
+
+
+class EngineActor:
+    """Runs one engine's vLLM server on the node Ray placed it on (made a Ray actor class by :func:`actor_class`)."""
+
+    def __init__(
+        self, spec: dict[str, Any], name: str, log_dir: str, env: dict[str, str], command: list[str] | None
+    ) -> None:
+        import ray
+
+        from shipyard.engine.process import EngineProcess
+
+        self.node = ray.util.get_node_ip_address()
+        engine = dataclasses.replace(EngineSpec.from_record(spec), host=self.node)
+        log_file = Path(log_dir) / f"engine-{name}.log"
+        self.process = EngineProcess(engine, log_file, command=command, env=env, die_with_parent=True)
+        self.process.start()  # a restart of the actor (its node died) starts the engine on its new node
+
+    def where(self) -> dict[str, Any]:
+        return {"url": self.process.url, "host": self.node, "pid": self.process.pid}
+
+    def alive(self) -> bool:
+        return self.process.alive()
+
+    def restart(self) -> dict[str, Any]:
+        self.process.stop(5.0)
+        self.process.start()
+        return self.where()
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    def log_tail(self) -> str:
+        from shipyard.engine.process import last_error
+
+        return last_error(self.process.log_file)
+
+
+_ACTOR: Any = None
+
+
+def actor_class() -> Any:
+    import ray
+
+    global _ACTOR
+    if _ACTOR is None:
+        _ACTOR = ray.remote(EngineActor)
+    return _ACTOR
+
+
+def connect(address: str, namespace: str = NAMESPACE) -> None:
+    """Join the cluster at ``address`` as a driver (once per process). Ray's token authentication applies when the
+    cluster runs with ``RAY_AUTH_MODE=token``: this process needs the same ``RAY_AUTH_TOKEN``."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level=logging.WARNING)
+
+
+class RayReplicaHandle:
+    """A replica whose engine runs in a Ray actor (a ``ReplicaHandle``). ``alive`` reads a flag a watcher thread
+    keeps (the supervisor asks every 0.2 s, and a call to a dead node would block its loop)."""
+
+    def __init__(self, launcher: RayLauncher, name: str, spec: EngineSpec, actor: Any = None) -> None:
+        self.launcher = launcher
+        self.name = name
+        self.spec = spec
+        self.actor = actor
+        self.url = ""
+        self.host = ""
+        self.pid: int | None = None
+        self._alive = actor is not None
+        self._watching = threading.Event()
+
+    @property
+    def log_file(self) -> Path:
+        """Where the engine writes its log, on its node (the model folders and logs are on shared storage)."""
+        return self.launcher.log_dir / f"engine-{self.name}.log"
+
+    # ----- ReplicaHandle ---------------------------------------------------------------------------------
+
+    def alive(self) -> bool:
+        return self._alive
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "engine": dataclasses.asdict(self.spec),
+            "url": self.url,
+            "host": self.host,
+            "pid": self.pid,
+            "started_at": None,
+            "devices": None,
+            "cpu_bind": None,
+            "log_file": str(self.log_file),
+        }
+
+    def serve_from(self, folder: str) -> None:
+        self.spec = dataclasses.replace(self.spec, model=folder)
+
+    def spawn(self) -> None:
+        import ray
+
+        gpus = self.spec.tensor_parallel_size or 1
+        resources: dict[str, Any] = {"num_gpus": gpus} if self.launcher.has_gpus() else {"num_cpus": 1}
+        self.actor = (
+            actor_class()
+            .options(
+                name=self.launcher.actor_name(self.name),
+                namespace=self.launcher.namespace,
+                lifetime="detached",
+                max_restarts=-1,
+                max_task_retries=-1,
+                get_if_exists=True,
+                scheduling_strategy="SPREAD",  # replicas over hosts: one host lost is a share of each model
+                **resources,
+            )
+            .remote(
+                dataclasses.asdict(self.spec),
+                self.name,
+                str(self.launcher.log_dir),
+                self.launcher.process_env(None, None),
+                self.launcher.command,
+            )
+        )
+        self._locate(ray.get(self.actor.where.remote(), timeout=self.launcher.ready_timeout_s))
+        self._watch()
+
+    def _locate(self, where: Mapping[str, Any]) -> None:
+        self.url, self.host, self.pid = str(where["url"]), str(where["host"]), where.get("pid")
+        self._alive = True
+
+    def _watch(self) -> None:
+        if self._watching.is_set():
+            return
+        self._watching.set()
+        threading.Thread(target=self._watch_loop, daemon=True, name=f"ray-watch-{self.name}").start()
+
+    def _watch_loop(self) -> None:
+        import ray
+
+        while self._watching.is_set():
+            try:
+                where = ray.get(self.actor.where.remote(), timeout=2.0)
+                alive = bool(ray.get(self.actor.alive.remote(), timeout=2.0))
+                moved = where["url"] != self.url
+                self._alive = alive and not moved  # moved: the supervisor restarts it, and learns the new URL
+            except Exception:  # its node is gone (Ray restarts the actor elsewhere) or it was killed
+                self._alive = False
+            time.sleep(0.5)
+
+    async def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.launcher.ready_timeout_s
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                try:
+                    if (await client.get(f"{self.url}/health")).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                if not await asyncio.to_thread(self._actor_alive):
+                    tail = await asyncio.to_thread(self._log_tail)
+                    raise EngineStartError(f"vLLM on {self.host} exited while starting: {tail}")
+                await asyncio.sleep(0.5)
+        raise EngineStartError(f"vLLM on {self.host} not healthy after {self.launcher.ready_timeout_s:.0f}s")
+
+    def _actor_alive(self) -> bool:
+        import ray
+
+        try:
+            return bool(ray.get(self.actor.alive.remote(), timeout=10.0))
+        except Exception:
+            return True  # the actor is being restarted elsewhere: its new engine is awaited, not given up
+
+    def _log_tail(self) -> str:
+        import ray
+
+        try:
+            return str(ray.get(self.actor.log_tail.remote(), timeout=10.0))
+        except Exception as exc:
+            return f"(no log: {type(exc).__name__})"
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.spawn)
+        await self.wait_ready()
+
+    async def restart(self) -> None:
+        """Its engine again: where the actor is now (a node that died moved it: the engine its restart started
+        there is waited for), or started anew on the same node (the engine died or hung)."""
+        import ray
+
+        where = await asyncio.to_thread(ray.get, self.actor.where.remote(), timeout=self.launcher.ready_timeout_s)
+        if where["url"] == self.url:
+            where = await asyncio.to_thread(ray.get, self.actor.restart.remote(), timeout=60)
+        self._locate(where)
+        await self.wait_ready()
+
+    async def stop(self) -> None:
+        import ray
+
+        self._watching.clear()
+        self._alive = False
+        if self.actor is None:
+            return
+        try:
+            await asyncio.to_thread(ray.get, self.actor.stop.remote(), timeout=60)
+        except Exception as exc:  # its node is gone: nothing left to stop there
+            log.warning("engine actor %s did not stop cleanly: %s", self.name, exc)
+        await asyncio.to_thread(ray.kill, self.actor, no_restart=True)
+
+
+class RayLauncher(EngineLauncher):
+    """Starts each replica as a Ray actor on whichever node has room (see the module's text)."""
+
+    def __init__(
+        self,
+        base: EngineSpec,
+        log_dir: Path,
+        *,
+        address: str,
+        model: str = "",
+        namespace: str = NAMESPACE,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(base, log_dir, **kwargs)
+        self.address = address
+        self.model = model
+        self.namespace = namespace
+        connect(address, namespace)
+
+    def actor_name(self, replica: str) -> str:
+        """Unique in the namespace: two models of a fleet may both have a ``blue-v1``."""
+        return f"{self.model}/{replica}" if self.model else replica
+
+    spans_hosts = True
+    """Its replicas run on other hosts: a restarted gateway adopts them whatever host its records name."""
+
+    def has_gpus(self) -> bool:
+        import ray
+
+        return float(ray.cluster_resources().get("GPU", 0)) > 0
+
+    def room(self, busy: Iterable[str]) -> str | None:
+        import ray
+
+        free = ray.available_resources()
+        need = "GPU" if self.has_gpus() else "CPU"
+        amount = (self.base.tensor_parallel_size or 1) if need == "GPU" else 1
+        if float(free.get(need, 0)) >= amount:
+            return None
+        return f"no node of the Ray cluster at {self.address} has {amount} free {need} (free: {free.get(need, 0)})"
+
+    def handle_for(  # type: ignore[override]
+        self,
+        spec: EngineSpec,
+        name: str,
+        *,
+        cpu_bind: str | None = None,
+        port: int | None = None,
+        devices: str | None = None,
+    ) -> RayReplicaHandle:
+        return RayReplicaHandle(self, name, spec)
+
+    def adopt(self, identity: Mapping[str, Any], url_port: int, name: str) -> RayReplicaHandle:  # type: ignore[override]
+        import ray
+
+        try:
+            actor = ray.get_actor(self.actor_name(name), namespace=self.namespace)
+        except ValueError:
+            raise ProcessLookupError(f"no engine actor {self.actor_name(name)} in the Ray cluster") from None
+        handle = RayReplicaHandle(self, name, EngineSpec.from_record(identity["engine"]), actor)
+        try:
+            handle._locate(ray.get(actor.where.remote(), timeout=30))
+        except Exception as exc:
+            raise ProcessLookupError(f"engine actor {name} does not answer: {exc}") from None
+        handle._watch()
+        return handle
+
+
+def cluster_nodes() -> list[dict[str, Any]]:
+    """The cluster's live nodes: address and resources (for ``status`` and placement messages)."""
+    import ray
+
+    return [
+        {"host": n["NodeManagerAddress"], "resources": n.get("Resources", {})} for n in ray.nodes() if n.get("Alive")
+    ]
+
+
+def stop_actors(address: str, namespace: str = NAMESPACE) -> list[str]:
+    """Stop every engine actor of this shipyard's namespace on the cluster (``shipyard stop``); their names."""
+    import ray
+
+    connect(address, namespace)
+    stopped = []
+    for name in ray.util.list_named_actors():  # this driver's namespace only
+        try:
+            actor = ray.get_actor(name, namespace=namespace)
+        except ValueError:
+            continue
+        with contextlib.suppress(Exception):
+            ray.get(actor.stop.remote(), timeout=60)
+        ray.kill(actor, no_restart=True)
+        stopped.append(name)
+    return stopped

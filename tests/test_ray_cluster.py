@@ -1,0 +1,141 @@
+"""The fleet on a real Ray cluster of two hosts (network namespaces on a bridge), issue 36. Engines are the fake
+OpenAI server as real processes on the nodes (speed); the gateway runs on this machine as a Ray driver.
+
+Promises checked: replicas are spread over the hosts and `/ready` names each one's host; when every process of
+one host is SIGKILLed under load, its replica is out of rotation within 5 s, its requests fail over, and it
+serves again from the other host (Ray restarts its actor there) with the new address recorded in the state."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from shipyard.engine import free_port
+from shipyard.engine.process import wait_until_ready
+from tests.hosts import Hosts, RayCluster
+
+pytest.importorskip("ray", reason="shipyard[ray] is not installed")
+pytestmark = pytest.mark.cluster
+
+KEY, ADMIN = "sk-ray-user", "sk-ray-admin"
+FAKE = [sys.executable, "-m", "shipyard.testing.fake_openai", "--token-rate", "200", "--ttft", "0.05"]
+
+
+@pytest.fixture
+def cluster() -> Iterator[RayCluster]:
+    hosts = Hosts(2).up()
+    try:
+        yield RayCluster(hosts, gpus_per_host=2).start()
+    finally:
+        hosts.down()
+
+
+def serve(tmp_path: Path, cluster: RayCluster) -> tuple[subprocess.Popen[bytes], str, dict[str, str]]:
+    folder = tmp_path / "model-v1"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    config = {
+        "cluster": {"backend": "ray", "address": cluster.address},
+        "models": [
+            {"name": "m", "source": str(folder), "version": "v1", "replicas": 2, "engine": {"vllm_command": FAKE}}
+        ],
+    }
+    (tmp_path / "shipyard.yaml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    env = {
+        **os.environ,
+        "SHIPYARD_API_KEYS": KEY,
+        "SHIPYARD_ADMIN_KEYS": ADMIN,
+        "SHIPYARD_DATA_DIR": str(tmp_path / "data"),
+        "SHIPYARD_HEALTH_INTERVAL_S": "0.5",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    log = (tmp_path / "serve.log").open("wb")
+    command = [sys.executable, "-m", "shipyard.cli", "serve", "--config", str(tmp_path / "shipyard.yaml")]
+    process = subprocess.Popen([*command, "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    wait_until_ready(process, url, 180, str(tmp_path / "serve.log"))
+    return process, url, env
+
+
+def replicas(url: str) -> list[dict[str, Any]]:
+    return httpx.get(f"{url}/ready", timeout=10).json()["replicas"]  # type: ignore[no-any-return]
+
+
+def recorded(url: str, name: str) -> dict[str, Any]:
+    """The replica as ``/admin/deployments`` describes it (its url and host from the state)."""
+    state = httpx.get(f"{url}/admin/deployments", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10).json()
+    return next(r for d in state["deployments"].values() for r in d["replicas"] if r["name"] == name)  # type: ignore[no-any-return]
+
+
+def test_replicas_spread_over_hosts_and_a_lost_host_is_served_again_from_the_other(
+    tmp_path: Path, cluster: RayCluster
+) -> None:
+    process, url, env = serve(tmp_path, cluster)
+    try:
+        placed = replicas(url)
+        assert sorted(r["host"] for r in placed) == sorted(cluster.hosts.addresses), placed  # one on each host
+        assert all(r["ready"] for r in placed)
+        lost_host = 1
+        lost = next(r for r in placed if r["host"] == cluster.hosts.addresses[lost_host])
+        lost_url = recorded(url, lost["name"])["url"]
+        assert lost_url.startswith(f"http://{cluster.hosts.addresses[lost_host]}:")  # it listens on its node
+
+        results: list[tuple[float, int]] = []
+        stop = threading.Event()
+
+        def client() -> None:
+            headers = {"Authorization": f"Bearer {KEY}"}
+            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+            with httpx.Client(timeout=30) as http:
+                while not stop.is_set():
+                    try:
+                        status = http.post(f"{url}/v1/chat/completions", json=body, headers=headers).status_code
+                    except httpx.HTTPError:
+                        status = 0
+                    results.append((time.monotonic(), status))
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(client) for _ in range(4)]
+            time.sleep(2)
+            killed_at = time.monotonic()
+            assert cluster.hosts.kill(lost_host) > 0  # the raylet, the actor and its engine: the host is lost
+            out_at = back_at = None
+            while time.monotonic() - killed_at < 90:
+                now = replicas(url)
+                mine = next(r for r in now if r["name"] == lost["name"])
+                if out_at is None and not mine["ready"]:
+                    out_at = time.monotonic()
+                if mine["ready"] and mine["host"] == cluster.hosts.addresses[0]:
+                    back_at = time.monotonic()
+                    break
+                time.sleep(0.1)
+            time.sleep(2)
+            stop.set()
+            for future in futures:
+                future.result()
+        assert out_at is not None and out_at - killed_at <= 5.0, out_at
+        assert back_at is not None, replicas(url)  # served again, from host 0
+        failed = [status for at, status in results if status != 200]
+        assert len(results) > 50 and len(failed) <= 4, (len(results), failed)  # at most those in flight on it
+        moved = recorded(url, lost["name"])
+        assert moved["host"] == cluster.hosts.addresses[0] and moved["url"] != lost_url
+        print(f"out of rotation after {out_at - killed_at:.2f} s, serving again after {back_at - killed_at:.2f} s")
+    finally:
+        process.terminate()
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        subprocess.run([sys.executable, "-m", "shipyard.cli", "stop"], env=env, capture_output=True, timeout=60)
