@@ -442,7 +442,11 @@ def sleep_mode(out: Path, args: argparse.Namespace) -> None:
         "source": str(MODEL),
         "version": "v1",
         "replicas": 2,
-        "engine": {"gpu_memory_utilization": 0.4, "max_model_len": MAX_MODEL_LEN, "extra_args": list(BASE_ARGS)},
+        "engine": {
+            "gpu_memory_utilization": 0.4,
+            "max_model_len": MAX_MODEL_LEN,
+            "extra_args": [*BASE_ARGS, "--enforce-eager"],  # no graph capture: two engines start in the call
+        },
         "autoscale": {
             "min_replicas": 1,
             "max_replicas": 2,
