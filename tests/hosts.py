@@ -4,6 +4,7 @@ real Ray cluster across them. Killing every process of a namespace is a host los
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -87,15 +88,21 @@ class Hosts:
 
 
 class RayCluster:
-    """A real Ray cluster over :class:`Hosts`: the head on host 0, a worker on each other host."""
+    """A real Ray cluster over :class:`Hosts`: the head on host 0, a worker on each other host, with Ray's token
+    authentication on (every node, and every driver, needs :attr:`token`)."""
 
     def __init__(self, hosts: Hosts, gpus_per_host: int = 2, cpus_per_host: int = 2) -> None:
         self.hosts = hosts
         self.gpus, self.cpus = gpus_per_host, cpus_per_host
         self.address = f"{hosts.addresses[0]}:6379"
+        self.token = secrets.token_hex(16)
+
+    def auth(self) -> dict[str, str]:
+        """What a node or driver of this cluster needs in its environment."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **self.auth()}
 
     def start(self) -> RayCluster:
         common = [f"--num-gpus={self.gpus}", f"--num-cpus={self.cpus}", "--disable-usage-stats"]

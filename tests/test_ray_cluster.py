@@ -45,16 +45,14 @@ def cluster() -> Iterator[RayCluster]:
         hosts.down()
 
 
-def serve(tmp_path: Path, cluster: RayCluster) -> tuple[subprocess.Popen[bytes], str, dict[str, str]]:
+def serve(
+    tmp_path: Path, cluster: RayCluster, models: list[dict[str, Any]] | None = None, ready_s: float = 180
+) -> tuple[subprocess.Popen[bytes], str, dict[str, str]]:
     folder = tmp_path / "model-v1"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
-    config = {
-        "cluster": {"backend": "ray", "address": cluster.address},
-        "models": [
-            {"name": "m", "source": str(folder), "version": "v1", "replicas": 2, "engine": {"vllm_command": FAKE}}
-        ],
-    }
+    fake = {"name": "m", "source": str(folder), "version": "v1", "replicas": 2, "engine": {"vllm_command": FAKE}}
+    config = {"cluster": {"backend": "ray", "address": cluster.address}, "models": models or [fake]}
     (tmp_path / "shipyard.yaml").write_text(yaml.safe_dump(config))
     port = free_port()
     env = {
@@ -64,13 +62,23 @@ def serve(tmp_path: Path, cluster: RayCluster) -> tuple[subprocess.Popen[bytes],
         "SHIPYARD_DATA_DIR": str(tmp_path / "data"),
         "SHIPYARD_HEALTH_INTERVAL_S": "0.5",
         "RAY_USAGE_STATS_ENABLED": "0",
+        **cluster.auth(),  # the gateway is a driver of a cluster with token authentication
     }
     log = (tmp_path / "serve.log").open("wb")
     command = [sys.executable, "-m", "shipyard.cli", "serve", "--config", str(tmp_path / "shipyard.yaml")]
     process = subprocess.Popen([*command, "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    wait_until_ready(process, url, 180, str(tmp_path / "serve.log"))
+    wait_until_ready(process, url, ready_s, str(tmp_path / "serve.log"))
     return process, url, env
+
+
+def stop(process: subprocess.Popen[bytes], env: dict[str, str]) -> None:
+    process.terminate()
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    subprocess.run([sys.executable, "-m", "shipyard.cli", "stop"], env=env, capture_output=True, timeout=120)
 
 
 def replicas(url: str) -> list[dict[str, Any]]:
@@ -97,13 +105,13 @@ def test_replicas_spread_over_hosts_and_a_lost_host_is_served_again_from_the_oth
         assert lost_url.startswith(f"http://{cluster.hosts.addresses[lost_host]}:")  # it listens on its node
 
         results: list[tuple[float, int]] = []
-        stop = threading.Event()
+        halt = threading.Event()
 
         def client() -> None:  # until ``stop``: one chat after the other, each status kept
             headers = {"Authorization": f"Bearer {KEY}"}
             body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
             with httpx.Client(timeout=30) as http:
-                while not stop.is_set():
+                while not halt.is_set():
                     try:
                         status = http.post(f"{url}/v1/chat/completions", json=body, headers=headers).status_code
                     except httpx.HTTPError:
@@ -126,7 +134,7 @@ def test_replicas_spread_over_hosts_and_a_lost_host_is_served_again_from_the_oth
                     break
                 time.sleep(0.1)
             time.sleep(2)
-            stop.set()
+            halt.set()
             for future in futures:
                 future.result()
         assert out_at is not None and out_at - killed_at <= 5.0, out_at
@@ -142,7 +150,7 @@ def test_replicas_spread_over_hosts_and_a_lost_host_is_served_again_from_the_oth
         v2.mkdir()
         (v2 / "config.json").write_text("{}")
         results.clear()
-        stop.clear()
+        halt.clear()
         admin = {"Authorization": f"Bearer {ADMIN}"}
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(client) for _ in range(4)]
@@ -155,7 +163,7 @@ def test_replicas_spread_over_hosts_and_a_lost_host_is_served_again_from_the_oth
                     break
                 time.sleep(0.2)
             time.sleep(1)
-            stop.set()
+            halt.set()
             for future in futures:
                 future.result()
         assert rollout["phase"] == "done", rollout
@@ -163,9 +171,49 @@ def test_replicas_spread_over_hosts_and_a_lost_host_is_served_again_from_the_oth
         green = [r for r in replicas(url) if r["deployment"] != "blue"]
         assert [r["host"] for r in green] == [cluster.hosts.addresses[lost_host]], replicas(url)
     finally:
-        process.terminate()
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        subprocess.run([sys.executable, "-m", "shipyard.cli", "stop"], env=env, capture_output=True, timeout=60)
+        stop(process, env)
+
+
+def test_a_driver_without_the_clusters_token_is_refused(tmp_path: Path, cluster: RayCluster) -> None:
+    """Promise (security): with Ray's token authentication on, a process without the token cannot join the
+    cluster as a driver (and so cannot start or reach engine actors); with it, it can."""
+    probe = "import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); print('joined')"
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    bare["HOME"] = str(tmp_path)  # no ~/.ray/auth_token to fall back on either
+    refused = subprocess.run([sys.executable, "-c", probe, cluster.address], env=bare, capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+    assert refused.returncode != 0 and "joined" not in refused.stdout
+    assert "auth" in (refused.stderr + refused.stdout).lower(), refused.stderr[-2000:]
+    wrong = {**bare, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 32}
+    refused = subprocess.run([sys.executable, "-c", probe, cluster.address], env=wrong, capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+    assert refused.returncode != 0 and "joined" not in refused.stdout
+    joined = subprocess.run([sys.executable, "-c", probe, cluster.address], env={**bare, **cluster.auth()},
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert joined.returncode == 0 and "joined" in joined.stdout, joined.stderr[-2000:]
+
+
+@pytest.mark.integration
+def test_a_real_vllm_cpu_engine_serves_from_a_remote_host(tmp_path: Path, cluster: RayCluster) -> None:
+    """Promise: the engine a Ray actor starts on another host is the real vLLM-CPU server, reached over the
+    network with the engine key, and answers the real OpenAI client through the gateway."""
+    import openai
+
+    from shipyard.prepare.default_model import DEFAULT_MODEL_NAME, pull_default
+    from tests.integration.conftest import shared_models_dir
+
+    model_dir = pull_default(shared_models_dir()).path
+    real = {"name": DEFAULT_MODEL_NAME, "source": str(model_dir), "version": "v1", "replicas": 1}
+    process, url, env = serve(tmp_path, cluster, models=[real], ready_s=600)
+    try:
+        (replica,) = replicas(url)
+        assert replica["host"] in cluster.hosts.addresses and replica["ready"], replica
+        engine_url = recorded(url, replica["name"])["url"]
+        assert httpx.get(f"{engine_url}/v1/models", timeout=10).status_code == 401  # keyed, on the network
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+        answer = client.chat.completions.create(
+            model=DEFAULT_MODEL_NAME, messages=[{"role": "user", "content": "Say hi"}], max_tokens=8
+        )
+        assert answer.choices[0].message.content
+    finally:
+        stop(process, env)

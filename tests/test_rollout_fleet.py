@@ -302,3 +302,38 @@ def test_a_registered_name_and_version_is_a_rollout_target(fleet: Fleet) -> None
     assert rollout["strategy"] == "blue-green" and "not in place" in rollout["strategy_reason"]
     assert fleet.wait_phase("done", "failed")["phase"] == "done"
     assert fleet.chat().headers["x-shipyard-version"] == "v7"
+
+
+def test_scaling_by_hand_adds_a_warm_replica_and_drains_one_away_under_streaming_load(fleet: Fleet) -> None:
+    """Promise (issue 35): `shipyard scale` out starts, warms and then routes to a new engine; in drains the
+    cheapest replica and stops it; streams running throughout lose nothing."""
+    from typer.testing import CliRunner
+
+    from shipyard.cli.app import app
+
+    def scale(*args: str) -> str:
+        result = CliRunner().invoke(app, ["scale", *args, "--gateway", fleet.url, "--admin-key", ADMIN])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    def serving() -> int:
+        return int(fleet.admin("GET", "/admin/scale").json()["replicas"]["serving"])
+
+    with StreamingClients(fleet.url, KEY, "m", clients=8, max_tokens=20) as load:
+        time.sleep(0.5)
+        assert "-> 2 replicas" in scale("--replicas", "2")
+        assert wait_for(lambda: serving() == 2, timeout=60)
+        ready = [r for r in httpx.get(f"{fleet.url}/ready").json()["replicas"] if r["ready"] and not r["rotation"]]
+        assert len(ready) == 2
+        time.sleep(1.0)
+        scale("--replicas", "1")
+        assert wait_for(lambda: serving() == 1 and len(fleet.processes()) == 1, timeout=60)
+        time.sleep(0.5)
+    summary = load.summary()
+    assert summary["failed"] == 0 and summary["truncated"] == 0, summary
+    entries = [json.loads(line) for line in (fleet.tmp / "data" / "audit.jsonl").read_text().splitlines()]
+    actions = [e["action"] for e in entries]
+    assert "replica_added" in actions and "replica_removed" in actions
+    assert next(e for e in entries if e["action"] == "replica_removed")["cut_in_flight"] == 0
+    refused = CliRunner().invoke(app, ["scale", "--auto", "--gateway", fleet.url, "--admin-key", ADMIN])
+    assert refused.exit_code != 0 and "no autoscale" in refused.output

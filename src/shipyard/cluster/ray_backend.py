@@ -73,6 +73,9 @@ class EngineActor:
         return last_error(self.process.log_file)
 
 
+PLACE_TIMEOUT_S = 60.0
+"""Longest a new engine actor may wait for a node with room before its start fails (the caller's loop waits)."""
+
 _ACTOR: Any = None
 
 
@@ -159,7 +162,15 @@ class RayReplicaHandle:
                 self.launcher.command,
             )
         )
-        self._locate(ray.get(self.actor.where.remote(), timeout=self.launcher.ready_timeout_s))
+        try:  # blocks the caller while Ray places the actor (1-3 s here); never for long
+            where = ray.get(self.actor.where.remote(), timeout=PLACE_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            ray.kill(self.actor, no_restart=True)
+            raise EngineStartError(
+                f"the Ray cluster at {self.launcher.address} placed no engine actor for {self.name} within "
+                f"{PLACE_TIMEOUT_S:g} s: no node has the resources it asks for ({resources})"
+            ) from None
+        self._locate(where)
         self._watch()
 
     def _locate(self, where: Mapping[str, Any]) -> None:

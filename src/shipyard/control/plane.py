@@ -528,6 +528,9 @@ class ControlPlane:
         except Exception as exc:
             raise ScaleRejected(503, f"the scale was not saved: {type(exc).__name__}: {exc}") from exc
         self.audit.record(who, "scale_set", replicas=replicas if replicas is not None else "auto")
+        if replicas is not None:  # what the answer shows; the scaler's next tick carries it out
+            status = self.scaler.status
+            status.mode, status.desired, status.reason = "manual", replicas, f"set to {replicas} by {who}"
         return self.scale_status()
 
     def scale_status(self) -> dict[str, Any]:

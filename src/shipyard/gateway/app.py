@@ -326,6 +326,7 @@ def create_app(
                 "name": r.name,
                 "model": model,
                 "host": host_of(model, r.name),
+                "rotation": r.rotation or None,  # starting (warming up) or draining (scaled in): not routed to
                 "deployment": r.deployment,
                 "version": r.version,
                 "ready": r.ready,
