@@ -9,6 +9,7 @@ the host is back in the cluster, a blue-green update under load places the new v
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import subprocess
 import sys
@@ -91,6 +92,33 @@ def recorded(url: str, name: str) -> dict[str, Any]:
     return next(r for d in state["deployments"].values() for r in d["replicas"] if r["name"] == name)  # type: ignore[no-any-return]
 
 
+@contextlib.contextmanager
+def clients(url: str, count: int = 4) -> Iterator[list[tuple[float, int]]]:
+    """``count`` clients sending one chat after the other until the block ends; yields (time, status) of each."""
+    results: list[tuple[float, int]] = []
+    halt = threading.Event()
+
+    def client() -> None:
+        headers = {"Authorization": f"Bearer {KEY}"}
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        with httpx.Client(timeout=30) as http:
+            while not halt.is_set():
+                try:
+                    status = http.post(f"{url}/v1/chat/completions", json=body, headers=headers).status_code
+                except httpx.HTTPError:
+                    status = 0
+                results.append((time.monotonic(), status))
+
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        futures = [pool.submit(client) for _ in range(count)]
+        try:
+            yield results
+        finally:
+            halt.set()
+            for future in futures:
+                future.result()
+
+
 def test_replicas_spread_over_hosts_and_a_lost_host_is_served_again_from_the_other(
     tmp_path: Path, cluster: RayCluster
 ) -> None:
@@ -104,22 +132,7 @@ def test_replicas_spread_over_hosts_and_a_lost_host_is_served_again_from_the_oth
         lost_url = recorded(url, lost["name"])["url"]
         assert lost_url.startswith(f"http://{cluster.hosts.addresses[lost_host]}:")  # it listens on its node
 
-        results: list[tuple[float, int]] = []
-        halt = threading.Event()
-
-        def client() -> None:  # until ``stop``: one chat after the other, each status kept
-            headers = {"Authorization": f"Bearer {KEY}"}
-            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-            with httpx.Client(timeout=30) as http:
-                while not halt.is_set():
-                    try:
-                        status = http.post(f"{url}/v1/chat/completions", json=body, headers=headers).status_code
-                    except httpx.HTTPError:
-                        status = 0
-                    results.append((time.monotonic(), status))
-
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            futures = [pool.submit(client) for _ in range(4)]
+        with clients(url) as results:
             time.sleep(2)
             killed_at = time.monotonic()
             assert cluster.hosts.kill(lost_host) > 0  # the raylet, the actor and its engine: the host is lost
@@ -134,9 +147,6 @@ def test_replicas_spread_over_hosts_and_a_lost_host_is_served_again_from_the_oth
                     break
                 time.sleep(0.1)
             time.sleep(2)
-            halt.set()
-            for future in futures:
-                future.result()
         assert out_at is not None and out_at - killed_at <= 5.0, out_at
         assert back_at is not None, replicas(url)  # served again, from host 0
         failed = [status for at, status in results if status != 200]
@@ -149,11 +159,8 @@ def test_replicas_spread_over_hosts_and_a_lost_host_is_served_again_from_the_oth
         v2 = tmp_path / "model-v2"
         v2.mkdir()
         (v2 / "config.json").write_text("{}")
-        results.clear()
-        halt.clear()
         admin = {"Authorization": f"Bearer {ADMIN}"}
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            futures = [pool.submit(client) for _ in range(4)]
+        with clients(url) as results:
             body = {"target": str(v2), "version": "v2", "strategy": "blue-green"}
             assert httpx.post(f"{url}/admin/rollouts", json=body, headers=admin, timeout=30).status_code == 202
             deadline = time.monotonic() + 120
@@ -163,9 +170,6 @@ def test_replicas_spread_over_hosts_and_a_lost_host_is_served_again_from_the_oth
                     break
                 time.sleep(0.2)
             time.sleep(1)
-            halt.set()
-            for future in futures:
-                future.result()
         assert rollout["phase"] == "done", rollout
         assert [status for _, status in results if status != 200] == [] and len(results) > 20
         green = [r for r in replicas(url) if r["deployment"] != "blue"]

@@ -111,6 +111,7 @@ class RayReplicaHandle:
         self.pid: int | None = None
         self._alive = actor is not None
         self._watching = threading.Event()
+        self._resources: dict[str, Any] = {}
 
     @property
     def log_file(self) -> Path:
@@ -138,7 +139,6 @@ class RayReplicaHandle:
         self.spec = dataclasses.replace(self.spec, model=folder)
 
     def spawn(self) -> None:
-        import ray
 
         gpus = self.spec.tensor_parallel_size or 1
         resources: dict[str, Any] = {"num_gpus": gpus} if self.launcher.has_gpus() else {"num_cpus": 1}
@@ -162,16 +162,9 @@ class RayReplicaHandle:
                 self.launcher.command,
             )
         )
-        try:  # blocks the caller while Ray places the actor (1-3 s here); never for long
-            where = ray.get(self.actor.where.remote(), timeout=PLACE_TIMEOUT_S)
-        except ray.exceptions.GetTimeoutError:
-            ray.kill(self.actor, no_restart=True)
-            raise EngineStartError(
-                f"the Ray cluster at {self.launcher.address} placed no engine actor for {self.name} within "
-                f"{PLACE_TIMEOUT_S:g} s: no node has the resources it asks for ({resources})"
-            ) from None
-        self._locate(where)
-        self._watch()
+        self._resources = resources
+        self.url = f"http://{self.name}.placing.invalid:0"  # until Ray has placed it (``wait_ready`` learns where)
+        self._alive = True  # being placed: not a dead engine to restart
 
     def _locate(self, where: Mapping[str, Any]) -> None:
         self.url, self.host, self.pid = str(where["url"]), str(where["host"]), where.get("pid")
@@ -196,7 +189,23 @@ class RayReplicaHandle:
                 self._alive = False
             time.sleep(0.5)
 
+    def _placed(self) -> Mapping[str, Any]:
+        """Where Ray put the actor (waits up to ``PLACE_TIMEOUT_S`` for a node with room; then the start fails)."""
+        import ray
+
+        try:
+            return dict(ray.get(self.actor.where.remote(), timeout=PLACE_TIMEOUT_S))
+        except ray.exceptions.GetTimeoutError:
+            ray.kill(self.actor, no_restart=True)
+            raise EngineStartError(
+                f"the Ray cluster at {self.launcher.address} placed no engine actor for {self.name} within "
+                f"{PLACE_TIMEOUT_S:g} s: no node has the resources it asks for ({self._resources})"
+            ) from None
+
     async def wait_ready(self) -> None:
+        if self.url.endswith(".placing.invalid:0"):  # spawned, not placed yet: learn where, off the event loop
+            self._locate(await asyncio.to_thread(self._placed))
+            self._watch()
         deadline = time.monotonic() + self.launcher.ready_timeout_s
         async with httpx.AsyncClient(timeout=2.0) as client:
             while time.monotonic() < deadline:
