@@ -4,6 +4,7 @@ store, a control plane per gateway. Each test says which promise it checks."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import httpx
@@ -358,3 +359,31 @@ def test_the_ttft_window_slides_and_keeps_a_burst_of_first_tokens_for_its_length
     assert window.p90_ms() == pytest.approx(950.0)  # no new first token: the burst is still in the window
     now[0] = 12.0
     assert window.p90_ms() is None  # the window moved past it
+
+
+def test_a_replica_left_draining_by_a_gateway_that_died_is_finished_by_the_next_owner() -> None:
+    """Promise (unknown state is never trusted): a record another gateway left ``draining`` (it died mid scale-in)
+    is drained, its engine stopped and its record removed once this gateway holds the lease; one left
+    ``starting`` likewise, as it never served."""
+
+    async def body() -> None:
+        store, launcher = RecordingStore(), RoomyLauncher()
+        seeded(store, ["blue-v1", "blue-v1-2", "blue-v1-3"])
+        assert store._state is not None
+        records = list(store._state.replicas)
+        records[1] = dataclasses.replace(records[1], rotation="draining")
+        records[2] = dataclasses.replace(records[2], rotation="starting")
+        store._state = dataclasses.replace(store._state, replicas=tuple(records))
+        control = gateway(store, launcher)
+        handles = {n: FakeHandle(f"http://{n}.test") for n in ("blue-v1", "blue-v1-2", "blue-v1-3")}
+        for name, handle in handles.items():
+            handle.spawn()
+            control.supervisor.manage(name, handle)
+        await control.start()
+        await until(lambda: [r.name for r in control.state.replicas] == ["blue-v1"])
+        assert handles["blue-v1-2"].stopped and handles["blue-v1-3"].stopped and not handles["blue-v1"].stopped
+        settled = [e for e in control.audit.entries if e["action"] == "replica_settled"]
+        assert {(e["replica"], e["was"]) for e in settled} == {("blue-v1-2", "draining"), ("blue-v1-3", "starting")}
+        await control.stop()
+
+    asyncio.run(body())

@@ -256,6 +256,7 @@ def engine_launcher(
             env={
                 **({"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if enable_lora else {}),
                 **({"VLLM_API_KEY": key} if (key := settings.engine_key_value()) else {}),
+                **({"VLLM_SERVER_DEV_MODE": "1"} if SLEEP_FLAG in choice.spec.extra_args else {}),
             },
             ready_timeout_s=e.startup_timeout_s,
             marker=str(settings.data_dir.resolve()),

@@ -25,6 +25,7 @@ class RolloutHost(Deployer, Protocol):
     knows only this."""
 
     current: Rollout | None
+    lease_user: str | None
     store: StateStore
     audit: AuditLog
     gateway_id: str
@@ -68,14 +69,18 @@ class RolloutExecutor:
             gate=self.control.gate,
             records=list(self.control.state.replicas),
         )
-        scaling = self.control.scaling_here()
+        scaling = self.control.scaling_here() or (
+            "its lease is in use by the scaler" if self.control.lease_user == "scaler" else None
+        )
         if scaling is not None:
             raise RolloutRejected(
                 409,
                 f"{self.control.model_name or 'the model'} is being scaled ({scaling}); a rollout starts once that "
                 "step ends: try again in a moment",
             )
+        self.control.lease_user = "rollout"  # before the first await: the scaler leaves the lease alone
         if not await self.control.acquire_lease():
+            self.control.lease_user = None
             if self.control.lease_error:
                 raise RolloutRejected(
                     503,
@@ -94,6 +99,7 @@ class RolloutExecutor:
         except Exception as exc:  # nothing was saved: nothing changes, the lease goes back
             self.control.current = before
             await self.control.release_lease()
+            self.control.lease_user = None
             raise RolloutRejected(503, f"the rollout was not started: {exc}") from exc
         self.promoted = asyncio.Event()
         self.control.audit.record(
@@ -172,6 +178,7 @@ class RolloutExecutor:
             self.control.gateway_id, "rollout_resumed", rollout=rollout.id, phase=rollout.phase.value
         )
         self.promoted = asyncio.Event()
+        self.control.lease_user = "rollout"
         self.control.spawn(self._drive(rollout, Observation(interrupted=True)), name="shipyard-rollout")
 
     async def _enter(self, rollout: Rollout, phase: Phase, note: str = "", **changes: Any) -> None:
@@ -191,7 +198,10 @@ class RolloutExecutor:
         finally:
             lost = keeper.done()  # it returns only when the lease was lost
             keeper.cancel()
-            await self.control.release_lease(lost=lost)  # the fence goes with it
+            try:
+                await self.control.release_lease(lost=lost)  # the fence goes with it
+            finally:
+                self.control.lease_user = None
 
     async def _perform(
         self, action: Action, strategy: RolloutStrategy, rollout: Rollout, seen: Observation

@@ -161,6 +161,9 @@ class ControlPlane:
         self._tasks: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
         self._lease_token: int | None = None
+        self.lease_user: str | None = None
+        """Who on this gateway uses the model's lease now (``scaler``, ``rollout``): one at a time, set before the
+        first await (the store lets this gateway take its own lease twice)."""
         self.lease_error = ""
         self._lease_until = 0.0
         """Monotonic time until which this gateway may act under its lease (last renewal + renew deadline)."""
@@ -364,9 +367,16 @@ class ControlPlane:
         """Hold the model's lease for the body (each save fenced by its token); the body is cancelled when the
         lease is lost. LeaseBusy, with the reason, when it cannot be taken (a rollout here or elsewhere, another
         gateway's scaler, the store not answering)."""
-        if self.running_here():
-            raise LeaseBusy("a rollout of this model runs on this gateway")
-        if not await self.acquire_lease():
+        if self.running_here() or self.lease_user is not None:
+            raise LeaseBusy(f"the model's lease is in use on this gateway ({self.lease_user or 'a rollout'})")
+        self.lease_user = "scaler"  # before the first await: a rollout asked for meanwhile is refused
+        try:
+            acquired = await self.acquire_lease()
+        except BaseException:
+            self.lease_user = None
+            raise
+        if not acquired:
+            self.lease_user = None
             if self.lease_error:
                 raise LeaseBusy(f"the state store did not answer ({self.lease_error})")
             raise LeaseBusy(f"gateway {await self.store.lease_owner()} holds the model's lease")
@@ -378,7 +388,10 @@ class ControlPlane:
         finally:
             lost = keeper.done()
             keeper.cancel()
-            await self.release_lease(lost=lost)
+            try:
+                await self.release_lease(lost=lost)
+            finally:
+                self.lease_user = None
 
     @property
     def model_name(self) -> str:

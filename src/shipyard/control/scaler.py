@@ -316,6 +316,10 @@ class Scaler:
 
     async def tick(self) -> Scale | None:
         """One observation and decision; starts carrying it out in the background when it changes the count."""
+        stale = [r for r in self.host.state.replicas if r.rotation in (STARTING, DRAINING)]
+        if stale and not self.acting():  # left mid-change by a gateway that died or lost the lease
+            self._acting = asyncio.get_running_loop().create_task(self._settle(stale), name="shipyard-scale")
+            return None
         if self.autoscaler is None and self.host.state.scale.get("manual") is None:  # fixed: nothing to observe
             self.status.mode, self.status.reason, self.status.pending = "fixed", "", ""
             self.status.desired = len(self.counted(self.serving_deployment()))
@@ -363,6 +367,15 @@ class Scaler:
 
     async def _act(self, current: int, decision: Scale) -> None:
         deployment = self.serving_deployment()
+        if decision.replicas > current and not any(
+            r.deployment == deployment and r.rotation == SLEEPING for r in self.host.state.replicas
+        ):
+            room = self.host.launcher.room(self._busy())
+            if room is not None:  # said once in status (and once in the audit log), not every tick
+                if self.status.pending != room:
+                    self.host.audit.record("autoscaler", "scale_pending", deployment=deployment, reason=room)
+                self.status.pending = room
+                return
         try:
             async with self.host.leased():
                 if self.host.current is not None and self.host.current.active:
@@ -391,6 +404,43 @@ class Scaler:
         except Exception as exc:
             self.status.pending = f"{type(exc).__name__}: {exc}"
             log.exception("scaling %s failed", self.model or "the model")
+
+    async def _settle(self, stale: list[ReplicaRecord]) -> None:
+        """Finish what another owner left half done: a replica left ``starting`` or ``draining`` is drained (up to
+        ``shutdown_grace_s``), its engine stopped and its record removed; the decision then starts over from what
+        serves. Only under the lease: while another gateway holds it, its change may still be running."""
+        host = self.host
+        try:
+            async with host.leased():
+                for record in stale:
+                    latest = host.state.replica(record.name)
+                    if latest is None or latest.rotation not in (STARTING, DRAINING):
+                        continue
+                    if latest.rotation == STARTING:  # never served: out of rotation everywhere first
+                        await host.commit(
+                            replicas=host.state.with_replica(dataclasses.replace(latest, rotation=DRAINING))
+                        )
+                        await host.settle()
+                    deadline = host.monotonic() + self.shutdown_grace_s
+                    in_flight = await host.in_flight({record.name})
+                    while in_flight > 0 and host.monotonic() < deadline:
+                        await host.pause(0.05)
+                        in_flight = await host.in_flight({record.name})
+                    await host.supervisor.stop_process(record.name)
+                    await host.commit(replicas=host.state.without_replicas({record.name}))
+                    host.audit.record(
+                        "autoscaler",
+                        "replica_settled",
+                        replica=record.name,
+                        was=latest.rotation,
+                        cut_in_flight=in_flight,
+                    )
+        except LeaseBusy as exc:
+            self.status.pending = str(exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.status.pending = f"settling {', '.join(r.name for r in stale)}: {type(exc).__name__}: {exc}"
 
     def _template(self, deployment: str | None) -> dict[str, Any] | None:
         """What a new replica of ``deployment`` serves: one of its records, else the one kept when it went to 0."""
@@ -431,7 +481,8 @@ class Scaler:
             await host.supervisor.stop_process(record.name)
             await host.commit(replicas=host.state.without_replicas({record.name}))
             return False
-        await host.commit(replicas=host.state.with_replica(dataclasses.replace(record, rotation="")))
+        latest = host.state.replica(record.name) or record  # the supervisor may have recorded a restart meanwhile
+        await host.commit(replicas=host.state.with_replica(dataclasses.replace(latest, rotation="")))
         woke = round(self.clock() - started, 2)
         host.audit.record("autoscaler", "replica_woken", replica=record.name, wake_s=woke)
         self.status.last_change = {"direction": "out", "replica": record.name, "wake_s": woke}
@@ -449,15 +500,14 @@ class Scaler:
         room = host.launcher.room(self._busy())
         if room is not None:
             self.status.pending = room
-            host.audit.record("autoscaler", "scale_pending", deployment=deployment, reason=room)
             return False
         name = self._new_name(template)
         handle = host.launcher.prepare(template["target"], name, busy_binds=self._busy())
         started = self.clock()
-        handle.spawn()
         fields = {k: template[k] for k in ("deployment", "version", "target")}
-        await host.commit(replicas=host.state.with_replica(host.record(name, handle, **fields, rotation=STARTING)))
         try:
+            handle.spawn()
+            await host.commit(replicas=host.state.with_replica(host.record(name, handle, **fields, rotation=STARTING)))
             await handle.wait_ready()
             host.supervisor.manage(name, handle)
             await host.commit(replicas=host.state.with_replica(host.record(name, handle, **fields, rotation=STARTING)))
