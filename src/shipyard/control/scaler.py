@@ -405,6 +405,16 @@ class Scaler:
             self.status.pending = f"{type(exc).__name__}: {exc}"
             log.exception("scaling %s failed", self.model or "the model")
 
+    async def _drained(self, name: str) -> int:
+        """Wait (up to ``shutdown_grace_s``) until no gateway has a request in flight on replica ``name``, which is
+        out of rotation; the requests still in flight when the wait ended (0 unless the grace ran out)."""
+        deadline = self.host.monotonic() + self.shutdown_grace_s
+        in_flight = await self.host.in_flight({name})
+        while in_flight > 0 and self.host.monotonic() < deadline:
+            await self.host.pause(0.05)
+            in_flight = await self.host.in_flight({name})
+        return in_flight
+
     async def _settle(self, stale: list[ReplicaRecord]) -> None:
         """Finish what another owner left half done: a replica left ``starting`` or ``draining`` is drained (up to
         ``shutdown_grace_s``), its engine stopped and its record removed; the decision then starts over from what
@@ -421,11 +431,7 @@ class Scaler:
                             replicas=host.state.with_replica(dataclasses.replace(latest, rotation=DRAINING))
                         )
                         await host.settle()
-                    deadline = host.monotonic() + self.shutdown_grace_s
-                    in_flight = await host.in_flight({record.name})
-                    while in_flight > 0 and host.monotonic() < deadline:
-                        await host.pause(0.05)
-                        in_flight = await host.in_flight({record.name})
+                    in_flight = await self._drained(record.name)
                     await host.supervisor.stop_process(record.name)
                     await host.commit(replicas=host.state.without_replicas({record.name}))
                     host.audit.record(
@@ -560,11 +566,7 @@ class Scaler:
             await host.commit(scale={**host.state.scale, "template": template, "deployment": record.deployment})
         await host.commit(replicas=host.state.with_replica(dataclasses.replace(record, rotation=DRAINING)))
         await host.settle()
-        deadline = host.monotonic() + self.shutdown_grace_s
-        in_flight = await host.in_flight({record.name})
-        while in_flight > 0 and host.monotonic() < deadline:
-            await host.pause(0.05)
-            in_flight = await host.in_flight({record.name})
+        in_flight = await self._drained(record.name)
         if self.idle == "sleep" and await self._sleep(record):
             host.audit.record("autoscaler", "replica_slept", replica=record.name, cut_in_flight=in_flight)
             return True
