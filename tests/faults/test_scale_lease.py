@@ -18,18 +18,18 @@ def test_a_scale_out_whose_lease_is_taken_stops_its_engine_and_the_next_owner_re
         a = gateway(store, launcher, gateway_id="gw-a")
         await a.start()
         await a.scale(2, "admin:test")
-        await until(lambda: a.state.replica("blue-v1-2") is not None)  # recorded `starting`, engine starting
+        await until(lambda: a.state.replica("blue-v1-2") is not None, timeout=15)  # recorded `starting`, engine starting
         assert a.state.replica("blue-v1-2").rotation == "starting"  # type: ignore[union-attr]
         store._lease = None  # the lease is taken from under gateway a (its TTL ran out in a partition)
         assert await store.acquire_lease("gw-b", 60) is not None
-        await until(lambda: launcher.launched["blue-v1-2"].stopped, timeout=10)  # a stops the engine it started
+        await until(lambda: launcher.launched["blue-v1-2"].stopped, timeout=15)  # a stops the engine it started
         assert a.state.replica("blue-v1-2") is not None  # a could not save it away: not its lease any more
         assert all(r.name != "blue-v1-2" for r in a.pool.replicas if r.routable)
         await a.stop()
 
         b = gateway(store, RoomyLauncher(), gateway_id="gw-b")  # the owner of the lease now
         await b.start()
-        await until(lambda: b.state.replica("blue-v1-2") is None, timeout=10)
+        await until(lambda: b.state.replica("blue-v1-2") is None, timeout=15)
         settled = [e for e in b.audit.entries if e["action"] == "replica_settled"]
         assert [(e["replica"], e["was"]) for e in settled] == [("blue-v1-2", "starting")]
         await b.stop()
