@@ -18,7 +18,7 @@ def test_a_scale_out_whose_lease_is_taken_stops_its_engine_and_the_next_owner_re
         a = gateway(store, launcher, gateway_id="gw-a")
         await a.start()
         await a.scale(2, "admin:test")
-        await until(lambda: a.state.replica("blue-v1-2") is not None, timeout=15)  # recorded `starting`, engine starting
+        await until(lambda: a.state.replica("blue-v1-2") is not None, timeout=15)  # recorded `starting`, engine starts
         assert a.state.replica("blue-v1-2").rotation == "starting"  # type: ignore[union-attr]
         store._lease = None  # the lease is taken from under gateway a (its TTL ran out in a partition)
         assert await store.acquire_lease("gw-b", 60) is not None
