@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -23,6 +23,9 @@ from pydantic_settings import (
 )
 
 from shipyard.upstreams import check_upstreams
+
+if TYPE_CHECKING:
+    from shipyard.router.admission import AdmissionPolicy
 
 DEFAULT_CONFIG_FILE = Path("shipyard.yaml")
 CONFIG_ENV = "SHIPYARD_CONFIG"
@@ -132,6 +135,41 @@ class ClusterSettings(BaseSettings):
     """The Ray namespace of this shipyard's engine actors (one per deployment sharing a cluster)."""
 
 
+class AdmissionSettings(BaseSettings):
+    """Overload that sheds (``shipyard.router.admission``): a bound on the requests each replica is given, a short
+    queue with a deadline in front of them, and past that a 503 with ``Retry-After`` at once."""
+
+    model_config = SettingsConfigDict(extra="forbid")
+
+    max_in_flight: int | Literal["adaptive"] | None = None
+    """Requests one replica may have at once, counted over every gateway: a number (measure the engine's knee
+    with ``shipyard bench --find-max``), ``adaptive`` (learned from its latency, as Envoy's adaptive concurrency
+    and Netflix's Gradient2 do), or None: no bound (requests wait inside the engine)."""
+    queue_size: int = Field(default=64, ge=0)
+    """Requests of one model that may wait at one gateway process for a replica with room; more are refused."""
+    queue_timeout_s: float = Field(default=0.5, gt=0)
+    """Longest a request waits in that queue before it is refused."""
+    adaptive_initial: int = Field(default=32, ge=1)
+    """``adaptive``: the limit a replica starts with."""
+    adaptive_max: int = Field(default=1024, ge=1)
+    """``adaptive``: the most it may learn."""
+
+    def policy(self) -> AdmissionPolicy | None:
+        """The router's policy for one model's pool (None when there is no bound)."""
+        from shipyard.router.admission import AdmissionPolicy, AdmissionQueue
+
+        if self.max_in_flight is None:
+            return None
+        adaptive = self.max_in_flight == "adaptive"
+        return AdmissionPolicy(
+            AdmissionQueue(self.queue_size, self.queue_timeout_s),
+            max_in_flight=None if adaptive else int(self.max_in_flight),
+            adaptive=adaptive,
+            initial=float(self.adaptive_initial),
+            max_limit=float(self.adaptive_max),
+        )
+
+
 class AutoscaleSettings(BaseSettings):
     """A model's ``autoscale:``: its replica count follows its load (``shipyard.control.autoscale``). Every target
     given is a signal; the most pressed one decides.
@@ -209,6 +247,8 @@ class ModelSettings(BaseSettings):
     routing: Literal["cache-aware", "least-busy", "session", "round-robin"] | None = None
     """How its replicas are picked (default: the top-level ``routing``)."""
     autoscale: AutoscaleSettings | None = None
+    admission: AdmissionSettings | None = None
+    """Its own admission bound and queue (default: the top-level ``admission``)."""
     """Its replica count follows its load between ``min_replicas`` and ``max_replicas`` (``replicas`` is then the
     count it starts with); None: ``replicas`` engines, always."""
     engine: dict[str, Any] = Field(default_factory=dict)
@@ -413,6 +453,8 @@ class Settings(BaseSettings):
     models: list[ModelSettings] = Field(default_factory=list)
     """The fleet: several models behind this gateway, each with its own engines, state and rollouts (see the
     README's "Fleets"). Empty: one model, from ``model`` (the shorthand for a fleet of one)."""
+    admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
+    """The bound on what each replica is given and the queue in front of it (per model: ``models[].admission``)."""
     intent: IntentSettings = Field(default_factory=IntentSettings)
     reply: ReplySettings = Field(default_factory=ReplySettings)
     ui: UISettings = Field(default_factory=UISettings)
@@ -502,6 +544,11 @@ class Settings(BaseSettings):
                 replicas=self.engine.replicas,
             ).model_copy(update={"name": self.served_model_name or ""})
         ]
+
+    def admission_of(self, model: str) -> AdmissionSettings:
+        """The admission settings of fleet model ``model``: its own, else the top-level ones."""
+        entry = next((m for m in self.models if m.name == model), None)
+        return entry.admission if entry is not None and entry.admission is not None else self.admission
 
     def autoscale_of(self, model: str) -> AutoscaleSettings | None:
         """The ``autoscale:`` of fleet model ``model`` (None: it has none, or no such model)."""

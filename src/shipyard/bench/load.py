@@ -45,6 +45,8 @@ class RequestRecord:
     version: str | None = None
     chunk_times: list[float] = field(default_factory=list, repr=False)
     """Arrival of each chunk that carried output, in seconds from the origin."""
+    retry_after: str | None = None
+    """The ``Retry-After`` header of a refused request (a 429 or 503 that says when to come back)."""
     scheduled: float | None = None
     """Open loop: when the request was due (seconds from the origin); ``started - scheduled`` is how late the
     load generator sent it."""
@@ -204,6 +206,7 @@ async def send_request(
             record.deployment = response.headers.get("x-shipyard-deployment")
             record.version = response.headers.get("x-shipyard-version")
             if response.status != 200:
+                record.retry_after = response.headers.get("retry-after")
                 record.error = f"HTTP {response.status}: {(await response.text())[:200]}"
             elif spec.stream:
                 await _read_stream(response, record, start, origin)
@@ -372,6 +375,40 @@ def arrival_offsets(
     return offsets
 
 
+async def run_arrivals(
+    base_url: str,
+    *,
+    api_key: str,
+    workload: Workload,
+    offsets: list[float],
+    origin_in_s: float = 0.0,
+    timeout_s: float = 300.0,
+    progress: Progress | None = None,
+    label: str = "",
+    end_s: float | None = None,
+    first_index: int = 0,
+) -> list[RequestRecord]:
+    """Send one request at each of ``offsets`` (seconds from an origin ``origin_in_s`` from now; negative ones
+    before it), whatever the server does, and return their records (each with ``scheduled``), all answered.
+    Any schedule: a constant rate, Poisson arrivals, or phases of different rates (an overload and after it)."""
+    base, headers = base_url.rstrip("/"), _headers(api_key)
+    records: list[RequestRecord] = []
+    async with _session(timeout_s) as session:
+        origin = time.perf_counter() + origin_in_s
+
+        async def at(index: int, offset: float) -> None:
+            delay = origin + offset - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            record = await send_request(session, base, headers, workload.request(first_index + index), origin)
+            record.scheduled = offset
+            records.append(record)
+
+        end = origin + (end_s if end_s is not None else (max(offsets) if offsets else 0.0))
+        await _gather_reporting([at(i, offset) for i, offset in enumerate(offsets)], progress, label, records, end)
+    return records
+
+
 async def run_open_loop(
     base_url: str,
     *,
@@ -390,25 +427,22 @@ async def run_open_loop(
 ) -> LoadResult:
     """Send requests at ``rate`` per second whatever the server does (open loop); warm-up arrivals come first
     at the same rate and are not measured."""
-    base, headers = base_url.rstrip("/"), _headers(api_key)
     measured = arrival_offsets(rate, duration_s, arrival, seed, requests)
     warm = [t - warmup_s for t in arrival_offsets(rate, warmup_s, arrival, seed + 1)] if warmup_s > 0 else []
-    records: list[RequestRecord] = []
     cpu = _CpuMeter()
-    async with _session(timeout_s) as session:
-        origin = time.perf_counter() + warmup_s
-
-        async def at(index: int, offset: float) -> None:
-            delay = origin + offset - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            record = await send_request(session, base, headers, workload.request(first_index + index), origin)
-            record.scheduled = offset
-            records.append(record)
-
-        end = origin + (duration_s if duration_s is not None else (measured[-1] if measured else 0.0))
-        jobs = [at(i, offset) for i, offset in enumerate(warm + measured)]
-        await _gather_reporting(jobs, progress, f"rate={rate:g}", records, end)
+    end = duration_s if duration_s is not None else (measured[-1] if measured else 0.0)
+    records = await run_arrivals(
+        base_url,
+        api_key=api_key,
+        workload=workload,
+        offsets=warm + measured,
+        origin_in_s=warmup_s,
+        timeout_s=timeout_s,
+        progress=progress,
+        label=f"rate={rate:g}",
+        end_s=end,
+        first_index=first_index,
+    )
     window = duration_s if duration_s is not None else max(measured[-1] if measured else 0.0, 1e-9)
     if requests is not None:  # the window ends with the last arrival: every measured request is inside it
         window = math.nextafter(window, math.inf)

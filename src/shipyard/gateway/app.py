@@ -188,6 +188,8 @@ def create_app(
             for m in models
         }
     )
+    for m in models:
+        pool.pool_of(m.name).admission = settings.admission_of(m.name).policy()
     metrics = GatewayMetrics()
     metrics.add_collector(PoolCollector(pool))
     own_client = client is None

@@ -98,7 +98,22 @@ class PoolCollector(Collector):
             "Share of the model's new requests each deployment gets (0..1, normalised over ready deployments)",
             labels=["model", "deployment"],
         )
+        limits = GaugeMetricFamily(
+            "shipyard_replica_concurrency_limit",
+            "Requests each replica may have at once under its model's admission limit (set, or learned from its "
+            "latency)",
+            labels=["model", "replica"],
+        )
+        queued = GaugeMetricFamily(
+            "shipyard_admission_queue_length", "Requests waiting for a replica with room, per model", labels=["model"]
+        )
         for model, pool in self.fleet.pools.items():
+            if pool.admission is not None:
+                queued.add_metric([model], len(pool.admission.queue))
+                for replica in pool.replicas:
+                    limit = pool.admission.limit(replica.name)
+                    if limit is not None:
+                        limits.add_metric([model, replica.name], limit)
             counts: dict[tuple[str, str, str, str], int] = {}
             for replica in pool.replicas:
                 key = (model, replica.deployment, replica.version or "-", "ready" if replica.ready else "unready")
@@ -110,6 +125,8 @@ class PoolCollector(Collector):
                 weight.add_metric([model, name], shares.get(name, 0.0))
         yield replicas
         yield weight
+        yield limits
+        yield queued
 
 
 class GatewayMetrics:
@@ -242,6 +259,32 @@ class GatewayMetrics:
             "shipyard_autoscale_changes",
             "Replicas added (out) and removed (in) by the scaler",
             ["model", "direction"],
+            registry=r,
+        )
+        self.admitted = Counter(
+            "shipyard_admission_admitted",
+            "Requests of a model with an admission limit that a replica took (at once or after waiting)",
+            ["model"],
+            registry=r,
+        )
+        self.queued = Counter(
+            "shipyard_admission_queued",
+            "Requests that found every replica of their model at its admission limit and waited",
+            ["model"],
+            registry=r,
+        )
+        self.shed = Counter(
+            "shipyard_admission_shed",
+            "Requests refused at once (503 with Retry-After) because no replica had room: queue_full, "
+            "queue_timeout or displaced (a request of a better priority took its place)",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "shipyard_admission_queue_wait_seconds",
+            "How long the requests that waited for a replica with room waited (admitted or shed)",
+            ["model"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=r,
         )
         self.gc_pause = Histogram(

@@ -45,8 +45,9 @@ from shipyard.gateway.schemas import (
 from shipyard.gateway.sse import StreamScan, find_response_id, usage_tokens
 from shipyard.gateway.stream import UpstreamStream
 from shipyard.router import NoReplicaError, Replica, RouteRequest, UnknownModelError, route_request
+from shipyard.router.admission import Overloaded, QueueTicket
 from shipyard.router.fleet import Fleet
-from shipyard.router.replica import InFlight
+from shipyard.router.replica import InFlight, NoRoomError
 
 _JSON = "application/json"
 
@@ -118,6 +119,8 @@ API_ROUTES = {
 
 RESPONSE_TTL_S = 24 * 3600.0
 """How long the replica of a response id is remembered (for ``previous_response_id``)."""
+SHED_RETRY_AFTER_S = 1
+"""``Retry-After`` of a request refused because its model is at capacity (the overload may pass in a second)."""
 STORE_WAIT_S = 5.0
 """Longest a request waits on the state store for a response id's replica (then the engine decides)."""
 
@@ -151,6 +154,9 @@ class Attempt:
     """The in-flight count of the replica it was last sent to (released once, by whichever path ends it)."""
     reconnected: set[str] = field(default_factory=set)
     """Replicas this request was sent to again on a fresh connection after one closed under it."""
+    queued: QueueTicket | None = None
+    """Its place in the model's admission queue, once it had to wait for a replica with room."""
+    admitted: bool = False
 
     def release(self) -> None:
         if self.ticket is not None:
@@ -538,6 +544,9 @@ class Proxy:
         while True:
             try:
                 replica = self._pick(attempt)
+            except NoRoomError:
+                await self._wait_for_room(attempt)
+                continue
             except (NoReplicaError, UnknownModelError):
                 raise self.unavailable(f"no replica serving '{attempt.model}' is ready; retry shortly") from None
             if replica.hold is not None:  # its weights are being replaced: wait, then pick again
@@ -555,6 +564,10 @@ class Proxy:
                     upstream = await self.client.send(request, stream=True)
                 if not watch.cancelled_caught:
                     replica.last_byte_at = time.monotonic()
+                    attempt.ticket.answered()
+                    if attempt.ticket.pool.admission is not None and not attempt.admitted:
+                        attempt.admitted = True
+                        self.metrics.admitted.labels(attempt.model).inc()
                     return replica, upstream
                 # hung: it sent nothing for this request, so another replica may answer it
                 attempt.release()
@@ -583,6 +596,35 @@ class Proxy:
             except BaseException:  # cancelled (the client went away while the engine worked): not in flight
                 attempt.release()
                 raise
+
+    async def _wait_for_room(self, attempt: Attempt) -> None:
+        """Every replica of the model is at its admission limit: wait in the model's queue (by the key's
+        priority) for a slot, or be refused at once (503, ``Retry-After``) when the queue is full or the wait
+        passes its deadline."""
+        pool = self.pool.serving(attempt.model)
+        assert pool.admission is not None
+        if attempt.queued is None:
+            attempt.queued = QueueTicket(priority=self._queue_priority())
+            self.metrics.queued.labels(attempt.model).inc()
+        try:
+            await pool.admission.queue.wait(attempt.queued)
+        except Overloaded as exc:
+            self.metrics.shed.labels(attempt.model, exc.reason).inc()
+            self.metrics.queue_wait.labels(attempt.model).observe(attempt.queued.waited_s)
+            raise OpenAIError(
+                503,
+                f"'{attempt.model}' is at capacity: {exc}; retry shortly",
+                code="overloaded",
+                headers={"Retry-After": str(SHED_RETRY_AFTER_S)},
+            ) from None
+        self.metrics.queue_wait.labels(attempt.model).observe(attempt.queued.waited_s)
+
+    def _queue_priority(self) -> int:
+        """The caller's key's priority in the admission queue (lower first, as vLLM's; 0 without one)."""
+        name = caller.get()
+        if self.limiter is None or name is None or not self.limiter.prioritized:
+            return 0
+        return self.limiter.priority_of(name)
 
     def _pick(self, attempt: Attempt) -> Replica:
         if attempt.pinned is not None:

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from shipyard.router.admission import AdmissionPolicy
 from shipyard.router.policy import CacheAware, RouteRequest, RoutingPolicy, pick_deployment, session_draw
 
 log = logging.getLogger("shipyard.router")
@@ -81,18 +82,26 @@ class InFlight:
     """One request counted on one replica: released once, however many paths end it (a failed first try, a
     retry elsewhere, the stream's close), so counts never go below zero and a drain is never fooled."""
 
-    __slots__ = ("_pool", "replica", "upstream_model", "released")
+    __slots__ = ("pool", "replica", "upstream_model", "released", "sent_at", "load")
 
     def __init__(self, pool: ReplicaPool, replica: Replica, upstream_model: str) -> None:
-        self._pool = pool
+        self.pool = pool
         self.replica = replica
         self.upstream_model = upstream_model
         self.released = False
+        self.sent_at = time.monotonic()
+        self.load = replica.in_flight + replica.elsewhere_in_flight
+        """The replica's requests in flight as this one was sent (itself included)."""
+
+    def answered(self) -> None:
+        """The answer's headers arrived: its latency is a sample for the replica's learned limit."""
+        if self.pool.admission is not None:
+            self.pool.admission.sample(self.replica.name, time.monotonic() - self.sent_at, self.load)
 
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self._pool._release(self.replica, self.upstream_model)
+            self.pool._release(self.replica, self.upstream_model)
 
 
 class NoReplicaError(LookupError):
@@ -101,6 +110,10 @@ class NoReplicaError(LookupError):
 
 class UnknownModelError(LookupError):
     """No replica has ever announced the requested model."""
+
+
+class NoRoomError(LookupError):
+    """Replicas of the model are ready, but each has as many requests as its admission limit allows."""
 
 
 class ReplicaPool:
@@ -128,6 +141,8 @@ class ReplicaPool:
         """Requests waiting at the gateway for a replica of a model scaled to zero (its first one is starting)."""
         self.cold_start_wait_s = 0.0
         """How long a request for this model waits while it has no replica (a model that may scale to zero)."""
+        self.admission: AdmissionPolicy | None = None
+        """The bound on each replica's requests and the queue in front of them (None: no bound, no queue)."""
 
     @property
     def replicas(self) -> list[Replica]:
@@ -201,6 +216,10 @@ class ReplicaPool:
         if not serving:
             raise UnknownModelError(model)
         candidates = [r for r in serving if r.routable and r.name not in exclude]
+        if self.admission is not None and candidates:
+            candidates = [r for r in candidates if self.has_room(r)]
+            if not candidates:
+                raise NoRoomError(model)
         free = [r for r in candidates if r.hold is None]
         candidates = free or candidates  # a held replica only when every other one is held too (it waits)
         by_deployment: dict[str, list[Replica]] = {}
@@ -226,6 +245,15 @@ class ReplicaPool:
     def _release(self, replica: Replica, upstream_model: str) -> None:
         replica.in_flight -= 1
         self._model_in_flight[upstream_model] = self._model_in_flight.get(upstream_model, 1) - 1
+        if self.admission is not None:
+            self.admission.queue.wake()  # a slot freed: the best waiting request routes again
+
+    def has_room(self, replica: Replica) -> bool:
+        """Whether ``replica`` may take one more request under its admission limit (this process's requests
+        and what the other gateways last reported on it)."""
+        if self.admission is None:
+            return True
+        return self.admission.has_room(replica.name, replica.in_flight + replica.elsewhere_in_flight)
 
     def model_load(self) -> dict[str, int]:
         """Requests in flight per upstream model."""

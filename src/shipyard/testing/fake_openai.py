@@ -44,8 +44,13 @@ class FakeOpenAI:
         max_model_len: int = 2048,
         fault: Fault = Fault.NONE,
         die_after: int = 3,
+        capacity: int | None = None,
     ) -> None:
         self.model = model
+        self.capacity = capacity
+        """Requests generated at once (an engine's batch); more wait their turn, first come first served, and
+        their latency grows with the backlog, as past an engine's knee. None: no bound."""
+        self._slots: asyncio.Semaphore | None = None
         self.token_rate = token_rate
         self.ttft_s = ttft_s
         self.default_tokens = default_tokens
@@ -128,6 +133,15 @@ class FakeOpenAI:
         if refusal := self._refusal(request):
             await _respond(send, 400, json.dumps({"error": {"message": refusal, "type": "BadRequestError"}}).encode())
             return
+        if self.capacity is not None:
+            if self._slots is None:
+                self._slots = asyncio.Semaphore(self.capacity)
+            async with self._slots:
+                await self._generate(path, request, receive, send)
+        else:
+            await self._generate(path, request, receive, send)
+
+    async def _generate(self, path: str, request: dict[str, Any], receive: Receive, send: Send) -> None:
         chat = path.endswith("chat/completions")
         n_tokens = int(request.get("max_tokens") or request.get("max_completion_tokens") or self.default_tokens)
         usage = {"prompt_tokens": 7, "completion_tokens": n_tokens, "total_tokens": 7 + n_tokens}
@@ -234,6 +248,10 @@ class FakeOpenAI:
                     self.cancelled_streams += 1
                     return
                 if i == self.die_after and self.fault is Fault.DIE_MID_STREAM:
+                    # The chunks sent so far reach the reader first: an HTTP client that sees the connection
+                    # break raises at once and drops what it had buffered but not yet handed on (aiohttp's
+                    # StreamReader), so without this pause a loaded machine lost them all (CI, 2026-12-07).
+                    await asyncio.sleep(0.2)
                     raise ConnectionAbortedError("injected mid-stream death")
                 if i == self.die_after and self.fault is Fault.HANG_MID_STREAM:
                     await disconnected.wait()
@@ -373,9 +391,12 @@ def main() -> None:  # pragma: no cover - exercised by benchmarks and the crash 
     parser.add_argument("--token-rate", type=float, default=1000.0)
     parser.add_argument("--ttft", type=float, default=0.0, help="seconds before the first token")
     parser.add_argument("--tokens", type=int, default=16, help="tokens when the request sets no max_tokens")
+    parser.add_argument("--capacity", type=int, default=None, help="requests generated at once (more wait)")
     args, _ = parser.parse_known_args()  # accepts (and ignores) the rest of vLLM's flags, like an engine would
     name = args.served_model_name or args.model.rstrip("/").rsplit("/", 1)[-1]
-    fake = FakeOpenAI(name, token_rate=args.token_rate, ttft_s=args.ttft, default_tokens=args.tokens)
+    fake = FakeOpenAI(
+        name, token_rate=args.token_rate, ttft_s=args.ttft, default_tokens=args.tokens, capacity=args.capacity
+    )
     uvicorn.run(
         fake,
         host=args.host,
