@@ -141,33 +141,43 @@ def main() -> None:
     parser.add_argument("--routes", default="chat,completions,intent,predict")
     parser.add_argument("--litellm", type=Path, help="the litellm command of a virtualenv with litellm[proxy]")
     parser.add_argument("--workers", type=int, default=1, help="shipyard serve --workers")
+    parser.add_argument(
+        "--before", type=Path, help="another shipyard checkout (e.g. a `git worktree` of an older commit), served too"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     routes = args.routes.split(",")
 
     tmp = Path(tempfile.mkdtemp(prefix="gateway-cost-"))
-    ports = {name: free_port() for name in ("engine", "shipyard", "litellm")}
+    ports = {name: free_port() for name in ("engine", "shipyard", "before", "litellm")}
     urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     py = sys.executable
-    procs: dict[str, subprocess.Popen[bytes]] = {
-        "engine": start(
-            [py, "-m", "shipyard.testing.fake_openai", "--port", str(ports["engine"]), "--model", "fake"],
-            log=tmp / "engine.log",
-        ),
-        "shipyard": start(
+
+    def gateway(name: str, src: Path | None) -> subprocess.Popen[bytes]:
+        return start(
             [py, "-m", "shipyard.cli", "serve", "--no-engine", "--upstream", urls["engine"]]
-            + ["--port", str(ports["shipyard"]), "--workers", str(args.workers)],
+            + ["--port", str(ports[name]), "--workers", str(args.workers)],
             env={
                 "SHIPYARD_API_KEYS": f"free:{FREE},limited:{LIMITED}",
                 "SHIPYARD_LIMITS__LIMITED__RPM": "10000000",
                 "SHIPYARD_LIMITS__LIMITED__TPM": "1000000000",
                 "SHIPYARD_LIMITS__LIMITED__CONCURRENT": "10000",
-                "SHIPYARD_DATA_DIR": str(tmp / "data"),
+                "SHIPYARD_DATA_DIR": str(tmp / f"data-{name}"),
+                **({"PYTHONPATH": str(src / "src")} if src else {}),
             },
-            log=tmp / "shipyard.log",
+            log=tmp / f"{name}.log",
+        )
+
+    procs: dict[str, subprocess.Popen[bytes]] = {
+        "engine": start(
+            [py, "-m", "shipyard.testing.fake_openai", "--port", str(ports["engine"]), "--model", "fake"],
+            log=tmp / "engine.log",
         ),
+        "shipyard": gateway("shipyard", None),
     }
+    if args.before:
+        procs["before"] = gateway("before", args.before)
     if args.litellm:
         config = litellm_config(tmp, urls["engine"])
         procs["litellm"] = start(
@@ -180,12 +190,16 @@ def main() -> None:
         if route in ("chat", "completions"):
             cases.append(("engine", route, FREE))
         cases += [("shipyard", route, FREE), ("shipyard", route, LIMITED)]
+        if args.before:
+            cases += [("before", route, FREE), ("before", route, LIMITED)]
         if args.litellm and route in ("chat", "completions"):
             cases.append(("litellm", route, FREE))
     rounds: list[dict[str, Any]] = []
     try:
         wait_ok(f"{urls['engine']}/health")
         wait_ok(f"{urls['shipyard']}/ready")
+        if args.before:
+            wait_ok(f"{urls['before']}/ready")
         if args.litellm:
             wait_ok(f"{urls['litellm']}/health/liveliness", timeout=180)
         processes = {name: psutil.Process(proc.pid) for name, proc in procs.items()}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path as PathLib
@@ -26,7 +26,7 @@ from shipyard.control.store import MemoryStateStore, StateStore, is_redis, redis
 from shipyard.gateway.admin import install_admin_routes
 from shipyard.gateway.auth import KeyChecker
 from shipyard.gateway.counters import LimitCounters, RedisCounters, SqliteCounters
-from shipyard.gateway.errors import OpenAIError, install_error_handlers
+from shipyard.gateway.errors import HotRoutes, OpenAIError, install_error_handlers
 from shipyard.gateway.limits import KeyLimiter, LimitMiddleware
 from shipyard.gateway.metrics import GatewayMetrics, PoolCollector
 from shipyard.gateway.openapi import ROUTE_SUMMARIES, document_api
@@ -296,6 +296,8 @@ def create_app(
         docs_url="/docs" if documents else None,
         redoc_url="/redoc" if documents else None,
     )
+    hot: dict[str, Callable[[Request], Awaitable[Response]]] = {}
+    app.add_middleware(HotRoutes, routes=hot)  # inside the limits: a hot route is named and admitted as any
     app.add_middleware(LimitMiddleware, keys=keys, limiter=limiter, metrics=metrics)
     app.state.pool = pool
     app.state.settings = settings
@@ -391,6 +393,7 @@ def create_app(
         app.add_api_route(
             route.path, forward(route), methods=["POST"], summary=summary, name=route.name, response_class=Response
         )
+        hot[route.path] = forward(route)
 
     install_task_routes(
         app,

@@ -98,21 +98,39 @@ class LimitCounters(ABC):
 
 @dataclass
 class _Usage:
+    """One key's last minute in this process. Entries are kept in the order they were made (a monotonic clock),
+    so expiring is popping from the front and the token total is kept as it changes: each decision costs the
+    same at 1 request a minute or 1,000 a second (it was a scan of the whole minute)."""
+
     requests: deque[float] = field(default_factory=deque)
     tokens: dict[str, tuple[float, int]] = field(default_factory=dict)
     in_flight: set[str] = field(default_factory=set)
+    token_sum: int = 0
 
     def expire(self, now: float) -> None:
-        while self.requests and self.requests[0] <= now - WINDOW_S:
+        cutoff = now - WINDOW_S
+        while self.requests and self.requests[0] <= cutoff:
             self.requests.popleft()
-        for id in [i for i, (at, _) in self.tokens.items() if at <= now - WINDOW_S]:
+        while self.tokens:
+            id, (at, n) = next(iter(self.tokens.items()))
+            if at > cutoff:
+                break
             del self.tokens[id]
+            self.token_sum -= n
+
+    def set_tokens(self, id: str, at: float, n: int) -> None:
+        old = self.tokens.get(id)
+        if old is not None:
+            self.token_sum -= old[1]
+            at = old[0]  # an update keeps its place (and its time) in the window
+        self.tokens[id] = (at, n)
+        self.token_sum += n
 
     def window(self, now: float) -> Window:
-        oldest_tokens = min((at for at, _ in self.tokens.values()), default=None)
+        oldest_tokens = next(iter(self.tokens.values()))[0] if self.tokens else None
         return Window(
             len(self.requests),
-            sum(n for _, n in self.tokens.values()),
+            self.token_sum,
             len(self.in_flight),
             now - self.requests[0] if self.requests else None,
             now - oldest_tokens if oldest_tokens is not None else None,
@@ -142,7 +160,9 @@ class MemoryCounters(LimitCounters):
         self._usage: dict[str, _Usage] = {}
 
     def _at(self, name: str) -> tuple[_Usage, float]:
-        usage = self._usage.setdefault(name, _Usage())
+        usage = self._usage.get(name)
+        if usage is None:
+            usage = self._usage[name] = _Usage()
         now = self.clock()
         usage.expire(now)
         return usage, now
@@ -159,7 +179,7 @@ class MemoryCounters(LimitCounters):
         usage, now = self._at(name)
         refused = refusal(limits, usage.window(now), tokens)
         if not refused:
-            usage.tokens[id] = (now, tokens)
+            usage.set_tokens(id, now, tokens)
         return Decision(not refused, refused, usage.window(now))
 
     async def update(self, name: str, id: str, *, tokens: int | None = None, release: bool = False) -> None:
@@ -171,9 +191,9 @@ class MemoryCounters(LimitCounters):
         """:meth:`update` (or :meth:`record`) at once, without an event loop turn."""
         usage, now = self._at(name)
         if record and tokens is not None:
-            usage.tokens[id] = (now, tokens)
+            usage.set_tokens(id, now, tokens)
         elif tokens is not None and id in usage.tokens:
-            usage.tokens[id] = (usage.tokens[id][0], max(0, tokens))
+            usage.set_tokens(id, now, max(0, tokens))
         if release:
             usage.in_flight.discard(id)
 

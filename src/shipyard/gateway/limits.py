@@ -265,7 +265,10 @@ class KeyLimiter:
         return Reservation(tokens, min(tokens, prompt), self, name, id, counters)
 
     def record_tokens(self, name: str, tokens: int) -> None:
-        """Charge an answer's tokens that no reservation covered (sent without waiting)."""
+        """Charge an answer's tokens that no reservation covered (sent without waiting); nothing to count for a
+        key without a tokens-per-minute limit."""
+        if self._limits_of(name).tpm is None:
+            return
         if tokens > 0 and self.counters is self.local:
             self.local.apply(name, new_id(), tokens=tokens, record=True)
         elif tokens > 0:

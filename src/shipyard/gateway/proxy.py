@@ -44,6 +44,7 @@ from shipyard.gateway.schemas import (
 )
 from shipyard.gateway.sse import StreamScan, find_response_id, usage_tokens
 from shipyard.gateway.stream import UpstreamStream
+from shipyard.gateway.transport import UpstreamTransport, aiohttp_timeout
 from shipyard.router import NoReplicaError, Replica, RouteRequest, UnknownModelError, route_request
 from shipyard.router.admission import Overloaded, QueueTicket
 from shipyard.router.fleet import Fleet
@@ -213,6 +214,14 @@ class Proxy:
         self.max_tokens_limit = max_tokens_limit
         self.retry_after_s = retry_after_s
         self.upstream_headers = {"content-type": _JSON, **(upstream_headers or {})}
+        # The transport the gateway made for its own client (``upstream_client``): requests skip httpx's
+        # client layers. Any other client (a test's) is used as a client.
+        transport = getattr(client, "_transport", None)
+        self._transport = transport if isinstance(transport, UpstreamTransport) else None
+        if self._transport is not None:
+            self.upstream_headers = {**{k: v for k, v in client.headers.items() if k == "authorization"},
+                                     **self.upstream_headers}  # fmt: skip
+        self._timeout = aiohttp_timeout(client.timeout)
 
     async def read_body(self, request: Request) -> bytes:
         """The request's body: refused (413) before reading when it says it is too large, cut off when it turns
@@ -439,25 +448,33 @@ class Proxy:
     @staticmethod
     async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
         """Await ``work`` unless the client disconnects first: then cancel it (closing the upstream connection
-        makes vLLM abort the request) and raise ClientGone. Exceptions of ``work`` propagate unchanged."""
+        makes vLLM abort the request) and raise ClientGone. Exceptions of ``work`` propagate unchanged.
+
+        ``work`` runs in this task; one watcher task cancels it when the disconnect comes (it was two tasks and
+        an ``asyncio.wait`` per request)."""
+        current = asyncio.current_task()
+        assert current is not None
+        gone = False
 
         async def disconnected() -> None:
+            nonlocal gone
             while (await request.receive())["type"] != "http.disconnect":
                 pass
+            gone = True
+            current.cancel()
 
-        job = asyncio.ensure_future(work)
-        watcher = asyncio.ensure_future(disconnected())
+        watcher = asyncio.get_running_loop().create_task(disconnected())
         try:
-            await asyncio.wait({job, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if job.done():
-                return job.result()
-            raise ClientGone()
+            return await work
+        except asyncio.CancelledError:
+            # ours (the watcher's) unless someone else cancelled too (Python 3.11+ counts; 3.10 cannot tell)
+            uncancel = getattr(current, "uncancel", None)
+            if gone and (uncancel is None or uncancel() == 0):
+                raise ClientGone() from None
+            raise
         finally:
-            for task in (watcher, job):
-                if not task.done():
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
+            if not watcher.done():
+                watcher.cancel()
 
     async def _read_all(self, replica: Replica, upstream: httpx.Response, attempt: Attempt) -> bytes:
         try:
@@ -555,13 +572,10 @@ class Proxy:
                 except asyncio.TimeoutError:
                     raise self.unavailable(f"'{attempt.model}' is being updated; retry shortly") from None
                 continue
-            request = self.client.build_request(
-                "POST", replica.url + attempt.path, content=attempt.body, headers=self.upstream_headers
-            )
             attempt.ticket = self.pool.acquire(replica, attempt.upstream_model)
             try:
                 with until_ejected(replica) as watch:
-                    upstream = await self.client.send(request, stream=True)
+                    upstream = await self._post(replica.url + attempt.path, attempt.body)
                 if not watch.cancelled_caught:
                     replica.last_byte_at = time.monotonic()
                     attempt.ticket.answered()
@@ -625,6 +639,14 @@ class Proxy:
         if self.limiter is None or name is None or not self.limiter.prioritized:
             return 0
         return self.limiter.priority_of(name)
+
+    async def _post(self, url: str, body: bytes) -> httpx.Response:
+        """Send one request upstream, its answer left to stream: through the gateway's own transport when the
+        client has it (the short path), else as any httpx client sends."""
+        if self._transport is not None:
+            return await self._transport.post(url, body, self.upstream_headers, self._timeout)
+        request = self.client.build_request("POST", url, content=body, headers=self.upstream_headers)
+        return await self.client.send(request, stream=True)
 
     def _pick(self, attempt: Attempt) -> Replica:
         if attempt.pinned is not None:
