@@ -139,6 +139,30 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], int]] = [
         [("max by (model, signal) (shipyard_autoscale_signal)", "{{model}} {{signal}}")],
         12,
     ),
+    (
+        "Admission: admitted, queued, shed (req/s)",
+        "reqps",
+        [
+            (f"sum by (model) (rate(shipyard_admission_admitted_total[{RATE}]))", "admitted {{model}}"),
+            (f"sum by (model) (rate(shipyard_admission_queued_total[{RATE}]))", "queued {{model}}"),
+            (f"sum by (model, reason) (rate(shipyard_admission_shed_total[{RATE}]))", "shed {{model}} {{reason}}"),
+        ],
+        12,
+    ),
+    (
+        "Admission: queue wait P99, queue length, limits",
+        "short",
+        [
+            (
+                "histogram_quantile(0.99, sum by (le, model) "
+                f"(rate(shipyard_admission_queue_wait_seconds_bucket[{RATE}])))",
+                "wait P99 (s) {{model}}",
+            ),
+            ("sum by (model) (shipyard_admission_queue_length)", "waiting {{model}}"),
+            ("max by (replica) (shipyard_replica_concurrency_limit)", "limit {{replica}}"),
+        ],
+        12,
+    ),
 ]
 
 

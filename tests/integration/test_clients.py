@@ -5,7 +5,11 @@ answer through the gateway is compared with the same call straight to the engine
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import anthropic
 import httpx
@@ -17,6 +21,7 @@ from shipyard.engine import EngineProcess
 from shipyard.gateway import create_app
 from shipyard.router import Replica
 from shipyard.settings import load_settings
+from tests.docs_examples import json_objects, runnable_examples
 from tests.helpers import ServerThread, wait_for
 from tests.integration.conftest import MODEL
 
@@ -143,3 +148,24 @@ def test_tokenize_and_detokenize_like_the_engine(gateway: str, engine: EnginePro
     assert back["prompt"] == QUESTION
     metrics = httpx.get(f"{gateway}/metrics").text
     assert 'shipyard_key_requests_total{key="clients",status="200"}' in metrics and KEY not in metrics
+
+
+def test_the_get_started_pages_examples_run_against_the_real_engine(gateway: str, repo_root: Path) -> None:
+    """Issue 38: every curl and Python block of docs/get-started.md, run as a reader runs it, against this gateway
+    and the real engine: a renamed flag, route or model fails here, not for a reader. The block showing an error
+    must answer with OpenAI's error shape; every other one must answer without one."""
+    examples = runnable_examples(repo_root / "docs" / "get-started.md")
+    assert sum(e.language == "python" for e in examples) >= 3 and sum(e.language == "bash" for e in examples) >= 3
+    env = {**os.environ, "SHIPYARD_URL": gateway, "SHIPYARD_API_KEY": KEY}
+    for example in examples:
+        command = [sys.executable, "-c", example.code] if example.language == "python" else ["bash", "-c", example.code]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, f"{example}: {done.stderr[-2000:]}"
+        assert done.stdout.strip(), f"{example} printed nothing"
+        if example.language == "bash":
+            answers = json_objects(done.stdout)
+            errors = [a for a in answers if isinstance(a, dict) and "error" in a]
+            if "no-such-model" in example.code:
+                assert errors and errors[0]["error"]["code"] == "model_not_found", f"{example}: {done.stdout}"
+            else:
+                assert not errors, f"{example}: {done.stdout}"
