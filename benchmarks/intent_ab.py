@@ -148,6 +148,11 @@ def main() -> None:
     parser.add_argument("--profile", default="", help="TARGET@RATE to record with py-spy in round 1")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument(
+        "--gateway-env",
+        default="",
+        help="KEY=VALUE,... set on every gateway (e.g. SHIPYARD_ADMISSION__MAX_IN_FLIGHT=adaptive)",
+    )
+    parser.add_argument(
         "--budget-s",
         type=float,
         default=540,
@@ -179,6 +184,7 @@ def main() -> None:
         "engines": args.engines,
         "labels": str(args.labels),
         "engine_start_s": round(time.monotonic() - started, 1),
+        "gateway_env": args.gateway_env,
         "rounds": [],
     }
     gateways: dict[str, Any] = {}
@@ -194,6 +200,7 @@ def main() -> None:
                 "SHIPYARD_WORKERS": str(count),
                 "SHIPYARD_DATA_DIR": str(work / f"data-{target}"),
                 "SHIPYARD_INTENT_LABELS_FILE": str(args.labels.resolve()),
+                **dict(pair.split("=", 1) for pair in args.gateway_env.split(",") if pair),
             }
             upstreams = [e.url for e in engines[:replicas]]
             gateways[target] = start_gateway(work, upstreams, env=env, port=port)

@@ -467,3 +467,80 @@ def test_model_cards_say_which_models_embed_and_the_chat_page_lists_only_the_oth
             cards = httpx.get(f"{gateway.url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
             assert {m["id"]: m["kind"] for m in cards["data"]} == {"chat": "generate", "embed": "embed"}
             assert GatewayClient(gateway.url, KEY).models() == ["chat"]  # chatting with "embed" would be a 400
+
+
+# The fields KubeRay's RayCluster (ray.io/v1) documents, by level (its API reference and CRD,
+# ray-operator/config/crd/bases/ray.io_rayclusters.yaml): a field the operator does not know is dropped or refused.
+RAYCLUSTER_SPEC = {
+    "rayVersion", "enableInTreeAutoscaling", "autoscalerOptions", "headGroupSpec", "workerGroupSpecs",
+    "headServiceAnnotations", "suspend", "managedBy", "gcsFaultToleranceOptions",
+}  # fmt: skip
+RAYCLUSTER_HEAD = {"rayStartParams", "serviceType", "template", "enableIngress", "headService"}
+RAYCLUSTER_WORKER = {
+    "groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams", "template", "numOfHosts",
+    "scaleStrategy", "idleTimeoutSeconds", "suspend",
+}  # fmt: skip
+AUTOSCALER_OPTIONS = {"upscalingMode", "idleTimeoutSeconds", "image", "imagePullPolicy", "resources", "env"}
+
+
+def test_k8s_manifests_on_a_ray_cluster_are_a_kuberay_raycluster_and_gateways_that_place_on_it(
+    tmp_path: Path,
+) -> None:
+    """Issue 36 item 7: `shipyard deploy k8s-manifests --cluster ray` writes a RayCluster (a head that runs no
+    engine, a GPU worker group sized by the fleet, KubeRay's autoscaler when a model autoscales, Ray's token on
+    every pod) and gateways whose fleet places its engines on it; core kinds validated as the other manifests,
+    the RayCluster against KubeRay's documented fields and its pod templates as Pods."""
+    import kubernetes_validate
+
+    config = write(
+        tmp_path / "fleet.yaml",
+        yaml.safe_dump(
+            {
+                "models": [
+                    {"name": "assistant", "replicas": 2},
+                    {"name": "classifier", "autoscale": {"min_replicas": 1, "max_replicas": 4}},
+                ]
+            }
+        ),
+    )
+    out = tmp_path / "k8s"
+    result = subprocess.run(
+        [sys.executable, "-m", "shipyard.cli", "deploy", "k8s-manifests", "--cluster", "ray", "--config", str(config),
+         "-o", str(out)],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "SHIPYARD_DATA_DIR": str(tmp_path / "d")},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    kustomization = yaml.safe_load((out / "kustomization.yaml").read_text())
+    docs = [d for name in kustomization["resources"] for d in yaml.safe_load_all((out / name).read_text()) if d]
+    assert not [d for d in docs if d["kind"] == "Deployment" and "engine" in d["metadata"]["name"]]
+    (ray,) = [d for d in docs if d["kind"] == "RayCluster"]
+    for doc in docs:
+        if doc["kind"] != "RayCluster":
+            kubernetes_validate.validate(doc, "1.31.0", strict=True)
+    spec = ray["spec"]
+    assert ray["apiVersion"] == "ray.io/v1" and set(spec) <= RAYCLUSTER_SPEC
+    assert set(spec["headGroupSpec"]) <= RAYCLUSTER_HEAD and set(spec["autoscalerOptions"]) <= AUTOSCALER_OPTIONS
+    (workers,) = spec["workerGroupSpecs"]
+    assert set(workers) <= RAYCLUSTER_WORKER
+    assert spec["rayVersion"] == "2.60.0" and spec["enableInTreeAutoscaling"] is True
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # no engine on the head
+    assert all(isinstance(v, str) for g in (spec["headGroupSpec"], workers) for v in g["rayStartParams"].values())
+    assert (workers["replicas"], workers["minReplicas"], workers["maxReplicas"]) == (3, 3, 6)
+    for name, template in (("head", spec["headGroupSpec"]["template"]), ("worker", workers["template"])):
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"ray-{name}"}, "spec": template["spec"]}
+        kubernetes_validate.validate(pod, "1.31.0", strict=True)
+        env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token" and "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]
+    assert workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    (gateway,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "shipyard-gateway"]
+    container = gateway["spec"]["template"]["spec"]["containers"][0]
+    assert "--no-engine" not in container["args"] and "RAY_AUTH_TOKEN" in {e["name"] for e in container["env"]}
+    (fleet_map,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "shipyard-fleet"]
+    fleet = load_settings(write(tmp_path / "served.yaml", fleet_map["data"]["shipyard.yaml"]))
+    assert fleet.cluster is not None and fleet.cluster.address == "shipyard-ray-head-svc.shipyard.svc:6379"
+    assert [m.source for m in fleet.models] == ["/models/assistant", "/models/classifier"]
+    refused = subprocess.run(
+        [sys.executable, "-m", "shipyard.cli", "deploy", "k8s-manifests", "--cluster", "slurm", "-o", str(out)],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "SHIPYARD_DATA_DIR": str(tmp_path / "d")},
+    )  # fmt: skip
+    assert refused.returncode != 0 and "unknown cluster backend 'slurm'" in refused.stderr

@@ -304,11 +304,17 @@ def nginx_config(
 def k8s_manifests(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the manifests into.")],
     config: ConfigOption = None,
+    cluster: Annotated[
+        str | None,
+        typer.Option(
+            "--cluster", help="ray: a KubeRay RayCluster the gateways place the engines on (default: Deployments)"
+        ),
+    ] = None,
 ) -> None:
     """Write Kubernetes manifests for the fleet of the settings (``models:``): engines per model, gateways, Redis."""
     settings = settings_from(config)
     try:
-        written = write_manifests(settings, out)
+        written = write_manifests(settings, out, cluster)
     except (ValueError, OSError) as exc:
         raise fail(f"cannot write the manifests: {exc}") from None
     typer.echo(f"wrote {len(written)} files to {out} (apply with: kubectl apply -k {out})")

@@ -178,9 +178,111 @@ def _gateway_file(settings: Settings, engines: list[EngineManifest]) -> str:
     return text + config
 
 
-def render(settings: Settings) -> dict[str, str]:
-    """File name -> text of every manifest of the fleet (and its ``kustomization.yaml``)."""
+RAY_VERSION = "2.60.0"
+RAY_HEAD = "shipyard-ray-head-svc.shipyard.svc:6379"
+"""The head's Service KubeRay makes for the RayCluster ``shipyard-ray`` (``<cluster>-head-svc``)."""
+_RAY_ENV = (
+    "{indent}- {{name: RAY_AUTH_MODE, value: token}}\n"
+    "{indent}- name: RAY_AUTH_TOKEN\n"
+    "{indent}  valueFrom: {{secretKeyRef: {{name: shipyard-keys, key: ray-token}}}}\n"
+    "{indent}# a node that stops answering is declared dead in ~1.5 s, not Ray's default ~15 s\n"
+    '{indent}- {{name: RAY_health_check_period_ms, value: "500"}}\n'
+    '{indent}- {{name: RAY_health_check_failure_threshold, value: "3"}}\n'
+)
+
+
+def _ray_files(settings: Settings, engines: list[EngineManifest]) -> dict[str, str]:
+    """The Ray cluster (KubeRay) and the fleet config the gateways place its engines with: one GPU worker pod
+    per GPU an engine takes (``nvidia.com/gpu`` of the largest engine per pod), as many pods as the engines
+    start with, up to their ``autoscale.max_replicas`` when any model scales (KubeRay's in-tree autoscaler adds
+    the pods a pending replica asks Ray for)."""
+    per_pod = max(e.gpus for e in engines)
+    start = sum(e.replicas * e.gpus for e in engines) // per_pod or 1
+    most = sum((e.max_replicas or e.replicas) * e.gpus for e in engines) // per_pod or 1
+    low = sum(min(e.replicas, _min_of(settings, e)) * e.gpus for e in engines) // per_pod
+    scaling = any(e.max_replicas is not None for e in engines)
+    text = Template(_template("raycluster.yaml")).substitute(
+        ray_version=RAY_VERSION,
+        autoscaling="true" if scaling else "false",
+        autoscaling_note=(
+            "KubeRay's autoscaler adds worker pods for the replicas the scaler places and Ray cannot fit."
+            if scaling
+            else "No model autoscales: the worker group keeps its size."
+        ),
+        autoscaler_options="  autoscalerOptions: {upscalingMode: Default, idleTimeoutSeconds: 300}\n"
+        if scaling
+        else "",
+        ray_env=_RAY_ENV.format(indent=" " * 14),
+        workers=start,
+        min_workers=low if scaling else start,
+        max_workers=most,
+        gpus_per_worker=per_pod,
+    )
+    # the worker group's env sits two spaces deeper than the head's
+    head, _, workers = text.partition("  workerGroupSpecs:")
+    workers = workers.replace(_RAY_ENV.format(indent=" " * 14), _RAY_ENV.format(indent=" " * 16))
+    return {"raycluster.yaml": head + "  workerGroupSpecs:" + workers}
+
+
+def _min_of(settings: Settings, engine: EngineManifest) -> int:
+    """The fewest replicas a model runs: its ``autoscale.min_replicas``, else all it starts with."""
+    scale = settings.autoscale_of(engine.model)
+    return scale.min_replicas if scale is not None else engine.replicas
+
+
+def _ray_fleet_config(settings: Settings, engines: list[EngineManifest]) -> str:
+    models = []
+    for e in engines:
+        entry = next((m for m in settings.models if m.name == e.model), None)
+        model: dict[str, object] = {"name": e.model, "source": f"/models/{_slug(e.model)}", "replicas": e.replicas}
+        if entry is not None and entry.autoscale is not None:
+            model["autoscale"] = entry.autoscale.model_dump(exclude_defaults=True)
+        if entry is not None and entry.engine:
+            model["engine"] = entry.engine
+        models.append(model)
+    config: dict[str, object] = {"cluster": {"backend": "ray", "address": RAY_HEAD}, "models": models}
+    for task in ("intent", "reply"):
+        bound = getattr(settings, task).model
+        if bound is not None:
+            config[task] = {"model": bound}
+    text = yaml.safe_dump(config, sort_keys=False)
+    return (
+        "---\n# The fleet the gateways serve, its engines placed on the Ray cluster (each model's folder under\n"
+        "# /models on every node).\n"
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: shipyard-fleet\n  namespace: shipyard\ndata:\n"
+        "  shipyard.yaml: |\n" + "".join(f"    {line}\n" for line in text.splitlines())
+    )
+
+
+def _ray_gateway_file(settings: Settings, engines: list[EngineManifest]) -> str:
+    models_env = (
+        "            # the fleet (ConfigMap shipyard-fleet): engines placed on the Ray cluster shipyard-ray\n"
+        "            - {name: SHIPYARD_CONFIG, value: /etc/shipyard/shipyard.yaml}\n" + _RAY_ENV.format(indent=" " * 12)
+    )
+    text = Template(_template("gateway.yaml")).substitute(
+        models_env=models_env,
+        fleet_mount="            - {name: fleet, mountPath: /etc/shipyard, readOnly: true}\n",
+        fleet_volume="        - name: fleet\n          configMap: {name: shipyard-fleet}\n",
+    )
+    return text.replace('args: ["serve", "--no-engine", ', 'args: ["serve", ') + _ray_fleet_config(settings, engines)
+
+
+def render(settings: Settings, cluster: str | None = None) -> dict[str, str]:
+    """File name -> text of every manifest of the fleet (and its ``kustomization.yaml``). ``cluster="ray"``:
+    the engines are placed on a KubeRay ``RayCluster`` by the gateways (``cluster: {backend: ray}``) instead of
+    being Deployments of their own."""
+    if cluster not in (None, "ray"):
+        raise ValueError(f"unknown cluster backend {cluster!r}: ray, or none for engine Deployments")
     engines = engines_of(settings)
+    if cluster == "ray":
+        files = {"namespace.yaml": _template("namespace.yaml"), **_ray_files(settings, engines)}
+        files["redis.yaml"] = _template("redis.yaml")
+        files["network-policy.yaml"] = Template(_template("network-policy.yaml")).substitute(
+            prometheus_namespace=PROMETHEUS_NAMESPACE
+        )
+        files["gateway.yaml"] = _ray_gateway_file(settings, engines)
+        files["ui.yaml"] = _template("ui.yaml")
+        return _with_kustomization(files)
     files = {"namespace.yaml": _template("namespace.yaml")}
     volumes = [
         Template(_template("model-volume.yaml")).substitute(volume=e.volume, color=color, storage="40Gi")
@@ -200,6 +302,10 @@ def render(settings: Settings) -> dict[str, str]:
     )
     files["gateway.yaml"] = _gateway_file(settings, engines)
     files["ui.yaml"] = _template("ui.yaml")
+    return _with_kustomization(files)
+
+
+def _with_kustomization(files: dict[str, str]) -> dict[str, str]:
     resources_list = "".join(f"  - {name}\n" for name in files)
     files["kustomization.yaml"] = (
         '# kubectl apply -k deploy/k8s   (after creating the secret: see the README\'s "Operate it")\n'
@@ -209,11 +315,11 @@ def render(settings: Settings) -> dict[str, str]:
     return files
 
 
-def write_manifests(settings: Settings, out: Path) -> list[Path]:
+def write_manifests(settings: Settings, out: Path, cluster: str | None = None) -> list[Path]:
     """Write :func:`render`'s files into ``out`` (created); returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, text in render(settings).items():
+    for name, text in render(settings, cluster).items():
         path = out / name
         path.write_text(text)
         written.append(path)
