@@ -64,9 +64,8 @@ def on_files(files: Files, config: Any) -> Files:
             if path is None:
                 continue
             if not path.exists():
-                raise PluginError(
-                    f"{page.src_uri}: the link {link!r} points at {path.relative_to(root)}, which is not in the repository"
-                )
+                where = path.relative_to(root)
+                raise PluginError(f"{page.src_uri}: the link {link!r} points at {where}, not in the repository")
             uri = _copy_uri(path, root)
             if uri in made:
                 continue
