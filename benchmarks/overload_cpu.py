@@ -24,11 +24,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+from gateway_overhead import wait_ok  # benchmarks/ is on the path when a benchmark runs
 
 from shipyard.bench.load import run_arrivals
 from shipyard.bench.overload import Phase, overload_summary, phased_offsets
@@ -45,18 +45,6 @@ class OneToken:
     def request(self, index: int) -> RequestSpec:
         body = {"model": "fake", "messages": [{"role": "user", "content": f"ticket {index}"}], "max_tokens": 1}
         return RequestSpec("/v1/chat/completions", body, False)
-
-
-def wait_healthy(url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer within {timeout_s:g} s")
 
 
 def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -105,7 +93,7 @@ def run_variant(args: argparse.Namespace, admission: dict[str, str], folder: Pat
         Phase("after", args.low * capacity, args.after),
     ]
     try:
-        wait_healthy(f"{engine_url}/health", 60)
+        wait_ok(f"{engine_url}/health", 60)
         wait_until_ready(gateway, gateway_url, 90, "gateway", poll_s=0.1)
         for _ in range(20):  # connections and code paths warm
             httpx.post(

@@ -147,13 +147,19 @@ def _fleet_config(settings: Settings, engines: list[EngineManifest]) -> str:
             for e in engines
         ]
     }
+    return _fleet_configmap(settings, config, "each model's engines found by their headless Service.")
+
+
+def _fleet_configmap(settings: Settings, config: dict[str, object], what: str) -> str:
+    """The ConfigMap ``shipyard-fleet`` holding the gateways' ``shipyard.yaml`` (``config`` plus the models the
+    task endpoints are bound to)."""
     for task in ("intent", "reply"):
         bound = getattr(settings, task).model
         if bound is not None:
             config[task] = {"model": bound}
     text = yaml.safe_dump(config, sort_keys=False)
     return (
-        "---\n# The fleet the gateways serve: each model's engines found by their headless Service.\n"
+        f"---\n# The fleet the gateways serve: {what}\n"
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: shipyard-fleet\n  namespace: shipyard\ndata:\n"
         "  shipyard.yaml: |\n" + "".join(f"    {line}\n" for line in text.splitlines())
     )
@@ -241,17 +247,7 @@ def _ray_fleet_config(settings: Settings, engines: list[EngineManifest]) -> str:
             model["engine"] = entry.engine
         models.append(model)
     config: dict[str, object] = {"cluster": {"backend": "ray", "address": RAY_HEAD}, "models": models}
-    for task in ("intent", "reply"):
-        bound = getattr(settings, task).model
-        if bound is not None:
-            config[task] = {"model": bound}
-    text = yaml.safe_dump(config, sort_keys=False)
-    return (
-        "---\n# The fleet the gateways serve, its engines placed on the Ray cluster (each model's folder under\n"
-        "# /models on every node).\n"
-        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: shipyard-fleet\n  namespace: shipyard\ndata:\n"
-        "  shipyard.yaml: |\n" + "".join(f"    {line}\n" for line in text.splitlines())
-    )
+    return _fleet_configmap(settings, config, "engines placed on the Ray cluster, each model's folder in /models.")
 
 
 def _ray_gateway_file(settings: Settings, engines: list[EngineManifest]) -> str:
