@@ -404,6 +404,7 @@ def create_app(
         IntentDecode(settings.intent.decode),
         intent_model=settings.intent.model,
         reply_model=settings.reply.model,
+        hot=hot,
     )
 
     def resolve_target(target: str) -> tuple[str, str | None]:

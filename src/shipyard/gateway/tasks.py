@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
+from starlette.responses import Response
 
 from shipyard.gateway.errors import OpenAIError
 from shipyard.gateway.intent import Classifier
@@ -43,8 +46,12 @@ def install_task_routes(
     decode: IntentDecode = IntentDecode.SHORTEST,
     intent_model: str | None = None,
     reply_model: str | None = None,
+    hot: dict[str, Callable[[Request], Awaitable[Response]]] | None = None,
 ) -> None:
-    """``intent_model``/``reply_model``: what a request that names no model runs on (else: the only one served)."""
+    """``intent_model``/``reply_model``: what a request that names no model runs on (else: the only one served).
+    ``hot``: where the short task routes are registered to be answered without the router walk
+    (``errors.HotRoutes``); their answers are serialised by pydantic at once instead of by FastAPI's response
+    model machinery (the same JSON)."""
     classifier = Classifier(proxy, decode)
 
     async def classify(request: Request, route: str) -> IntentResponse:
@@ -73,6 +80,19 @@ def install_task_routes(
     async def predict(request: Request) -> dict[str, str]:
         """Drop-in for the common FastAPI+vLLM intent service: ``{"text"}`` -> ``{"intent"}``."""
         return {"intent": (await classify(request, "predict")).intent}
+
+    if hot is not None:
+
+        async def intent_hot(request: Request) -> Response:
+            answer = await classify(request, "intent")
+            return Response(answer.model_dump_json().encode(), media_type="application/json")
+
+        async def predict_hot(request: Request) -> Response:
+            answer = await classify(request, "predict")
+            return Response(json.dumps({"intent": answer.intent}).encode(), media_type="application/json")
+
+        hot["/v1/intent"] = intent_hot
+        hot["/predict"] = predict_hot
 
     @app.post("/v1/reply", response_model=ReplyResponse)
     async def reply(request: Request) -> ReplyResponse:
