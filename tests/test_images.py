@@ -28,9 +28,18 @@ PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager=cgroupfs"]
 LIMITS = ["--ulimit", "nproc=32768:32768", "--ulimit", "nofile=16384:16384", "--shm-size", "1g"]
 """Within what this machine lets a container set (its conmon runs with 32,768 processes, 20,000 files), and the
 shared memory vLLM's engine core needs (160 MiB; containers get 64 MiB by default)."""
-NEEDS_FAULT = {"shipyard_upstream_errors_total", "shipyard_retries_total", "shipyard_autoscale_signal"}
-"""Series that exist only once an engine failed (the test injects no fault; so does the 5xx share), or once a
-model has ``autoscale:`` (the compose stack's has none): their queries must parse."""
+NEEDS_FAULT = {
+    "shipyard_upstream_errors_total",
+    "shipyard_retries_total",
+    "shipyard_autoscale_signal",
+    "shipyard_admission_queued_total",
+    "shipyard_admission_shed_total",
+    "shipyard_admission_queue_wait_seconds_bucket",
+}
+"""Series that exist only once an engine failed (the test injects no fault; so does the 5xx share), once a
+model has ``autoscale:`` (the compose stack's has none), or once a request waited for a replica with room (an
+overload; the stack's admission limit is on, its admitted count and learned limits are checked): their queries
+must parse."""
 
 
 ROOT = Path(__file__).resolve().parents[1]
