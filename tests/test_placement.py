@@ -37,7 +37,7 @@ def test_one_model_four_replicas_on_four_gpus_one_each() -> None:
 
 
 def test_the_reference_desk_on_four_24gb_cards() -> None:
-    """The worked example in the README: a 14B reply model on tensor parallel 2, an intent model x2, embeddings."""
+    """The worked example of docs/guides/fleets.md: a 14B reply model on TP 2, an intent model x2, embeddings."""
     fleet = [
         Need("assistant", QWEN_14B_INT4, tensor_parallel=2),
         Need("classifier", QWEN_7B_INT4, replicas=2),
@@ -136,7 +136,7 @@ def sparse_checkpoint(folder: Path, gib: float) -> str:
 
 
 def test_a_fleet_from_the_settings_is_placed_on_four_24gb_cards(tmp_path: Path) -> None:
-    """The README's worked 4-GPU example, from a `models:` list to each engine's CUDA_VISIBLE_DEVICES."""
+    """The worked 4-GPU example of docs/guides/fleets.md: a `models:` list to each engine's CUDA_VISIBLE_DEVICES."""
     import dataclasses
 
     from shipyard.engine import EngineSpec

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -23,9 +23,6 @@ from pydantic_settings import (
 )
 
 from shipyard.upstreams import check_upstreams
-
-if TYPE_CHECKING:
-    from shipyard.router.admission import AdmissionPolicy
 
 DEFAULT_CONFIG_FILE = Path("shipyard.yaml")
 CONFIG_ENV = "SHIPYARD_CONFIG"
@@ -94,7 +91,7 @@ class EngineSettings(BaseSettings):
     tensor_parallel_size: int | None = Field(default=None, ge=1)
     data_parallel_size: int | None = Field(default=None, ge=1)
     """vLLM's own data parallelism inside one engine (one server, N model copies); replicas behind the gateway
-    are the other way to use several GPUs (see the README's "Scaling out")."""
+    are the other way to use several GPUs (see docs/guides/routing.md)."""
     replicas: int = Field(default=1, ge=1, le=16)
     """Engines ``serve`` starts for the model, each a replica behind the gateway (least busy first), all on the
     devices this process sees. Several on one GPU serve more short requests than one engine can: one vLLM
@@ -153,21 +150,6 @@ class AdmissionSettings(BaseSettings):
     """``adaptive``: the limit a replica starts with."""
     adaptive_max: int = Field(default=1024, ge=1)
     """``adaptive``: the most it may learn."""
-
-    def policy(self) -> AdmissionPolicy | None:
-        """The router's policy for one model's pool (None when there is no bound)."""
-        from shipyard.router.admission import AdmissionPolicy, AdmissionQueue
-
-        if self.max_in_flight is None:
-            return None
-        adaptive = self.max_in_flight == "adaptive"
-        return AdmissionPolicy(
-            AdmissionQueue(self.queue_size, self.queue_timeout_s),
-            max_in_flight=None if adaptive else int(self.max_in_flight),
-            adaptive=adaptive,
-            initial=float(self.adaptive_initial),
-            max_limit=float(self.adaptive_max),
-        )
 
 
 class AutoscaleSettings(BaseSettings):
@@ -412,7 +394,7 @@ class Settings(BaseSettings):
     health_interval_s: float = Field(default=1.0, gt=0)
     health_timeout_s: float = Field(default=2.0, gt=0)
     """A health probe not answered within this is late; a replica late *and* making no progress on its answers
-    for as long is hung: ejected at once, its waiting requests retried elsewhere (see README "Reliability")."""
+    for as long is hung: ejected at once, its waiting requests retried elsewhere (see docs/guides/faults.md)."""
     hung_restart_s: float = Field(default=60.0, gt=0)
     """An engine shipyard started that answers no health probe for this long is killed and started again."""
     retry_after_s: int = Field(default=5, ge=1)
@@ -454,7 +436,7 @@ class Settings(BaseSettings):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     models: list[ModelSettings] = Field(default_factory=list)
     """The fleet: several models behind this gateway, each with its own engines, state and rollouts (see the
-    README's "Fleets"). Empty: one model, from ``model`` (the shorthand for a fleet of one)."""
+    docs/guides/fleets.md). Empty: one model, from ``model`` (the shorthand for a fleet of one)."""
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     """The bound on what each replica is given and the queue in front of it (per model: ``models[].admission``)."""
     intent: IntentSettings = Field(default_factory=IntentSettings)

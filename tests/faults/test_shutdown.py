@@ -126,4 +126,4 @@ def test_the_grace_is_one_number_in_the_settings_compose_and_kubernetes(repo_roo
     pod = gateway["spec"]["template"]["spec"]
     pre_stop = int(pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][1])
     assert pod["terminationGracePeriodSeconds"] > pre_stop + grace, "Kubernetes kills the gateway mid-stream"
-    assert f"{int(grace)} s" in (repo_root / "README.md").read_text()
+    assert f"{int(grace)} s" in (repo_root / "docs/guides/operate.md").read_text()  # what the operator reads

@@ -3,7 +3,7 @@
 Every change is saved to the :class:`StateStore` before it takes effect here; other gateways on the same store
 apply it within ``watch_interval_s``. One rollout at a time across them all: the gateway running it holds the
 store's lease and renews it; a rollout whose owner died (its lease expired) is resolved by whichever gateway
-notices, by the rule of :func:`~shipyard.control.rollout.next_action` (written in the README).
+notices, by the rule of :func:`~shipyard.control.rollout.next_action` (written in docs/guides/update.md).
 
 >>> control = ControlPlane(pool, client, MemoryStateStore(), UrlLauncher(), audit=AuditLog(None))  # doctest: +SKIP
 >>> await control.start(); rollout = await control.request(RolloutCommand("http://10.0.0.7:8000"))  # doctest: +SKIP
@@ -487,6 +487,14 @@ class ControlPlane:
             await self.supervisor.stop()
         with contextlib.suppress(Exception):
             await self.store.release_lease(self.gateway_id)
+        with contextlib.suppress(Exception):  # the load report goes with the gateway (it expires at once): the
+            # others neither wait for it to apply their next revision nor count requests it no longer has
+            await asyncio.wait_for(
+                self.store.report_load(
+                    LoadReport(self.gateway_id, self._state.revision, {}, self.clock()), ttl_s=0.001
+                ),
+                self.renew_deadline_s,
+            )
 
     def spawn(self, coro: Any, name: str | None = None) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro, name=name)

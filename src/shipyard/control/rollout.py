@@ -273,7 +273,7 @@ class Observation:
 def next_action(rollout: Rollout, seen: Observation) -> Action:
     """The next step of ``rollout`` given what was observed of its current phase.
 
-    The rule for a rollout interrupted by a gateway crash (written in the README): before traffic moved
+    The rule for a rollout interrupted by a gateway crash (written in docs/guides/update.md): before traffic moved
     (pending, starting, warming, gating) it is rolled back — the new version may be half started, half warm or
     ungated, and the old one still serves everything; in canary it stays in canary (both versions run; an
     admin promotes or rolls back); once switching or draining, it is finished (users are on the new version).

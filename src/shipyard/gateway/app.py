@@ -36,6 +36,7 @@ from shipyard.gateway.transport import UpstreamTransport
 from shipyard.gateway.workers import install_forwarding
 from shipyard.prepare.registry import resolve_input
 from shipyard.router import HealthMonitor, Replica, ReplicaPool, routing_policy
+from shipyard.router.admission import admission_policy
 from shipyard.router.discovery import UpstreamDiscovery
 from shipyard.router.fleet import Fleet
 from shipyard.settings import Settings
@@ -189,7 +190,7 @@ def create_app(
         }
     )
     for m in models:
-        pool.pool_of(m.name).admission = settings.admission_of(m.name).policy()
+        pool.pool_of(m.name).admission = admission_policy(settings.admission_of(m.name))
     metrics = GatewayMetrics()
     metrics.add_collector(PoolCollector(pool))
     own_client = client is None

@@ -270,33 +270,29 @@ def render(settings: Settings, cluster: str | None = None) -> dict[str, str]:
     if cluster not in (None, "ray"):
         raise ValueError(f"unknown cluster backend {cluster!r}: ray, or none for engine Deployments")
     engines = engines_of(settings)
-    if cluster == "ray":
-        files = {"namespace.yaml": _template("namespace.yaml"), **_ray_files(settings, engines)}
-        files["redis.yaml"] = _template("redis.yaml")
-        files["network-policy.yaml"] = Template(_template("network-policy.yaml")).substitute(
-            prometheus_namespace=PROMETHEUS_NAMESPACE
-        )
-        files["gateway.yaml"] = _ray_gateway_file(settings, engines)
-        files["ui.yaml"] = _template("ui.yaml")
-        return _with_kustomization(files)
     files = {"namespace.yaml": _template("namespace.yaml")}
-    volumes = [
-        Template(_template("model-volume.yaml")).substitute(volume=e.volume, color=color, storage="40Gi")
-        for e in engines
-        for color in COLORS
-    ]
-    files["model-volumes.yaml"] = _template("model-volumes-header.yaml") + "---\n".join(volumes)
-    for engine in engines:
-        prefix = engine.engine.removeprefix("shipyard-")
-        for color in COLORS:
-            files[f"{prefix}-{color}.yaml"] = _engine_file(engine, color)
-        if engine.max_replicas is not None:
-            files[f"{prefix}-autoscale.yaml"] = "".join(_scaled_object(engine, color) for color in COLORS)
+    if cluster == "ray":
+        files.update(_ray_files(settings, engines))
+    else:
+        volumes = [
+            Template(_template("model-volume.yaml")).substitute(volume=e.volume, color=color, storage="40Gi")
+            for e in engines
+            for color in COLORS
+        ]
+        files["model-volumes.yaml"] = _template("model-volumes-header.yaml") + "---\n".join(volumes)
+        for engine in engines:
+            prefix = engine.engine.removeprefix("shipyard-")
+            for color in COLORS:
+                files[f"{prefix}-{color}.yaml"] = _engine_file(engine, color)
+            if engine.max_replicas is not None:
+                files[f"{prefix}-autoscale.yaml"] = "".join(_scaled_object(engine, color) for color in COLORS)
     files["redis.yaml"] = _template("redis.yaml")
     files["network-policy.yaml"] = Template(_template("network-policy.yaml")).substitute(
         prometheus_namespace=PROMETHEUS_NAMESPACE
     )
-    files["gateway.yaml"] = _gateway_file(settings, engines)
+    files["gateway.yaml"] = (
+        _ray_gateway_file(settings, engines) if cluster == "ray" else _gateway_file(settings, engines)
+    )
     files["ui.yaml"] = _template("ui.yaml")
     return _with_kustomization(files)
 
@@ -304,7 +300,7 @@ def render(settings: Settings, cluster: str | None = None) -> dict[str, str]:
 def _with_kustomization(files: dict[str, str]) -> dict[str, str]:
     resources_list = "".join(f"  - {name}\n" for name in files)
     files["kustomization.yaml"] = (
-        '# kubectl apply -k deploy/k8s   (after creating the secret: see the README\'s "Operate it")\n'
+        "# kubectl apply -k deploy/k8s   (after creating the secret: see docs/guides/operate.md)\n"
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: shipyard\nresources:\n"
         + resources_list
     )

@@ -21,6 +21,8 @@ import math
 import time
 from dataclasses import dataclass, field
 
+from shipyard.settings import AdmissionSettings
+
 
 class Overloaded(Exception):
     """No replica has room and the request could not wait: ``reason`` is ``queue_full``, ``queue_timeout`` or
@@ -200,3 +202,17 @@ class AdmissionPolicy:
                 limit=self.initial, min_limit=self.min_limit, max_limit=self.max_limit
             )
         return gradient
+
+
+def admission_policy(settings: AdmissionSettings) -> AdmissionPolicy | None:
+    """The policy of one model's pool from its ``admission:`` settings (None: no bound, no queue)."""
+    if settings.max_in_flight is None:
+        return None
+    adaptive = settings.max_in_flight == "adaptive"
+    return AdmissionPolicy(
+        AdmissionQueue(settings.queue_size, settings.queue_timeout_s),
+        max_in_flight=None if adaptive else int(settings.max_in_flight),
+        adaptive=adaptive,
+        initial=float(settings.adaptive_initial),
+        max_limit=float(settings.adaptive_max),
+    )
