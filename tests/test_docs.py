@@ -69,7 +69,9 @@ def test_the_reference_names_every_command_setting_route_and_metric() -> None:
     import docs_reference
 
     cli = (ROOT / "docs/reference/cli.md").read_text()
-    for path, _ in docs_reference._commands(docs_reference.typer.main.get_command(docs_reference_app()), ["shipyard"]):
+    from shipyard.cli.app import app
+
+    for path, _ in docs_reference._commands(docs_reference.typer.main.get_command(app), ["shipyard"]):
         if len(path) > 1:
             assert f"## `{' '.join(path)}`" in cli, path
     settings = (ROOT / "docs/reference/settings.md").read_text()
@@ -98,12 +100,6 @@ def test_the_reference_names_every_command_setting_route_and_metric() -> None:
         if m not in documented and f"{m}_total" not in documented and m.removesuffix("_total") not in documented
     }
     assert not missing, f"queried by the dashboard, missing from the metrics reference: {sorted(missing)}"
-
-
-def docs_reference_app():  # type: ignore[no-untyped-def]
-    from shipyard.cli.app import app
-
-    return app
 
 
 def test_the_readme_is_a_page_and_its_links_resolve() -> None:

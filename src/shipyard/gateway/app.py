@@ -391,10 +391,10 @@ def create_app(
         return endpoint
 
     for route, summary in ROUTE_SUMMARIES.items():
+        hot[route.path] = endpoint = forward(route)
         app.add_api_route(
-            route.path, forward(route), methods=["POST"], summary=summary, name=route.name, response_class=Response
+            route.path, endpoint, methods=["POST"], summary=summary, name=route.name, response_class=Response
         )
-        hot[route.path] = forward(route)
 
     install_task_routes(
         app,

@@ -46,7 +46,8 @@ def install_task_routes(
     decode: IntentDecode = IntentDecode.SHORTEST,
     intent_model: str | None = None,
     reply_model: str | None = None,
-    hot: dict[str, Callable[[Request], Awaitable[Response]]] | None = None,
+    *,
+    hot: dict[str, Callable[[Request], Awaitable[Response]]],
 ) -> None:
     """``intent_model``/``reply_model``: what a request that names no model runs on (else: the only one served).
     ``hot``: where the short task routes are registered to be answered without the router walk
@@ -81,18 +82,16 @@ def install_task_routes(
         """Drop-in for the common FastAPI+vLLM intent service: ``{"text"}`` -> ``{"intent"}``."""
         return {"intent": (await classify(request, "predict")).intent}
 
-    if hot is not None:
+    async def intent_hot(request: Request) -> Response:
+        answer = await classify(request, "intent")
+        return Response(answer.model_dump_json().encode(), media_type="application/json")
 
-        async def intent_hot(request: Request) -> Response:
-            answer = await classify(request, "intent")
-            return Response(answer.model_dump_json().encode(), media_type="application/json")
+    async def predict_hot(request: Request) -> Response:
+        answer = await classify(request, "predict")
+        return Response(json.dumps({"intent": answer.intent}).encode(), media_type="application/json")
 
-        async def predict_hot(request: Request) -> Response:
-            answer = await classify(request, "predict")
-            return Response(json.dumps({"intent": answer.intent}).encode(), media_type="application/json")
-
-        hot["/v1/intent"] = intent_hot
-        hot["/predict"] = predict_hot
+    hot["/v1/intent"] = intent_hot
+    hot["/predict"] = predict_hot
 
     @app.post("/v1/reply", response_model=ReplyResponse)
     async def reply(request: Request) -> ReplyResponse:

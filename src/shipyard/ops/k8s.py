@@ -218,16 +218,14 @@ def _ray_files(settings: Settings, engines: list[EngineManifest]) -> dict[str, s
         autoscaler_options="  autoscalerOptions: {upscalingMode: Default, idleTimeoutSeconds: 300}\n"
         if scaling
         else "",
-        ray_env=_RAY_ENV.format(indent=" " * 14),
+        head_env=_RAY_ENV.format(indent=" " * 14),
+        worker_env=_RAY_ENV.format(indent=" " * 16),
         workers=start,
         min_workers=low if scaling else start,
         max_workers=most,
         gpus_per_worker=per_pod,
     )
-    # the worker group's env sits two spaces deeper than the head's
-    head, _, workers = text.partition("  workerGroupSpecs:")
-    workers = workers.replace(_RAY_ENV.format(indent=" " * 14), _RAY_ENV.format(indent=" " * 16))
-    return {"raycluster.yaml": head + "  workerGroupSpecs:" + workers}
+    return {"raycluster.yaml": text}
 
 
 def _min_of(settings: Settings, engine: EngineManifest) -> int:
