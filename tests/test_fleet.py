@@ -544,3 +544,18 @@ def test_k8s_manifests_on_a_ray_cluster_are_a_kuberay_raycluster_and_gateways_th
         capture_output=True, text=True, timeout=60, env={**os.environ, "SHIPYARD_DATA_DIR": str(tmp_path / "d")},
     )  # fmt: skip
     assert refused.returncode != 0 and "unknown cluster backend 'slurm'" in refused.stderr
+
+
+def test_the_cluster_fit_check_packs_tensor_parallel_groups_on_one_host_and_names_the_shortfall() -> None:
+    """Issue 36 item 2: a fleet the Ray cluster cannot place is refused before anything starts; a
+    tensor-parallel group needs its GPUs on one node, so free GPUs spread over nodes do not count for it."""
+    from shipyard.cluster.ray_backend import check_fleet_fits
+    from shipyard.engine import EngineStartError
+
+    nodes = [{"host": "10.0.0.1", "free": {"GPU": 3.0}}, {"host": "10.0.0.2", "free": {"GPU": 3.0}}]
+    check_fleet_fits([("chat", 2, 2.0, "GPU"), ("intent", 2, 1.0, "GPU")], nodes)  # 2+1 on each host
+    with pytest.raises(EngineStartError) as refused:
+        check_fleet_fits([("big", 1, 4.0, "GPU")], nodes)  # 6 GPUs free, but no host has 4
+    assert "big needs 4 GPU on one host" in str(refused.value) and "10.0.0.1 3, 10.0.0.2 3" in str(refused.value)
+    with pytest.raises(EngineStartError, match=r"intent needs 1 GPU .* the fleet needs 1 GPU more"):
+        check_fleet_fits([("chat", 2, 2.0, "GPU"), ("intent", 3, 1.0, "GPU")], nodes)

@@ -402,6 +402,29 @@ def start(handle: EngineHandle) -> None:
         raise StackError(str(exc)) from None
 
 
+def check_cluster_room(settings: Settings, engines: list[EngineChoice]) -> None:
+    """Before any engine of the fleet starts on the Ray cluster: every replica to start fits on its nodes (a
+    tensor-parallel group on one node), or the fleet is refused in one line naming the model, the hosts and the
+    shortfall. A model whose engine actors already run (a gateway started again adopts them) needs no room."""
+    assert settings.cluster is not None
+    from shipyard.cluster.ray_backend import check_fleet_fits, connect, node_inventory, running_models
+
+    connect(settings.cluster.address, settings.cluster.namespace)
+    nodes = node_inventory()
+    gpus = any(n["total"].get("GPU", 0.0) > 0 for n in nodes)
+    running = running_models()
+    needs = [
+        (c.served, c.settings_of(settings).replicas, float((c.spec.tensor_parallel_size or 1) if gpus else 1),
+         "GPU" if gpus else "CPU")
+        for c in engines
+        if c.spec is not None and c.name not in running
+    ]  # fmt: skip
+    try:
+        check_fleet_fits(needs, nodes)
+    except EngineStartError as exc:
+        raise StackError(str(exc)) from None
+
+
 def build_stack(
     settings: Settings,
     *,
@@ -430,6 +453,8 @@ def build_stack(
     served_models: list[ServedModel] = []
     handles: dict[str, ReplicaHandle] = {}
     adopted: list[str] = []
+    if settings.cluster is not None and engines:
+        check_cluster_room(settings, engines)
     try:
         taken = 0
         for n, name in enumerate(names):

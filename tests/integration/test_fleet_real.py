@@ -74,7 +74,9 @@ def test_a_fleet_of_a_chat_model_and_an_embedding_model_updates_one_model_withou
         return replica  # type: ignore[no-any-return]
 
     try:
-        assert wait_for(lambda: models() == ["assistant", "embed"], timeout=400), (tmp_path / "serve.log").read_text()
+        assert wait_for(lambda: models() == ["assistant", "embed"], timeout=400, interval=1.0), (
+            tmp_path / "serve.log"
+        ).read_text()
         predicted = httpx.post(f"{url}/predict", json={"text": "Where is my parcel?"}, headers=user, timeout=60)
         assert predicted.status_code == 200 and predicted.json()["intent"], predicted.text
         vectors = httpx.post(

@@ -33,9 +33,10 @@ def test_the_search_registers_every_version_and_marks_the_smallest_that_keeps_qu
     registered = CliRunner().invoke(app, ["models", "import", str(default_model_dir), "--as", "smollm2:base"])
     assert registered.exit_code == 0, registered.output
     args = ["prepare", "quantize", "--model", "smollm2:base", "--schemes", "w8a8-int8,awq", "--out", "smollm2:auto"]
-    # 4 calibration samples: AWQ runs each layer over every sample at each of its 40 grid points, so its time
-    # grows with them (16: ~12 min on this 2-core machine in float32; 4: ~3.3 min, 2026-12-07)
-    args += ["--samples", "4", "--intent-sample", "24", "--reply-sample", "2", "--min-keep", "0.5"]
+    # 2 calibration samples: AWQ runs each layer over every sample at each of its 40 grid points, so its time
+    # grows with them (16: ~12 min on this 2-core machine in float32; 4: ~3.3 min, 2026-12-07); the test checks
+    # the search's bookkeeping, not the quality a real calibration set buys
+    args += ["--samples", "2", "--intent-sample", "24", "--reply-sample", "2", "--min-keep", "0.5"]
     result = CliRunner().invoke(app, args)
     registry = Registry(data / "models")
     versions = {m.version: m for m in registry.manifests()}
@@ -66,7 +67,7 @@ def test_the_search_registers_every_version_and_marks_the_smallest_that_keeps_qu
     assert versions["base-awq"].size_bytes < 0.6 * versions["base"].size_bytes  # 4-bit weights
     assert versions["base-w8a8-int8"].size_bytes < 0.8 * versions["base"].size_bytes  # int8 weights
     for version in candidates:
-        assert version.recipe and version.recipe["calibration_samples"] == 4 and registry.verify(version) == []
+        assert version.recipe and version.recipe["calibration_samples"] == 2 and registry.verify(version) == []
         config = json.loads((registry.folder(version) / "config.json").read_text())
         assert config["quantization_config"]["quant_method"] == "compressed-tensors"
     # the measured defaults: W8A8 calibrated on both tasks' prompts, the 4-bit schemes on the intent prompts

@@ -25,15 +25,17 @@ class Admin:
         self.user = {"Authorization": f"Bearer {api_key}"}
         self.api_key = api_key
         self.model = model
+        # one client for every call (thread-safe): a new one per request builds an SSL context, ~40 ms of CPU
+        self.http = httpx.Client(timeout=120, limits=httpx.Limits(max_connections=64))
 
     def post(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        response = httpx.post(self.gateway + path, json=body, headers=self.headers, timeout=60)
+        response = self.http.post(self.gateway + path, json=body, headers=self.headers, timeout=60)
         if response.status_code >= 400:
             raise RuntimeError(f"{path}: HTTP {response.status_code} {response.text}")
         return response.json()  # type: ignore[no-any-return]
 
     def get(self, path: str) -> dict[str, Any]:
-        return httpx.get(self.gateway + path, headers=self.headers, timeout=60).json()  # type: ignore[no-any-return]
+        return self.http.get(self.gateway + path, headers=self.headers, timeout=60).json()  # type: ignore[no-any-return]
 
     def wait(self, *phases: str, timeout: float = 900) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -52,7 +54,7 @@ class Admin:
             "max_tokens": max_tokens,
             "ignore_eos": True,
         }
-        return httpx.post(self.gateway + "/v1/chat/completions", json=body, headers=headers, timeout=120)
+        return self.http.post(self.gateway + "/v1/chat/completions", json=body, headers=headers, timeout=120)
 
 
 def blue_green(

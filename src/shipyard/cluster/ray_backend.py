@@ -49,6 +49,9 @@ class EngineActor:
 
         self.node = ray.util.get_node_ip_address()
         engine = dataclasses.replace(EngineSpec.from_record(spec), host=self.node)
+        serving = served_folder_file(log_dir, name)
+        if serving.is_file():  # an in-place update changed its weights since Ray was given these arguments
+            engine = dataclasses.replace(engine, model=serving.read_text().strip())
         log_file = Path(log_dir) / f"engine-{name}.log"
         self.process = EngineProcess(engine, log_file, command=command, env=env, die_with_parent=True)
         self.process.start()  # a restart of the actor (its node died) starts the engine on its new node
@@ -58,6 +61,9 @@ class EngineActor:
 
     def alive(self) -> bool:
         return self.process.alive()
+
+    def serve_from(self, folder: str) -> None:
+        self.process.spec = dataclasses.replace(self.process.spec, model=folder)
 
     def restart(self) -> dict[str, Any]:
         self.process.stop(5.0)
@@ -71,6 +77,13 @@ class EngineActor:
         from shipyard.engine.process import last_error
 
         return last_error(self.process.log_file)
+
+
+def served_folder_file(log_dir: str | Path, name: str) -> Path:
+    """Where a replica's current weights folder is kept on shared storage: Ray restarts an actor with the arguments
+    it was created with, so after an in-place update the restarted engine would load the old weights without it.
+    Written whole (a temporary file renamed over it): a reader sees the old folder or the new, never half a path."""
+    return Path(log_dir) / f"engine-{name}.serving"
 
 
 PLACE_TIMEOUT_S = 60.0
@@ -136,12 +149,27 @@ class RayReplicaHandle:
         }
 
     def serve_from(self, folder: str) -> None:
+        """After an in-place update: a restart of the actor (on any node) or of its engine loads ``folder``."""
         self.spec = dataclasses.replace(self.spec, model=folder)
+        target = served_folder_file(self.launcher.log_dir, self.name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".serving.tmp")
+        partial.write_text(folder)
+        partial.replace(target)
+        if self.actor is not None:
+            import ray
+
+            try:
+                ray.get(self.actor.serve_from.remote(folder), timeout=10.0)
+            except Exception as exc:  # its node is gone: the restarted actor reads the file
+                log.warning("engine actor %s was not told its new folder: %s", self.name, exc)
 
     def spawn(self) -> None:
 
         gpus = self.spec.tensor_parallel_size or 1
-        resources: dict[str, Any] = {"num_gpus": gpus} if self.launcher.has_gpus() else {"num_cpus": 1}
+        # An engine on GPUs takes no CPU of Ray's: an actor holds one CPU by default, and a node's CPU count
+        # would then cap its engines below its GPUs (a host with 2 CPUs could not take a lost host's replicas)
+        resources: dict[str, Any] = {"num_gpus": gpus, "num_cpus": 0} if self.launcher.has_gpus() else {"num_cpus": 1}
         self.actor = (
             actor_class()
             .options(
@@ -151,7 +179,7 @@ class RayReplicaHandle:
                 max_restarts=-1,
                 max_task_retries=-1,
                 get_if_exists=True,
-                scheduling_strategy="SPREAD",  # replicas over hosts: one host lost is a share of each model
+                scheduling_strategy=self.launcher.placement(self.name, resources),
                 **resources,
             )
             .remote(
@@ -163,6 +191,7 @@ class RayReplicaHandle:
             )
         )
         self._resources = resources
+        self.launcher.placed[self.name] = self
         self.url = f"http://{self.name}.placing.invalid:0"  # until Ray has placed it (``wait_ready`` learns where)
         self._alive = True  # being placed: not a dead engine to restart
 
@@ -282,7 +311,28 @@ class RayLauncher(EngineLauncher):
         self.address = address
         self.model = model
         self.namespace = namespace
+        self.placed: dict[str, RayReplicaHandle] = {}
+        """This model's replicas this process started or adopted (their hosts spread the next one)."""
         connect(address, namespace)
+
+    def placement(self, name: str, resources: Mapping[str, Any]) -> Any:
+        """Where a new replica of this model goes: the live node with room that holds the fewest of the model's
+        other replicas (then the fewest engines of the whole fleet), so one lost host takes a share of each model,
+        not a whole one. Soft: Ray may start it elsewhere, and restarts it elsewhere when that node dies.
+        ``SPREAD`` when no node has room now (Ray then waits for one, or asks its autoscaler for one)."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        need = "GPU" if "num_gpus" in resources else "CPU"
+        amount = float(resources.get("num_gpus", resources.get("num_cpus", 1)))
+        mine: dict[str, int] = {}
+        for other, handle in self.placed.items():
+            if other != name and handle.host and handle.alive():
+                mine[handle.host] = mine.get(handle.host, 0) + 1
+        candidates = [n for n in node_inventory() if n["free"].get(need, 0.0) >= amount]
+        if not candidates:
+            return "SPREAD"
+        best = min(candidates, key=lambda n: (mine.get(n["host"], 0), -n["free"].get(need, 0.0), n["host"]))
+        return NodeAffinitySchedulingStrategy(node_id=best["node_id"], soft=True)
 
     def actor_name(self, replica: str) -> str:
         """Unique in the namespace: two models of a fleet may both have a ``blue-v1``."""
@@ -330,7 +380,58 @@ class RayLauncher(EngineLauncher):
         except Exception as exc:
             raise ProcessLookupError(f"engine actor {name} does not answer: {exc}") from None
         handle._watch()
+        self.placed[name] = handle
         return handle
+
+
+def node_inventory() -> list[dict[str, Any]]:
+    """Each live node: its id, address, total and free resources (GPU, CPU, memory in bytes), from Ray's GCS."""
+    import ray
+    from ray._private.state import state  # available_resources_per_node: no public per-node view without a dashboard
+
+    free = state.available_resources_per_node()
+    return [
+        {
+            "node_id": n["NodeID"],
+            "host": n["NodeManagerAddress"],
+            "total": {k: float(v) for k, v in n.get("Resources", {}).items()},
+            "free": {k: float(v) for k, v in free.get(n["NodeID"], {}).items()},
+        }
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
+
+
+def check_fleet_fits(needs: list[tuple[str, int, float, str]], nodes: list[dict[str, Any]]) -> None:
+    """Refuse, before anything starts, a fleet the cluster cannot place: ``needs`` holds (model, replicas, amount,
+    resource) — each replica takes ``amount`` of ``resource`` (its GPUs: a tensor-parallel group stays on one node)
+    on one node. Packed largest first onto the nodes' free resources (first fit decreasing); raises
+    :class:`EngineStartError` naming the model, each host's free amount and the shortfall."""
+    free = {n["host"]: dict(n["free"]) for n in nodes}
+    wanted = sorted(
+        ((model, amount, resource) for model, replicas, amount, resource in needs for _ in range(replicas)),
+        key=lambda item: -item[1],
+    )
+    needed = {r: sum(a for _, a, kind in wanted if kind == r) for _, _, r in wanted}
+    had = {r: sum(left.get(r, 0.0) for left in free.values()) for r in needed}
+    for model, amount, resource in wanted:
+        host = next((h for h, left in free.items() if left.get(resource, 0.0) >= amount), None)
+        if host is None:
+            short = needed[resource] - had[resource]
+            each = ", ".join(f"{h} {left.get(resource, 0.0):g}" for h, left in free.items()) or "no live node"
+            raise EngineStartError(
+                f"the Ray cluster cannot place the fleet: a replica of {model} needs {amount:g} {resource} on one "
+                f"host and none has it (free after the replicas placed before it: {each}); the fleet needs "
+                f"{max(short, amount):g} {resource} more — add nodes or serve fewer replicas"
+            )
+        free[host][resource] = free[host].get(resource, 0.0) - amount
+
+
+def running_models() -> set[str]:
+    """The models of this namespace that have engine actors (actor names ``MODEL/REPLICA``)."""
+    import ray
+
+    return {name.split("/", 1)[0] for name in ray.util.list_named_actors() if "/" in name}
 
 
 def cluster_nodes() -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import os
 import time
 from collections import deque
 from enum import Enum
@@ -72,6 +73,11 @@ class FakeOpenAI:
         """LoRA adapters loaded at run time (name -> path), served like vLLM serves them."""
         self.root: str | None = None
         """The folder listed as the model's ``root`` in ``/v1/models`` (vLLM lists the path it loaded)."""
+        self.weights: str | None = None
+        """The folder its weights were last loaded from (``/collective_rpc reload_weights``, vLLM's dev mode)."""
+        self.reloads: list[str] = []
+        self._open: asyncio.Event | None = None  # cleared while paused: new requests wait, as in vLLM
+        self._generating = 0
         self.token_texts: dict[int, str] = {}
         """What each token id spells: a request with ``allowed_token_ids`` is answered with the first allowed
         token (one token, ``finish_reason`` length); ids outside these are refused, as vLLM refuses ids outside
@@ -107,6 +113,10 @@ class FakeOpenAI:
                 await _respond(send, 404, b'{"error": {"message": "adapter not found", "type": "not_found_error"}}')
                 return
             await _respond(send, 200, b'"ok"')
+        elif path == "/fake/weights":  # what a test asks: which folder the weights came from
+            await _respond(send, 200, json.dumps({"weights": self.weights, "reloads": self.reloads}).encode())
+        elif method == "POST" and path in ("/pause", "/resume", "/reset_prefix_cache", "/collective_rpc"):
+            await self._weights_route(path, await _read_body(receive), send)
         elif method == "POST" and path in ("/v1/chat/completions", "/v1/completions"):
             body = await _read_body(receive)
             await self._complete(path, json.loads(body), receive, send)
@@ -122,7 +132,40 @@ class FakeOpenAI:
         else:
             await _respond(send, 404, b'{"error": {"message": "not found", "type": "not_found_error"}}')
 
+    async def _weights_route(self, path: str, body: bytes, send: Send) -> None:
+        """vLLM's in-place weight update routes (``VLLM_SERVER_DEV_MODE=1``): ``/pause`` (running requests
+        finish, new ones wait), ``/collective_rpc`` ``reload_weights`` from a folder that must exist on this host,
+        ``/reset_prefix_cache``, ``/resume``."""
+        if self._open is None:
+            self._open = asyncio.Event()
+            self._open.set()
+        if path == "/pause":
+            self._open.clear()
+            while self._generating:
+                await asyncio.sleep(0.005)
+        elif path == "/resume":
+            self._open.set()
+        elif path == "/collective_rpc":
+            request = json.loads(body or b"{}")
+            folder = str((request.get("kwargs") or {}).get("weights_path", ""))
+            if request.get("method") != "reload_weights" or not os.path.isdir(folder):
+                message = f"reload_weights: no checkpoint folder {folder!r} on this host"
+                await _respond(send, 500, json.dumps({"error": {"message": message}}).encode())
+                return
+            self.weights = folder
+            self.reloads.append(folder)
+        await _respond(send, 200, b"{}")
+
     async def _complete(self, path: str, request: dict[str, Any], receive: Receive, send: Send) -> None:
+        if self._open is not None:
+            await self._open.wait()
+        self._generating += 1
+        try:
+            await self._complete_open(path, request, receive, send)
+        finally:
+            self._generating -= 1
+
+    async def _complete_open(self, path: str, request: dict[str, Any], receive: Receive, send: Send) -> None:
         self.requests.append(request)
         if request.get("model", self.model) not in (self.model, *self.adapters):
             await _respond(send, 404, b'{"error": {"message": "model not found", "type": "NotFoundError"}}')
@@ -397,6 +440,7 @@ def main() -> None:  # pragma: no cover - exercised by benchmarks and the crash 
     fake = FakeOpenAI(
         name, token_rate=args.token_rate, ttft_s=args.ttft, default_tokens=args.tokens, capacity=args.capacity
     )
+    fake.weights = args.model if os.path.isdir(args.model) else None
     uvicorn.run(
         fake,
         host=args.host,
