@@ -9,7 +9,7 @@ import pytest
 from shipyard.engine import EngineProcess, EngineSpec
 from shipyard.prepare.default_model import pull_default
 from shipyard.testing import FakeOpenAI
-from tests.integration.conftest import MODEL, shared_models_dir
+from tests.integration.conftest import ENGINE_KEY, MODEL, shared_models_dir
 from tests.stack import Stack, start_stack
 
 
@@ -74,7 +74,8 @@ def engine(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     )
     log = tmp_path_factory.mktemp("engine") / "engine.log"
     # The Responses API's store (off by default in vLLM: it keeps every response in memory) for previous_response_id
-    with EngineProcess(spec, log, env={"VLLM_ENABLE_RESPONSES_API_STORE": "1"}) as process:
+    env = {"VLLM_ENABLE_RESPONSES_API_STORE": "1", "VLLM_API_KEY": ENGINE_KEY}  # keyed, as shipyard starts them
+    with EngineProcess(spec, log, env=env) as process:
         process.wait_ready(timeout=600)
         _SHARED.append(process)
         yield process

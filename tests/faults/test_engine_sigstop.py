@@ -22,7 +22,7 @@ from shipyard.router import Replica
 from shipyard.settings import load_settings
 from tests.faults.report import record
 from tests.helpers import ServerThread, wait_for
-from tests.integration.conftest import MODEL
+from tests.integration.conftest import ENGINE_KEY, MODEL
 
 pytestmark = pytest.mark.integration
 KEY = "sk-sigstop"
@@ -31,7 +31,8 @@ STOPPED_S = 25.0
 
 @pytest.fixture
 def gateway(engine: EngineProcess) -> Iterator[str]:
-    app = create_app(load_settings(api_keys=KEY), [Replica(engine.url, name="engine-0", version=MODEL)])
+    settings = load_settings(api_keys=KEY, engine_key=ENGINE_KEY)
+    app = create_app(settings, [Replica(engine.url, name="engine-0", version=MODEL)])
     with ServerThread(app) as served:
         assert wait_for(lambda: httpx.get(f"{served.url}/ready").status_code == 200, timeout=30)
         yield served.url

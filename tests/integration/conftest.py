@@ -8,6 +8,9 @@ from pathlib import Path
 from shipyard.prepare.default_model import DEFAULT_MODEL_NAME
 
 MODEL = DEFAULT_MODEL_NAME
+ENGINE_KEY = "sk-shared-engine"
+"""The shared real engine's key (every route but /health needs it): gateways in front of it send it, tests that
+ask the engine directly pass it."""
 
 
 def shared_models_dir() -> Path:

@@ -23,7 +23,7 @@ from shipyard.router import Replica
 from shipyard.settings import load_settings
 from tests.docs_examples import json_objects, runnable_examples
 from tests.helpers import ServerThread, wait_for
-from tests.integration.conftest import MODEL
+from tests.integration.conftest import ENGINE_KEY, MODEL
 
 pytestmark = pytest.mark.integration
 KEY = "sk-clients"
@@ -43,19 +43,20 @@ WEATHER = [
 
 @pytest.fixture(scope="module")
 def gateway(engine: EngineProcess) -> Iterator[str]:
-    settings = load_settings(api_keys=f"clients:{KEY}", health_interval_s=0.5)
+    settings = load_settings(api_keys=f"clients:{KEY}", health_interval_s=0.5, engine_key=ENGINE_KEY)
     app = create_app(settings, [Replica(engine.url, name="engine-0", deployment="default", version=MODEL)])
     with ServerThread(app) as server:
         assert wait_for(lambda: httpx.get(f"{server.url}/ready").status_code == 200, timeout=30)
         yield server.url
 
 
-def sdk(base: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=120)
+def sdk(base: str, key: str = KEY) -> openai.OpenAI:
+    """A client of the gateway (a user's key) or of the engine itself (``ENGINE_KEY``)."""
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=120)
 
 
 def test_responses_create_stream_and_previous_response_id(gateway: str, engine: EngineProcess) -> None:
-    through, direct = sdk(gateway), sdk(engine.url)
+    through, direct = sdk(gateway), sdk(engine.url, ENGINE_KEY)
     answer = through.responses.create(model=MODEL, input=QUESTION, max_output_tokens=12, temperature=0)
     same = direct.responses.create(model=MODEL, input=QUESTION, max_output_tokens=12, temperature=0)
     assert answer.output_text and answer.output_text == same.output_text
@@ -75,7 +76,7 @@ def test_responses_create_stream_and_previous_response_id(gateway: str, engine: 
 def test_tool_calls_the_engine_constrains(gateway: str, engine: EngineProcess, tool_choice: object) -> None:
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
     calls = []
-    for client in (sdk(gateway), sdk(engine.url)):
+    for client in (sdk(gateway), sdk(engine.url, ENGINE_KEY)):
         reply = client.chat.completions.create(
             model=MODEL, messages=messages, tools=WEATHER, tool_choice=tool_choice, max_tokens=60, temperature=0
         )  # type: ignore[call-overload]
@@ -99,8 +100,8 @@ def test_models_retrieve(gateway: str) -> None:
 
 def test_anthropic_sdk_messages_streaming_and_not(gateway: str, engine: EngineProcess) -> None:
     texts = []
-    for base in (gateway, engine.url):
-        client = anthropic.Anthropic(base_url=base, api_key=KEY, max_retries=0, timeout=120)
+    for base, key in ((gateway, KEY), (engine.url, ENGINE_KEY)):
+        client = anthropic.Anthropic(base_url=base, api_key=key, max_retries=0, timeout=120)
         message = client.messages.create(
             model=MODEL, max_tokens=12, messages=[{"role": "user", "content": QUESTION}], extra_body=GREEDY
         )
@@ -122,10 +123,10 @@ def test_anthropic_sdk_messages_streaming_and_not(gateway: str, engine: EnginePr
 def test_anthropic_sdk_counts_tokens_through_the_gateway(gateway: str, engine: EngineProcess) -> None:
     """Issue 34 item 13: ``messages.count_tokens`` was a 404 at the gateway (the engine serves it)."""
     counts = [
-        anthropic.Anthropic(base_url=base, api_key=KEY, max_retries=0, timeout=60)
+        anthropic.Anthropic(base_url=base, api_key=key, max_retries=0, timeout=60)
         .messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": QUESTION}])
         .input_tokens
-        for base in (gateway, engine.url)
+        for base, key in ((gateway, KEY), (engine.url, ENGINE_KEY))
     ]
     assert counts[0] > 0 and counts[0] == counts[1]
 
@@ -140,7 +141,10 @@ def test_langchain_chat_openai_streams(gateway: str) -> None:
 def test_tokenize_and_detokenize_like_the_engine(gateway: str, engine: EngineProcess) -> None:
     headers = {"Authorization": f"Bearer {KEY}"}
     through = httpx.post(f"{gateway}/tokenize", json={"prompt": QUESTION}, headers=headers).json()
-    direct = httpx.post(f"{engine.url}/tokenize", json={"model": MODEL, "prompt": QUESTION}).json()
+    engine_headers = {"Authorization": f"Bearer {ENGINE_KEY}"}
+    direct = httpx.post(
+        f"{engine.url}/tokenize", json={"model": MODEL, "prompt": QUESTION}, headers=engine_headers
+    ).json()
     assert through["tokens"] == direct["tokens"] and through["count"] > 3
     chat = httpx.post(f"{gateway}/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}, headers=headers)
     assert chat.status_code == 200 and chat.json()["count"] > through["count"] / 4

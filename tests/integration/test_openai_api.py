@@ -16,7 +16,7 @@ from shipyard.settings import load_settings
 from shipyard.tasks import load_labels, load_templates
 from shipyard.tasks.datasets import IntentExample, load_jsonl, project_data
 from tests.helpers import ServerThread, wait_for
-from tests.integration.conftest import MODEL
+from tests.integration.conftest import ENGINE_KEY, MODEL
 
 pytestmark = pytest.mark.integration
 KEY = "sk-integration"
@@ -25,7 +25,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def gateway(engine: EngineProcess) -> Iterator[str]:
-    settings = load_settings(api_keys=KEY, health_interval_s=0.5)
+    settings = load_settings(api_keys=KEY, health_interval_s=0.5, engine_key=ENGINE_KEY)
     app = create_app(settings, [Replica(engine.url, name="engine-0", deployment="default", version=MODEL)])
     with ServerThread(app) as server:
         assert wait_for(lambda: httpx.get(f"{server.url}/ready").status_code == 200, timeout=30)
@@ -145,7 +145,9 @@ def test_shortest_decode_answers_as_full_decoding_does_with_fewer_tokens(engine:
     examples = load_jsonl(project_data("data/intent/test.jsonl"), IntentExample).examples[:24]
     replica = [Replica(engine.url, name="engine-0", deployment="default", version=MODEL)]
     apps = [
-        create_app(load_settings(api_keys=KEY, health_interval_s=0.5, intent={"decode": mode}), replica)
+        create_app(
+            load_settings(api_keys=KEY, health_interval_s=0.5, intent={"decode": mode}, engine_key=ENGINE_KEY), replica
+        )
         for mode in ("stop-strings", "full")
     ]
     headers = {"Authorization": f"Bearer {KEY}"}
@@ -198,7 +200,8 @@ def test_every_engine_metric_on_the_dashboard_is_exported(engine: EngineProcess,
     from tests.test_deploy_files import exported_names, queried_metrics
 
     client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2)
-    exported = exported_names(httpx.get(f"{engine.url}/metrics", timeout=10).text)
+    engine_headers = {"Authorization": f"Bearer {ENGINE_KEY}"}
+    exported = exported_names(httpx.get(f"{engine.url}/metrics", headers=engine_headers, timeout=10).text)
     wanted = {m for m in queried_metrics() if m.startswith("vllm:")}
     assert wanted, "the dashboard queries engine metrics"
     assert not wanted - exported, f"not exported by vLLM: {sorted(wanted - exported)}"
