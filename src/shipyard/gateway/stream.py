@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
@@ -14,6 +15,7 @@ from starlette.types import Receive, Scope, Send
 from shipyard.gateway.ejection import until_ejected
 from shipyard.gateway.errors import sse_error_event
 from shipyard.gateway.sse import StreamScan
+from shipyard.gateway.transport import iter_raw
 from shipyard.router import Replica
 
 Resend = Callable[[Replica, str], Awaitable[tuple[Replica, httpx.Response] | None]]
@@ -61,6 +63,7 @@ class UpstreamStream(Response):
         self.client_gone = False
         self._complete = False
         self._group: anyio.abc.TaskGroup | None = None
+        self._writing_since: float | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -81,8 +84,32 @@ class UpstreamStream(Response):
                 group.cancel_scope.cancel()
 
             group.start_soon(watch_disconnect)
-            await self._pump(send)
+            stop_watching = self._watch_writes(group)
+            try:
+                await self._pump(send)
+            finally:
+                stop_watching()
             group.cancel_scope.cancel()
+
+    def _watch_writes(self, group: anyio.abc.TaskGroup) -> Callable[[], None]:
+        """Start a timer that ends the stream once one chunk has waited ``write_timeout_s`` for the client to take
+        it (one timer per stream, checked a few times per timeout, instead of a cancel scope per chunk); returns
+        what stops it."""
+        loop = asyncio.get_running_loop()
+        period = min(1.0, self.write_timeout_s / 4)
+        timer: list[asyncio.TimerHandle] = []
+
+        def check() -> None:
+            since = self._writing_since
+            if since is not None and time.monotonic() - since >= self.write_timeout_s:
+                self.client_gone = True  # it stopped reading: end here, closing the upstream aborts it
+                self.error = f"the client took no data for {self.write_timeout_s:g} s (stopped reading)"
+                group.cancel_scope.cancel()
+                return
+            timer[0] = loop.call_later(period, check)
+
+        timer.append(loop.call_later(period, check))
+        return lambda: timer[0].cancel()
 
     async def _pump(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
@@ -120,21 +147,18 @@ class UpstreamStream(Response):
         """Forward one upstream response; the reason it failed, or None if it finished properly."""
         scan = self.scan
         try:
-            async for chunk in self.upstream.aiter_raw():
+            async for chunk in iter_raw(self.upstream):
                 out = scan.feed(chunk)
-                self.replica.last_byte_at = time.monotonic()
+                now = time.monotonic()
+                self.replica.last_byte_at = now
                 if out:
                     if self.first_chunk_at is None:
                         self.first_chunk_at = time.perf_counter()
                         if self.on_first_chunk is not None:
                             self.on_first_chunk(self)
-                    with anyio.move_on_after(self.write_timeout_s) as writing:
-                        await send({"type": "http.response.body", "body": out, "more_body": True})
-                    if writing.cancelled_caught:  # it stopped reading: end here, closing the upstream aborts it
-                        self.client_gone = True
-                        if self._group is not None:
-                            self._group.cancel_scope.cancel()
-                        return f"the client took no data for {self.write_timeout_s:g} s (stopped reading)"
+                    self._writing_since = now  # the write watchdog ends a stream whose client stopped reading
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                    self._writing_since = None
             rest = scan.flush()
             if rest.strip():
                 await send({"type": "http.response.body", "body": rest, "more_body": True})

@@ -83,6 +83,23 @@ async def read_whole(response: httpx.Response) -> bytes:
         raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
 
 
+async def iter_raw(response: httpx.Response) -> AsyncIterator[bytes]:
+    """A streamed answer's bytes as they arrive: from aiohttp's response directly when the gateway's transport
+    made it (per chunk, httpx's iterators and anyio's backend lookups were a tenth of a relayed stream's CPU),
+    else through httpx. The same errors either way."""
+    raw = response.extensions.get(ANSWER)
+    if raw is None:
+        async for chunk in response.aiter_raw():
+            yield chunk
+        return
+    try:
+        with _mapped():
+            async for chunk in raw.content.iter_any():
+                yield chunk
+    except aiohttp.ClientError as exc:
+        raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
+
+
 def aiohttp_timeout(timeout: httpx.Timeout) -> aiohttp.ClientTimeout:
     """httpx's timeouts as aiohttp's, mapped as ``AiohttpTransport`` maps them per request."""
     return aiohttp.ClientTimeout(sock_connect=timeout.connect, sock_read=timeout.read, connect=timeout.pool)
