@@ -283,7 +283,7 @@ def test_a_real_vllm_cpu_engine_serves_from_a_remote_host(tmp_path: Path, cluste
     try:
         (replica,) = replicas(url)
         assert replica["host"] in cluster.hosts.addresses and replica["ready"], replica
-        engine_url = recorded(url, replica["name"])["url"]
+        engine_url = recorded(url, replica["model"], replica["name"])["url"]
         assert httpx.get(f"{engine_url}/v1/models", timeout=10).status_code == 401  # keyed, on the network
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
         answer = client.chat.completions.create(
