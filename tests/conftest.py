@@ -24,10 +24,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items[:] = rest[:first] + users + rest[first:]
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
-    if "engine" in getattr(item, "fixturenames", ()) and (
-        nextitem is None or "engine" not in getattr(nextitem, "fixturenames", ())
-    ):
+    """After the last test that uses the shared engine (whatever order a plugin left): stop it."""
+    if "engine" not in getattr(item, "fixturenames", ()):
+        return
+    items = item.session.items
+    later = items[items.index(item) + 1 :] if item in items else []
+    if not any("engine" in getattr(other, "fixturenames", ()) for other in later):
         _stop_shared_engine()
 
 

@@ -26,7 +26,7 @@ class Admin:
         self.api_key = api_key
         self.model = model
         # one client for every call (thread-safe): a new one per request builds an SSL context, ~40 ms of CPU
-        self.http = httpx.Client(timeout=120, limits=httpx.Limits(max_connections=64))
+        self.http = httpx.Client(timeout=120, limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
 
     def post(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         response = self.http.post(self.gateway + path, json=body, headers=self.headers, timeout=60)

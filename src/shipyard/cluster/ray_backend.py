@@ -151,11 +151,7 @@ class RayReplicaHandle:
     def serve_from(self, folder: str) -> None:
         """After an in-place update: a restart of the actor (on any node) or of its engine loads ``folder``."""
         self.spec = dataclasses.replace(self.spec, model=folder)
-        target = served_folder_file(self.launcher.log_dir, self.name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(".serving.tmp")
-        partial.write_text(folder)
-        partial.replace(target)
+        self._record_folder(folder)
         if self.actor is not None:
             import ray
 
@@ -164,7 +160,15 @@ class RayReplicaHandle:
             except Exception as exc:  # its node is gone: the restarted actor reads the file
                 log.warning("engine actor %s was not told its new folder: %s", self.name, exc)
 
+    def _record_folder(self, folder: str) -> None:
+        target = served_folder_file(self.launcher.log_dir, self.name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".serving.tmp")
+        partial.write_text(folder)
+        partial.replace(target)
+
     def spawn(self) -> None:
+        self._record_folder(self.spec.model)  # a name used before (a recycled blue-v1) must not serve old weights
 
         gpus = self.spec.tensor_parallel_size or 1
         # An engine on GPUs takes no CPU of Ray's: an actor holds one CPU by default, and a node's CPU count
@@ -328,11 +332,16 @@ class RayLauncher(EngineLauncher):
         for other, handle in self.placed.items():
             if other != name and handle.host and handle.alive():
                 mine[handle.host] = mine.get(handle.host, 0) + 1
-        candidates = [n for n in node_inventory() if n["free"].get(need, 0.0) >= amount]
+        try:
+            candidates = [n for n in node_inventory() if n["free"].get(need, 0.0) >= amount]
+        except Exception as exc:  # Ray's per-node view is not public API: without it, Ray's own spreading
+            log.warning("no per-node view of the Ray cluster (%s): placing with SPREAD", exc)
+            return "SPREAD"
         if not candidates:
             return "SPREAD"
         best = min(candidates, key=lambda n: (mine.get(n["host"], 0), -n["free"].get(need, 0.0), n["host"]))
-        return NodeAffinitySchedulingStrategy(node_id=best["node_id"], soft=True)
+        # soft + spill: another node when that one died or has no room by the time the actor is scheduled
+        return NodeAffinitySchedulingStrategy(node_id=best["node_id"], soft=True, _spill_on_unavailable=True)
 
     def actor_name(self, replica: str) -> str:
         """Unique in the namespace: two models of a fleet may both have a ``blue-v1``."""
@@ -427,11 +436,16 @@ def check_fleet_fits(needs: list[tuple[str, int, float, str]], nodes: list[dict[
         free[host][resource] = free[host].get(resource, 0.0) - amount
 
 
-def running_models() -> set[str]:
-    """The models of this namespace that have engine actors (actor names ``MODEL/REPLICA``)."""
+def running_actors() -> list[str]:
+    """The names of this namespace's engine actors (``MODEL/REPLICA``, or ``REPLICA`` for a one-model shipyard)."""
     import ray
 
-    return {name.split("/", 1)[0] for name in ray.util.list_named_actors() if "/" in name}
+    return list(ray.util.list_named_actors())
+
+
+def has_actors(model: str, names: list[str]) -> bool:
+    """Whether ``model`` (a fleet key, which may hold '/'; "" for a one-model shipyard) has engine actors."""
+    return any(n.startswith(f"{model}/") for n in names) if model else any("/" not in n for n in names)
 
 
 def cluster_nodes() -> list[dict[str, Any]]:

@@ -74,7 +74,7 @@ async def read_whole(response: httpx.Response) -> bytes:
     (httpx's ``aread`` walks its byte-stream iterators and an anyio scope per chunk: ~8% of the gateway's CPU for a
     one-token answer), else as httpx reads it. The same errors either way."""
     raw = response.extensions.get(ANSWER)
-    if raw is None:
+    if raw is None or "content-encoding" in response.headers:  # httpx decodes it; aiohttp was told not to
         return await response.aread()
     try:
         with _mapped():
