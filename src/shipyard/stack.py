@@ -407,18 +407,24 @@ def check_cluster_room(settings: Settings, engines: list[EngineChoice]) -> None:
     tensor-parallel group on one node), or the fleet is refused in one line naming the model, the hosts and the
     shortfall. A model whose engine actors already run (a gateway started again adopts them) needs no room."""
     assert settings.cluster is not None
-    from shipyard.cluster.ray_backend import check_fleet_fits, connect, has_actors, node_inventory, running_actors
+    from shipyard.cluster.ray_backend import (
+        check_fleet_fits,
+        connect,
+        has_actors,
+        node_inventory,
+        replica_need,
+        running_actors,
+    )
 
     connect(settings.cluster.address, settings.cluster.namespace)
     nodes = node_inventory()
     gpus = any(n["total"].get("GPU", 0.0) > 0 for n in nodes)
     running = running_actors()
-    needs = [
-        (c.served, c.settings_of(settings).replicas, float((c.spec.tensor_parallel_size or 1) if gpus else 1),
-         "GPU" if gpus else "CPU")
-        for c in engines
-        if c.spec is not None and not has_actors(c.name, running)
-    ]  # fmt: skip
+    needs = []
+    for c in engines:
+        if c.spec is not None and not has_actors(c.name, running):
+            resource, amount = replica_need(c.spec, gpus)
+            needs.append((c.served, c.settings_of(settings).replicas, amount, resource))
     try:
         check_fleet_fits(needs, nodes)
     except EngineStartError as exc:

@@ -238,12 +238,12 @@ def test_an_audit_log_on_a_full_disk_never_stops_the_supervisor(small_disk: Path
 def test_the_small_files_beside_the_state_are_whole_or_old_on_a_full_disk(small_disk: Path) -> None:
     """Load reports, response owners and the local copy of a Redis state go through one temp-file-and-rename:
     on a full disk the write fails, the file keeps what it held, and no temp file is left."""
-    from shipyard.control.store import _replace_with
+    from shipyard.control.store import replace_with
 
     target = small_disk / "loads" / "gateway.json"
-    _replace_with(target, '{"before": true}')
+    replace_with(target, '{"before": true}')
     _fill(small_disk)
     with pytest.raises(OSError):
-        _replace_with(target, "x" * 200_000)
+        replace_with(target, "x" * 200_000)
     assert target.read_text() == '{"before": true}'
     assert not [p.name for p in target.parent.iterdir() if p.name.endswith(".tmp")], "a temp file was left behind"

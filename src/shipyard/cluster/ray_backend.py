@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 
+from shipyard.control.store import replace_with
 from shipyard.engine.launcher import EngineLauncher
 from shipyard.engine.process import EngineStartError
 from shipyard.engine.spec import EngineSpec
@@ -48,13 +49,18 @@ class EngineActor:
         from shipyard.engine.process import EngineProcess
 
         self.node = ray.util.get_node_ip_address()
+        self.serving = served_folder_file(log_dir, name)
         engine = dataclasses.replace(EngineSpec.from_record(spec), host=self.node)
-        serving = served_folder_file(log_dir, name)
-        if serving.is_file():  # an in-place update changed its weights since Ray was given these arguments
-            engine = dataclasses.replace(engine, model=serving.read_text().strip())
         log_file = Path(log_dir) / f"engine-{name}.log"
-        self.process = EngineProcess(engine, log_file, command=command, env=env, die_with_parent=True)
+        self.process = EngineProcess(self._served(engine), log_file, command=command, env=env, die_with_parent=True)
         self.process.start()  # a restart of the actor (its node died) starts the engine on its new node
+
+    def _served(self, engine: EngineSpec) -> EngineSpec:
+        """``engine`` loading the folder its replica serves now: an in-place update changes it after Ray was
+        given this actor's arguments, and records it on shared storage (:meth:`RayReplicaHandle.serve_from`)."""
+        if self.serving.is_file():
+            return dataclasses.replace(engine, model=self.serving.read_text().strip())
+        return engine
 
     def where(self) -> dict[str, Any]:
         return {"url": self.process.url, "host": self.node, "pid": self.process.pid}
@@ -62,11 +68,9 @@ class EngineActor:
     def alive(self) -> bool:
         return self.process.alive()
 
-    def serve_from(self, folder: str) -> None:
-        self.process.spec = dataclasses.replace(self.process.spec, model=folder)
-
     def restart(self) -> dict[str, Any]:
         self.process.stop(5.0)
+        self.process.spec = self._served(self.process.spec)
         self.process.start()
         return self.where()
 
@@ -82,7 +86,7 @@ class EngineActor:
 def served_folder_file(log_dir: str | Path, name: str) -> Path:
     """Where a replica's current weights folder is kept on shared storage: Ray restarts an actor with the arguments
     it was created with, so after an in-place update the restarted engine would load the old weights without it.
-    Written whole (a temporary file renamed over it): a reader sees the old folder or the new, never half a path."""
+    Written whole (``replace_with``): a reader sees the old folder or the new, never half a path."""
     return Path(log_dir) / f"engine-{name}.serving"
 
 
@@ -151,29 +155,17 @@ class RayReplicaHandle:
     def serve_from(self, folder: str) -> None:
         """After an in-place update: a restart of the actor (on any node) or of its engine loads ``folder``."""
         self.spec = dataclasses.replace(self.spec, model=folder)
-        self._record_folder(folder)
-        if self.actor is not None:
-            import ray
-
-            try:
-                ray.get(self.actor.serve_from.remote(folder), timeout=10.0)
-            except Exception as exc:  # its node is gone: the restarted actor reads the file
-                log.warning("engine actor %s was not told its new folder: %s", self.name, exc)
-
-    def _record_folder(self, folder: str) -> None:
-        target = served_folder_file(self.launcher.log_dir, self.name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(".serving.tmp")
-        partial.write_text(folder)
-        partial.replace(target)
+        replace_with(served_folder_file(self.launcher.log_dir, self.name), folder)  # read at its next (re)start
 
     def spawn(self) -> None:
-        self._record_folder(self.spec.model)  # a name used before (a recycled blue-v1) must not serve old weights
-
-        gpus = self.spec.tensor_parallel_size or 1
+        # a name used before (a recycled blue-v1) must not start from an older record
+        replace_with(served_folder_file(self.launcher.log_dir, self.name), self.spec.model)
+        resource, amount = replica_need(self.spec, self.launcher.has_gpus())
         # An engine on GPUs takes no CPU of Ray's: an actor holds one CPU by default, and a node's CPU count
         # would then cap its engines below its GPUs (a host with 2 CPUs could not take a lost host's replicas)
-        resources: dict[str, Any] = {"num_gpus": gpus, "num_cpus": 0} if self.launcher.has_gpus() else {"num_cpus": 1}
+        resources: dict[str, Any] = (
+            {"num_gpus": int(amount), "num_cpus": 0} if resource == "GPU" else {"num_cpus": int(amount)}
+        )
         self.actor = (
             actor_class()
             .options(
@@ -183,7 +175,7 @@ class RayReplicaHandle:
                 max_restarts=-1,
                 max_task_retries=-1,
                 get_if_exists=True,
-                scheduling_strategy=self.launcher.placement(self.name, resources),
+                scheduling_strategy=self.launcher.placement(self.name, resource, amount),
                 **resources,
             )
             .remote(
@@ -319,15 +311,13 @@ class RayLauncher(EngineLauncher):
         """This model's replicas this process started or adopted (their hosts spread the next one)."""
         connect(address, namespace)
 
-    def placement(self, name: str, resources: Mapping[str, Any]) -> Any:
+    def placement(self, name: str, need: str, amount: float) -> Any:
         """Where a new replica of this model goes: the live node with room that holds the fewest of the model's
         other replicas (then the fewest engines of the whole fleet), so one lost host takes a share of each model,
         not a whole one. Soft: Ray may start it elsewhere, and restarts it elsewhere when that node dies.
         ``SPREAD`` when no node has room now (Ray then waits for one, or asks its autoscaler for one)."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        need = "GPU" if "num_gpus" in resources else "CPU"
-        amount = float(resources.get("num_gpus", resources.get("num_cpus", 1)))
         mine: dict[str, int] = {}
         for other, handle in self.placed.items():
             if other != name and handle.host and handle.alive():
@@ -393,6 +383,12 @@ class RayLauncher(EngineLauncher):
         return handle
 
 
+def replica_need(spec: EngineSpec, gpus: bool) -> tuple[str, float]:
+    """What one replica takes on one node: its GPUs (a tensor-parallel group stays on one node) on a cluster with
+    GPUs, else one CPU."""
+    return ("GPU", float(spec.tensor_parallel_size or 1)) if gpus else ("CPU", 1.0)
+
+
 def node_inventory() -> list[dict[str, Any]]:
     """Each live node: its id, address, total and free resources (GPU, CPU, memory in bytes), from Ray's GCS."""
     import ray
@@ -446,15 +442,6 @@ def running_actors() -> list[str]:
 def has_actors(model: str, names: list[str]) -> bool:
     """Whether ``model`` (a fleet key, which may hold '/'; "" for a one-model shipyard) has engine actors."""
     return any(n.startswith(f"{model}/") for n in names) if model else any("/" not in n for n in names)
-
-
-def cluster_nodes() -> list[dict[str, Any]]:
-    """The cluster's live nodes: address and resources (for ``status`` and placement messages)."""
-    import ray
-
-    return [
-        {"host": n["NodeManagerAddress"], "resources": n.get("Resources", {})} for n in ray.nodes() if n.get("Alive")
-    ]
 
 
 def stop_actors(address: str, namespace: str = NAMESPACE) -> list[str]:

@@ -326,7 +326,7 @@ class FileStateStore(MemoryStateStore):
     async def remember_response(self, response_id: str, replica: str, key: str, ttl_s: float) -> None:
         """A file per response under ``DIR/responses`` (the serving workers of this gateway read them too)."""
         record = {"replica": replica, "key": key, "until": time.time() + ttl_s}
-        _replace_with(self.folder / "responses" / _response_file(response_id), json.dumps(record))
+        replace_with(self.folder / "responses" / _response_file(response_id), json.dumps(record))
 
     async def response_of(self, response_id: str) -> tuple[str, str] | None:
         try:
@@ -343,7 +343,7 @@ class FileStateStore(MemoryStateStore):
             return
         path = self.folder / "loads" / f"{_file_name(report.gateway)}.json"
         record = {**dataclasses.asdict(report), "in_flight": dict(report.in_flight), "until": time.time() + ttl_s}
-        _replace_with(path, json.dumps(record))
+        replace_with(path, json.dumps(record))
         self._reported.add(path)
 
     async def load_reports(self) -> list[LoadReport]:
@@ -365,7 +365,7 @@ class FileStateStore(MemoryStateStore):
             self._lock = None
 
 
-def _replace_with(path: Path, text: str) -> None:
+def replace_with(path: Path, text: str) -> None:
     """``path`` holds ``text`` or what it held before, never a part of it (a temp file renamed over it; the temp
     file is removed when the write fails)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -520,7 +520,7 @@ class RedisStateStore(StateStore):
         if self.local_copy is None or state.revision == self._copied:
             return
         with contextlib.suppress(OSError):
-            _replace_with(self.local_copy, state.to_json())
+            replace_with(self.local_copy, state.to_json())
             self._copied = state.revision
 
     def _sign(self, raw: bytes) -> str:

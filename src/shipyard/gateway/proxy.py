@@ -214,7 +214,7 @@ class Proxy:
         self._background: set[asyncio.Task[None]] = set()
         self.client = client
         self.metrics = metrics
-        self._children: dict[tuple[str, ...] | tuple[Any, ...], tuple[Any, Any, Any]] = {}
+        self._children: dict[tuple[Any, ...], tuple[Any, Any, Any]] = {}
         """Metric children of each (route, model, status, deployment, version): looked up once."""
         self.max_body_bytes = max_body_bytes
         self.max_tokens_limit = max_tokens_limit
